@@ -1,0 +1,216 @@
+"""Load models into onnx_ir and save them back, safely.
+
+Loading accepts a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``. From a path, external
+data stays on disk and is memory-mapped on first use (onnx_ir's ``ExternalTensor``); before
+anything reads it, every external location is checked to lie inside the model's folder, so a
+model cannot make normfold read ``../../etc/shadow`` or follow a link out of its folder.
+
+Saving is atomic: every file is written into a fresh temporary folder next to the target and
+renamed into place only when all of them are complete, so a failed or interrupted save leaves
+the old OUT (or nothing) behind. Models whose tensors exceed ``EXTERNAL_DATA_THRESHOLD`` bytes
+are written with one external data file, since a protobuf cannot exceed 2 GB.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "ModelLike",
+    "check_model",
+    "external_data_files",
+    "load",
+    "save",
+    "tensor_bytes",
+    "to_proto",
+]
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from normfold.errors import InputError, first_line
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
+
+# Protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+# Op domains onnxruntime's CPU provider knows; anything else must be defined as a model function.
+_KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
+
+
+def load(source: ModelLike, *, check: bool = True) -> ir.Model:
+    """Return ``source`` as an ``onnx_ir.Model``.
+
+    An ``ir.Model`` is returned as it is (not copied). With ``check``, the model must pass
+    ``onnx.checker`` and use only op domains the runtime knows; every problem raises
+    :class:`InputError` with a one-line message naming the file.
+    """
+    if isinstance(source, ir.Model):
+        if check:
+            _check_domains(source, "<model>")
+        return source
+    if isinstance(source, onnx.ModelProto):
+        if check:
+            check_model(source, "<ModelProto>")
+        model = ir.serde.deserialize_model(source)
+        if check:
+            _check_domains(model, "<ModelProto>")
+        return model
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as error:
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(error)})") from None
+    if not proto.HasField("graph") or proto.ir_version == 0:
+        raise InputError(f"{path}: not an ONNX model (no graph or IR version in the file)")
+    _check_external_locations(proto, path)
+    if check:
+        check_model(path, str(path))
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    if check:
+        _check_domains(model, str(path))
+    return model
+
+
+def check_model(model: onnx.ModelProto | Path, label: str) -> None:
+    """Run ``onnx.checker`` (from the path when given one, so models over 2 GB work)."""
+    try:
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise InputError(f"{label}: fails onnx.checker: {first_line(error)}") from None
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize ``model``; external tensors stay references to their files."""
+    return ir.serde.serialize_model(model)
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The files the model's external tensors live in (resolved paths)."""
+    files: set[Path] = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                files.add(Path(tensor.path).resolve())
+    return files
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: str | None = None,
+    protect: set[Path] | frozenset[Path] = frozenset(),
+) -> Path:
+    """Write ``model`` to ``path`` atomically and return the path.
+
+    ``external_data`` names the data file (next to ``path``); without it, a model whose tensors
+    exceed :data:`EXTERNAL_DATA_THRESHOLD` bytes gets ``<stem>.data``. Files in ``protect`` (an
+    input model and the data it memory-maps) are never overwritten: asking to raises
+    :class:`InputError` before anything is written.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    if target.exists() and target.is_dir():
+        raise InputError(f"{target}: is a folder")
+    if external_data is None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        external_data = target.stem + ".data"
+    if external_data is not None and (Path(external_data).name != external_data):
+        raise InputError(f"{external_data}: the external data name must be a plain file name")
+    outputs = [target] + ([folder / external_data] if external_data else [])
+    protected = {p.resolve() for p in protect}
+    for out in outputs:
+        if out.resolve() in protected:
+            raise InputError(f"{out}: refusing to overwrite the input model or its data")
+    staging = Path(tempfile.mkdtemp(prefix=".normfold-", dir=folder))
+    try:
+        staged = staging / target.name
+        if external_data:
+            ir.save(model, staged, external_data=external_data)
+        else:
+            _save_single_file(model, staged)
+        # Data first: the model file becomes visible only once what it points to exists.
+        for out in reversed(outputs):
+            os.replace(staging / out.name, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _save_single_file(model: ir.Model, path: Path) -> None:
+    # Materialize external tensors into the proto: the saved file must stand alone.
+    proto = ir.to_proto(model)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        onnx.load_external_data_for_model(proto, "")
+    with open(path, "wb") as file:
+        file.write(proto.SerializeToString())
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes held by the model's initializers (external ones included, not read)."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def _check_external_locations(proto: onnx.ModelProto, path: Path) -> None:
+    folder = path.parent.resolve()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location", "")
+        where = f"{path}: tensor {tensor.name!r} external data {location!r}"
+        if not location:
+            raise InputError(f"{where}: no location given")
+        if os.path.isabs(location) or ".." in Path(location).parts:
+            raise InputError(f"{where}: points outside the model's folder (refused, not read)")
+        data = folder / location
+        if data.is_symlink() or not data.resolve().is_relative_to(folder):
+            raise InputError(f"{where}: is a link or leaves the model's folder (refused, not read)")
+        if not data.is_file():
+            raise InputError(f"{where}: missing external data file {data}")
+        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+        if end > data.stat().st_size:
+            raise InputError(f"{where}: needs {end} bytes but the file holds {data.stat().st_size}")
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _all_tensors(subgraph)
+
+
+def _check_domains(model: ir.Model, label: str) -> None:
+    functions = {(f.domain, f.name) for f in model.functions.values()}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in _KNOWN_DOMAINS and (node.domain, node.op_type) not in functions:
+            raise InputError(
+                f"{label}: node {node.name!r} uses op {node.op_type!r} of unknown domain "
+                f"{node.domain!r}, which onnxruntime cannot run"
+            )

@@ -1,0 +1,43 @@
+"""normfold's graph passes and their registry.
+
+Each pass is one file with a docstring that states its rule and preconditions. Names in
+:data:`REGISTRY` are stable: the CLI (``--passes``), reports and users' scripts refer to them.
+``DEFAULT_PASSES`` are the exact passes ``normfold optimize`` runs when none are named, in order.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_PASSES",
+    "REGISTRY",
+    "NormfoldPass",
+    "PassOptions",
+    "PassRecord",
+    "create_passes",
+]
+
+from normfold.errors import InputError
+from normfold.passes._base import NormfoldPass, PassOptions, PassRecord
+from normfold.passes.cleanup import CleanupPass
+
+REGISTRY: dict[str, type[NormfoldPass]] = {
+    cls.name: cls
+    for cls in (
+        CleanupPass,
+    )
+}
+
+DEFAULT_PASSES: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.exact)
+
+
+def create_passes(names: list[str] | tuple[str, ...] | None, options: PassOptions) -> list[NormfoldPass]:
+    """Instantiate the named passes (default: all exact ones), ``cleanup`` always first."""
+    chosen = list(DEFAULT_PASSES if names is None else names)
+    unknown = [name for name in chosen if name not in REGISTRY]
+    if unknown:
+        raise InputError(
+            f"unknown pass {unknown[0]!r}; known passes: {', '.join(REGISTRY)}"
+        )
+    if "cleanup" in chosen:
+        chosen.remove("cleanup")
+    return [REGISTRY[name](options) for name in ["cleanup", *chosen]]

@@ -1,0 +1,151 @@
+"""What every normfold pass shares: options, the record of what it did, and rule plumbing.
+
+A normfold pass is an ``onnx_ir`` in-place pass (so users can put it in their own
+``PassManager``) that also keeps a :class:`PassRecord`: the sites it rewrote and the sites it
+refused, each refusal with a reason a user can read. The pipeline turns records into the report
+and ``normfold inspect`` prints them.
+
+Pattern fusions are onnxscript rewriter rules. :func:`apply_rules` runs a list of
+:class:`RecordingRule` instances and counts their rewrites; a rule's ``check`` failures are
+recorded as refusals of the rule's root node, and :meth:`PassRecord.keep_refusals_of` drops
+refusals of nodes that a later rule (or another pass) rewrote after all.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NormfoldPass",
+    "PassOptions",
+    "PassRecord",
+    "RecordingRule",
+    "apply_rules",
+]
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Literal
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern as _pattern
+from onnxscript.rewriter._basics import MatchResult
+
+Target = Literal["onnx", "onnxruntime"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassOptions:
+    """Settings that several passes read; the CLI flags of the same names set them."""
+
+    target: Target = "onnx"
+    max_opset: int | None = None
+    freeze_initializer_inputs: bool = False
+    lower_standalone_bn: bool = False
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """What one pass did to one model: rewritten sites and refused sites with reasons."""
+
+    name: str
+    applied: int = 0
+    sites: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    refused: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    by_op: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def site(self, node: str, *, op: str | None = None, **details: Any) -> None:
+        """Count one rewrite of ``node`` (the node that disappeared or was replaced)."""
+        self.applied += 1
+        self.sites.append({"node": node, **details})
+        if op is not None:
+            self.by_op[op] = self.by_op.get(op, 0) + 1
+
+    def refuse(self, node: str, reason: str, **details: Any) -> None:
+        """Record that ``node`` was left alone, and why (the first reason given wins)."""
+        if not any(r["node"] == node for r in self.refused):
+            self.refused.append({"node": node, "reason": reason, **details})
+
+    def keep_refusals_of(self, remaining: set[str]) -> None:
+        """Forget refusals of nodes that no longer exist: something rewrote them after all."""
+        self.refused = [r for r in self.refused if r["node"] in remaining]
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "name": self.name,
+            "applied": self.applied,
+            "sites": self.sites,
+            "refused": self.refused,
+        }
+        if self.by_op:
+            result["by_op"] = dict(sorted(self.by_op.items()))
+        if self.notes:
+            result["notes"] = self.notes
+        return result
+
+
+class NormfoldPass(ir.passes.InPlacePass, abc.ABC):
+    """An in-place onnx_ir pass that records its sites and refusals in ``self.record``.
+
+    Subclasses set ``name`` (stable: users and reports refer to it), ``summary`` (one line for
+    ``normfold passes``) and ``exact`` (False for approximate passes, which never run unless
+    asked), and implement :meth:`apply`.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    exact: ClassVar[bool] = True
+
+    def __init__(self, options: PassOptions | None = None) -> None:
+        super().__init__()
+        self.options = options or PassOptions()
+        self.record = PassRecord(self.name)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.record = PassRecord(self.name)
+        modified = self.apply(model)
+        return ir.passes.PassResult(model, modified=bool(modified))
+
+    @abc.abstractmethod
+    def apply(self, model: ir.Model) -> bool:
+        """Rewrite ``model`` in place, filling ``self.record``; return whether it changed."""
+
+
+class RecordingRule(_pattern.RewriteRuleClassBase):
+    """A rewriter rule that reports to a :class:`PassRecord`.
+
+    ``check`` implementations return ``MatchResult().fail(reason)``; the failure is recorded as a
+    refusal of the match's root node. ``rewrite`` implementations call ``self.record.site``.
+    """
+
+    def __init__(self, record: PassRecord, options: PassOptions) -> None:
+        super().__init__(name=type(self).__name__)
+        self.record = record
+        self.options = options
+
+    def as_rule(self) -> _pattern.RewriteRule:
+        return _pattern.RewriteRule(
+            self.pattern,
+            self.rewrite,
+            self._recording_check,
+            name=self.name,
+            remove_nodes=self.remove_nodes,
+            graph_pre_visitor=self.setup,
+            graph_post_visitor=self.cleanup,
+            as_function=self.as_function,
+        )
+
+    def _recording_check(self, context, **bindings: Any) -> MatchResult | bool:
+        result = self.check(context, **bindings)
+        if not result:
+            reason = getattr(result, "reason", "") or f"{self.name} does not apply"
+            self.record.refuse(context.root.name or context.root.op_type, reason)
+        return result
+
+    def check(self, context, **bindings: Any) -> MatchResult | bool:
+        return MatchResult()
+
+
+def apply_rules(model: ir.Model, rules: list[RecordingRule]) -> int:
+    """Apply ``rules`` to every graph and function of ``model``; return the rewrite count."""
+    rule_set = _pattern.RewriteRuleSet([rule.as_rule() for rule in rules])
+    return rule_set.apply_to_model(model)
