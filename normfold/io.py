@@ -20,6 +20,7 @@ __all__ = [
     "external_data_files",
     "load",
     "save",
+    "standalone_proto",
     "tensor_bytes",
     "to_proto",
 ]
@@ -152,13 +153,19 @@ def save(
     return target
 
 
+def standalone_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize ``model`` with every external tensor read into the proto (< 2 GB models).
+
+    The model itself is left as it is: its external tensors stay memory-mapped references.
+    """
+    copy = model.clone()  # shares tensors, so this copies no weights
+    ir.external_data.load_to_model(copy)
+    return ir.to_proto(copy)
+
+
 def _save_single_file(model: ir.Model, path: Path) -> None:
-    # Materialize external tensors into the proto: the saved file must stand alone.
-    proto = ir.to_proto(model)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-        onnx.load_external_data_for_model(proto, "")
     with open(path, "wb") as file:
-        file.write(proto.SerializeToString())
+        file.write(standalone_proto(model).SerializeToString())
 
 
 def tensor_bytes(model: ir.Model) -> int:

@@ -19,7 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from normfold.errors import InputError, first_line
-from normfold.io import EXTERNAL_DATA_THRESHOLD, ModelLike, tensor_bytes
+from normfold.io import EXTERNAL_DATA_THRESHOLD, ModelLike, standalone_proto, tensor_bytes
 
 
 def session(model: ModelLike, *, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
@@ -44,8 +44,7 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int = 0) -> or
         if isinstance(model, onnx.ModelProto):
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
-            proto = ir.to_proto(model)
-            onnx.load_external_data_for_model(proto, "")
+            proto = standalone_proto(model)
             return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="normfold-ort-") as folder:
             path = Path(folder) / "model.onnx"

@@ -1,0 +1,7 @@
+"""``python -m normfold`` is the ``normfold`` command."""
+
+import sys
+
+from normfold.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""The optimize job: load → passes → check → verify against the input → save.
+
+One place decides the order of work, so the CLI and the Python API behave the same:
+
+1. The input is loaded (validated, external data memory-mapped) and never modified: passes
+   run on a copy when the caller handed us an ``onnx_ir.Model``, and on a fresh load otherwise.
+2. ``cleanup`` and then the chosen passes run in one ``onnx_ir`` ``PassManager``; each pass keeps
+   a record of the sites it rewrote and the ones it refused.
+3. The result must pass ``onnx.checker``.
+4. Unless verification is switched off, onnxruntime runs input and result (optimizations off)
+   on the same inputs; :meth:`OptimizeResult.save` refuses to write a result that failed.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OptimizeResult", "inspect", "optimize"]
+
+import dataclasses
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from normfold import io, progress
+from normfold.errors import InputError, VerificationError, first_line
+from normfold.passes import PassOptions, create_passes
+from normfold.passes._base import Target
+from normfold.verification import VerificationReport
+from normfold.verification import verify as run_verification
+
+
+@dataclasses.dataclass
+class OptimizeResult:
+    """The optimized model, the report of what was done, and the verification (if run)."""
+
+    model: ir.Model
+    report: dict[str, Any]
+    verification: VerificationReport | None
+    protected: frozenset[Path] = frozenset()
+
+    @property
+    def verified(self) -> bool:
+        return self.verification is not None and self.verification.passed
+
+    def save(self, path: str | os.PathLike, *, external_data: str | None = None) -> Path:
+        """Write the model atomically; refuses when verification ran and failed."""
+        if self.verification is not None and not self.verification.passed:
+            raise VerificationError(f"{path}: not written: the optimized model failed verification")
+        written = io.save(self.model, path, external_data=external_data, protect=self.protected)
+        self.report["output"] = str(written)
+        return written
+
+
+def optimize(
+    source: io.ModelLike,
+    *,
+    passes: Sequence[str] | None = None,
+    target: Target = "onnx",
+    max_opset: int | None = None,
+    verify: bool = True,
+    freeze_initializer_inputs: bool = False,
+    lower_standalone_bn: bool = False,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    dims: Mapping[str, int] | None = None,
+    samples: int = 3,
+    rtol: float | None = None,
+    atol: float | None = None,
+    show_progress: bool = False,
+) -> OptimizeResult:
+    """Run the exact passes (default: all) on ``source`` and verify the result against it."""
+    if target not in ("onnx", "onnxruntime"):
+        raise InputError(f"unknown target {target!r}; choose 'onnx' or 'onnxruntime'")
+    options = PassOptions(
+        target=target,
+        max_opset=max_opset,
+        freeze_initializer_inputs=freeze_initializer_inputs,
+        lower_standalone_bn=lower_standalone_bn,
+    )
+    pass_list = create_passes(None if passes is None else list(passes), options)
+    steps = ["load", *(p.name for p in pass_list), "check"] + (["verify"] if verify else [])
+    bar = progress.Steps(steps, enabled=show_progress)
+
+    with bar.step("load"):
+        model, reference = _working_copy(source)
+    if max_opset is not None and _opset(model) > max_opset:
+        raise InputError(f"{_label(source)}: the model is at opset {_opset(model)}, above --max-opset {max_opset}")
+    report: dict[str, Any] = {
+        "input": _label(source),
+        "output": None,
+        "target": target,
+        "opset_before": _opset(model),
+        "nodes_before": _node_count(model),
+        "ops_before": _histogram(model),
+    }
+    for normfold_pass in pass_list:
+        with bar.step(normfold_pass.name):
+            ir.passes.PassManager([normfold_pass])(model)
+    remaining = {node.name for node in model.graph.all_nodes()}
+    for normfold_pass in pass_list:
+        normfold_pass.record.keep_refusals_of(remaining)
+    with bar.step("check"):
+        _check(model, _label(source))
+    report.update(
+        opset_after=_opset(model),
+        nodes_after=_node_count(model),
+        ops_after=_histogram(model),
+        passes=[p.record.to_dict() for p in pass_list],
+    )
+    verification = None
+    if verify:
+        with bar.step("verify"):
+            verification = run_verification(reference, model, inputs=inputs, dims=dims, samples=samples, rtol=rtol, atol=atol)
+        report["verification"] = verification.to_dict()
+    bar.close()
+    report["seconds"] = {name: round(value, 3) for name, value in bar.seconds.items()}
+    protected = frozenset(_protected_files(source, model))
+    return OptimizeResult(model=model, report=report, verification=verification, protected=protected)
+
+
+def inspect(source: io.ModelLike, *, target: Target = "onnx", max_opset: int | None = None) -> dict[str, Any]:
+    """What ``optimize`` would do to ``source``: its sites and refusals, nothing verified or saved."""
+    result = optimize(source, target=target, max_opset=max_opset, verify=False)
+    report = result.report
+    report["model"] = report.pop("input")
+    del report["output"]
+    return report
+
+
+def _working_copy(source: io.ModelLike) -> tuple[ir.Model, io.ModelLike]:
+    """A model the passes may change, and what verification should run as the reference."""
+    if isinstance(source, ir.Model):
+        io.load(source)  # validates
+        return source.clone(), source
+    if isinstance(source, onnx.ModelProto):
+        return io.load(source), source
+    path = Path(source)
+    return io.load(path), path
+
+
+def _check(model: ir.Model, label: str) -> None:
+    try:
+        onnx.checker.check_model(ir.to_proto(model))
+    except (onnx.checker.ValidationError, ValueError) as error:
+        # A pass wrote an invalid graph: that is our bug, never the user's input.
+        raise RuntimeError(f"{label}: normfold produced a graph that fails onnx.checker: {first_line(error)}") from error
+
+
+def _protected_files(source: io.ModelLike, model: ir.Model) -> set[Path]:
+    files = io.external_data_files(model)
+    if isinstance(source, (str, os.PathLike)):
+        files.add(Path(source).resolve())
+    return files
+
+
+def _label(source: io.ModelLike) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return "<ModelProto>" if isinstance(source, onnx.ModelProto) else "<onnx_ir.Model>"
+
+
+def _opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def _node_count(model: ir.Model) -> int:
+    return sum(1 for _ in model.graph.all_nodes())
+
+
+def _histogram(model: ir.Model) -> dict[str, int]:
+    counts = Counter(
+        f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        for node in model.graph.all_nodes()
+    )
+    return dict(counts.most_common())
+

@@ -1,0 +1,108 @@
+"""Reports: the table people read on stdout and the JSON machines read.
+
+The JSON keys are an interface (DESIGN.md): ``input``, ``output``, ``target``, ``opset_before``,
+``opset_after``, ``nodes_before``, ``nodes_after``, ``passes`` (each with ``name``, ``applied``,
+``sites``, ``refused``), ``verification``. The tables are for people and may change.
+"""
+
+from __future__ import annotations
+
+__all__ = ["format_inspect", "format_optimize", "format_passes_table", "write_json"]
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from normfold.errors import InputError
+
+# How many refusals a table shows per pass before it says "and N more (see --report)".
+_REFUSALS_SHOWN = 8
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(data, file, indent=2, default=_jsonable)
+            file.write("\n")
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def format_passes_table(passes: list[dict[str, Any]]) -> str:
+    """One row per pass (applied, refused, by op), then each refusal with its reason."""
+    rows = [("pass", "applied", "refused", "detail")]
+    for record in passes:
+        detail = ", ".join(f"{op} {n}" for op, n in record.get("by_op", {}).items())
+        rows.append((record["name"], str(record["applied"]), str(len(record["refused"])), detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * 6)
+    for record in passes:
+        refused = record["refused"]
+        for refusal in refused[:_REFUSALS_SHOWN]:
+            lines.append(f"  {record['name']}: left {refusal['node']}: {refusal['reason']}")
+        if len(refused) > _REFUSALS_SHOWN:
+            lines.append(f"  {record['name']}: and {len(refused) - _REFUSALS_SHOWN} more refusals (see --report)")
+        for note in record.get("notes", []):
+            lines.append(f"  {record['name']}: note: {note}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_optimize(report: dict[str, Any], verification_table: str | None) -> str:
+    """The summary ``normfold optimize`` prints."""
+    lines = [
+        f"input   {report['input']}",
+        f"target  {report['target']}   opset {report['opset_before']} -> {report['opset_after']}"
+        f"   nodes {report['nodes_before']} -> {report['nodes_after']}",
+        "",
+        format_passes_table(report["passes"]),
+    ]
+    if verification_table is not None:
+        lines += ["", verification_table]
+    else:
+        lines += ["", "verification skipped (--no-verify)"]
+    return "\n".join(lines)
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    """What ``normfold inspect`` prints: the model's ops, then what each pass would do."""
+    histogram = report["ops_before"]
+    ops = ", ".join(f"{op} {count}" for op, count in histogram.items())
+    lines = [
+        f"model   {report['model']}",
+        f"opset   {report['opset_before']}   nodes {report['nodes_before']}",
+        f"ops     {ops}",
+        "",
+        f"what `normfold optimize --target {report['target']}` would do "
+        f"(nodes {report['nodes_before']} -> {report['nodes_after']}, opset -> {report['opset_after']}):",
+        format_passes_table(report["passes"]),
+    ]
+    for record in report["passes"]:
+        for site in record["sites"][:_REFUSALS_SHOWN]:
+            where = f" into {site['into']}" if site.get("into") else ""
+            how = f" ({site['how']})" if site.get("how") else ""
+            lines.append(f"  {record['name']}: would rewrite {site['node']}{where}{how}")
+        if len(record["sites"]) > _REFUSALS_SHOWN:
+            lines.append(f"  {record['name']}: and {len(record['sites']) - _REFUSALS_SHOWN} more sites (see --json)")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

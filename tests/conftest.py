@@ -1,0 +1,62 @@
+"""Small ONNX models built in code for the tests that need a graph but not the torch zoo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def conv_bn_relu_model(*, seed: int = 0, opset: int = 17, channels: int = 4) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(3x3, pad 1) -> BatchNormalization -> Relu, with non-trivial statistics."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w": rng.normal(size=(channels, 3, 3, 3)).astype(np.float32),
+        "b": rng.normal(size=channels).astype(np.float32),
+        "gamma": rng.uniform(0.5, 1.5, size=channels).astype(np.float32),
+        "beta": rng.normal(size=channels).astype(np.float32),
+        "mean": rng.normal(size=channels).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, size=channels).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["conv_out"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["conv_out", "gamma", "beta", "mean", "var"], ["bn_out"],
+            name="bn", epsilon=1e-5,
+        ),
+        helper.make_node("Relu", ["bn_out"], ["y"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_bn_relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels, 8, 8])],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def conv_bn_path(tmp_path: Path) -> Path:
+    path = tmp_path / "conv_bn.onnx"
+    onnx.save(conv_bn_relu_model(), path)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m normfold ARGS`` the way a user's shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "normfold", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )

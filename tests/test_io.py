@@ -1,0 +1,171 @@
+"""Loading validates and memory-maps; saving is atomic and never touches the input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from normfold import io, runtime
+from normfold.errors import InputError
+from tests.conftest import conv_bn_relu_model
+
+
+def _external_copy(tmp_path: Path) -> Path:
+    """The conv-BN model with every tensor in one external data file next to it."""
+    path = tmp_path / "ext.onnx"
+    onnx.save(conv_bn_relu_model(), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    return path
+
+
+def _set_location(path: Path, location: str) -> None:
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, path)
+
+
+def test_load_accepts_path_proto_and_ir_model(conv_bn_path: Path) -> None:
+    from_path = io.load(conv_bn_path)
+    from_proto = io.load(onnx.load(conv_bn_path))
+    assert io.load(from_path) is from_path
+    assert [n.op_type for n in from_proto.graph] == ["Conv", "BatchNormalization", "Relu"]
+
+
+def test_external_data_stays_memory_mapped(tmp_path: Path) -> None:
+    model = io.load(_external_copy(tmp_path))
+    assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+    assert io.external_data_files(model) == {(tmp_path / "ext.data").resolve()}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.mkdir(), "not a file"),
+        (lambda p: None, "no such file"),
+        (lambda p: p.write_text("this is not a protobuf at all \x00\xff"), "not"),
+        (lambda p: p.write_bytes(conv_bn_relu_model().SerializeToString()[:200]), "not"),
+    ],
+    ids=["folder", "missing", "text", "truncated"],
+)
+def test_unreadable_files_are_input_errors(tmp_path: Path, make, message: str) -> None:
+    path = tmp_path / "bad.onnx"
+    make(path)
+    with pytest.raises(InputError, match=message) as info:
+        io.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_checker_failure_is_input_error(tmp_path: Path) -> None:
+    model = conv_bn_relu_model()
+    model.graph.node[2].input[0] = "undefined_value"
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, path)
+    with pytest.raises(InputError, match="onnx.checker"):
+        io.load(path)
+
+
+def test_unknown_domain_is_input_error(tmp_path: Path) -> None:
+    model = conv_bn_relu_model()
+    model.graph.node[2].domain = "com.example.custom"
+    model.opset_import.append(helper.make_opsetid("com.example.custom", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    with pytest.raises(InputError, match="unknown domain 'com.example.custom'"):
+        io.load(path)
+
+
+def test_missing_external_data(tmp_path: Path) -> None:
+    path = _external_copy(tmp_path)
+    (tmp_path / "ext.data").unlink()
+    with pytest.raises(InputError, match="missing external data"):
+        io.load(path)
+
+
+def test_short_external_data(tmp_path: Path) -> None:
+    path = _external_copy(tmp_path)
+    data = tmp_path / "ext.data"
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(InputError, match="needs .* bytes"):
+        io.load(path)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_the_folder_is_refused(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _external_copy(folder)
+    secret = tmp_path / "secret.data"
+    secret.write_bytes((folder / "ext.data").read_bytes())
+    if kind == "dotdot":
+        _set_location(path, "../secret.data")
+    elif kind == "absolute":
+        _set_location(path, str(secret))
+    else:
+        (folder / "ext.data").unlink()
+        os.symlink(secret, folder / "ext.data")
+    with pytest.raises(InputError, match="refused, not read"):
+        io.load(path)
+
+
+def test_save_is_single_file_and_round_trips(tmp_path: Path, conv_bn_path: Path) -> None:
+    model = io.load(conv_bn_path)
+    out = io.save(model, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv_bn.onnx", "out.onnx"]
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(runtime.run(out, feeds)["y"], runtime.run(conv_bn_path, feeds)["y"])
+
+
+def test_save_materializes_external_tensors_of_the_input(tmp_path: Path) -> None:
+    model = io.load(_external_copy(tmp_path))
+    out_folder = tmp_path / "elsewhere"
+    out_folder.mkdir()
+    out = io.save(model, out_folder / "standalone.onnx")
+    assert [p.name for p in out_folder.iterdir()] == ["standalone.onnx"]
+    assert onnx.load(out).graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
+
+
+def test_large_models_are_written_with_external_data(tmp_path: Path, conv_bn_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10)
+    out = io.save(io.load(conv_bn_path), tmp_path / "big.onnx")
+    assert (tmp_path / "big.data").is_file()
+    reloaded = io.load(out)
+    assert isinstance(reloaded.graph.initializers["w"].const_value, ir.ExternalTensor)
+
+
+def test_save_refuses_protected_files_and_leaves_them_alone(tmp_path: Path, conv_bn_path: Path) -> None:
+    before = conv_bn_path.read_bytes()
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        io.save(io.load(conv_bn_path), conv_bn_path, protect={conv_bn_path})
+    assert conv_bn_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv_bn.onnx"]
+
+
+def test_save_refuses_to_overwrite_memory_mapped_data(tmp_path: Path) -> None:
+    path = _external_copy(tmp_path)
+    model = io.load(path)
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        io.save(model, tmp_path / "other.onnx", external_data="ext.data", protect=io.external_data_files(model))
+
+
+def test_failed_save_leaves_nothing(tmp_path: Path, conv_bn_path: Path, monkeypatch) -> None:
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "_save_single_file", explode)
+    with pytest.raises(OSError):
+        io.save(io.load(conv_bn_path), tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv_bn.onnx"]
+
+
+def test_save_into_missing_folder(tmp_path: Path, conv_bn_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        io.save(io.load(conv_bn_path), tmp_path / "nope" / "out.onnx")
