@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from normfold.errors import InputError
 from normfold.models import ZooModel
 from normfold.models._common import finish, randomize_norms, seeded
 
@@ -151,9 +152,9 @@ def build(
     left out (the model then uses zeros) when ``token_type_ids`` is False.
     """
     if hidden % heads:
-        raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
+        raise InputError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
     if seq > max_positions:
-        raise ValueError(f"seq ({seq}) exceeds max_positions ({max_positions})")
+        raise InputError(f"seq ({seq}) exceeds max_positions ({max_positions})")
     with seeded(seed):
         module = BertModel(vocab, hidden, layers, heads, intermediate or 4 * hidden, max_positions)
         randomize_norms(module)

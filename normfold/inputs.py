@@ -120,16 +120,17 @@ def load_inputs(path: str | Path, model: ir.Model) -> list[dict[str, np.ndarray]
     if not path.is_file():
         raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise InputError(f"{path}: not an .npz archive (one array per model input)")
-            feeds = {name: archive[name] for name in archive.files}
-    except InputError:
-        raise
+        archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         raise InputError(f"{path}: not a readable .npz archive ({first_line(error)})") from None
-    except AttributeError:  # np.load returned a plain array (.npy), which has no context manager
-        raise InputError(f"{path}: not an .npz archive (one array per model input)") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: not an .npz archive (one array per model input)")
+    try:
+        feeds = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise InputError(f"{path}: cannot read the arrays ({first_line(error)})") from None
+    finally:
+        archive.close()
     return [check_inputs(feeds, model, str(path))]
 
 

@@ -19,11 +19,15 @@ __all__ = [
 from normfold.errors import InputError
 from normfold.passes._base import NormfoldPass, PassOptions, PassRecord
 from normfold.passes.cleanup import CleanupPass
+from normfold.passes.fold_affine import FoldAffinePass
+from normfold.passes.fold_bn import FoldBatchNormPass
 
 REGISTRY: dict[str, type[NormfoldPass]] = {
     cls.name: cls
     for cls in (
         CleanupPass,
+        FoldBatchNormPass,
+        FoldAffinePass,
     )
 }
 

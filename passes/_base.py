@@ -114,7 +114,8 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
     """A rewriter rule that reports to a :class:`PassRecord`.
 
     ``check`` implementations return ``MatchResult().fail(reason)``; the failure is recorded as a
-    refusal of the match's root node. ``rewrite`` implementations call ``self.record.site``.
+    refusal of the match's root node, or of the node passed as ``fail(reason, node)``.
+    ``rewrite`` implementations call ``self.record.site``.
     """
 
     def __init__(self, record: PassRecord, options: PassOptions) -> None:
@@ -138,7 +139,11 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
         result = self.check(context, **bindings)
         if not result:
             reason = getattr(result, "reason", "") or f"{self.name} does not apply"
-            self.record.refuse(context.root.name or context.root.op_type, reason)
+            # A rule rooted at one node may refuse on behalf of another (a BN folded into the
+            # Conv that reads it): MatchResult.fail(reason, node) names that node.
+            sources = getattr(result, "failure_nodes_and_values", ())
+            node = next((item for item in sources if isinstance(item, ir.Node)), context.root)
+            self.record.refuse(node.name or node.op_type, reason)
         return result
 
     def check(self, context, **bindings: Any) -> MatchResult | bool:

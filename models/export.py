@@ -1,0 +1,310 @@
+"""Export zoo models to ONNX the ways users do, and keep the results in a cache.
+
+Each :class:`ExportVariant` is one set of ``torch.onnx.export`` settings found in the wild:
+
+- ``ts13``, ``ts14``, ``ts17``: the TorchScript exporter (``dynamo=False``) at that opset, eval
+  mode, constant folding on. In eval mode with constant folding the exporter folds a Conv's
+  BatchNorm itself (not a BatchNorm after a Linear); below opset 17 it decomposes
+  ``nn.LayerNorm`` into primitive ops, from 17 on it emits LayerNormalization.
+- ``ts13-nofold``, ``ts17-nofold``: ``do_constant_folding=False``.
+- ``ts13-keepbn``, ``ts17-keepbn``: ``training=TrainingMode.PRESERVE``, so every BatchNorm stays
+  a BatchNormalization node (checked after export).
+- ``ts13-inputs``: like ``ts13-keepbn`` with ``keep_initializers_as_inputs=True``, as old
+  exporters wrote models: every weight is also a graph input.
+- ``ts17-static``: like ``ts17`` with no symbolic axes.
+- ``dynamo18``, ``dynamo18-noopt``: the torch.export-based exporter at opset 18, with and
+  without its onnxscript optimizer (which folds BatchNorm into Conv itself).
+
+All but ``-static`` variants give inputs and outputs the symbolic axes of the model's
+``dynamic_axes`` ("batch", and "seq" for the transformers); :func:`export` checks that they do,
+and that the file passes ``onnx.checker``, before the file appears. :data:`DEFAULT_VARIANT`
+(``ts13-keepbn``) keeps BatchNorms and decomposed LayerNorms in the graph, which is what
+``normfold optimize --example`` shows off.
+
+Every (model, variant) pair of the zoo exports with torch 2.13.0; :data:`KNOWN_FAILURES` lists
+the pairs that do not, and :func:`export` refuses them with the reason. Files are written
+atomically (into a temporary folder beside the target, then renamed), so a reader in another
+process never sees half a file. The exporters' warnings, log lines and prints are silenced.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_VARIANT",
+    "KNOWN_FAILURES",
+    "VARIANTS",
+    "ExportVariant",
+    "cached_export",
+    "default_cache_dir",
+    "export",
+]
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import onnx
+import onnx_ir as ir
+
+from normfold.errors import InputError, first_line
+from normfold.io import EXTERNAL_DATA_THRESHOLD
+from normfold.models import NAMES, TORCH_HINT, ZooModel, build, family_module
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportVariant:
+    """One set of ``torch.onnx.export`` settings; see the module docstring for each variant."""
+
+    name: str
+    exporter: Literal["torchscript", "dynamo"]
+    opset: int
+    constant_folding: bool = True
+    keep_bn: bool = False
+    initializers_as_inputs: bool = False
+    optimize: bool = True
+    dynamic: bool = True
+
+
+VARIANTS: dict[str, ExportVariant] = {
+    v.name: v
+    for v in (
+        ExportVariant("ts13", "torchscript", 13),
+        ExportVariant("ts14", "torchscript", 14),
+        ExportVariant("ts17", "torchscript", 17),
+        ExportVariant("ts13-nofold", "torchscript", 13, constant_folding=False),
+        ExportVariant("ts17-nofold", "torchscript", 17, constant_folding=False),
+        ExportVariant("ts13-keepbn", "torchscript", 13, keep_bn=True),
+        ExportVariant("ts17-keepbn", "torchscript", 17, keep_bn=True),
+        ExportVariant("ts13-inputs", "torchscript", 13, keep_bn=True, initializers_as_inputs=True),
+        ExportVariant("ts17-static", "torchscript", 17, dynamic=False),
+        ExportVariant("dynamo18", "dynamo", 18),
+        ExportVariant("dynamo18-noopt", "dynamo", 18, optimize=False),
+    )
+}
+
+DEFAULT_VARIANT = "ts13-keepbn"
+
+# (model, variant) -> why torch 2.13.0 cannot export it. Empty: every pair exports.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+
+_QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir")
+
+
+def default_cache_dir() -> Path:
+    """``$NORMFOLD_CACHE`` if set, else ``~/.cache/normfold/zoo``."""
+    configured = os.environ.get("NORMFOLD_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "normfold" / "zoo"
+
+
+def export(zoo: ZooModel | str, variant: str | ExportVariant, path: str | os.PathLike) -> Path:
+    """Export ``zoo`` (a built model, or a zoo name built with seed 0) to ``path``; returns it.
+
+    Models whose tensors exceed ``normfold.io.EXTERNAL_DATA_THRESHOLD`` get one external data
+    file, ``<path name>.data``, beside ``path``. Failures, including known ones, raise
+    :class:`InputError`; nothing is left at ``path`` then.
+    """
+    chosen = _variant(variant)
+    if isinstance(zoo, str):
+        _refuse_known_failure(zoo, chosen)
+        zoo = build(zoo)
+    _refuse_known_failure(zoo.name, chosen)
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=".normfold-export-", dir=folder))
+    try:
+        staged = staging / target.name
+        large = _tensor_bytes(zoo.module) > EXTERNAL_DATA_THRESHOLD
+        try:
+            with _quiet():
+                if chosen.exporter == "torchscript":
+                    _export_torchscript(zoo, chosen, staged)
+                else:
+                    _export_dynamo(zoo, chosen, staged, large)
+        except Exception as error:  # the exporters raise many untyped errors
+            raise InputError(
+                f"cannot export {zoo.name} with {chosen.name}: {type(error).__name__}: {first_line(error)}"
+            ) from error
+        files = _publishable(staged)
+        _check_export(zoo, chosen, files[0])
+        # Data first: the model file appears only once what it points to is in place.
+        for file in reversed(files):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cached_export(
+    name: str,
+    variant: str = DEFAULT_VARIANT,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    **size: Any,
+) -> Path:
+    """The path of zoo model ``name`` exported with ``variant``, exporting it on first use.
+
+    The cache key holds the name, variant, seed, size parameters, torch version and a hash of
+    the zoo's source, so a changed model or exporter never returns a stale file.
+    """
+    chosen = _variant(variant)
+    if name not in NAMES:
+        raise InputError(f"unknown zoo model {name!r}; choose one of: {', '.join(NAMES)}")
+    _refuse_known_failure(name, chosen)
+    try:
+        import torch
+    except ImportError:
+        raise InputError(f"the model zoo ({name}) needs torch: {TORCH_HINT}") from None
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digest = hashlib.sha256()
+    for module in (family_module(name), "normfold.models._common", __name__):
+        source = importlib.import_module(module).__file__
+        digest.update(Path(source).read_bytes() if source else module.encode())
+    digest.update(repr(sorted(size.items())).encode())
+    path = folder / f"{name}-{chosen.name}-seed{seed}-torch{torch.__version__}-{digest.hexdigest()[:12]}.onnx"
+    if path.is_file():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{folder}: cannot create the zoo cache folder ({first_line(error)})") from None
+    return export(build(name, seed=seed, **size), chosen, path)
+
+
+def _variant(variant: str | ExportVariant) -> ExportVariant:
+    if isinstance(variant, ExportVariant):
+        return variant
+    if variant not in VARIANTS:
+        raise InputError(f"unknown export variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def _refuse_known_failure(name: str, variant: ExportVariant) -> None:
+    reason = KNOWN_FAILURES.get((name, variant.name))
+    if reason:
+        raise InputError(f"{name} cannot be exported with {variant.name} by torch 2.13: {reason}")
+
+
+def _export_torchscript(zoo: ZooModel, variant: ExportVariant, path: Path) -> None:
+    import torch
+
+    torch.onnx.export(
+        zoo.module,
+        zoo.example_inputs,
+        str(path),
+        dynamo=False,
+        opset_version=variant.opset,
+        input_names=list(zoo.input_names),
+        output_names=list(zoo.output_names),
+        dynamic_axes=zoo.dynamic_axes if variant.dynamic else None,
+        do_constant_folding=variant.constant_folding,
+        training=torch.onnx.TrainingMode.PRESERVE if variant.keep_bn else torch.onnx.TrainingMode.EVAL,
+        keep_initializers_as_inputs=variant.initializers_as_inputs,
+    )
+
+
+def _export_dynamo(zoo: ZooModel, variant: ExportVariant, path: Path, large: bool) -> None:
+    import torch
+
+    # Named string axes: torch.export treats them as Dim.DYNAMIC (no range guesses to satisfy)
+    # and the ONNX exporter writes the names into the graph's dims.
+    dynamic_shapes = (
+        tuple(dict(zoo.dynamic_axes.get(name, {})) for name in zoo.input_names) if variant.dynamic else None
+    )
+    torch.onnx.export(
+        zoo.module,
+        zoo.example_inputs,
+        str(path),
+        dynamo=True,
+        opset_version=variant.opset,
+        input_names=list(zoo.input_names),
+        output_names=list(zoo.output_names),
+        dynamic_shapes=dynamic_shapes,
+        optimize=variant.optimize,
+        external_data=large,
+        verbose=False,
+    )
+
+
+def _publishable(path: Path) -> list[Path]:
+    """The files of the export at ``path``, model first, with at most one data file.
+
+    TorchScript writes a large model's tensors one file each; they are gathered into
+    ``<name>.data`` (the name the dynamo exporter uses) in a subfolder of the staging folder.
+    """
+    data = path.with_name(path.name + ".data")
+    others = {p for p in path.parent.iterdir() if p != path}
+    if not others:
+        return [path]
+    if others == {data}:
+        return [path, data]
+    proto = onnx.load(str(path), load_external_data=True)
+    gathered = path.parent / ".gathered"
+    gathered.mkdir()
+    onnx.save_model(
+        proto, str(gathered / path.name), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name
+    )
+    return [gathered / path.name, gathered / data.name]
+
+
+def _check_export(zoo: ZooModel, variant: ExportVariant, path: Path) -> None:
+    """The exported file must pass onnx.checker, keep BatchNorms when asked, and have
+    symbolic axes exactly where the variant wants them."""
+    label = f"{zoo.name} exported with {variant.name}"
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise InputError(f"{label} fails onnx.checker: {first_line(error)}") from None
+    model = ir.load(str(path))
+    if variant.keep_bn:
+        from torch import nn
+
+        wanted = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in zoo.module.modules())
+        found = sum(node.op_type == "BatchNormalization" for node in model.graph)
+        if found != wanted:
+            raise InputError(f"{label} holds {found} BatchNormalization nodes, not {wanted}")
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.name in model.graph.initializers:
+            continue
+        dims = value.shape.dims if value.shape is not None else ()
+        symbolic = {i: dim.value for i, dim in enumerate(dims) if not isinstance(dim, int)}
+        expected = dict(zoo.dynamic_axes.get(value.name, {})) if variant.dynamic else {}
+        if symbolic != expected:
+            raise InputError(f"{label}: {value.name} has symbolic axes {symbolic}, expected {expected}")
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters: Python warnings, torch/onnxscript log lines, prints to stdout."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in _QUIET_LOGGERS]
+    loggers = [logging.getLogger(n) for n in {*names, *_QUIET_LOGGERS}]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)

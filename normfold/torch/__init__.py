@@ -1,0 +1,31 @@
+"""normfold on torch modules: fold BatchNorm before export, in float64, with a report.
+
+Needs the ``torch`` extra; ``import normfold`` alone never imports torch.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch  # noqa: F401  (fail here, with the install line, not deep inside a submodule)
+except ImportError as error:
+    raise ImportError(
+        f"normfold.torch needs PyTorch ({error}): pip install 'normfold[torch]' torch==2.13.0"
+    ) from error
+
+from normfold.torch.fold import (
+    FoldedSite,
+    FoldReport,
+    RefusedSite,
+    UntracedModule,
+    fold_batchnorm,
+    fold_batchnorm_with_report,
+)
+
+__all__ = [
+    "FoldReport",
+    "FoldedSite",
+    "RefusedSite",
+    "UntracedModule",
+    "fold_batchnorm",
+    "fold_batchnorm_with_report",
+]

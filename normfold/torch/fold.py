@@ -1,0 +1,555 @@
+"""Fold eval-mode BatchNorm modules into the Conv, ConvTranspose or Linear module before them.
+
+The rule, for a module ``M`` (the arithmetic is in :mod:`normfold.torch._fold_math`):
+
+1. ``M`` is copied (unless ``inplace``) and traced with ``torch.fx.symbolic_trace``. Every call
+   of a BatchNorm module is a *site*. A site folds when its input is the output of a call of an
+   ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` module (exactly those
+   classes: a subclass may compute something else) that nothing else reads, and the BatchNorm
+   is a ``BatchNorm1d/2d/3d`` or ``SyncBatchNorm`` in eval mode with running statistics. The
+   layer's weight and bias are replaced by folded ones, computed in float64 and cast once to
+   the layer's dtype, and the BatchNorm call disappears from the graph.
+2. A layer module called at several sites is folded per site: unless every call of it is
+   followed by the same BatchNorm, each folded site calls a new folded copy under a new name
+   (``<layer>_folded_<bn>``) and the other calls keep the original layer. (torch's own
+   ``fx.experimental.optimization.fuse`` folds the first site's BatchNorm into the shared module
+   and so changes every other call: pytorch#104593.)
+3. The fold is exact only if the BatchNorm's channel axis (axis 1) is the layer's output-channel
+   axis: the BatchNorm must see a batched Conv output ``(N, C, *spatial)``, or a 2-d Linear
+   output ``(N, C)``. A BatchNorm1d after a Linear applied to ``(N, L, C_in)`` normalizes axis 1
+   (``L``), not the Linear's features, and is refused. The rank the BatchNorm sees is taken from
+   ``example_inputs`` when given (one run in eval mode, recording each BatchNorm's input rank),
+   else from the graph (``flatten(x, 1)``, ``nn.Flatten``, ``view(n, -1)`` before the Linear,
+   through rank-preserving modules), else from what the BatchNorm class accepts; a Conv's input
+   is taken to be batched. A Linear + BatchNorm1d site whose rank stays unknown is refused.
+4. A module torch.fx cannot trace (data-dependent control flow, ...) is not traced: its children
+   are folded one by one (each traced on its own), and if it is exactly ``nn.Sequential`` its
+   adjacent (layer, BatchNorm) children fold as in 1 (the BatchNorm becomes ``nn.Identity``).
+   BatchNorm children of any other untraceable module stay, and a warning says so.
+5. Every site is reported, folded or refused with the reason, in a :class:`FoldReport`. Nothing
+   raises on a module that cannot be folded; nothing is folded that is not exact.
+
+A traced module that had a site folded comes back as a ``torch.fx.GraphModule`` (as from
+``fx.fuse``); a module with nothing folded comes back as it was (copied). Code that reaches into
+a child module's own submodules from an untraceable ``forward`` (``self.block.conv(x)``) is not
+seen by the trace of the child and sees the child's folded layers.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FoldReport",
+    "FoldedSite",
+    "RefusedSite",
+    "UntracedModule",
+    "fold_batchnorm",
+    "fold_batchnorm_with_report",
+]
+
+import collections
+import copy
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvTransposeNd
+
+from normfold.errors import InputError, first_line
+from normfold.torch._fold_math import bn_scale_shift, fold_into_weights
+
+logger = logging.getLogger(__name__)
+
+_LAYERS = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Input ranks each BatchNorm class accepts (it raises on others); SyncBatchNorm takes any >= 2.
+_BN_RANKS: dict[type[nn.Module], frozenset[int]] = {
+    nn.BatchNorm1d: frozenset({2, 3}),
+    nn.BatchNorm2d: frozenset({4}),
+    nn.BatchNorm3d: frozenset({5}),
+    nn.SyncBatchNorm: frozenset(range(2, 9)),
+}
+# Modules and functions whose output has the rank of their (first) input.
+_SAME_RANK_MODULES = (
+    nn.Linear, nn.BatchNorm1d, nn.LayerNorm, nn.Identity, nn.Dropout, nn.AlphaDropout,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+)
+_SAME_RANK_FUNCTIONS = (
+    torch.relu, torch.sigmoid, torch.tanh, nn.functional.relu, nn.functional.relu6,
+    nn.functional.gelu, nn.functional.silu, nn.functional.leaky_relu, nn.functional.hardswish,
+    nn.functional.dropout,
+)
+_SAME_RANK_METHODS = frozenset({"relu", "sigmoid", "tanh", "contiguous", "clone"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldedSite:
+    """One BatchNorm call folded into the layer before it.
+
+    ``bn`` and ``layer`` are module paths in the input module; ``into`` is the path of the
+    folded layer in the result (``layer`` itself unless the layer was called at other sites);
+    ``call`` names the call site: the torch.fx node of the BatchNorm call, after the path of the
+    traced module that holds it (``layer1:bn_1``), or for a Sequential folded without torch.fx
+    the BatchNorm's path.
+    """
+
+    bn: str
+    layer: str
+    into: str
+    call: str
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusedSite:
+    """One BatchNorm call left in place, and why."""
+
+    bn: str
+    call: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class UntracedModule:
+    """A module torch.fx could not trace; its children were folded one by one instead."""
+
+    path: str
+    type: str
+    reason: str
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What :func:`fold_batchnorm` folded, what it refused (with reasons) and what it could not trace."""
+
+    folded: list[FoldedSite] = dataclasses.field(default_factory=list)
+    refused: list[RefusedSite] = dataclasses.field(default_factory=list)
+    untraced: list[UntracedModule] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable form: ``{"folded": [...], "refused": [...], "untraced": [...]}``."""
+        return {
+            "applied": len(self.folded),
+            "folded": [dataclasses.asdict(site) for site in self.folded],
+            "refused": [dataclasses.asdict(site) for site in self.refused],
+            "untraced": [dataclasses.asdict(module) for module in self.untraced],
+        }
+
+
+def fold_batchnorm(
+    module: nn.Module,
+    *,
+    inplace: bool = False,
+    example_inputs: Sequence[Any] | None = None,
+) -> nn.Module:
+    """``module`` with every exactly foldable BatchNorm folded into the layer before it.
+
+    Returns a new module and leaves ``module`` untouched; ``inplace=True`` skips the copy, and
+    then ``module`` itself may be changed and must not be used afterwards. ``example_inputs``
+    (positional arguments of ``forward``) let Linear + BatchNorm1d sites fold whose input rank
+    the graph does not show. See :func:`fold_batchnorm_with_report` for what was folded.
+    """
+    return _fold(module, inplace, example_inputs)[0]
+
+
+def fold_batchnorm_with_report(
+    module: nn.Module,
+    *,
+    inplace: bool = False,
+    example_inputs: Sequence[Any] | None = None,
+) -> tuple[nn.Module, FoldReport]:
+    """:func:`fold_batchnorm`, and the :class:`FoldReport` of every BatchNorm call site."""
+    return _fold(module, inplace, example_inputs)
+
+
+def _fold(
+    module: nn.Module, inplace: bool, example_inputs: Sequence[Any] | None
+) -> tuple[nn.Module, FoldReport]:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fold_batchnorm takes a torch.nn.Module, not {type(module).__name__}")
+    work = module if inplace else copy.deepcopy(module)
+    ranks = {} if example_inputs is None else _observed_ranks(work, tuple(example_inputs))
+    folder = _Folder(ranks)
+    result = folder.fold(work, "")
+    if folder.left_untraced:
+        untraced = ", ".join(f"`{u.path or u.type}` ({u.reason})" for u in folder.report.untraced)
+        warnings.warn(
+            f"fold_batchnorm: torch.fx cannot trace {untraced}; folded inside its traceable "
+            f"submodules and left {len(folder.left_untraced)} BatchNorm module(s) unfolded: "
+            + ", ".join(folder.left_untraced),
+            stacklevel=3,  # the caller of fold_batchnorm[_with_report]
+        )
+    return result, folder.report
+
+
+def _join(scope: str, name: str) -> str:
+    return f"{scope}.{name}" if scope else name
+
+
+def _call(scope: str, node: fx.Node) -> str:
+    """A call site: the fx node's name, after the path of the traced module that holds it."""
+    return f"{scope}:{node.name}" if scope else node.name
+
+
+class _Folder:
+    """Walks a module: traces what it can, folds sites, records everything in ``report``."""
+
+    def __init__(self, ranks: dict[int, set[int]]) -> None:
+        self.ranks = ranks
+        self.report = FoldReport()
+        self.left_untraced: list[str] = []  # BatchNorm children of untraceable modules
+
+    def fold(self, module: nn.Module, scope: str) -> nn.Module:
+        """``module`` (at path ``scope``) folded: a new GraphModule, or ``module`` itself."""
+        if not any(isinstance(sub, _BatchNorm) for sub in module.modules()):
+            return module
+        try:
+            traced = fx.symbolic_trace(module)
+        except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
+            reason = f"{type(error).__name__}: {first_line(error)}"
+            logger.debug("cannot trace %s: %s", scope or type(module).__name__, reason)
+            self.report.untraced.append(UntracedModule(scope, type(module).__name__, reason))
+            self._fold_children(module, scope, reason)
+            return module
+        return traced if self._fold_graph(traced, scope) else module
+
+    # -- traced modules ----------------------------------------------------------------------
+
+    def _fold_graph(self, gm: fx.GraphModule, scope: str) -> bool:
+        modules = dict(gm.named_modules())
+        sites: list[tuple[fx.Node, fx.Node]] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
+                continue
+            producer = node.args[0] if node.args else node.kwargs.get("input")
+            reason = self._graph_site_refusal(node, producer, modules, scope)
+            if reason is None:
+                sites.append((node, producer))
+            else:
+                self.report.refused.append(
+                    RefusedSite(_join(scope, node.target), _call(scope, node), reason)
+                )
+        if not sites:
+            return False
+        self._rewrite(gm, sites, modules, scope)
+        return True
+
+    def _graph_site_refusal(
+        self, node: fx.Node, producer: Any, modules: dict[str, nn.Module], scope: str
+    ) -> str | None:
+        bn = modules[node.target]
+        reason = _bn_refusal(bn)
+        if reason is not None:
+            return reason
+        if not isinstance(producer, fx.Node) or producer.op != "call_module":
+            what = producer.name if isinstance(producer, fx.Node) else repr(producer)
+            return f"its input `{what}` is not the output of a Conv, ConvTranspose or Linear module"
+        layer = modules[producer.target]
+        reason = _layer_refusal(layer, _join(scope, producer.target))
+        if reason is not None:
+            return reason
+        others = sorted(user.name for user in producer.users if user is not node)
+        if others:
+            return (f"the output of `{_join(scope, producer.target)}` is also read by "
+                    + ", ".join(f"`{name}`" for name in others))
+        layer_input = producer.args[0] if producer.args else None
+        return _pair_refusal(
+            layer, bn, self.ranks.get(id(bn)), lambda: _graph_rank(layer_input, modules)
+        )
+
+    def _rewrite(
+        self,
+        gm: fx.GraphModule,
+        sites: list[tuple[fx.Node, fx.Node]],
+        modules: dict[str, nn.Module],
+        scope: str,
+    ) -> None:
+        by_layer: dict[str, list[tuple[fx.Node, fx.Node]]] = collections.defaultdict(list)
+        for bn_node, layer_node in sites:
+            by_layer[layer_node.target].append((bn_node, layer_node))
+        calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        attributes = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+        for target, layer_sites in by_layer.items():
+            # A get_attr of the layer's weight must keep reading the unfolded weight.
+            read = any(a == target or a.startswith(target + ".") for a in attributes)
+            bns = {bn_node.target for bn_node, _ in layer_sites}
+            shared = read or calls[target] > len(layer_sites) or len(bns) > 1
+            installed: dict[str, str] = {}
+            for bn_node, layer_node in layer_sites:
+                if bn_node.target not in installed:
+                    folded = _folded_layer(modules[target], modules[bn_node.target])
+                    name = _fresh_name(gm, target, bn_node.target) if shared else target
+                    gm.add_submodule(name, folded)
+                    installed[bn_node.target] = name
+                layer_node.target = installed[bn_node.target]
+                bn_node.replace_all_uses_with(layer_node)
+                gm.graph.erase_node(bn_node)
+                self.report.folded.append(FoldedSite(
+                    bn=_join(scope, bn_node.target),
+                    layer=_join(scope, target),
+                    into=_join(scope, installed[bn_node.target]),
+                    call=_call(scope, bn_node),
+                    kind=type(modules[target]).__name__,
+                ))
+        gm.graph.lint()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+
+    # -- untraceable modules -----------------------------------------------------------------
+
+    def _fold_children(self, module: nn.Module, scope: str, reason: str) -> None:
+        for name, child in list(module.named_children()):
+            if isinstance(child, _BatchNorm):
+                continue  # a lone BatchNorm has nothing to fold into; its caller decides
+            folded = self.fold(child, _join(scope, name))
+            if folded is not child:
+                setattr(module, name, folded)
+        if type(module) is nn.Sequential:
+            self._fold_sequential(module, scope)
+            return
+        label = scope or type(module).__name__
+        for name, child in module.named_children():
+            if isinstance(child, _BatchNorm):
+                path = _join(scope, name)
+                self.left_untraced.append(path)
+                self.report.refused.append(RefusedSite(
+                    path, path, f"called from `{label}`, whose forward torch.fx cannot trace ({reason})"
+                ))
+
+    def _fold_sequential(self, seq: nn.Sequential, scope: str) -> None:
+        """Adjacent (layer, BatchNorm) children of a plain Sequential: the layer's output feeds
+        only the next child, so the pair folds like a traced site; the BatchNorm becomes Identity."""
+        children = list(seq)
+        for index, bn in enumerate(children):
+            if not isinstance(bn, _BatchNorm):
+                continue
+            path = _join(scope, str(index))
+            layer = children[index - 1] if index else None
+            reason = _bn_refusal(bn)
+            if reason is None and layer is None:
+                reason = "it is the first module of the Sequential, so its input is not a layer's"
+            if reason is None:
+                reason = _layer_refusal(layer, _join(scope, str(index - 1)))
+            if reason is None:
+                reason = _pair_refusal(
+                    layer, bn, self.ranks.get(id(bn)), lambda: _sequential_rank(children, index - 1)
+                )
+            if reason is not None:
+                self.report.refused.append(RefusedSite(path, path, reason))
+                continue
+            seq[index - 1] = _folded_layer(layer, bn)
+            seq[index] = nn.Identity()
+            layer_path = _join(scope, str(index - 1))
+            self.report.folded.append(
+                FoldedSite(path, layer_path, layer_path, path, type(layer).__name__)
+            )
+
+
+# -- exactness checks ------------------------------------------------------------------------
+
+
+def _bn_refusal(bn: nn.Module) -> str | None:
+    """Why this BatchNorm module cannot be folded anywhere, or None."""
+    if type(bn) not in _BATCHNORMS:
+        return f"it is a {type(bn).__name__}, not a BatchNorm1d/2d/3d or SyncBatchNorm"
+    if bn.training:
+        return "it is in training mode, where it normalizes with batch statistics (call .eval())"
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return "track_running_stats=False: it always normalizes with batch statistics"
+    if _has_hooks(bn):
+        return "it has forward hooks, which the fold would skip"
+    return None
+
+
+def _layer_refusal(layer: nn.Module, path: str) -> str | None:
+    """Why the module before a BatchNorm cannot take the fold, or None."""
+    if type(layer) in _LAYERS:
+        if _has_hooks(layer):
+            return f"`{path}` has forward hooks, which would see the folded output"
+        return None
+    name = type(layer).__name__
+    for base in _LAYERS:
+        if isinstance(layer, base):
+            return f"its input comes from `{path}`, a {name}: a subclass of {base.__name__} may compute differently"
+    return f"its input comes from `{path}` ({name}), not a Conv, ConvTranspose or Linear module"
+
+
+def _pair_refusal(
+    layer: nn.Module,
+    bn: nn.Module,
+    observed: set[int] | None,
+    graph_rank: Callable[[], int | None],
+) -> str | None:
+    """Why ``bn(layer(x))`` is not exactly a folded layer, or None.
+
+    Exact iff the BatchNorm's axis 1 is the layer's output-channel axis, i.e. the BatchNorm sees
+    a tensor of the weight's rank: batched ``(N, C, *k)`` after a Conv, ``(N, C)`` after a Linear.
+    """
+    need = layer.weight.dim()
+    kind, bn_kind = type(layer).__name__, type(bn).__name__
+    if observed:
+        ranks, source = set(observed), "with example_inputs"
+    elif isinstance(layer, nn.Linear) and (rank := graph_rank()) is not None:
+        ranks, source = {rank}, "in the graph"
+    else:
+        # The Linear's input may have any rank; a Conv's has rank need or need - 1 (unbatched).
+        possible = set(range(1, 9)) if isinstance(layer, nn.Linear) else {need, need - 1}
+        ranks, source = possible & _BN_RANKS[type(bn)], "by its class"
+        if not isinstance(layer, nn.Linear) and need in ranks:
+            ranks = {need}  # a Conv's input is taken to be batched
+    if ranks != {need}:
+        if need in ranks:
+            return (f"{bn_kind} may see a {need}-d {kind} output (foldable) or a "
+                    f"{max(ranks - {need})}-d one, where axis 1 is not the {kind}'s output "
+                    "channel: pass example_inputs to show which")
+        seen = "/".join(str(r) for r in sorted(ranks))
+        return (f"{bn_kind} sees a {seen}-d {kind} output ({source}) and normalizes its axis 1, "
+                f"which is not the {kind}'s output channel")
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if bn.num_features != channels:
+        return f"{bn_kind} has {bn.num_features} features but {kind} produces {channels} channels"
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+# -- rank evidence ---------------------------------------------------------------------------
+
+
+def _observed_ranks(module: nn.Module, example_inputs: tuple[Any, ...]) -> dict[int, set[int]]:
+    """Run ``module`` once on ``example_inputs`` in eval mode; each BatchNorm's input ranks."""
+    ranks: dict[int, set[int]] = collections.defaultdict(set)
+
+    def record(bn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        value = args[0] if args else kwargs.get("input")
+        if isinstance(value, torch.Tensor):
+            ranks[id(bn)].add(value.dim())
+
+    handles = [
+        sub.register_forward_pre_hook(record, with_kwargs=True)
+        for sub in module.modules()
+        if isinstance(sub, _BatchNorm)
+    ]
+    modes = [(sub, sub.training) for sub in module.modules()]
+    try:
+        module.eval()  # a BatchNorm in training mode would update its running statistics
+        with torch.no_grad():
+            module(*example_inputs)
+    except Exception as error:
+        raise InputError(f"fold_batchnorm: example_inputs do not run: {first_line(error)}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for sub, training in modes:
+            sub.training = training
+    return dict(ranks)
+
+
+def _flatten_rank(start: Any, end: Any) -> int | None:
+    if isinstance(start, int) and start >= 0 and end == -1:
+        return start + 1
+    return None
+
+
+def _graph_rank(node: Any, modules: dict[str, nn.Module]) -> int | None:
+    """The rank of ``node``'s value when the graph fixes it (flatten, view), else None."""
+    while isinstance(node, fx.Node):
+        args = node.args
+        if node.op == "call_module":
+            module = modules[node.target]
+            if type(module) is nn.Flatten:
+                return _flatten_rank(module.start_dim, module.end_dim)
+            if type(module) not in _SAME_RANK_MODULES:
+                return None
+        elif node.op == "call_function" and node.target is torch.flatten:
+            return _flatten_rank(node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0),
+                                 node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1))
+        elif node.op == "call_method" and node.target == "flatten":
+            return _flatten_rank(node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0),
+                                 node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1))
+        elif node.op == "call_method" and node.target in ("view", "reshape"):
+            return _shape_rank(args[1:])
+        elif node.op == "call_function" and node.target is torch.reshape:
+            return _shape_rank(args[1:2])
+        elif not (
+            (node.op == "call_function" and node.target in _SAME_RANK_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _SAME_RANK_METHODS)
+        ):
+            return None
+        node = args[0] if args else None
+    return None
+
+
+def _shape_rank(shape: tuple[Any, ...]) -> int | None:
+    """The rank a ``view``/``reshape`` to ``shape`` gives: one entry per size, sizes or a tuple."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if shape and all(isinstance(size, (int, fx.Node)) for size in shape):
+        # A lone Node may be a whole torch.Size rather than one size.
+        return None if len(shape) == 1 and isinstance(shape[0], fx.Node) else len(shape)
+    return None
+
+
+def _sequential_rank(children: list[nn.Module], index: int) -> int | None:
+    """The rank of the input of ``children[index]`` when the children before it fix it."""
+    for child in reversed(children[:index]):
+        if type(child) is nn.Flatten:
+            return _flatten_rank(child.start_dim, child.end_dim)
+        if type(child) not in _SAME_RANK_MODULES:
+            return None
+    return None
+
+
+# -- module plumbing -------------------------------------------------------------------------
+
+
+def _folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``layer`` computing ``bn(layer(x))``; folded in float64, cast once."""
+    def f64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        # On the CPU: some accelerators (MPS) have no float64.
+        return None if tensor is None else tensor.detach().to("cpu", torch.float64)
+
+    scale, shift = bn_scale_shift(
+        f64(bn.running_mean), f64(bn.running_var), bn.eps, f64(bn.weight), f64(bn.bias)
+    )
+    weight, bias = fold_into_weights(
+        f64(layer.weight),
+        f64(layer.bias),
+        scale,
+        shift,
+        transposed=isinstance(layer, _ConvTransposeNd),
+        groups=getattr(layer, "groups", 1),
+    )
+    old_weight, old_bias = layer.weight, layer.bias
+    bias_dtype = old_weight.dtype if old_bias is None else old_bias.dtype
+    folded = copy.deepcopy(layer)
+    folded.weight = nn.Parameter(
+        weight.to(old_weight.device, old_weight.dtype), requires_grad=old_weight.requires_grad
+    )
+    folded.bias = nn.Parameter(
+        bias.to(old_weight.device, bias_dtype),
+        requires_grad=old_weight.requires_grad if old_bias is None else old_bias.requires_grad,
+    )
+    return folded
+
+
+def _fresh_name(gm: fx.GraphModule, target: str, bn_target: str) -> str:
+    base = f"{target}_folded_{bn_target.replace('.', '_')}"
+    name, count = base, 1
+    *parent, _ = target.split(".")
+    owner = gm.get_submodule(".".join(parent))
+    while hasattr(owner, name.rsplit(".", 1)[-1]):
+        count += 1
+        name = f"{base}_{count}"
+    return name

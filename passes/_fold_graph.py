@@ -1,0 +1,229 @@
+"""Graph plumbing the folding rules share: reading constants, refusals, fresh names, casts.
+
+A folding rule reads float tensors from the graph, folds them in float64 (``_fold_math``) and
+writes new initializers in the original dtype. This module holds the parts that touch the graph:
+
+* :func:`read_constant` returns a value's tensor in float64, or raises :class:`Refusal` with a
+  reason a user can act on: the value is a graph input (a caller could feed something else), is
+  computed at run time, or is missing. Constants held by ``Constant`` nodes count as constants
+  (``value.const_value``), so the rules work without ``cleanup`` too.
+* Graph inputs that carry an initializer fold only under ``freeze_initializer_inputs``; the
+  rule then lists them in :attr:`Reads.frozen` and :func:`freeze` removes them from the graph's
+  inputs when the fold is committed, with a note in the pass record.
+* :class:`FreshNames` hands out initializer names no value in the model uses yet: folds never
+  overwrite a tensor that another node may read.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FreshNames",
+    "any_op",
+    "Reads",
+    "Refusal",
+    "attribute",
+    "batchnorm_affine",
+    "describe",
+    "freeze",
+    "initializer",
+    "is_constant",
+    "opset_of",
+    "other_reader",
+    "rank_of",
+    "read_constant",
+    "tensor_dtype",
+]
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import _pattern_ir
+
+from normfold.passes._base import PassRecord
+from normfold.passes._fold_math import bn_scale_shift
+
+
+class Refusal(Exception):
+    """A site cannot be folded exactly; ``reason`` says why, for the report."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def describe(node: ir.Node) -> str:
+    """``Conv /layer1/conv1/Conv``: how a node is named in reasons."""
+    return f"{node.op_type} {node.name}" if node.name else node.op_type
+
+
+@dataclasses.dataclass
+class Reads:
+    """The graph inputs a site reads as constants (folded only under ``freeze_initializer_inputs``)."""
+
+    freeze_inputs: bool
+    frozen: list[ir.Value] = dataclasses.field(default_factory=list)
+
+
+def read_constant(value: ir.Value | None, what: str, reads: Reads) -> np.ndarray:
+    """``value``'s tensor as float64, or :class:`Refusal` naming ``what`` and why it is not constant."""
+    if value is None:
+        raise Refusal(f"{what} is missing")
+    name = f"'{value.name}'" if value.name else "(unnamed)"
+    if value.is_graph_input():
+        if value.const_value is None:
+            raise Refusal(f"{what} {name} is a graph input with no initializer: it is not a constant")
+        if not reads.freeze_inputs:
+            raise Refusal(
+                f"{what} {name} is a graph input: a caller could feed other values, so folding "
+                "would change the model (--freeze-initializer-inputs folds its initializer and "
+                "removes the input)"
+            )
+        if value not in reads.frozen:
+            reads.frozen.append(value)
+    if value.const_value is None:
+        producer = value.producer()
+        origin = f"computed at run time by {describe(producer)}" if producer else "not a constant"
+        raise Refusal(f"{what} {name} is {origin}")
+    if not tensor_dtype(value).is_floating_point():
+        raise Refusal(f"{what} {name} has dtype {tensor_dtype(value)}, not a floating-point type")
+    return np.asarray(value.const_value.numpy()).astype(np.float64)
+
+
+def tensor_dtype(value: ir.Value) -> ir.DataType:
+    """The element type of a value (from its constant when the value's type is not recorded)."""
+    if value.const_value is not None:
+        return value.const_value.dtype
+    if value.dtype is None:
+        raise Refusal(f"the element type of '{value.name}' is unknown")
+    return value.dtype
+
+
+def freeze(reads: Reads, record: PassRecord) -> None:
+    """Remove the frozen graph inputs from their graph's inputs (their initializers stay)."""
+    for value in reads.frozen:
+        graph = value.graph
+        if graph is not None and value in graph.inputs:
+            graph.inputs.remove(value)
+            record.notes.append(
+                f"graph input '{value.name}' was frozen to its initializer and is no longer a model "
+                "input (--freeze-initializer-inputs)"
+            )
+
+
+def other_reader(value: ir.Value, allowed: set[ir.Node]) -> str | None:
+    """Who else sees ``value`` (a node outside ``allowed`` or the graph's output), or None."""
+    if value.is_graph_output():
+        return "the graph output"
+    for user, _ in value.uses():
+        if user not in allowed:
+            return describe(user)
+    return None
+
+
+def attribute(node: ir.Node, name: str, default: Any) -> Any:
+    """An attribute's Python value, or ``default`` when the node omits it."""
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def rank_of(value: ir.Value) -> int | None:
+    """The rank of ``value`` when it is recorded (``cleanup``/shape inference records it)."""
+    if value.const_value is not None:
+        return len(value.const_value.shape)
+    return None if value.shape is None else len(value.shape)
+
+
+class FreshNames:
+    """Names for new initializers that no value of the model uses yet."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._taken: set[str] = set()
+        for graph in model.graphs():
+            self._taken.update(graph.initializers)
+            self._taken.update(v.name for v in graph.inputs if v.name)
+            for node in graph:
+                self._taken.update(v.name for v in node.outputs if v.name)
+
+    def __call__(self, base: str) -> str:
+        name, counter = base, 1
+        while name in self._taken:
+            counter += 1
+            name = f"{base}_{counter}"
+        self._taken.add(name)
+        return name
+
+
+def initializer(op: Any, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
+    """A new initializer holding float64 ``array`` cast once to ``dtype``."""
+    return op.initializer(ir.tensor(np.ascontiguousarray(array.astype(dtype.numpy())), name=name), name=name)
+
+
+def opset_of(node: ir.Node, model: ir.Model) -> int:
+    """The default-domain opset ``node`` is interpreted in."""
+    if node.version is not None:
+        return node.version
+    graph = node.graph
+    imports = graph.opset_imports if graph is not None else model.opset_imports
+    return imports.get("", model.opset_imports.get("", 1))
+
+
+def batchnorm_affine(bn: ir.Node, opset: int, reads: Reads) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 ``(s, t)`` of an inference-form BatchNormalization (``BN(y) = s·y + t``).
+
+    Refuses the training forms (more than one output, ``training_mode=1``), opset 7's
+    per-activation ``spatial=0``, parameters that are not constants (see :func:`read_constant`),
+    parameters of mismatched shapes, and statistics with ``var + eps <= 0`` (the BN divides by
+    zero there, and no weight can reproduce that).
+    """
+    if opset < 7:
+        raise Refusal(f"BatchNormalization from opset {opset} (before 7) is not supported")
+    if len(bn.outputs) > 1:
+        raise Refusal(
+            f"the BatchNormalization has {len(bn.outputs)} outputs: that is the training form, which "
+            "updates running statistics; only the single-output inference form folds"
+        )
+    if attribute(bn, "training_mode", 0):
+        raise Refusal("training_mode=1: the BatchNormalization normalizes with each batch's statistics")
+    if not attribute(bn, "spatial", 1):
+        raise Refusal("spatial=0: per-activation statistics (opset 7) are not supported")
+    if len(bn.inputs) != 5:
+        raise Refusal(f"the BatchNormalization has {len(bn.inputs)} inputs instead of 5")
+    roles = ("scale", "bias", "mean", "var")
+    gamma, beta, mean, var = (
+        read_constant(value, f"BatchNormalization {role}", reads) for role, value in zip(roles, bn.inputs[1:])
+    )
+    shapes = {p.shape for p in (gamma, beta, mean, var)}
+    if len(shapes) != 1 or len(gamma.shape) != 1:
+        raise Refusal(f"the BatchNormalization parameters have shapes {sorted(shapes)}, not one [C]")
+    eps = float(attribute(bn, "epsilon", 1e-5))
+    if np.any(var + eps <= 0):
+        raise Refusal("running_var + epsilon is not positive for some channel: the BatchNormalization divides by zero")
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, eps)
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        raise Refusal("the BatchNormalization statistics give a non-finite scale or shift")
+    return scale, shift
+
+
+class _OpTypeIn(_pattern_ir.StringPattern):
+    """A pattern op type matching any of a set of op types."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = names
+
+    def matches(self, item: str) -> bool:
+        return item in self._names
+
+    def __str__(self) -> str:
+        return "|".join(sorted(self._names))
+
+
+def is_constant(context: Any, value: ir.Value) -> bool:
+    """Value-level pattern check: the value is a constant (a non-match, not a refusal, otherwise)."""
+    return value.const_value is not None
+
+
+def any_op(op: Any, names: frozenset[str]) -> Any:
+    """A pattern op builder matching any op type in ``names`` (one rule, not one copy per op)."""
+    return _pattern_ir.OpPatternBuilder(op, _OpTypeIn(names))

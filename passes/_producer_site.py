@@ -1,0 +1,194 @@
+"""The linear ops a per-channel affine map folds into from behind, shared by fold-bn and fold-affine.
+
+A *producer site* is ``y = L(x)`` whose output channels carry their own weights and bias:
+
+==============  ==============================  ============================  =================
+producer        weight                          output channels               channel axis of y
+==============  ==============================  ============================  =================
+Conv            ``(C_out, C_in/g, k…)``         ``C_out``                     1
+ConvTranspose   ``(C_in, C_out/g, k…)``         ``group·C_out/g``             1
+Gemm            ``B``: ``(N, K)`` if transB     ``N``                         1 (last)
+MatMul [+ Add]  2-D ``(K, N)`` second input     ``N``                         last
+==============  ==============================  ============================  =================
+
+:func:`producer_pattern` matches all of them as one ``OrValue`` (``MatMul`` followed by a bias
+``Add`` in either operand order, or bare). :func:`read_producer` reads a matched site and refuses
+(with a reason) when its weights are not constants, when the weight has an unsupported form, or
+when another node (or the graph output) also reads the producer's output: that reader needs the
+unscaled values. :func:`fold_into_producer` does the float64 arithmetic and
+:func:`emit_producer` writes the folded op with new initializers in the weights' dtype, keeping
+the producer's name and attributes (a bare MatMul becomes MatMul + Add, Gemm's ``beta`` becomes 1).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ProducerSite",
+    "emit_producer",
+    "fold_into_producer",
+    "producer_pattern",
+    "read_producer",
+]
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern as _pattern
+
+from normfold.passes import _fold_math as fm
+from normfold.passes._fold_graph import (
+    Reads,
+    Refusal,
+    attribute,
+    describe,
+    initializer,
+    is_constant,
+    other_reader,
+    rank_of,
+    read_constant,
+    tensor_dtype,
+)
+
+def producer_pattern(op: Any, x: Any, *, constant_weight: bool = False, bare_matmul: bool = True) -> Any:
+    """``OrValue`` of the producer forms reading ``x``; binds ``produced`` and the tag ``producer``.
+
+    With ``constant_weight`` only producers whose weight is a constant match (a MatMul of two
+    activations is no site, and no refusal is worth reporting for it). ``bare_matmul=False``
+    leaves out the MatMul without a bias Add: for an ``Add`` after it, that Add *is* its bias.
+    """
+
+    def weight() -> list[Any]:
+        return [is_constant] if constant_weight else []
+
+    alternatives = {
+        "Conv": op.Conv(x, *weight(), _allow_other_inputs=True),
+        "ConvTranspose": op.ConvTranspose(x, *weight(), _allow_other_inputs=True),
+        "Gemm": op.Gemm(x, *weight(), _allow_other_inputs=True),
+        "MatMul+Add": op.Add(op.MatMul(x, *weight(), _allow_other_inputs=True), _pattern.ANY_VALUE),
+        "Add+MatMul": op.Add(_pattern.ANY_VALUE, op.MatMul(x, *weight(), _allow_other_inputs=True)),
+    }
+    if bare_matmul:
+        alternatives["MatMul"] = op.MatMul(x, *weight(), _allow_other_inputs=True)
+    return _pattern.OrValue(
+        list(alternatives.values()), name="produced", tag_var="producer", tag_values=list(alternatives)
+    )
+
+
+@dataclasses.dataclass
+class ProducerSite:
+    """A matched producer with its constants read in float64."""
+
+    kind: str  # Conv | ConvTranspose | Gemm | MatMul
+    node: ir.Node  # the linear op
+    bias_node: ir.Node | None  # MatMul's bias Add
+    output: ir.Value  # what the affine map is applied to
+    data: ir.Value
+    weight: np.ndarray
+    weight_value: ir.Value
+    bias: np.ndarray | None
+    bias_value: ir.Value | None
+    channels: int
+    rank: int | None  # of ``output``
+    channel_axis: int | None  # of ``output``
+
+    @property
+    def label(self) -> str:
+        return describe(self.node)
+
+
+def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) -> ProducerSite:
+    """Read the site matched as ``kind`` whose output ``produced`` only ``reader`` may read."""
+    node = produced.producer()
+    bias_node = None
+    if kind in ("MatMul+Add", "Add+MatMul"):
+        bias_node = node
+        index = 0 if kind == "MatMul+Add" else 1
+        node = bias_node.inputs[index].producer()
+        bias_value = bias_node.inputs[1 - index]
+        if (seen_by := other_reader(node.outputs[0], {bias_node})) is not None:
+            raise Refusal(f"{describe(node)} output '{node.outputs[0].name}' is also read by {seen_by}")
+    if (seen_by := other_reader(produced, {reader})) is not None:
+        raise Refusal(f"{describe(produced.producer())} output '{produced.name}' is also read by {seen_by}")
+    op_type = node.op_type
+    weight_value = node.inputs[1]
+    weight = read_constant(weight_value, f"{op_type} weight", reads)
+    if kind in ("Conv", "ConvTranspose"):
+        bias_value = _optional_input(node, 2)
+        group = attribute(node, "group", 1)
+        if weight.ndim < 3:
+            raise Refusal(f"{describe(node)} has a weight of rank {weight.ndim}")
+        if kind == "ConvTranspose" and weight.shape[0] % group:
+            raise Refusal(f"{describe(node)} has {weight.shape[0]} input channels, not divisible by group={group}")
+        channels = weight.shape[0] if kind == "Conv" else weight.shape[1] * group
+        rank, axis = weight.ndim, 1
+    elif kind == "Gemm":
+        bias_value = _optional_input(node, 2)
+        if weight.ndim != 2:
+            raise Refusal(f"{describe(node)} has a B of rank {weight.ndim}")
+        channels = weight.shape[0] if attribute(node, "transB", 0) else weight.shape[1]
+        rank, axis = 2, 1
+    else:
+        if kind == "MatMul":
+            bias_value = None
+        if weight.ndim != 2:
+            raise Refusal(f"{describe(node)} has a weight of rank {weight.ndim}: only a 2-D weight folds")
+        channels = weight.shape[1]
+        rank = rank_of(produced)
+        if rank is None and (data_rank := rank_of(node.inputs[0])) is not None:
+            rank = max(data_rank, 2 if data_rank > 1 else 1)
+        axis = None if rank is None else rank - 1
+        kind = "MatMul"
+    bias = None if bias_value is None else read_constant(bias_value, f"{op_type} bias", reads)
+    if bias is not None and kind == "MatMul" and bias.ndim and bias.shape[-1] not in (1, channels):
+        raise Refusal(f"the bias of {describe(node)} has shape {list(bias.shape)}")
+    return ProducerSite(
+        kind, node, bias_node, produced, node.inputs[0], weight, weight_value, bias, bias_value,
+        channels, rank, axis,
+    )
+
+
+def fold_into_producer(site: ProducerSite, scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 weight and bias of ``scale·site + shift`` (one value per output channel)."""
+    if site.kind == "Conv":
+        return fm.fold_after_conv(site.weight, site.bias, scale, shift)
+    if site.kind == "ConvTranspose":
+        return fm.fold_after_conv_transpose(site.weight, site.bias, scale, shift, attribute(site.node, "group", 1))
+    if site.kind == "Gemm":
+        return fm.fold_after_gemm(
+            site.weight, site.bias, scale, shift,
+            trans_b=bool(attribute(site.node, "transB", 0)), beta=float(attribute(site.node, "beta", 1.0)),
+        )
+    return fm.fold_after_matmul(site.weight, site.bias, scale, shift)
+
+
+def emit_producer(
+    op: Any, site: ProducerSite, weight: np.ndarray, bias: np.ndarray, fresh: Callable[[str], str]
+) -> ir.Value:
+    """Write the folded producer; returns the value that replaces the affine map's output."""
+    weight_dtype = tensor_dtype(site.weight_value)
+    bias_dtype = weight_dtype if site.bias_value is None else tensor_dtype(site.bias_value)
+    base = site.weight_value.name or site.node.name
+    new_weight = initializer(op, weight, weight_dtype, fresh(f"{base}_folded"))
+    # A fold that adds nothing (a scale without a shift, no bias before) needs no bias input.
+    new_bias = (
+        initializer(op, bias, bias_dtype, fresh(f"{base}_folded_bias"))
+        if site.bias_value is not None or np.any(bias)
+        else None
+    )
+    attributes = dict(site.node.attributes)
+    if site.kind == "MatMul":
+        product = op.MatMul(site.data, new_weight, _name=site.node.name)
+        if new_bias is None:
+            return product
+        bias_name = site.bias_node.name if site.bias_node is not None else f"{site.node.name}/bias"
+        return op.Add(product, new_bias, _name=bias_name)
+    if site.kind == "Gemm":
+        attributes.pop("beta", None)
+    inputs = [site.data, new_weight] + ([] if new_bias is None else [new_bias])
+    return op.op(site.kind, *inputs, _name=site.node.name, **attributes)

@@ -1,0 +1,114 @@
+"""fold-affine: fold constant per-channel Mul/Add/Sub/Div after a linear op into its weights.
+
+Rule:
+  1. For ``z = op(y, c)`` or ``z = op(c, y)`` with ``c`` a constant, ``op`` one of Mul, Add, Sub
+     and (``c`` second only) Div, ``z = s·y + t`` elementwise (``Div(y, c) = y·(1/c)``,
+     ``Sub(c, y) = −y + c``).
+  2. When ``y`` comes from a Conv, ConvTranspose, Gemm or MatMul [+ bias Add] with constant
+     weights (``_producer_site``) and ``c`` is *per channel* for it, ``z = L'(x)`` with
+     ``W' = W·s`` along the output channels and ``b' = b·s + t``. Per channel means: aligned
+     to the output's last axes the way broadcasting aligns it, ``c`` is 1 everywhere except along
+     the channel axis (axis 1 for Conv/ConvTranspose/Gemm, the last axis for MatMul), where it
+     has one value or one per channel. A ``[C]`` vector after a rank-4 Conv lies on the last
+     spatial axis (even when ``W == C``) and is refused. A chain of such ops folds one at a time.
+  3. Refused, with the reason: a constant that is not per channel, non-finite ``s`` or ``t``
+     (division by zero), another reader of ``y`` (it needs the unscaled values), weights that are
+     graph inputs (unless ``freeze_initializer_inputs``).
+
+An ``Add``/``Sub`` right after a bare MatMul is its bias and is left as it is. Arithmetic in
+float64, cast once to the weights' dtype; new tensors are new initializers. Sites are recorded
+as ``{"node": the Mul/Add/…, "into": the linear op, "how": its op type}``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FoldAffineIntoProducer", "FoldAffinePass"]
+
+from typing import Any, Callable
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.rewriter._basics import MatchResult
+
+from normfold.passes import _fold_math as fm
+from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, RecordingRule, apply_rules
+from normfold.passes._fold_graph import FreshNames, Reads, Refusal, any_op, freeze, is_constant, read_constant
+from normfold.passes._producer_site import emit_producer, fold_into_producer, producer_pattern, read_producer
+
+
+class FoldAffineIntoProducer(RecordingRule):
+    """``op(L(x), c)`` (or ``op(c, L(x))``) → ``L'(x)`` for per-channel constant ``c``."""
+
+    def __init__(
+        self,
+        record: PassRecord,
+        options: PassOptions,
+        fresh: Callable[[str], str],
+        *,
+        ops: frozenset[str],
+        constant_first: bool,
+    ) -> None:
+        super().__init__(record, options)
+        self.name = f"{type(self).__name__}[{'|'.join(sorted(ops))}, constant {'first' if constant_first else 'second'}]"
+        self.remove_nodes = False
+        self._fresh = fresh
+        self._ops = ops
+        self._constant_first = constant_first
+        self._plan: tuple[Any, ...] | None = None
+
+    def pattern(self, op: Any, x: Any) -> Any:
+        # Add/Sub after a bare MatMul is that MatMul's bias, not a fold site.
+        produced = producer_pattern(op, x, constant_weight=True, bare_matmul=not self._ops & {"Add", "Sub"})
+        operands = [is_constant, produced] if self._constant_first else [produced, is_constant]
+        return any_op(op, self._ops)(*operands, _outputs=["affine"])
+
+    def check(self, context: Any, affine: ir.Value, produced: ir.Value, producer: str, **_: Any) -> MatchResult:
+        node = affine.producer()
+        reads = Reads(self.options.freeze_initializer_inputs)
+        try:
+            constant = read_constant(node.inputs[0 if self._constant_first else 1], f"{node.op_type} constant", reads)
+            site = read_producer(producer, produced, node, reads)
+            rank, axis = site.rank, site.channel_axis
+            if rank is None:
+                if constant.ndim > 1:
+                    raise Refusal(f"the rank of {site.label}'s output is unknown")
+                rank, axis = 1, 0  # a scalar or [N] lies on the last axis, MatMul's feature axis
+            try:
+                vector = fm.per_channel(constant, rank, axis, site.channels)
+                scale, shift = fm.affine_of_binary(node.op_type, vector, self._constant_first)
+            except ValueError as error:
+                raise Refusal(f"{error} of {site.label}") from None
+            weight, bias = fold_into_producer(site, scale, shift)
+        except Refusal as refusal:
+            return MatchResult().fail(refusal.reason, node)
+        self._plan = (node, site, weight, bias, reads)
+        return MatchResult()
+
+    def rewrite(self, op: Any, **_: Any) -> ir.Value:
+        node, site, weight, bias, reads = self._plan
+        freeze(reads, self.record)
+        self.record.site(node.name, op=site.kind, into=site.node.name, how=node.op_type)
+        return emit_producer(op, site, weight, bias, self._fresh)
+
+
+class FoldAffinePass(NormfoldPass):
+    """Fold constant per-channel Mul/Add/Sub/Div chains into the Conv/Gemm/MatMul before them."""
+
+    name = "fold-affine"
+    summary = "fold constant per-channel Mul/Add/Sub/Div after a Conv/ConvTranspose/Gemm/MatMul into it"
+
+    def apply(self, model: ir.Model) -> bool:
+        common.NameFixPass()(model)
+        fresh = FreshNames(model)
+        rules = [
+            FoldAffineIntoProducer(self.record, self.options, fresh, ops=ops, constant_first=first)
+            for ops, first in (
+                (frozenset({"Mul", "Div"}), False),
+                (frozenset({"Mul"}), True),
+                (frozenset({"Add", "Sub"}), False),
+                (frozenset({"Add", "Sub"}), True),
+            )
+        ]
+        count = apply_rules(model, rules)
+        self.record.keep_refusals_of({node.name for node in model.graph.all_nodes()})
+        return count > 0

@@ -1,0 +1,129 @@
+"""fold-bn: fold every BatchNormalization that can be folded exactly; say why for every other one.
+
+Rule:
+  1. A BN after a Conv, ConvTranspose, Gemm, MatMul + bias Add or bare MatMul folds into that
+     producer (``fold_bn_producer``: ``W' = W·s``, ``b' = b·s + t``).
+  2. A BN that is not folded into its producer folds into the ops that read it: an unpadded
+     Conv (any groups), a zero-padded Conv when its shift is zero, a Gemm or a rank-2 MatMul,
+     directly or through a channel-ordered Flatten/Reshape (``fold_bn_consumer``).
+  3. With ``lower_standalone_bn``, every BN still left whose parameters are constants becomes
+     ``Add(Mul(x, s), t)`` with ``s``, ``t`` shaped ``[C, 1, …]`` for its input's rank.
+  4. Every BN still in the graph is in the record's ``refused`` list with the reason: the
+     first rule's refusal, or "nothing to fold into" with its producer and readers.
+
+All arithmetic is float64 from the stored tensors, cast once to the model's dtype; new tensors
+are new initializers (a weight that another node reads is never changed). Sites are recorded as
+``{"node": bn, "into": op, "how": "producer" | "consumer" | "lowered"}``.
+
+Preconditions: none. ``cleanup`` usually runs first (it turns constants that exporters compute
+at run time into initializers), but values of ``Constant`` nodes are read as constants too. The
+pass infers shapes first (ranks decide which folds are exact) and names unnamed nodes so the
+report can refer to them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FoldBatchNormPass", "LowerBatchNorm"]
+
+from typing import Any, Callable
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.rewriter._basics import MatchResult
+
+from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, RecordingRule, apply_rules
+from normfold.passes._fold_graph import (
+    FreshNames,
+    Reads,
+    Refusal,
+    batchnorm_affine,
+    describe,
+    freeze,
+    initializer,
+    opset_of,
+    rank_of,
+    tensor_dtype,
+)
+from normfold.passes.fold_bn_consumer import FoldBnIntoConsumer
+from normfold.passes.fold_bn_producer import FoldBnIntoProducer
+
+
+def _batchnorms(model: ir.Model) -> list[ir.Node]:
+    nodes = list(model.graph.all_nodes())
+    for function in model.functions.values():
+        nodes.extend(function.all_nodes())
+    return [n for n in nodes if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
+
+
+def _nothing_to_fold_into(bn: ir.Node) -> str:
+    source = bn.inputs[0]
+    producer = source.producer() if source is not None else None
+    origin = f"the producer is {describe(producer)}" if producer else f"its input '{source.name}' is a graph input"
+    readers = [describe(user) for user, _ in bn.outputs[0].uses()]
+    if bn.outputs[0].is_graph_output():
+        readers.append("the graph output")
+    return f"nothing to fold into: {origin}, and its output goes to {', '.join(readers) or 'nothing'}"
+
+
+class LowerBatchNorm(RecordingRule):
+    """``BatchNormalization(x)`` → ``Add(Mul(x, s), t)`` with precomputed ``[C, 1, …]`` constants."""
+
+    def __init__(self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]) -> None:
+        super().__init__(record, options)
+        self._fresh = fresh
+        self._plan: tuple[Any, ...] | None = None
+
+    def pattern(self, op: Any, x: Any) -> Any:
+        return op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["normalized"])
+
+    def check(self, context: Any, x: ir.Value, normalized: ir.Value, **_: Any) -> MatchResult:
+        bn = normalized.producer()
+        reads = Reads(self.options.freeze_initializer_inputs)
+        try:
+            scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+            rank = rank_of(x) or rank_of(normalized)
+            if rank is None:
+                raise Refusal("the rank of its input is unknown, so it cannot be lowered to Mul + Add")
+            dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
+        except Refusal as refusal:
+            return MatchResult().fail(refusal.reason, bn)
+        shape = (scale.size,) + (1,) * (rank - 2)
+        self._plan = (bn, scale.reshape(shape), shift.reshape(shape), dtype, reads)
+        return MatchResult()
+
+    def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
+        bn, scale, shift, dtype, reads = self._plan
+        freeze(reads, self.record)
+        name = bn.name or "BatchNormalization"
+        self.record.site(bn.name, op="Mul+Add", into=f"{name}/Mul", how="lowered")
+        scaled = op.Mul(x, initializer(op, scale, dtype, self._fresh(f"{name}/scale")), _name=f"{name}/Mul")
+        return op.Add(scaled, initializer(op, shift, dtype, self._fresh(f"{name}/shift")), _name=f"{name}/Add")
+
+
+class FoldBatchNormPass(NormfoldPass):
+    """Fold BatchNormalization into producers and consumers; optionally lower the rest to Mul + Add."""
+
+    name = "fold-bn"
+    summary = "fold BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before or after it"
+
+    def apply(self, model: ir.Model) -> bool:
+        if not _batchnorms(model):
+            return False
+        # Shapes decide exactness (a MatMul's feature axis, a Reshape's order); names are for
+        # the report. Failed inference leaves the model as it is and only costs refusals.
+        common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+        common.NameFixPass()(model)
+        fresh = FreshNames(model)
+        count = apply_rules(
+            model,
+            [
+                FoldBnIntoProducer(self.record, self.options, fresh),
+                FoldBnIntoConsumer(self.record, self.options, fresh),
+            ],
+        )
+        for bn in _batchnorms(model):
+            self.record.refuse(bn.name, _nothing_to_fold_into(bn))
+        if self.options.lower_standalone_bn:
+            count += apply_rules(model, [LowerBatchNorm(self.record, self.options, fresh)])
+        self.record.keep_refusals_of({bn.name for bn in _batchnorms(model)})
+        return True
