@@ -17,12 +17,13 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 from torch import fx, nn  # noqa: E402
 from torch.fx.experimental.optimization import fuse as fx_fuse  # noqa: E402
+from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
 
 from normfold import runtime  # noqa: E402
@@ -42,7 +43,7 @@ def _randomize(module: nn.Module, *, var: str = "normal", seed: int = 0) -> nn.M
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for sub in module.modules():
-            if not isinstance(sub, nn.modules.batchnorm._BatchNorm) or sub.running_mean is None:
+            if not isinstance(sub, _BatchNorm) or sub.running_mean is None:
                 continue
             n = sub.num_features
             sub.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
@@ -65,7 +66,9 @@ def _run(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         return module(*inputs)
 
 
-def _fold_checked(module: nn.Module, *inputs: torch.Tensor, **kwargs) -> tuple[nn.Module, FoldReport]:
+def _fold_checked(
+    module: nn.Module, *inputs: torch.Tensor, **kwargs: object
+) -> tuple[nn.Module, FoldReport]:
     """Fold, and prove the input module untouched: same tensors bit for bit, same outputs."""
     before, expected = _snapshot(module), _run(module, *inputs)
     folded, report = fold_batchnorm_with_report(module, **kwargs)
@@ -86,12 +89,17 @@ def _channel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((a - e).abs().amax(dim=1) / scale).max())
 
 
+def _scale_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected|, for a model's output (logits) as a whole."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
 def _bn_calls(module: nn.Module) -> list[str]:
     """The BatchNorm modules the traced forward of ``module`` still calls."""
     traced = fx.symbolic_trace(module)
     modules = dict(traced.named_modules())
     return [n.target for n in traced.graph.nodes
-            if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm)]
+            if n.op == "call_module" and isinstance(modules[n.target], _BatchNorm)]
 
 
 # -- the arithmetic ----------------------------------------------------------------------------
@@ -159,13 +167,27 @@ def _conv_bn(case: dict) -> tuple[nn.Module, torch.Tensor]:
                        stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
                        groups=case["groups"], bias=case["bias"], **extra)
     bn = _BNS[case["dims"]](case["out_channels"], eps=case["eps"], affine=case["affine"])
-    module = _randomize(nn.Sequential(layer, bn, nn.ReLU()), var=case["var"], seed=case["seed"])
+    # No activation after the BatchNorm: a ReLU would leave channels of near-cancelled values,
+    # where float32 rounding of the unfolded module itself exceeds any relative bound.
+    module = _randomize(nn.Sequential(layer, bn), var=case["var"], seed=case["seed"])
     x = torch.randn(2, case["in_channels"], *[case["size"]] * case["dims"])
     return module, x
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _case(dims: int, transposed: bool, groups: int, **overrides: object) -> dict:
+    case = dict(dims=dims, transposed=transposed, groups=groups, kernel=3, stride=2, dilation=2,
+                in_channels=2 * groups, out_channels=3 * groups, bias=True, affine=True,
+                var="normal", eps=1e-5, seed=dims, size=6, padding=1, output_padding=1)
+    return {**case, **overrides}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_conv_cases())
+# Grouped ConvTranspose with output_padding in every dimension, and a depthwise Conv.
+@example(_case(1, True, 2))
+@example(_case(2, True, 3, bias=False, affine=False))
+@example(_case(3, True, 2, var="tiny"))
+@example(_case(2, False, 4, in_channels=4, out_channels=4, output_padding=0))
 def test_conv_and_conv_transpose_folds_are_exact(case: dict) -> None:
     module, x = _conv_bn(case)
     reference = _run(copy.deepcopy(module).double(), x.double())
@@ -200,16 +222,17 @@ def test_linear_batchnorm1d_rank_comes_from_flatten_view_or_example_inputs() -> 
     flattened = _randomize(nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(),
                                          nn.Linear(6, 6), nn.BatchNorm1d(6)))
 
-    class Viewed(nn.Module):
-        def __init__(self) -> None:
+    class Reshaped(nn.Module):
+        def __init__(self, how: str) -> None:
             super().__init__()
-            self.fc, self.bn = nn.Linear(12, 6), nn.BatchNorm1d(6)
+            self.how, self.fc, self.bn = how, nn.Linear(12, 6), nn.BatchNorm1d(6)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(self.fc(x.view(x.size(0), -1)))
+            x = x.view(x.size(0), -1) if self.how == "view" else torch.flatten(x, 1)
+            return self.bn(self.fc(x))
 
     x = torch.randn(3, 3, 4)
-    for module in (flattened, _randomize(Viewed())):
+    for module in (flattened, _randomize(Reshaped("view")), _randomize(Reshaped("flatten"))):
         folded, report = _fold_checked(module, x)
         assert len(report.folded) == 1 and not _bn_calls(folded)
         assert _channel_error(_run(folded, x), _run(module, x)) <= 1e-5
@@ -235,8 +258,7 @@ def test_batchnorm1d_on_a_3d_linear_output_is_refused_where_fx_fuse_is_wrong() -
 
     other = _randomize(nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(3)), seed=4)
     folded, report = _fold_checked(other, torch.randn(2, 3, 8))
-    assert "3 features but Linear produces 5" in report.refused[0].reason or \
-        "axis 1 is not" in report.refused[0].reason
+    assert "3 features but Linear produces 5 channels" in report.refused[0].reason
 
 
 def test_unbatched_conv1d_output_is_refused_when_example_inputs_show_it() -> None:
@@ -258,8 +280,11 @@ def test_low_precision_modules_fold_in_float64_and_cast_once(dtype: torch.dtype)
     module = _randomize(nn.Sequential(nn.Conv2d(8, 16, 3, bias=True), nn.BatchNorm2d(16, eps=1e-3)),
                         var="tiny", seed=5)
     low = copy.deepcopy(module).to(dtype)
-    folded, report = _fold_checked(low, torch.randn(2, 8, 6, 6, dtype=dtype))
+    x = torch.randn(2, 8, 6, 6, dtype=dtype)
+    folded, report = _fold_checked(low, x)
     assert len(report.folded) == 1
+    reference = _run(copy.deepcopy(low).double(), x.double())
+    assert _channel_error(_run(folded, x), reference) <= 4 * torch.finfo(dtype).eps
     conv = next(m for m in folded.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.dtype == dtype and conv.bias.dtype == dtype
 
@@ -319,10 +344,12 @@ def test_conv_at_two_sites_with_one_batchnorm_and_batchnorm_at_two_sites() -> No
     class SharedNorm(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv1, self.conv2, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(self.conv1(x)) * self.bn(self.conv2(x)) + self.bn(x[:, :1].expand(-1, 4, -1, -1))
+            lone = self.bn(x[:, :1].expand(-1, 4, -1, -1))  # no layer before this call
+            return self.bn(self.conv1(x)) * self.bn(self.conv2(x)) + lone
 
     x = torch.randn(2, 3, 8, 8)
     module = _randomize(OneFollowed(), seed=7)
@@ -381,16 +408,16 @@ def _hooked() -> nn.Module:
 
 
 _REFUSALS = {
-    "training": (lambda: _randomize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).train(),
-                 "training mode"),
+    "training": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), "training mode"),
     "no running stats": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1),
-                                               nn.BatchNorm2d(4, track_running_stats=False)).eval(),
+                                               nn.BatchNorm2d(4, track_running_stats=False)),
                          "track_running_stats=False"),
     "shared output": (_SharedOutput, "also read by `add`"),
     "after relu": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)),
                    "(ReLU), not a Conv"),
+    # fx traces into the subclass's forward: the BatchNorm reads a functional conv2d.
     "conv subclass": (lambda: nn.Sequential(_StdConv(3, 4, 1), nn.BatchNorm2d(4)),
-                      "a subclass of Conv2d"),
+                      "`conv2d` is not the output of a Conv"),
     "bn hooks": (_hooked, "forward hooks"),
     "wrong bn rank": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm1d(4)), None),
 }
@@ -399,18 +426,24 @@ _REFUSALS = {
 @pytest.mark.parametrize("case", sorted(_REFUSALS))
 def test_refused_sites_say_why_and_change_nothing(case: str) -> None:
     build, reason = _REFUSALS[case]
-    module = _randomize(build(), seed=10) if case != "training" else build()
-    module.train(case == "training")
+    module = _randomize(build(), seed=10)
     x = torch.randn(2, 3, 5, 5)
-    folded, report = _fold_checked(module, x) if case != "wrong bn rank" else \
-        fold_batchnorm_with_report(module)
-    assert not report.folded and len(report.refused) == 1
-    if reason is None:  # Conv2d -> BatchNorm1d cannot run at all; it must still not fold
-        assert "axis 1" in report.refused[0].reason
-        return
-    assert reason in report.refused[0].reason
-    if case != "training":  # a training BatchNorm's output depends on the batch; compare in eval
+    if case == "training":
+        # Running a training BatchNorm updates its statistics: check the input by its tensors.
+        module.train()
+        before = _snapshot(module)
+        folded, report = fold_batchnorm_with_report(module)
+        assert all(torch.equal(before[k], v) for k, v in _snapshot(module).items())
+        assert all(torch.equal(before[k], v) for k, v in _snapshot(folded).items())
+    elif case == "wrong bn rank":
+        # Conv2d -> BatchNorm1d cannot even run (BatchNorm1d sees a 4-d tensor); still no fold.
+        folded, report = fold_batchnorm_with_report(module)
+        reason = "sees a 3-d Conv2d output (by its class)"
+    else:
+        folded, report = _fold_checked(module, x)
         assert torch.equal(_run(folded, x), _run(module, x))
+    assert not report.folded and len(report.refused) == 1
+    assert reason in report.refused[0].reason
 
 
 def test_affine_false_and_zero_variance_fold() -> None:
@@ -444,10 +477,10 @@ class _Branchy(nn.Module):
         self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block(self.stem(x))
+        y = self.block(self.stem(x))
         if x.sum() > 0:
-            return self.bn(self.conv(x))
-        return self.conv(x)
+            return self.bn(self.conv(y))
+        return self.conv(y)
 
 
 class _Gate(nn.Module):
@@ -464,10 +497,9 @@ def test_untraceable_module_folds_its_traceable_children_and_warns() -> None:
     assert sorted(s.bn for s in report.folded) == ["block.bn", "stem.1"]
     assert [r.bn for r in report.refused] == ["bn"] and "cannot trace" in report.refused[0].reason
     assert [u.type for u in report.untraced] == ["_Branchy"]
-    taken = [torch.sign(_run(module, s * x).sum()) for s in (1, -1)]
-    for sign in (1, -1):  # both branches
+    assert x.sum() != 0
+    for sign in (1, -1):  # x and -x take the two branches
         assert _channel_error(_run(folded, sign * x), _run(module, sign * x)) <= 1e-5
-    assert len(set(taken)) >= 1
 
 
 def test_nothing_traceable_returns_the_copy_unchanged_with_a_warning() -> None:
@@ -485,29 +517,36 @@ def test_nothing_traceable_returns_the_copy_unchanged_with_a_warning() -> None:
         folded, report = _fold_checked(module, x)
     assert folded is not module and not report.folded
     assert _snapshot(folded).keys() == _snapshot(module).keys()
-    assert all(torch.equal(a, b) for a, b in zip(_snapshot(folded).values(), _snapshot(module).values()))
+    copied, original = _snapshot(folded), _snapshot(module)
+    assert all(torch.equal(copied[name], original[name]) for name in original)
     assert torch.equal(_run(folded, x), _run(module, x))
 
 
 def test_untraceable_sequential_folds_adjacent_pairs_without_fx() -> None:
     module = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), _Gate(),
-                                      nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)))
+                                      nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6),
+                                      _StdConv(6, 6, 1), nn.BatchNorm2d(6)))
     x = torch.randn(2, 3, 7, 7)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing was left behind, so no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         folded, report = _fold_checked(module, x)
+    assert not caught  # every BatchNorm left has its own reason: none was left for want of a trace
     assert type(folded) is nn.Sequential
-    assert [type(m).__name__ for m in folded] == ["Conv2d", "Identity", "_Gate", "ConvTranspose2d", "Identity"]
+    assert [type(m).__name__ for m in folded] == [
+        "Conv2d", "Identity", "_Gate", "ConvTranspose2d", "Identity", "_StdConv", "BatchNorm2d"
+    ]
     assert [s.bn for s in report.folded] == ["1", "4"] and report.untraced
+    assert [r.bn for r in report.refused] == ["6"]
+    assert "a _StdConv: a subclass of Conv2d" in report.refused[0].reason
     assert _channel_error(_run(folded, x), _run(module, x)) <= 1e-5
 
 
 def test_inplace_skips_the_copy() -> None:
-    module = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    module = _randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)))
     x = torch.randn(1, 3, 5, 5)
     expected = _run(module, x)
     folded = fold_batchnorm(module, inplace=True)
-    assert folded[0] is not module[0] or folded is module
+    assert folded.get_submodule("2") is module[2]  # not copied
     assert _channel_error(_run(folded, x), expected) <= 1e-5
 
 
@@ -534,14 +573,15 @@ def test_zoo_models_fold_every_batchnorm_exactly(name: str) -> None:
 
     folded, report = _fold_checked(module, x)
     assert not report.refused and not report.untraced
-    assert len(report.folded) == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    assert len(report.folded) == sum(isinstance(m, _BatchNorm) for m in module.modules())
     assert not _bn_calls(folded)
-    assert _channel_error(_run(folded, x), reference) <= 1e-5
+    assert _scale_error(_run(folded, x), reference) <= 1e-5
 
     folded64, _ = _fold_checked(copy.deepcopy(module).double(), x.double())
-    assert _channel_error(_run(folded64, x.double()), reference) <= 1e-10
+    assert _scale_error(_run(folded64, x.double()), reference) <= 1e-12
 
-    assert _channel_error(torch.from_numpy(_onnx_output(folded, x)), reference) <= 1e-5
+    # The folded module exports and runs in onnxruntime (optimizations off) to the same numbers.
+    assert _scale_error(torch.from_numpy(_onnx_output(folded, x)), reference) <= 1e-5
 
 
 # -- packaging ---------------------------------------------------------------------------------
@@ -553,6 +593,7 @@ def test_normfold_imports_without_torch_and_normfold_torch_says_how_to_get_it() 
         "sys.modules['torch'] = None\n"
         "try:\n    import normfold.torch\nexcept ImportError as e:\n    print(e)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert "pip install 'normfold[torch]' torch==2.13.0" in result.stdout

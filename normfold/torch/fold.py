@@ -129,7 +129,7 @@ class UntracedModule:
 
 @dataclasses.dataclass
 class FoldReport:
-    """What :func:`fold_batchnorm` folded, what it refused (with reasons) and what it could not trace."""
+    """What :func:`fold_batchnorm` folded, refused (with reasons) and could not trace."""
 
     folded: list[FoldedSite] = dataclasses.field(default_factory=list)
     refused: list[RefusedSite] = dataclasses.field(default_factory=list)
@@ -290,9 +290,6 @@ class _Folder:
                     name = _fresh_name(gm, target, bn_node.target) if shared else target
                     gm.add_submodule(name, folded)
                     installed[bn_node.target] = name
-                layer_node.target = installed[bn_node.target]
-                bn_node.replace_all_uses_with(layer_node)
-                gm.graph.erase_node(bn_node)
                 self.report.folded.append(FoldedSite(
                     bn=_join(scope, bn_node.target),
                     layer=_join(scope, target),
@@ -300,6 +297,9 @@ class _Folder:
                     call=_call(scope, bn_node),
                     kind=type(modules[target]).__name__,
                 ))
+                layer_node.target = installed[bn_node.target]
+                bn_node.replace_all_uses_with(layer_node)
+                gm.graph.erase_node(bn_node)
         gm.graph.lint()
         gm.delete_all_unused_submodules()
         gm.recompile()
@@ -321,13 +321,15 @@ class _Folder:
             if isinstance(child, _BatchNorm):
                 path = _join(scope, name)
                 self.left_untraced.append(path)
-                self.report.refused.append(RefusedSite(
-                    path, path, f"called from `{label}`, whose forward torch.fx cannot trace ({reason})"
-                ))
+                why = f"called from `{label}`, whose forward torch.fx cannot trace ({reason})"
+                self.report.refused.append(RefusedSite(path, path, why))
 
     def _fold_sequential(self, seq: nn.Sequential, scope: str) -> None:
-        """Adjacent (layer, BatchNorm) children of a plain Sequential: the layer's output feeds
-        only the next child, so the pair folds like a traced site; the BatchNorm becomes Identity."""
+        """Fold adjacent (layer, BatchNorm) children of a plain Sequential.
+
+        The layer's output feeds only the next child, so the pair folds like a traced site; the
+        BatchNorm becomes ``nn.Identity`` so that the indices of the other children stay.
+        """
         children = list(seq)
         for index, bn in enumerate(children):
             if not isinstance(bn, _BatchNorm):
@@ -379,7 +381,8 @@ def _layer_refusal(layer: nn.Module, path: str) -> str | None:
     name = type(layer).__name__
     for base in _LAYERS:
         if isinstance(layer, base):
-            return f"its input comes from `{path}`, a {name}: a subclass of {base.__name__} may compute differently"
+            return (f"its input comes from `{path}`, a {name}: a subclass of {base.__name__} "
+                    "may compute differently")
     return f"its input comes from `{path}` ({name}), not a Conv, ConvTranspose or Linear module"
 
 
@@ -396,6 +399,10 @@ def _pair_refusal(
     """
     need = layer.weight.dim()
     kind, bn_kind = type(layer).__name__, type(bn).__name__
+    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if bn.num_features != channels:
+        return (f"{bn_kind} has {bn.num_features} features but {kind} produces {channels} "
+                "channels: its axis 1 is not the layer's output channel")
     if observed:
         ranks, source = set(observed), "with example_inputs"
     elif isinstance(layer, nn.Linear) and (rank := graph_rank()) is not None:
@@ -414,9 +421,6 @@ def _pair_refusal(
         seen = "/".join(str(r) for r in sorted(ranks))
         return (f"{bn_kind} sees a {seen}-d {kind} output ({source}) and normalizes its axis 1, "
                 f"which is not the {kind}'s output channel")
-    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if bn.num_features != channels:
-        return f"{bn_kind} has {bn.num_features} features but {kind} produces {channels} channels"
     return None
 
 
@@ -447,7 +451,8 @@ def _observed_ranks(module: nn.Module, example_inputs: tuple[Any, ...]) -> dict[
         with torch.no_grad():
             module(*example_inputs)
     except Exception as error:
-        raise InputError(f"fold_batchnorm: example_inputs do not run: {first_line(error)}") from error
+        message = f"fold_batchnorm: example_inputs do not run: {first_line(error)}"
+        raise InputError(message) from error
     finally:
         for handle in handles:
             handle.remove()
