@@ -110,7 +110,9 @@ class BertLayer(nn.Module):
 class BertModel(nn.Module):
     """Embeddings, ``layers`` encoder layers, pooler; returns (last_hidden_state, pooler_output)."""
 
-    def __init__(self, vocab: int, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int) -> None:
+    def __init__(
+        self, vocab: int, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int
+    ) -> None:
         super().__init__()
         self.embeddings = BertEmbeddings(vocab, hidden, max_positions)
         self.layer = nn.ModuleList(BertLayer(hidden, heads, intermediate) for _ in range(layers))

@@ -74,7 +74,11 @@ class ConvNeXt(nn.Module):
     def __init__(self, dims: tuple[int, ...], depths: tuple[int, ...], classes: int) -> None:
         super().__init__()
         self.downsample_layers = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm(dims[0], data_format="channels_first"))]
+            [
+                nn.Sequential(
+                    nn.Conv2d(3, dims[0], 4, stride=4), LayerNorm(dims[0], data_format="channels_first")
+                )
+            ]
         )
         for i in range(len(dims) - 1):
             self.downsample_layers.append(
@@ -83,7 +87,9 @@ class ConvNeXt(nn.Module):
                     nn.Conv2d(dims[i], dims[i + 1], 2, stride=2),
                 )
             )
-        self.stages = nn.ModuleList(nn.Sequential(*(Block(dim) for _ in range(depth))) for dim, depth in zip(dims, depths))
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(Block(dim) for _ in range(depth))) for dim, depth in zip(dims, depths)
+        )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], classes)
 

@@ -25,6 +25,9 @@ Every (model, variant) pair of the zoo exports with torch 2.13.0; :data:`KNOWN_F
 the pairs that do not, and :func:`export` refuses them with the reason. Files are written
 atomically (into a temporary folder beside the target, then renamed), so a reader in another
 process never sees half a file. The exporters' warnings, log lines and prints are silenced.
+
+Models over 2 GB export with both exporters into ``<name>.data`` beside the model (measured: a
+618M-parameter LLaMA, 2.5 GB, in about 50 s and 5.5 GB of memory with either exporter).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import importlib.metadata
 import io
 import logging
 import os
@@ -159,8 +163,9 @@ def cached_export(
 ) -> Path:
     """The path of zoo model ``name`` exported with ``variant``, exporting it on first use.
 
-    The cache key holds the name, variant, seed, size parameters, torch version and a hash of
-    the zoo's source, so a changed model or exporter never returns a stale file.
+    The cache key holds the name, variant, seed, size parameters, the torch, onnx and
+    onnxscript versions and a hash of the zoo's source, so a changed model or exporter never
+    returns a stale file.
     """
     chosen = _variant(variant)
     if name not in NAMES:
@@ -175,7 +180,9 @@ def cached_export(
     for module in (family_module(name), "normfold.models._common", __name__):
         source = importlib.import_module(module).__file__
         digest.update(Path(source).read_bytes() if source else module.encode())
-    digest.update(repr(sorted(size.items())).encode())
+    # The dynamo exporter translates through onnxscript; both exporters build onnx protos.
+    versions = [importlib.metadata.version(package) for package in ("onnx", "onnxscript")]
+    digest.update(repr((chosen, sorted(size.items()), versions)).encode())
     path = folder / f"{name}-{chosen.name}-seed{seed}-torch{torch.__version__}-{digest.hexdigest()[:12]}.onnx"
     if path.is_file():
         return path
@@ -257,7 +264,11 @@ def _publishable(path: Path) -> list[Path]:
     gathered = path.parent / ".gathered"
     gathered.mkdir()
     onnx.save_model(
-        proto, str(gathered / path.name), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name
+        proto,
+        str(gathered / path.name),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
     )
     return [gathered / path.name, gathered / data.name]
 

@@ -147,8 +147,8 @@ class LlamaDecoderLayer(nn.Module):
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask)
-        hidden_states = residual + hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = residual + self.self_attn(hidden_states, position_embeddings, attention_mask)
         residual = hidden_states
         return residual + self.mlp(self.post_attention_layernorm(hidden_states))
 

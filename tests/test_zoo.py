@@ -1,6 +1,6 @@
 """The reference model zoo and its exporter variants.
 
-Every model is exported in every variant (once per session, into a session cache folder) and
+Every model is exported in every variant (into the zoo's cache unless already there) and
 each file must load with ``normfold.io.load``, pass ``onnx.checker`` and compute the torch
 module's outputs in onnxruntime with optimizations off, also at other batch and sequence sizes
 where the variant has symbolic axes. The structural tests pin down what each variant is for:
@@ -38,8 +38,10 @@ RESIZED = {name: {"batch": 3} for name in NAMES} | {name: {"batch": 3, "seq": 5}
 
 
 @pytest.fixture(scope="session")
-def zoo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("zoo")
+def zoo_cache() -> Path:
+    # The shared cache (keyed by the zoo's source and the exporters' versions, so never stale):
+    # the fold and fuse tests export the same files. Set NORMFOLD_CACHE to start afresh.
+    return zoo_export.default_cache_dir()
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +183,9 @@ def test_symbolic_axes(variant: str, zoo_cache: Path, built: dict[str, ZooModel]
 
 
 @pytest.mark.parametrize("name", BN_MODELS)
-@pytest.mark.parametrize("variant", ["ts13-keepbn", "ts17-keepbn", "ts13-inputs", "ts13-nofold", "dynamo18-noopt"])
+@pytest.mark.parametrize(
+    "variant", ["ts13-keepbn", "ts17-keepbn", "ts13-inputs", "ts13-nofold", "dynamo18-noopt"]
+)
 def test_batchnorms_stay(name: str, variant: str, zoo_cache: Path, built: dict[str, ZooModel]) -> None:
     model = io.load(_exported(zoo_cache, name, variant))
     modules = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in built[name].module.modules())
@@ -277,13 +281,15 @@ def test_export_that_loses_batchnorms_is_refused(monkeypatch: pytest.MonkeyPatch
     # A keep-BN variant whose exporter folded the BatchNorms anyway must not reach the cache.
     fake = zoo_export.ExportVariant("fake-keepbn", "torchscript", 13, keep_bn=True)
     original = zoo_export._export_torchscript
-    monkeypatch.setattr(zoo_export, "_export_torchscript", lambda zoo, v, path: original(zoo, VARIANTS["ts13"], path))
+    monkeypatch.setattr(
+        zoo_export, "_export_torchscript", lambda zoo, v, path: original(zoo, VARIANTS["ts13"], path)
+    )
     with pytest.raises(InputError, match="holds 0 BatchNormalization nodes, not 15"):
         zoo_export.export(build("resnet"), fake, tmp_path / "resnet.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_large_models_get_one_data_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, built) -> None:
+def test_large_models_get_one_data_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, built: dict[str, ZooModel]) -> None:
     monkeypatch.setattr(zoo_export, "EXTERNAL_DATA_THRESHOLD", 1000)
     path = zoo_export.export(built["vgg"], "dynamo18", tmp_path / "vgg.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vgg.onnx", "vgg.onnx.data"]
@@ -291,7 +297,7 @@ def test_large_models_get_one_data_file(monkeypatch: pytest.MonkeyPatch, tmp_pat
     _assert_close(runtime.run(io.load(path), built["vgg"].feeds()), built["vgg"].torch_outputs())
 
 
-def test_per_tensor_data_files_are_gathered(tmp_path: Path, built) -> None:
+def test_per_tensor_data_files_are_gathered(tmp_path: Path, built: dict[str, ZooModel]) -> None:
     # The TorchScript exporter writes one file per tensor for models over 2 GB.
     staging = tmp_path / "staging"
     staging.mkdir()
@@ -321,7 +327,8 @@ def test_importable_without_torch() -> None:
         sys.modules["torch"] = None  # makes `import torch` fail
         import normfold.models, normfold.models.export
         from normfold.errors import InputError
-        for call in (lambda: normfold.models.build("resnet"), lambda: normfold.models.export.cached_export("bert")):
+        calls = (lambda: normfold.models.build("resnet"), lambda: normfold.models.export.cached_export("bert"))
+        for call in calls:
             try:
                 call()
             except InputError as error:
