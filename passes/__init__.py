@@ -21,6 +21,7 @@ from normfold.passes._base import NormfoldPass, PassOptions, PassRecord
 from normfold.passes.cleanup import CleanupPass
 from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
+from normfold.passes.fuse_norm import FuseNormPass
 
 REGISTRY: dict[str, type[NormfoldPass]] = {
     cls.name: cls
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[NormfoldPass]] = {
         CleanupPass,
         FoldBatchNormPass,
         FoldAffinePass,
+        FuseNormPass,
     )
 }
 

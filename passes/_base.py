@@ -114,8 +114,9 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
     """A rewriter rule that reports to a :class:`PassRecord`.
 
     ``check`` implementations return ``MatchResult().fail(reason)``; the failure is recorded as a
-    refusal of the match's root node, or of the node passed as ``fail(reason, node)``.
-    ``rewrite`` implementations call ``self.record.site``.
+    refusal of the match's root node, or of the node passed as ``fail(reason, node)``; matches
+    that ``applies`` rejects are not recorded. ``rewrite`` implementations call
+    ``self.record.site``.
     """
 
     def __init__(self, record: PassRecord, options: PassOptions) -> None:
@@ -136,6 +137,8 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
         )
 
     def _recording_check(self, context, **bindings: Any) -> MatchResult | bool:
+        if not self.applies(context, **bindings):
+            return False
         result = self.check(context, **bindings)
         if not result:
             reason = getattr(result, "reason", "") or f"{self.name} does not apply"
@@ -145,6 +148,11 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
             node = next((item for item in sources if isinstance(item, ir.Node)), context.root)
             self.record.refuse(node.name or node.op_type, reason)
         return result
+
+    def applies(self, context, **bindings: Any) -> bool:
+        """A filter run before ``check``: False means the match is no site at all, so nothing is
+        recorded (a Mul of two activations is no per-channel affine worth a refusal)."""
+        return True
 
     def check(self, context, **bindings: Any) -> MatchResult | bool:
         return MatchResult()

@@ -18,19 +18,19 @@ from __future__ import annotations
 
 __all__ = [
     "FreshNames",
-    "any_op",
     "Reads",
     "Refusal",
+    "any_op",
     "attribute",
     "batchnorm_affine",
     "describe",
     "freeze",
     "initializer",
-    "is_constant",
     "opset_of",
     "other_reader",
     "rank_of",
     "read_constant",
+    "require_graph",
     "tensor_dtype",
 ]
 
@@ -60,20 +60,22 @@ def describe(node: ir.Node) -> str:
 
 @dataclasses.dataclass
 class Reads:
-    """The graph inputs a site reads as constants (folded only under ``freeze_initializer_inputs``)."""
+    """The graph inputs a site reads as constants (only under ``freeze_initializer_inputs``)."""
 
     freeze_inputs: bool
     frozen: list[ir.Value] = dataclasses.field(default_factory=list)
 
 
 def read_constant(value: ir.Value | None, what: str, reads: Reads) -> np.ndarray:
-    """``value``'s tensor as float64, or :class:`Refusal` naming ``what`` and why it is not constant."""
+    """``value``'s tensor as float64, or :class:`Refusal` naming ``what`` and why it is not one."""
     if value is None:
         raise Refusal(f"{what} is missing")
     name = f"'{value.name}'" if value.name else "(unnamed)"
     if value.is_graph_input():
         if value.const_value is None:
-            raise Refusal(f"{what} {name} is a graph input with no initializer: it is not a constant")
+            raise Refusal(
+                f"{what} {name} is a graph input with no initializer: it is not a constant"
+            )
         if not reads.freeze_inputs:
             raise Refusal(
                 f"{what} {name} is a graph input: a caller could feed other values, so folding "
@@ -89,6 +91,15 @@ def read_constant(value: ir.Value | None, what: str, reads: Reads) -> np.ndarray
     if not tensor_dtype(value).is_floating_point():
         raise Refusal(f"{what} {name} has dtype {tensor_dtype(value)}, not a floating-point type")
     return np.asarray(value.const_value.numpy()).astype(np.float64)
+
+
+def require_graph(context: Any) -> None:
+    """Refuse sites inside model functions: a function cannot hold the new initializers."""
+    where = context.graph_or_function
+    if isinstance(where, ir.Function):
+        raise Refusal(
+            f"it is inside the model function {where.name}, which cannot hold new initializers"
+        )
 
 
 def tensor_dtype(value: ir.Value) -> ir.DataType:
@@ -107,8 +118,8 @@ def freeze(reads: Reads, record: PassRecord) -> None:
         if graph is not None and value in graph.inputs:
             graph.inputs.remove(value)
             record.notes.append(
-                f"graph input '{value.name}' was frozen to its initializer and is no longer a model "
-                "input (--freeze-initializer-inputs)"
+                f"graph input '{value.name}' was frozen to its initializer and is no longer a "
+                "model input (--freeze-initializer-inputs)"
             )
 
 
@@ -157,7 +168,9 @@ class FreshNames:
 
 def initializer(op: Any, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
     """A new initializer holding float64 ``array`` cast once to ``dtype``."""
-    return op.initializer(ir.tensor(np.ascontiguousarray(array.astype(dtype.numpy())), name=name), name=name)
+    return op.initializer(
+        ir.tensor(np.ascontiguousarray(array.astype(dtype.numpy())), name=name), name=name
+    )
 
 
 def opset_of(node: ir.Node, model: ir.Model) -> int:
@@ -179,27 +192,35 @@ def batchnorm_affine(bn: ir.Node, opset: int, reads: Reads) -> tuple[np.ndarray,
     """
     if opset < 7:
         raise Refusal(f"BatchNormalization from opset {opset} (before 7) is not supported")
+    if attribute(bn, "training_mode", 0):
+        raise Refusal(
+            "training_mode=1: the BatchNormalization normalizes with each batch's statistics"
+        )
     if len(bn.outputs) > 1:
         raise Refusal(
-            f"the BatchNormalization has {len(bn.outputs)} outputs: that is the training form, which "
-            "updates running statistics; only the single-output inference form folds"
+            f"the BatchNormalization has {len(bn.outputs)} outputs: that is the training form, "
+            "which updates running statistics; only the single-output inference form folds"
         )
-    if attribute(bn, "training_mode", 0):
-        raise Refusal("training_mode=1: the BatchNormalization normalizes with each batch's statistics")
     if not attribute(bn, "spatial", 1):
         raise Refusal("spatial=0: per-activation statistics (opset 7) are not supported")
     if len(bn.inputs) != 5:
         raise Refusal(f"the BatchNormalization has {len(bn.inputs)} inputs instead of 5")
     roles = ("scale", "bias", "mean", "var")
     gamma, beta, mean, var = (
-        read_constant(value, f"BatchNormalization {role}", reads) for role, value in zip(roles, bn.inputs[1:])
+        read_constant(value, f"BatchNormalization {role}", reads)
+        for role, value in zip(roles, bn.inputs[1:], strict=True)
     )
     shapes = {p.shape for p in (gamma, beta, mean, var)}
     if len(shapes) != 1 or len(gamma.shape) != 1:
-        raise Refusal(f"the BatchNormalization parameters have shapes {sorted(shapes)}, not one [C]")
+        raise Refusal(
+            f"the BatchNormalization parameters have shapes {sorted(shapes)}, not one [C]"
+        )
     eps = float(attribute(bn, "epsilon", 1e-5))
     if np.any(var + eps <= 0):
-        raise Refusal("running_var + epsilon is not positive for some channel: the BatchNormalization divides by zero")
+        raise Refusal(
+            "running_var + epsilon is not positive for some channel: "
+            "the BatchNormalization divides by zero"
+        )
     scale, shift = bn_scale_shift(gamma, beta, mean, var, eps)
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         raise Refusal("the BatchNormalization statistics give a non-finite scale or shift")
@@ -217,11 +238,6 @@ class _OpTypeIn(_pattern_ir.StringPattern):
 
     def __str__(self) -> str:
         return "|".join(sorted(self._names))
-
-
-def is_constant(context: Any, value: ir.Value) -> bool:
-    """Value-level pattern check: the value is a constant (a non-match, not a refusal, otherwise)."""
-    return value.const_value is not None
 
 
 def any_op(op: Any, names: frozenset[str]) -> Any:

@@ -49,8 +49,10 @@ def _f64(array: Array | float) -> Array:
     return np.asarray(array, dtype=np.float64)
 
 
-def bn_scale_shift(gamma: Array, beta: Array, mean: Array, var: Array, eps: float) -> tuple[Array, Array]:
-    """The per-channel ``(s, t)`` with ``BN(y) = s·y + t``: ``s = γ/sqrt(σ²+ε)``, ``t = β − μ·s``."""
+def bn_scale_shift(
+    gamma: Array, beta: Array, mean: Array, var: Array, eps: float
+) -> tuple[Array, Array]:
+    """The per-channel ``(s, t)`` of ``BN(y) = s·y + t``: ``s = γ/sqrt(σ²+ε)``, ``t = β − μ·s``."""
     scale = _f64(gamma) / np.sqrt(_f64(var) + np.float64(eps))
     return scale, _f64(beta) - _f64(mean) * scale
 
@@ -59,7 +61,9 @@ def _bias_after(bias: Array | None, scale: Array, shift: Array) -> Array:
     return shift if bias is None else _f64(bias) * scale + shift
 
 
-def fold_after_conv(weight: Array, bias: Array | None, scale: Array, shift: Array) -> tuple[Array, Array]:
+def fold_after_conv(
+    weight: Array, bias: Array | None, scale: Array, shift: Array
+) -> tuple[Array, Array]:
     """``s·Conv(x; W, b) + t`` as one Conv: weight ``(C_out, C_in/g, k…)`` scaled along axis 0."""
     weight = _f64(weight)
     expand = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
@@ -97,7 +101,9 @@ def fold_after_gemm(
     return new_b, new_c
 
 
-def fold_after_matmul(weight: Array, bias: Array | None, scale: Array, shift: Array) -> tuple[Array, Array]:
+def fold_after_matmul(
+    weight: Array, bias: Array | None, scale: Array, shift: Array
+) -> tuple[Array, Array]:
     """``s·(X·W + b) + t`` with a 2-D weight ``(K, N)``: columns scaled, ``b' = b·s + t``."""
     return _f64(weight) * scale[None, :], _bias_after(bias, scale, shift)
 
@@ -117,7 +123,9 @@ def fold_before_conv(
     shift_rows = np.repeat(shift.reshape(group, in_per_group), c_out // group, axis=0)
     trailing = (1,) * (weight.ndim - 2)
     new_weight = weight * scale_rows.reshape(scale_rows.shape + trailing)
-    spilled = (weight * shift_rows.reshape(shift_rows.shape + trailing)).reshape(c_out, -1).sum(axis=1)
+    spilled = (
+        (weight * shift_rows.reshape(shift_rows.shape + trailing)).reshape(c_out, -1).sum(axis=1)
+    )
     new_bias = spilled if bias is None else _f64(bias) + spilled
     return new_weight, new_bias
 
@@ -146,18 +154,18 @@ def fold_before_gemm(
 
 
 def fold_before_matmul(weight: Array, scale: Array, shift: Array) -> tuple[Array, Array]:
-    """``(s·X + t)·W`` with a 2-D weight ``(K, N)`` as ``X·W' + b'``: ``W' = diag(s)·W``, ``b' = t·W``."""
+    """``(s·X + t)·W`` with a 2-D ``W`` as ``X·W' + b'``: ``W' = diag(s)·W``, ``b' = t·W``."""
     weight = _f64(weight)
     return weight * scale[:, None], shift @ weight
 
 
 def repeat_channels(vector: Array, block: int) -> Array:
-    """Per-feature values after ``Flatten`` of ``(N, C, d…)``: feature ``c·block + j`` is channel ``c``."""
+    """Per-feature values after ``Flatten`` of ``(N, C, d…)``: feature ``c·block + j`` is ``c``."""
     return np.repeat(_f64(vector), block)
 
 
 def per_channel(constant: Array, rank: int, axis: int, channels: int) -> Array:
-    """The length-``channels`` vector a constant contributes along ``axis`` of a rank-``rank`` tensor.
+    """The length-``channels`` vector a constant holds along ``axis`` of a rank-``rank`` output.
 
     NumPy broadcasting aligns the constant's shape to the *last* axes, so a ``[C]`` vector on a
     rank-4 ``(N, C, H, W)`` output scales the ``W`` axis, not the channels, even when ``W == C``.
@@ -205,7 +213,9 @@ def affine_of_binary(op_type: str, constant: Array, constant_first: bool) -> tup
         with np.errstate(divide="ignore"):
             scale, shift = 1.0 / constant, zeros
     else:
-        raise ValueError(f"{op_type} with the constant first is not an affine map of its other input")
+        raise ValueError(
+            f"{op_type} with the constant first is not an affine map of its other input"
+        )
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         raise ValueError(f"the {op_type} constant makes a non-finite scale or shift")
     return scale, shift

@@ -1,4 +1,4 @@
-"""The linear ops a per-channel affine map folds into from behind, shared by fold-bn and fold-affine.
+"""The linear ops a per-channel affine map folds into from behind (fold-bn and fold-affine).
 
 A *producer site* is ``y = L(x)`` whose output channels carry their own weights and bias:
 
@@ -26,12 +26,14 @@ __all__ = [
     "ProducerSite",
     "emit_producer",
     "fold_into_producer",
+    "linear_node",
     "producer_pattern",
     "read_producer",
 ]
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -44,36 +46,44 @@ from normfold.passes._fold_graph import (
     attribute,
     describe,
     initializer,
-    is_constant,
     other_reader,
     rank_of,
     read_constant,
     tensor_dtype,
 )
 
-def producer_pattern(op: Any, x: Any, *, constant_weight: bool = False, bare_matmul: bool = True) -> Any:
+
+def producer_pattern(op: Any, x: Any, *, bare_matmul: bool = True) -> Any:
     """``OrValue`` of the producer forms reading ``x``; binds ``produced`` and the tag ``producer``.
 
-    With ``constant_weight`` only producers whose weight is a constant match (a MatMul of two
-    activations is no site, and no refusal is worth reporting for it). ``bare_matmul=False``
-    leaves out the MatMul without a bias Add: for an ``Add`` after it, that Add *is* its bias.
+    ``bare_matmul=False`` leaves out the MatMul without a bias Add: for an ``Add`` after it, that
+    Add *is* its bias.
     """
-
-    def weight() -> list[Any]:
-        return [is_constant] if constant_weight else []
-
     alternatives = {
-        "Conv": op.Conv(x, *weight(), _allow_other_inputs=True),
-        "ConvTranspose": op.ConvTranspose(x, *weight(), _allow_other_inputs=True),
-        "Gemm": op.Gemm(x, *weight(), _allow_other_inputs=True),
-        "MatMul+Add": op.Add(op.MatMul(x, *weight(), _allow_other_inputs=True), _pattern.ANY_VALUE),
-        "Add+MatMul": op.Add(_pattern.ANY_VALUE, op.MatMul(x, *weight(), _allow_other_inputs=True)),
+        "Conv": op.Conv(x, _allow_other_inputs=True),
+        "ConvTranspose": op.ConvTranspose(x, _allow_other_inputs=True),
+        "Gemm": op.Gemm(x, _allow_other_inputs=True),
+        "MatMul+Add": op.Add(op.MatMul(x, _allow_other_inputs=True), _pattern.ANY_VALUE),
+        "Add+MatMul": op.Add(_pattern.ANY_VALUE, op.MatMul(x, _allow_other_inputs=True)),
     }
     if bare_matmul:
-        alternatives["MatMul"] = op.MatMul(x, *weight(), _allow_other_inputs=True)
+        alternatives["MatMul"] = op.MatMul(x, _allow_other_inputs=True)
     return _pattern.OrValue(
-        list(alternatives.values()), name="produced", tag_var="producer", tag_values=list(alternatives)
+        list(alternatives.values()),
+        name="produced",
+        tag_var="producer",
+        tag_values=list(alternatives),
     )
+
+
+def linear_node(kind: str, produced: ir.Value) -> ir.Node:
+    """The Conv/ConvTranspose/Gemm/MatMul of a site matched as ``kind`` (inside its bias Add)."""
+    node = produced.producer()
+    if kind == "MatMul+Add":
+        return node.inputs[0].producer()
+    if kind == "Add+MatMul":
+        return node.inputs[1].producer()
+    return node
 
 
 @dataclasses.dataclass
@@ -83,7 +93,6 @@ class ProducerSite:
     kind: str  # Conv | ConvTranspose | Gemm | MatMul
     node: ir.Node  # the linear op
     bias_node: ir.Node | None  # MatMul's bias Add
-    output: ir.Value  # what the affine map is applied to
     data: ir.Value
     weight: np.ndarray
     weight_value: ir.Value
@@ -104,17 +113,19 @@ def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
 
 def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) -> ProducerSite:
     """Read the site matched as ``kind`` whose output ``produced`` only ``reader`` may read."""
-    node = produced.producer()
-    bias_node = None
+    node = linear_node(kind, produced)
+    bias_node = bias_value = None
     if kind in ("MatMul+Add", "Add+MatMul"):
-        bias_node = node
-        index = 0 if kind == "MatMul+Add" else 1
-        node = bias_node.inputs[index].producer()
-        bias_value = bias_node.inputs[1 - index]
+        bias_node = produced.producer()
+        bias_value = bias_node.inputs[1 if kind == "MatMul+Add" else 0]
         if (seen_by := other_reader(node.outputs[0], {bias_node})) is not None:
-            raise Refusal(f"{describe(node)} output '{node.outputs[0].name}' is also read by {seen_by}")
+            raise Refusal(
+                f"{describe(node)} output '{node.outputs[0].name}' is also read by {seen_by}"
+            )
     if (seen_by := other_reader(produced, {reader})) is not None:
-        raise Refusal(f"{describe(produced.producer())} output '{produced.name}' is also read by {seen_by}")
+        raise Refusal(
+            f"{describe(produced.producer())} output '{produced.name}' is also read by {seen_by}"
+        )
     op_type = node.op_type
     weight_value = node.inputs[1]
     weight = read_constant(weight_value, f"{op_type} weight", reads)
@@ -124,7 +135,10 @@ def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) 
         if weight.ndim < 3:
             raise Refusal(f"{describe(node)} has a weight of rank {weight.ndim}")
         if kind == "ConvTranspose" and weight.shape[0] % group:
-            raise Refusal(f"{describe(node)} has {weight.shape[0]} input channels, not divisible by group={group}")
+            raise Refusal(
+                f"{describe(node)} has {weight.shape[0]} input channels, "
+                f"not divisible by group={group}"
+            )
         channels = weight.shape[0] if kind == "Conv" else weight.shape[1] * group
         rank, axis = weight.ndim, 1
     elif kind == "Gemm":
@@ -134,10 +148,10 @@ def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) 
         channels = weight.shape[0] if attribute(node, "transB", 0) else weight.shape[1]
         rank, axis = 2, 1
     else:
-        if kind == "MatMul":
-            bias_value = None
         if weight.ndim != 2:
-            raise Refusal(f"{describe(node)} has a weight of rank {weight.ndim}: only a 2-D weight folds")
+            raise Refusal(
+                f"{describe(node)} has a weight of rank {weight.ndim}: only a 2-D weight folds"
+            )
         channels = weight.shape[1]
         rank = rank_of(produced)
         if rank is None and (data_rank := rank_of(node.inputs[0])) is not None:
@@ -148,21 +162,38 @@ def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) 
     if bias is not None and kind == "MatMul" and bias.ndim and bias.shape[-1] not in (1, channels):
         raise Refusal(f"the bias of {describe(node)} has shape {list(bias.shape)}")
     return ProducerSite(
-        kind, node, bias_node, produced, node.inputs[0], weight, weight_value, bias, bias_value,
-        channels, rank, axis,
+        kind,
+        node,
+        bias_node,
+        node.inputs[0],
+        weight,
+        weight_value,
+        bias,
+        bias_value,
+        channels,
+        rank,
+        axis,
     )
 
 
-def fold_into_producer(site: ProducerSite, scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fold_into_producer(
+    site: ProducerSite, scale: np.ndarray, shift: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The float64 weight and bias of ``scale·site + shift`` (one value per output channel)."""
     if site.kind == "Conv":
         return fm.fold_after_conv(site.weight, site.bias, scale, shift)
     if site.kind == "ConvTranspose":
-        return fm.fold_after_conv_transpose(site.weight, site.bias, scale, shift, attribute(site.node, "group", 1))
+        return fm.fold_after_conv_transpose(
+            site.weight, site.bias, scale, shift, attribute(site.node, "group", 1)
+        )
     if site.kind == "Gemm":
         return fm.fold_after_gemm(
-            site.weight, site.bias, scale, shift,
-            trans_b=bool(attribute(site.node, "transB", 0)), beta=float(attribute(site.node, "beta", 1.0)),
+            site.weight,
+            site.bias,
+            scale,
+            shift,
+            trans_b=bool(attribute(site.node, "transB", 0)),
+            beta=float(attribute(site.node, "beta", 1.0)),
         )
     return fm.fold_after_matmul(site.weight, site.bias, scale, shift)
 

@@ -12,10 +12,12 @@ Rule:
      has one value or one per channel. A ``[C]`` vector after a rank-4 Conv lies on the last
      spatial axis (even when ``W == C``) and is refused. A chain of such ops folds one at a time.
   3. Refused, with the reason: a constant that is not per channel, non-finite ``s`` or ``t``
-     (division by zero), another reader of ``y`` (it needs the unscaled values), weights that are
-     graph inputs (unless ``freeze_initializer_inputs``).
+     (division by zero), weights that are graph inputs (unless ``freeze_initializer_inputs``).
 
-An ``Add``/``Sub`` right after a bare MatMul is its bias and is left as it is. Arithmetic in
+Not sites, and not reported: an op whose other operand is not a constant, a linear op whose
+weight is not a constant (attention's ``MatMul(q, k)/sqrt(d)``), a linear op whose output
+something else also reads (GELU's ``Div(x, √2)`` beside its ``Mul(x, …)``), and an ``Add``/``Sub``
+right after a bare MatMul, which is that MatMul's bias. Arithmetic in
 float64, cast once to the weights' dtype; new tensors are new initializers. Sites are recorded
 as ``{"node": the Mul/Add/…, "into": the linear op, "how": its op type}``.
 """
@@ -24,16 +26,33 @@ from __future__ import annotations
 
 __all__ = ["FoldAffineIntoProducer", "FoldAffinePass"]
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _fold_math as fm
 from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, RecordingRule, apply_rules
-from normfold.passes._fold_graph import FreshNames, Reads, Refusal, any_op, freeze, is_constant, read_constant
-from normfold.passes._producer_site import emit_producer, fold_into_producer, producer_pattern, read_producer
+from normfold.passes._fold_graph import (
+    FreshNames,
+    Reads,
+    Refusal,
+    any_op,
+    freeze,
+    other_reader,
+    read_constant,
+    require_graph,
+)
+from normfold.passes._producer_site import (
+    emit_producer,
+    fold_into_producer,
+    linear_node,
+    producer_pattern,
+    read_producer,
+)
 
 
 class FoldAffineIntoProducer(RecordingRule):
@@ -49,7 +68,8 @@ class FoldAffineIntoProducer(RecordingRule):
         constant_first: bool,
     ) -> None:
         super().__init__(record, options)
-        self.name = f"{type(self).__name__}[{'|'.join(sorted(ops))}, constant {'first' if constant_first else 'second'}]"
+        order = "first" if constant_first else "second"
+        self.name = f"{type(self).__name__}[{'|'.join(sorted(ops))}, constant {order}]"
         self.remove_nodes = False
         self._fresh = fresh
         self._ops = ops
@@ -58,15 +78,42 @@ class FoldAffineIntoProducer(RecordingRule):
 
     def pattern(self, op: Any, x: Any) -> Any:
         # Add/Sub after a bare MatMul is that MatMul's bias, not a fold site.
-        produced = producer_pattern(op, x, constant_weight=True, bare_matmul=not self._ops & {"Add", "Sub"})
-        operands = [is_constant, produced] if self._constant_first else [produced, is_constant]
+        produced = producer_pattern(op, x, bare_matmul=not self._ops & {"Add", "Sub"})
+        operands = (
+            [_pattern.ANY_VALUE, produced]
+            if self._constant_first
+            else [produced, _pattern.ANY_VALUE]
+        )
         return any_op(op, self._ops)(*operands, _outputs=["affine"])
 
-    def check(self, context: Any, affine: ir.Value, produced: ir.Value, producer: str, **_: Any) -> MatchResult:
+    def applies(
+        self, context: Any, affine: ir.Value, produced: ir.Value, producer: str, **_: Any
+    ) -> bool:
+        # A site is a constant applied to the only use of a linear op with a constant weight.
+        # Attention's MatMul(q, k)/sqrt(d), a gate Mul(conv, x) or GELU's Div(x, √2) beside its
+        # Mul(x, …) are other computations, not post-scales worth a refusal.
+        node = affine.producer()
+        constant = node.inputs[0 if self._constant_first else 1]
+        linear = linear_node(producer, produced)
+        weight = linear.inputs[1]
+        return (
+            constant.const_value is not None
+            and weight is not None
+            and weight.const_value is not None
+            and other_reader(produced, {node}) is None
+            and other_reader(linear.outputs[0], {produced.producer(), node}) is None
+        )
+
+    def check(
+        self, context: Any, affine: ir.Value, produced: ir.Value, producer: str, **_: Any
+    ) -> MatchResult:
         node = affine.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
         try:
-            constant = read_constant(node.inputs[0 if self._constant_first else 1], f"{node.op_type} constant", reads)
+            require_graph(context)
+            constant = read_constant(
+                node.inputs[0 if self._constant_first else 1], f"{node.op_type} constant", reads
+            )
             site = read_producer(producer, produced, node, reads)
             rank, axis = site.rank, site.channel_axis
             if rank is None:
@@ -95,7 +142,9 @@ class FoldAffinePass(NormfoldPass):
     """Fold constant per-channel Mul/Add/Sub/Div chains into the Conv/Gemm/MatMul before them."""
 
     name = "fold-affine"
-    summary = "fold constant per-channel Mul/Add/Sub/Div after a Conv/ConvTranspose/Gemm/MatMul into it"
+    summary = (
+        "fold constant per-channel Mul/Add/Sub/Div after a Conv/ConvTranspose/Gemm/MatMul into it"
+    )
 
     def apply(self, model: ir.Model) -> bool:
         common.NameFixPass()(model)

@@ -9,7 +9,8 @@ Rule:
   3. With ``lower_standalone_bn``, every BN still left whose parameters are constants becomes
      ``Add(Mul(x, s), t)`` with ``s``, ``t`` shaped ``[C, 1, …]`` for its input's rank.
   4. Every BN still in the graph is in the record's ``refused`` list with the reason: the
-     first rule's refusal, or "nothing to fold into" with its producer and readers.
+     first rule's refusal, else what is wrong with the BN itself (training form, parameters
+     that are graph inputs, …), else "nothing to fold into" with its producer and readers.
 
 All arithmetic is float64 from the stored tensors, cast once to the model's dtype; new tensors
 are new initializers (a weight that another node reads is never changed). Sites are recorded as
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 __all__ = ["FoldBatchNormPass", "LowerBatchNorm"]
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -42,6 +44,7 @@ from normfold.passes._fold_graph import (
     initializer,
     opset_of,
     rank_of,
+    require_graph,
     tensor_dtype,
 )
 from normfold.passes.fold_bn_consumer import FoldBnIntoConsumer
@@ -55,20 +58,33 @@ def _batchnorms(model: ir.Model) -> list[ir.Node]:
     return [n for n in nodes if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
 
 
-def _nothing_to_fold_into(bn: ir.Node) -> str:
+def _why_left(bn: ir.Node, model: ir.Model, freeze_inputs: bool) -> str:
+    """Why a BN no rule matched is still there: its own parameters, or its neighbours."""
+    try:
+        batchnorm_affine(bn, opset_of(bn, model), Reads(freeze_inputs))
+    except Refusal as refusal:
+        return refusal.reason
     source = bn.inputs[0]
-    producer = source.producer() if source is not None else None
-    origin = f"the producer is {describe(producer)}" if producer else f"its input '{source.name}' is a graph input"
+    producer = source.producer()
+    origin = (
+        f"the producer is {describe(producer)}"
+        if producer
+        else f"its input '{source.name}' is a graph input"
+    )
     readers = [describe(user) for user, _ in bn.outputs[0].uses()]
     if bn.outputs[0].is_graph_output():
         readers.append("the graph output")
-    return f"nothing to fold into: {origin}, and its output goes to {', '.join(readers) or 'nothing'}"
+    return (
+        f"nothing to fold into: {origin}, and its output goes to {', '.join(readers) or 'nothing'}"
+    )
 
 
 class LowerBatchNorm(RecordingRule):
-    """``BatchNormalization(x)`` → ``Add(Mul(x, s), t)`` with precomputed ``[C, 1, …]`` constants."""
+    """``BatchNormalization(x)`` → ``Add(Mul(x, s), t)`` with constants shaped ``[C, 1, …]``."""
 
-    def __init__(self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]) -> None:
+    def __init__(
+        self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]
+    ) -> None:
         super().__init__(record, options)
         self._fresh = fresh
         self._plan: tuple[Any, ...] | None = None
@@ -80,10 +96,13 @@ class LowerBatchNorm(RecordingRule):
         bn = normalized.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
         try:
+            require_graph(context)
             scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
             rank = rank_of(x) or rank_of(normalized)
             if rank is None:
-                raise Refusal("the rank of its input is unknown, so it cannot be lowered to Mul + Add")
+                raise Refusal(
+                    "the rank of its input is unknown, so it cannot be lowered to Mul + Add"
+                )
             dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
@@ -94,14 +113,18 @@ class LowerBatchNorm(RecordingRule):
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
         bn, scale, shift, dtype, reads = self._plan
         freeze(reads, self.record)
-        name = bn.name or "BatchNormalization"
+        name = bn.name  # the pass names every node first
         self.record.site(bn.name, op="Mul+Add", into=f"{name}/Mul", how="lowered")
-        scaled = op.Mul(x, initializer(op, scale, dtype, self._fresh(f"{name}/scale")), _name=f"{name}/Mul")
-        return op.Add(scaled, initializer(op, shift, dtype, self._fresh(f"{name}/shift")), _name=f"{name}/Add")
+        scaled = op.Mul(
+            x, initializer(op, scale, dtype, self._fresh(f"{name}/scale")), _name=f"{name}/Mul"
+        )
+        return op.Add(
+            scaled, initializer(op, shift, dtype, self._fresh(f"{name}/shift")), _name=f"{name}/Add"
+        )
 
 
 class FoldBatchNormPass(NormfoldPass):
-    """Fold BatchNormalization into producers and consumers; optionally lower the rest to Mul + Add."""
+    """Fold BatchNormalization into producers and consumers; optionally lower the rest."""
 
     name = "fold-bn"
     summary = "fold BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before or after it"
@@ -110,8 +133,13 @@ class FoldBatchNormPass(NormfoldPass):
         if not _batchnorms(model):
             return False
         # Shapes decide exactness (a MatMul's feature axis, a Reshape's order); names are for
-        # the report. Failed inference leaves the model as it is and only costs refusals.
+        # the report. Failed inference leaves the model as it is and only costs refusals. The
+        # graph's declared input and output shapes are its interface: inference must not
+        # replace their symbolic dims.
+        interface = [(v, v.shape) for v in (*model.graph.inputs, *model.graph.outputs)]
         common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+        for value, shape in interface:
+            value.shape = shape
         common.NameFixPass()(model)
         fresh = FreshNames(model)
         count = apply_rules(
@@ -122,8 +150,10 @@ class FoldBatchNormPass(NormfoldPass):
             ],
         )
         for bn in _batchnorms(model):
-            self.record.refuse(bn.name, _nothing_to_fold_into(bn))
+            self.record.refuse(
+                bn.name, _why_left(bn, model, self.options.freeze_initializer_inputs)
+            )
         if self.options.lower_standalone_bn:
             count += apply_rules(model, [LowerBatchNorm(self.record, self.options, fresh)])
         self.record.keep_refusals_of({bn.name for bn in _batchnorms(model)})
-        return True
+        return count > 0

@@ -3,11 +3,12 @@
 For ``z = L(s·x + t)`` (``s``, ``t`` the BN's per-channel scale and shift on axis 1 of ``x``)
 with ``L`` one of:
 
-* **Conv** (any ``group``): ``W'[o, i, k] = W[o, i, k]·s[i']`` and ``b'[o] = b[o] + Σ W[o, i, k]·t[i']``
-  with ``i'`` the input channel ``i`` of ``o``'s group. Exact when every output position sums
-  the whole kernel window over real inputs: the Conv is unpadded (``pads`` all 0, ``auto_pad``
-  NOTSET or VALID), or the shift is zero everywhere. A zero-padded Conv with a nonzero shift is
-  refused: the padded border would see 0 where the original sees ``t``.
+* **Conv** (any ``group``): ``W'[o, i, k] = W[o, i, k]·s[i']`` and
+  ``b'[o] = b[o] + Σ W[o, i, k]·t[i']`` with ``i'`` the input channel ``i`` of ``o``'s group.
+  Exact when every output position sums the whole kernel window over real inputs: the Conv is
+  unpadded (``pads`` all 0, ``auto_pad`` NOTSET or VALID), or the shift is zero everywhere. A
+  zero-padded Conv with a nonzero shift is refused: the padded border would see 0 where the
+  original sees ``t``.
 * **Gemm** (``transA=0``): ``B'`` scaled along ``K``, ``C' = beta·C + alpha·t·B'``, ``beta = 1``.
 * **MatMul** with a constant 2-D weight: ``X·W' + t·W`` (MatMul + Add). The BN's axis 1 is the
   MatMul's reduction axis only for a rank-2 input, so higher ranks are refused.
@@ -27,7 +28,8 @@ from __future__ import annotations
 __all__ = ["FoldBnIntoConsumer"]
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -48,32 +50,38 @@ from normfold.passes._fold_graph import (
     opset_of,
     rank_of,
     read_constant,
+    require_graph,
     tensor_dtype,
 )
 
 _CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
+# The folded weight, the folded bias, and the bias input they replace (None: the op had none).
+_Folded = tuple[np.ndarray, np.ndarray, ir.Value | None]
 _ROUTES = frozenset({"Flatten", "Reshape"})
-
-
-def _static_dims(value: ir.Value) -> tuple[Any, ...] | None:
-    return None if value.shape is None else tuple(value.shape)
 
 
 def _block_size(route: str, route_node: ir.Node | None, x: ir.Value, channels: int) -> int:
     """How many consecutive features of the flattened ``x`` each channel becomes (``P``)."""
     if route == "direct":
         return 1
-    dims = _static_dims(x)
+    dims = None if x.shape is None else tuple(x.shape)
     if dims is None:
-        raise Refusal(f"the shape of the BatchNormalization input '{x.name}' is unknown, so {describe(route_node)}'s feature order is unknown")
+        raise Refusal(
+            f"the shape of the BatchNormalization input '{x.name}' is unknown, so the feature "
+            f"order after {describe(route_node)} is unknown"
+        )
     spatial = dims[2:]
     if not all(isinstance(d, int) for d in spatial):
-        raise Refusal(f"{describe(route_node)} flattens dims {list(map(str, spatial))} that are not static")
+        raise Refusal(
+            f"{describe(route_node)} flattens dims {list(map(str, spatial))} that are not static"
+        )
     block = math.prod(spatial)
     if route == "Flatten":
         axis = attribute(route_node, "axis", 1)
         if axis + (len(dims) if axis < 0 else 0) != 1:
-            raise Refusal(f"{describe(route_node)} flattens from axis {axis}, not from the channel axis 1")
+            raise Refusal(
+                f"{describe(route_node)} flattens from axis {axis}, not from the channel axis 1"
+            )
         return block
     target = route_node.inputs[1]
     if target is None or target.const_value is None:
@@ -89,8 +97,8 @@ def _block_size(route: str, route_node: ir.Node | None, x: ir.Value, channels: i
     )
     if not exact:
         raise Refusal(
-            f"{describe(route_node)} reshapes {list(map(str, dims))} to {shape}, which is not (N, C·{block}) "
-            "with each sample's channels kept in order"
+            f"{describe(route_node)} reshapes {list(map(str, dims))} to {shape}, which is not "
+            f"(N, C·{block}) with each sample's channels kept in order"
         )
     return block
 
@@ -102,10 +110,90 @@ def _padded(conv: ir.Node) -> bool:
     return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(attribute(conv, "pads", ()))
 
 
-class FoldBnIntoConsumer(RecordingRule):
-    """``L(BatchNormalization(x))`` → ``L'(x)`` for L in Conv, Gemm, MatMul (also through Flatten/Reshape)."""
+def _check_readers(normalized: ir.Value) -> None:
+    if normalized.is_graph_output():
+        raise Refusal("the BatchNormalization output is also a graph output")
+    for user, _ in normalized.uses():
+        if user.op_type not in _CONSUMERS | _ROUTES:
+            raise Refusal(
+                f"the BatchNormalization output is also read by {describe(user)}, "
+                "which nothing folds into"
+            )
 
-    def __init__(self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]) -> None:
+
+def _fold_conv(
+    conv: ir.Node, weight: np.ndarray, scale: np.ndarray, shift: np.ndarray, reads: Reads
+) -> _Folded:
+    group = attribute(conv, "group", 1)
+    if weight.ndim < 3 or weight.shape[1] * group != scale.size:
+        raise Refusal(
+            f"{describe(conv)} reads {weight.shape[1] * group} channels, "
+            f"the BatchNormalization has {scale.size}"
+        )
+    if _padded(conv) and np.any(shift != 0):
+        raise Refusal(
+            f"{describe(conv)} zero-pads its input: the padded border would see 0 where the "
+            "original sees the BatchNormalization's shift (folding is exact for an unpadded "
+            "Conv or a zero shift)"
+        )
+    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
+    bias = None if bias_value is None else read_constant(bias_value, "Conv bias", reads)
+    return (*fm.fold_before_conv(weight, bias, scale, shift, group), bias_value)
+
+
+def _fold_gemm(
+    gemm: ir.Node, weight: np.ndarray, scale: np.ndarray, shift: np.ndarray, reads: Reads
+) -> _Folded:
+    if attribute(gemm, "transA", 0):
+        raise Refusal(f"{describe(gemm)} transposes its input (transA=1): the channels become rows")
+    trans_b = bool(attribute(gemm, "transB", 0))
+    if weight.ndim != 2 or weight.shape[1 if trans_b else 0] != scale.size:
+        raise Refusal(
+            f"{describe(gemm)}'s B of shape {list(weight.shape)} "
+            f"does not read {scale.size} features"
+        )
+    c_value = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+    c = None if c_value is None else read_constant(c_value, "Gemm C", reads)
+    new_b, new_c = fm.fold_before_gemm(
+        weight,
+        c,
+        scale,
+        shift,
+        trans_b=trans_b,
+        alpha=float(attribute(gemm, "alpha", 1.0)),
+        beta=float(attribute(gemm, "beta", 1.0)),
+    )
+    return new_b, new_c, c_value
+
+
+def _fold_matmul(
+    matmul: ir.Node,
+    weight: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    input_rank: int | None,
+) -> _Folded:
+    if input_rank != 2:
+        raise Refusal(
+            f"{describe(matmul)} reduces the last axis of a rank-{input_rank} input, "
+            "not the BatchNormalization's axis 1"
+            if input_rank is not None
+            else f"the rank of {describe(matmul)}'s input is unknown"
+        )
+    if weight.ndim != 2 or weight.shape[0] != scale.size:
+        raise Refusal(
+            f"{describe(matmul)}'s weight of shape {list(weight.shape)} "
+            f"does not read {scale.size} features"
+        )
+    return (*fm.fold_before_matmul(weight, scale, shift), None)
+
+
+class FoldBnIntoConsumer(RecordingRule):
+    """``L(BatchNormalization(x))`` → ``L'(x)`` for L in Conv, Gemm, MatMul (or after a Flatten)."""
+
+    def __init__(
+        self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]
+    ) -> None:
         super().__init__(record, options)
         # The BN stays while other consumers read it: it must not count as consumed by the match.
         self.remove_nodes = False
@@ -124,73 +212,39 @@ class FoldBnIntoConsumer(RecordingRule):
         return consumer(features, _allow_other_inputs=True, _outputs=["consumed"])
 
     def check(
-        self, context: Any, x: ir.Value, normalized: ir.Value, features: ir.Value, route: str, consumed: ir.Value, **_: Any
+        self,
+        context: Any,
+        x: ir.Value,
+        normalized: ir.Value,
+        features: ir.Value,
+        route: str,
+        consumed: ir.Value,
+        **_: Any,
     ) -> MatchResult:
         bn, consumer = normalized.producer(), consumed.producer()
         route_node = None if route == "direct" else features.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
         try:
+            require_graph(context)
             scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
-            self._check_readers(normalized)
+            _check_readers(normalized)
             if route_node is not None and consumer.op_type == "Conv":
-                raise Refusal(f"{describe(route_node)} feeds {describe(consumer)}: no per-channel mapping")
+                raise Refusal(f"{describe(route_node)} feeds {describe(consumer)}")
             block = _block_size(route, route_node, x, scale.size)
             scale, shift = fm.repeat_channels(scale, block), fm.repeat_channels(shift, block)
             weight_value = consumer.inputs[1]
             weight = read_constant(weight_value, f"{consumer.op_type} weight", reads)
-            folded = getattr(self, f"_fold_{consumer.op_type.lower()}")(consumer, x, route, weight, scale, shift, reads)
+            if consumer.op_type == "Conv":
+                folded = _fold_conv(consumer, weight, scale, shift, reads)
+            elif consumer.op_type == "Gemm":
+                folded = _fold_gemm(consumer, weight, scale, shift, reads)
+            else:  # a Flatten/Reshape output has rank 2 by the checks above
+                rank = rank_of(x) if route == "direct" else 2
+                folded = _fold_matmul(consumer, weight, scale, shift, rank)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
         self._plan = (bn, consumer, route_node, x, weight_value, folded, reads)
         return MatchResult()
-
-    @staticmethod
-    def _check_readers(normalized: ir.Value) -> None:
-        if normalized.is_graph_output():
-            raise Refusal("the BatchNormalization output is also a graph output")
-        for user, _ in normalized.uses():
-            if user.op_type not in _CONSUMERS | _ROUTES:
-                raise Refusal(f"the BatchNormalization output is also read by {describe(user)}, which nothing folds into")
-
-    def _fold_conv(self, conv, x, route, weight, scale, shift, reads) -> tuple[np.ndarray, np.ndarray, ir.Value | None]:
-        group = attribute(conv, "group", 1)
-        if weight.ndim < 3 or weight.shape[1] * group != scale.size:
-            raise Refusal(f"{describe(conv)} reads {weight.shape[1] * group} channels, the BatchNormalization has {scale.size}")
-        if _padded(conv) and np.any(shift != 0):
-            raise Refusal(
-                f"{describe(conv)} zero-pads its input: the padded border would see 0 where the "
-                "original sees the BatchNormalization's shift (folding is exact for an unpadded "
-                "Conv or a zero shift)"
-            )
-        bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
-        bias = None if bias_value is None else read_constant(bias_value, "Conv bias", reads)
-        return (*fm.fold_before_conv(weight, bias, scale, shift, group), bias_value)
-
-    def _fold_gemm(self, gemm, x, route, weight, scale, shift, reads) -> tuple[np.ndarray, np.ndarray, ir.Value | None]:
-        if attribute(gemm, "transA", 0):
-            raise Refusal(f"{describe(gemm)} transposes its input (transA=1): the channels become rows")
-        trans_b = bool(attribute(gemm, "transB", 0))
-        if weight.ndim != 2 or weight.shape[1 if trans_b else 0] != scale.size:
-            raise Refusal(f"{describe(gemm)}'s B of shape {list(weight.shape)} does not read {scale.size} features")
-        c_value = gemm.inputs[2] if len(gemm.inputs) > 2 else None
-        c = None if c_value is None else read_constant(c_value, "Gemm C", reads)
-        new_b, new_c = fm.fold_before_gemm(
-            weight, c, scale, shift, trans_b=trans_b,
-            alpha=float(attribute(gemm, "alpha", 1.0)), beta=float(attribute(gemm, "beta", 1.0)),
-        )
-        return new_b, new_c, c_value
-
-    def _fold_matmul(self, matmul, x, route, weight, scale, shift, reads) -> tuple[np.ndarray, np.ndarray, ir.Value | None]:
-        if route == "direct" and rank_of(x) != 2:
-            rank = rank_of(x)
-            raise Refusal(
-                f"{describe(matmul)} reduces the last axis of a rank-{rank} input, not the BatchNormalization's axis 1"
-                if rank is not None
-                else f"the rank of {describe(matmul)}'s input is unknown"
-            )
-        if weight.ndim != 2 or weight.shape[0] != scale.size:
-            raise Refusal(f"{describe(matmul)}'s weight of shape {list(weight.shape)} does not read {scale.size} features")
-        return (*fm.fold_before_matmul(weight, scale, shift), None)
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
         bn, consumer, route_node, x, weight_value, (weight, bias, bias_value), reads = self._plan
@@ -199,7 +253,11 @@ class FoldBnIntoConsumer(RecordingRule):
         features = x
         if route_node is not None:
             features = op.op(
-                route_node.op_type, x, *route_node.inputs[1:], _name=route_node.name, **dict(route_node.attributes)
+                route_node.op_type,
+                x,
+                *route_node.inputs[1:],
+                _name=route_node.name,
+                **dict(route_node.attributes),
             )
         weight_dtype = tensor_dtype(weight_value)
         base = weight_value.name or consumer.name
@@ -214,7 +272,9 @@ class FoldBnIntoConsumer(RecordingRule):
         attributes = dict(consumer.attributes)
         if consumer.op_type == "MatMul":
             product = op.MatMul(features, new_weight, _name=consumer.name)
-            return product if new_bias is None else op.Add(product, new_bias, _name=f"{consumer.name}/bias")
+            if new_bias is None:
+                return product
+            return op.Add(product, new_bias, _name=f"{consumer.name}/bias")
         if consumer.op_type == "Gemm":
             attributes.pop("beta", None)
         inputs = [features, new_weight] + ([] if new_bias is None else [new_bias])

@@ -23,20 +23,35 @@ from __future__ import annotations
 
 __all__ = ["FoldBnIntoProducer"]
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes._base import PassOptions, PassRecord, RecordingRule
-from normfold.passes._fold_graph import Reads, Refusal, batchnorm_affine, freeze, opset_of
-from normfold.passes._producer_site import emit_producer, fold_into_producer, producer_pattern, read_producer
+from normfold.passes._fold_graph import (
+    Reads,
+    Refusal,
+    batchnorm_affine,
+    freeze,
+    opset_of,
+    require_graph,
+)
+from normfold.passes._producer_site import (
+    emit_producer,
+    fold_into_producer,
+    producer_pattern,
+    read_producer,
+)
 
 
 class FoldBnIntoProducer(RecordingRule):
-    """``BatchNormalization(L(x))`` → ``L'(x)`` for L in Conv, ConvTranspose, Gemm, MatMul [+ Add]."""
+    """``BatchNormalization(L(x))`` → ``L'(x)`` for L in Conv, ConvTranspose, Gemm, MatMul."""
 
-    def __init__(self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]) -> None:
+    def __init__(
+        self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]
+    ) -> None:
         # The matcher's own "intermediate value has other readers" test would refuse silently;
         # check() tests it and says which reader it is.
         super().__init__(record, options)
@@ -49,10 +64,13 @@ class FoldBnIntoProducer(RecordingRule):
             producer_pattern(op, x), _allow_other_inputs=True, _outputs=["normalized"]
         )
 
-    def check(self, context: Any, normalized: ir.Value, produced: ir.Value, producer: str, **_: Any) -> MatchResult:
+    def check(
+        self, context: Any, normalized: ir.Value, produced: ir.Value, producer: str, **_: Any
+    ) -> MatchResult:
         bn = normalized.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
         try:
+            require_graph(context)
             scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
             site = read_producer(producer, produced, bn, reads)
             if site.channel_axis != 1:
@@ -63,7 +81,10 @@ class FoldBnIntoProducer(RecordingRule):
                     else f"the rank of {site.label}'s output is unknown"
                 )
             if site.channels != scale.size:
-                raise Refusal(f"the BatchNormalization has {scale.size} channels, {site.label} produces {site.channels}")
+                raise Refusal(
+                    f"the BatchNormalization has {scale.size} channels, "
+                    f"{site.label} produces {site.channels}"
+                )
             weight, bias = fold_into_producer(site, scale, shift)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
