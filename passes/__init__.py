@@ -19,6 +19,7 @@ __all__ = [
 from normfold.errors import InputError
 from normfold.passes._base import NormfoldPass, PassOptions, PassRecord
 from normfold.passes.cleanup import CleanupPass
+from normfold.passes.collapse import CollapsePass
 from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
 from normfold.passes.fuse_norm import FuseNormPass
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[NormfoldPass]] = {
         FoldBatchNormPass,
         FoldAffinePass,
         FuseNormPass,
+        CollapsePass,
     )
 }
 

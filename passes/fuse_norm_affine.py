@@ -1,0 +1,195 @@
+"""What follows a fused normalization and belongs in it: a cast back, the scale, the bias.
+
+These rules act only on normalizations this pass has just fused (the producer carries a
+:class:`~normfold.passes._norm_spec.FusedNorm`), and only when that result has no other
+reader. Each re-emits the fused op with a changed spec; the old one is left for dead-code
+removal. When one does not apply, the normalization stays fused as it is: a constant that
+cannot be taken in is recorded as refused, with the reason (a per-row scale is no LayerNorm
+scale); a run-time operand is not (DiT's LayerNorm without affine keeps its modulation
+``* (1 + scale) + shift``, which varies per sample).
+
+1. **Cast**: ``Cast(norm(x), to=T)`` where T is already norm's dtype is dropped (exporters cast
+   float32 to float32). ``Cast(norm(Cast(x0, to=float)), to=T)`` with x0 of dtype T (float16 or
+   bfloat16) becomes ``norm(x0)`` with ``stash_type=1``: the op computes in float32 and casts its
+   result to T once, as the source graph did. Its scale and bias are cast to T, so they must be
+   exactly representable in T (ones always are).
+2. **Scale**: ``norm(x) * w`` (either order) multiplies the scale by ``w`` (float64, then one
+   cast) and the bias too, when ``w`` is a constant that varies only along the axes the fused
+   op's scale covers (the normalized axes; the channels for GroupNormalization) and does not
+   enlarge the result; a run-time ``w`` of exactly the scale's shape becomes the scale input
+   of a normalization that has none yet.
+3. **Bias**: ``norm(x) + b`` (either order) adds ``b`` to the bias, under the same conditions;
+   RMSNormalization has no bias input, so a bias after it stays an Add.
+"""
+
+from __future__ import annotations
+
+__all__ = ["affine_rules"]
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchResult
+
+from normfold.passes import _norm_checks as checks
+from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes._norm_rule import FusionState, NormRule
+from normfold.passes._norm_spec import FusedNorm, emit, fused_of
+
+
+class _AbsorbRule(NormRule):
+    """A failed absorption leaves a correct fusion in place. Only a constant scale or bias that
+    cannot be taken in is recorded (a user may expect it to be); run-time operands (DiT's
+    modulation) and a Cast that is no upcast round trip are not sites at all."""
+
+    def fused_input(self, n: ir.Value, context) -> FusedNorm | str:
+        spec = fused_of(n)
+        if spec is None:
+            return checks.MISMATCH + "not a normalization fused by this pass"
+        if n.is_graph_output() or any(c not in context.nodes for c in n.consumers()):
+            return checks.MISMATCH + "the normalized value has other readers"
+        return spec
+
+    def rewrite(self, op, **_):
+        return emit(op, self.spec, self.state.namer)
+
+
+def _exact_in(values: np.ndarray | ir.Value | None, dtype: ir.DataType) -> bool:
+    if values is None:
+        return True
+    if isinstance(values, ir.Value):
+        return values.dtype == dtype
+    cast = np.asarray(values).astype(dtype.numpy()).astype(np.float64)
+    return bool(np.array_equal(cast, values))
+
+
+class AbsorbCast(_AbsorbRule):
+    """``Cast(norm(x))``: a no-op cast dropped, or the float32 upcast of half input folded in."""
+
+    def pattern(self, op, n):
+        return op.Cast(n, _allow_other_attributes=True, _outputs=["cast"])
+
+    def check(self, context, n, cast, **_) -> MatchResult:
+        spec = self.fused_input(n, context)
+        if isinstance(spec, str):
+            return MatchResult().fail(spec)
+        target = ir.DataType(cast.producer().attributes.get_int("to"))
+        if target == n.dtype:
+            return self.accept(context, spec, kept=[cast])
+        upcast = spec.x.producer()
+        if (
+            upcast is None
+            or upcast.op_type != "Cast"
+            or spec.x.dtype != ir.DataType.FLOAT
+            or upcast.inputs[0] is None
+            or upcast.inputs[0].dtype != target
+            or target not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+        ):
+            return self.mismatch("the cast does not undo a float32 upcast of the input")
+        if not (_exact_in(spec.scale, target) and _exact_in(spec.bias, target)):
+            return MatchResult().fail(
+                f"the cast back to {target.name} stays apart: the scale or bias is not exactly "
+                f"representable in {target.name}"
+            )
+        merged = dataclasses.replace(spec, x=upcast.inputs[0], stash_type=1)
+        return self.accept(context, merged, kept=[cast])
+
+
+class AbsorbScale(_AbsorbRule):
+    """``norm(x) * w`` (``order`` "nw") or ``w * norm(x)`` ("wn")."""
+
+    def __init__(self, record: PassRecord, options: PassOptions, state: FusionState, order: str) -> None:
+        super().__init__(record, options, state)
+        self.order = order
+        self.name = f"AbsorbScale[{order}]"
+
+    def pattern(self, op, n, w):
+        # dynamo writes CastLike(w, n) for a parameter: a cast to n's dtype.
+        operand = pattern.OrValue([op.CastLike(w, n), w])
+        return op.Mul(n, operand) if self.order == "nw" else op.Mul(operand, n)
+
+    def check(self, context, n, w, **_) -> MatchResult:
+        spec = self.fused_input(n, context)
+        if isinstance(spec, str):
+            return MatchResult().fail(spec)
+        array = checks.constant(w)
+        if array is None:
+            if spec.scale is None and spec.bias is None and _runtime_fits(w, spec):
+                return self.accept(context, dataclasses.replace(spec, scale=w), kept=context.root.outputs)
+            return self.mismatch("the multiplier is computed at run time")
+        laid_out = checks.affine_operand(_as(array, n), checks.dims(n) or [], spec.affine_axes)
+        if isinstance(laid_out, str):
+            return MatchResult().fail(
+                f"the constant multiplier after the {spec.op_type} stays apart: {laid_out}"
+            )
+        if isinstance(spec.scale, ir.Value) or isinstance(spec.bias, ir.Value):
+            return MatchResult().fail("the scale or bias is computed at run time")
+        factor = laid_out.astype(np.float64)
+        scale = factor if spec.scale is None else spec.scale * factor
+        bias = None if spec.bias is None else spec.bias * factor
+        return self.accept(context, dataclasses.replace(spec, scale=scale, bias=bias), kept=context.root.outputs)
+
+
+class AbsorbBias(_AbsorbRule):
+    """``norm(x) + b`` (``order`` "nb") or ``b + norm(x)`` ("bn")."""
+
+    def __init__(self, record: PassRecord, options: PassOptions, state: FusionState, order: str) -> None:
+        super().__init__(record, options, state)
+        self.order = order
+        self.name = f"AbsorbBias[{order}]"
+
+    def pattern(self, op, n, b):
+        operand = pattern.OrValue([op.CastLike(b, n), b])
+        return op.Add(n, operand) if self.order == "nb" else op.Add(operand, n)
+
+    def check(self, context, n, b, **_) -> MatchResult:
+        spec = self.fused_input(n, context)
+        if isinstance(spec, str):
+            return MatchResult().fail(spec)
+        array = checks.constant(b)
+        if spec.op_type == "RMSNormalization":
+            if array is None:
+                return self.mismatch("RMSNormalization has no bias input")
+            return MatchResult().fail(
+                "the constant added after the RMSNormalization stays apart: it has no bias input"
+            )
+        if array is None:
+            if spec.bias is None and _runtime_fits(b, spec):
+                return self.accept(context, dataclasses.replace(spec, bias=b), kept=context.root.outputs)
+            return self.mismatch("the bias is computed at run time")
+        laid_out = checks.affine_operand(_as(array, n), checks.dims(n) or [], spec.affine_axes)
+        if isinstance(laid_out, str):
+            return MatchResult().fail(f"the constant added after the {spec.op_type} stays apart: {laid_out}")
+        if isinstance(spec.bias, ir.Value):
+            return MatchResult().fail("the bias is computed at run time")
+        added = laid_out.astype(np.float64)
+        bias = added if spec.bias is None else spec.bias + added
+        return self.accept(context, dataclasses.replace(spec, bias=bias), kept=context.root.outputs)
+
+
+def _as(array: np.ndarray, like: ir.Value) -> np.ndarray:
+    """``array`` as the graph uses it: in the normalized value's dtype (a CastLike's result)."""
+    assert like.dtype is not None
+    return array.astype(like.dtype.numpy()).astype(np.float64)
+
+
+def _runtime_fits(value: ir.Value, spec: FusedNorm) -> bool:
+    """A run-time scale/bias can be the op's input only with exactly the scale's shape and dtype."""
+    return (
+        spec.trailing
+        and spec.op_type in ("LayerNormalization", "RMSNormalization")
+        and value.dtype == spec.x.dtype
+        and checks.dims(value) == list(spec.affine_shape)
+    )
+
+
+def affine_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
+    return [
+        AbsorbCast(record, options, state),
+        AbsorbScale(record, options, state, "nw"),
+        AbsorbScale(record, options, state, "wn"),
+        AbsorbBias(record, options, state, "nb"),
+        AbsorbBias(record, options, state, "bn"),
+    ]

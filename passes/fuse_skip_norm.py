@@ -1,0 +1,134 @@
+"""Residual Add + LayerNorm/RMSNorm becomes onnxruntime's Skip op (target ``onnxruntime`` only).
+
+Off by default, because it is slower. Measured with onnxruntime 1.32's CPU provider (graph
+optimizations off, 1 and 2 threads alike), com.microsoft SkipLayerNormalization takes 591 us
+where Add + LayerNormalization-17 take 78 us (1x128x768, float32; 7x slower, float16 alike,
+with or without beta/bias, any eps), 1598 vs 262 us at 1x128x2048; SkipSimplifiedLayerNormalization
+takes 99 us where Add + RMSNormalization-23 take 54 us (257 vs 202 us at 1x128x2048).
+onnxruntime's own ``ORT_ENABLE_ALL`` makes the same fusion and the same slowdown. So by default
+every site that would qualify is refused with that reason; ``FuseNormPass(skip_ops=True)``
+emits the ops.
+
+Rule. For ``y = LayerNormalization(a + b, gamma, beta)`` (``RMSNormalization(a + b, gamma)``)
+over the last axis — fused by this pass or already in the graph — emit com.microsoft
+``SkipLayerNormalization(a, b, gamma, beta, epsilon)`` (``SkipSimplifiedLayerNormalization(a,
+b, gamma, epsilon)``). When the sum ``a + b`` is also read elsewhere or is a graph output (the
+residual stream of a pre-norm transformer), those readers get the op's fourth output,
+``input_skip_bias_sum``, which is exactly ``a + b``.
+
+Preconditions, from onnxruntime's kernel (checked; each refused with its reason): the input is
+2-D (tokens, hidden) or 3-D (batch, seq, hidden) float or float16; ``a`` and ``b`` have the
+same shape, dim by dim (symbolic dims by name); gamma (and beta) have shape (hidden,) with a
+static hidden size; the normalization is over the last axis only, with ``stash_type=1``; its
+mean/inv-std outputs are unused.
+"""
+
+from __future__ import annotations
+
+__all__ = ["skip_rules"]
+
+import dataclasses
+
+import onnx_ir as ir
+from onnxscript.rewriter._basics import MatchResult
+
+from normfold.passes import _norm_checks as checks
+from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes._norm_rule import FusionState, NormRule
+from normfold.passes._norm_spec import META_KEY, FusedNorm, fused_of
+
+_SKIP_OP = {"LayerNormalization": "SkipLayerNormalization", "RMSNormalization": "SkipSimplifiedLayerNormalization"}
+_SKIP_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+_SLOWER = {
+    "LayerNormalization": "measured 7x slower on onnxruntime 1.32's CPU provider (591 vs 78 us at 1x128x768)",
+    "RMSNormalization": "measured 1.8x slower on onnxruntime 1.32's CPU provider (99 vs 54 us at 1x128x768)",
+}
+
+
+class SkipNormFusion(NormRule):
+    """``norm(Add(a, b))`` -> Skip op; ``keep_sum`` variants also hand the sum to its readers."""
+
+    def __init__(
+        self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool, enabled: bool
+    ) -> None:
+        super().__init__(record, options, state)
+        self.norm = norm
+        self.keep_sum = keep_sum
+        self.enabled = enabled
+        self.name = f"SkipNormFusion[{norm}{', sum read' if keep_sum else ''}]"
+
+    def pattern(self, op, a, b):
+        total = op.Add(a, b, _outputs=["total"])
+        normalized = getattr(op, self.norm)(
+            total, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["normalized"]
+        )
+        return (normalized, total) if self.keep_sum else normalized
+
+    def check(self, context, a, b, total, normalized, **_) -> MatchResult:
+        fail = MatchResult().fail
+        node = normalized.producer()
+        read_elsewhere = total.is_graph_output() or len(total.consumers()) > 1
+        if read_elsewhere != self.keep_sum:
+            return self.mismatch("the other variant of this rule handles this site")
+        if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            return fail(f"{node.op_type}'s mean/inv-std outputs are read")
+        if node.attributes.get_int("stash_type", 1) != 1:
+            return fail("stash_type is not float32")
+        if total.dtype not in _SKIP_TYPES:
+            return fail(f"onnxruntime's Skip ops take float or float16, not {total.dtype}")
+        shape_a, shape_b = checks.dims(a), checks.dims(b)
+        if shape_a is None or shape_b is None or len(shape_a) not in (2, 3):
+            return fail(f"the residual input has shape {shape_a}; the Skip ops take 2-D or 3-D inputs")
+        if len(shape_a) != len(shape_b) or not all(checks.same_dim(p, q) for p, q in zip(shape_a, shape_b)):
+            return fail(f"the residual operands have shapes {shape_a} and {shape_b}, not provably the same")
+        hidden = shape_a[-1]
+        axis = node.attributes.get_int("axis", -1)
+        if not isinstance(hidden, int) or axis not in (-1, len(shape_a) - 1):
+            return fail(f"normalizes from axis {axis} of {shape_a}; the Skip ops normalize the last, static axis")
+        params = [v for v in node.inputs[1:] if v is not None]
+        for value in params:
+            if checks.dims(value) != [hidden]:
+                return fail(f"scale/bias {value.name!r} has shape {checks.dims(value)}, not ({hidden},)")
+        spec = fused_of(normalized) or FusedNorm(
+            op_type=self.norm, x=total, axes=(len(shape_a) - 1,), affine_axes=(len(shape_a) - 1,),
+            affine_shape=(hidden,), epsilon=node.attributes.get_float("epsilon", 1e-5),
+            site=node.name or node.op_type, spelling=f"{self.norm} already in the graph",
+        )
+        self._params = params
+        kept = [normalized, total] if self.keep_sum else [normalized]
+        result = self.accept(context, spec, kept=kept)
+        if result and not self.enabled:
+            return fail(f"residual Add + {self.norm} left apart: {_SKIP_OP[self.norm]} {_SLOWER[self.norm]}")
+        return result
+
+    def rewrite(self, op, a, b, normalized, **_):
+        node = normalized.producer()
+        spec = self.spec
+        skip_op = _SKIP_OP[self.norm]
+        outputs = op.op(
+            skip_op,
+            a,
+            b,
+            *self._params,
+            epsilon=node.attributes.get_float("epsilon", 1e-5),
+            _domain="com.microsoft",
+            _outputs=4 if self.keep_sum else 1,
+        )
+        y = outputs[0] if self.keep_sum else outputs
+        y.type, y.shape = normalized.type, normalized.shape
+        y.producer().meta[META_KEY] = dataclasses.replace(
+            spec, op_type=skip_op, spelling=f"residual Add + {spec.spelling}" if spec.spelling else "residual Add"
+        )
+        if not self.keep_sum:
+            return y
+        outputs[3].type, outputs[3].shape = normalized.type, normalized.shape
+        return y, outputs[3]
+
+
+def skip_rules(record: PassRecord, options: PassOptions, state: FusionState, enabled: bool) -> list[NormRule]:
+    """The Skip rules; with ``enabled`` False they only refuse the sites (measured slower)."""
+    return [
+        SkipNormFusion(record, options, state, norm, keep_sum, enabled)
+        for norm in ("LayerNormalization", "RMSNormalization")
+        for keep_sum in (False, True)
+    ]

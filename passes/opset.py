@@ -1,0 +1,102 @@
+"""Raise a model's default-domain opset, exactly, so that a fused op can be emitted.
+
+Rule. ``raise_opset(model, version)`` converts every node of the default domain to
+``version`` in place:
+
+- from opset 18 on, with onnxscript's version converter (works on the onnx_ir model itself, so
+  weights are never copied or serialized): 18 -> 23 changes only the ops it has adapters for
+  (GroupNormalization 20 -> 21 scale/bias per channel, DFT, GridSample); every other op keeps
+  its meaning and only its version number moves;
+- below 18, with onnx's C++ converter (``onnx.version_converter``), which rewrites what
+  changed up to 18 (ReduceMean/ReduceSum axes from attribute to input, Split, Squeeze/
+  Unsqueeze axes inputs at 13, ...). It works on a protobuf, so initializers over 1 KB are
+  lifted out of the model for the call and put back after it (models over 2 GB convert).
+
+Both were checked on every zoo model exported with TorchScript at opsets 13, 14 and 17 and with
+dynamo at 18, raised to 17, 21 and 23: onnxruntime (optimizations off) gives bit-identical
+outputs before and after, and the results pass ``onnx.checker`` with full shape inference.
+
+Any adapter failure — onnxscript logs and skips a node it cannot convert, onnx's converter
+raises — and any ``onnx.checker`` failure of the result raises :class:`NormfoldError`; the
+model is left converted only when all of it converted. A version at or below the model's
+current one is a no-op; lowering is never done.
+"""
+
+from __future__ import annotations
+
+__all__ = ["model_opset", "raise_opset"]
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+from onnxscript import version_converter
+from onnxscript.version_converter import _c_api_utils
+
+from normfold.errors import NormfoldError, first_line
+
+_CONVERTER_LOGGER = "onnxscript.version_converter"
+
+
+def model_opset(model: ir.Model) -> int:
+    """The model's default-domain opset (``ai.onnx`` counts as the default domain)."""
+    imports = model.opset_imports
+    return int(imports.get("", imports.get("ai.onnx", 1)))
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        # The converter also logs, as a warning, that it hands opsets below 18 to onnx's.
+        if "Skipping" in message or "Failed" in message:
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def _converter_warnings() -> Iterator[_Collect]:
+    """Collect what onnxscript's converter logs: it reports skipped nodes only there."""
+    logger = logging.getLogger(_CONVERTER_LOGGER)
+    handler = _Collect()
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def raise_opset(model: ir.Model, version: int) -> bool:
+    """Convert ``model`` in place to default-domain opset ``version``; return whether it changed.
+
+    The conversion runs on a clone (which shares the weights), so a failure leaves ``model``
+    as it was.
+    """
+    current = model_opset(model)
+    if version <= current:
+        return False
+    converted = model.clone()
+    problem = f"cannot convert opset {current} to {version}"
+    with _converter_warnings() as log:
+        try:
+            version_converter.convert_version(converted, target_version=version, fallback=True)
+        except Exception as error:  # converters raise many untyped errors
+            raise NormfoldError(f"{problem}: {first_line(error)}") from None
+    if log.messages:
+        raise NormfoldError(f"{problem}: {log.messages[0]}")
+    if model_opset(converted) != version:
+        raise NormfoldError(f"{problem}: the converter left opset {model_opset(converted)}")
+    try:
+        _c_api_utils.call_onnx_api(lambda proto: onnx.checker.check_model(proto, full_check=True), converted)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
+        raise NormfoldError(f"{problem}: the result fails onnx.checker: {first_line(error)}") from None
+    model.graph = converted.graph
+    model.functions.clear()
+    model.functions.update(converted.functions)
+    return True
