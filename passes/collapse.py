@@ -1,0 +1,360 @@
+"""collapse: TLC layer collapse on an ONNX graph — data-free, approximate, always measured.
+
+Rule (the torch side, :mod:`normfold.torch.collapse`, adds fine-tuning; this pass cannot):
+
+1. A *site* is a ``Relu``, ``LeakyRelu``, ``PRelu`` or ``Clip(0, U)`` (ReLU6) node. Its channel
+   statistics come from the ``BatchNormalization`` that alone feeds it (BN mode: ``N(β, γ²)``,
+   run this pass *before* BN folding), or, when a calibration set is given, from the site's
+   input over that set (empirical mode; always for a site after a residual Add, decision (a)).
+   Without either, the site is refused.
+2. Each site gets its per-channel plan (:func:`normfold.collapse.scores.channel_plan`) and its
+   score, the mean channel score; sites are tried in ascending score order.
+3. A site is a candidate only if linearizing it alone lets a merge happen (``Conv∘Conv``,
+   residual shortcut into a Conv, ``Gemm∘Gemm``; see ``_collapse_merge``); otherwise it is
+   refused with the merge's reason (a MaxPool between, a reader that is not a layer, MACs that
+   would grow beyond ``max_flops_growth``).
+4. ``remove=N`` linearizes the first N candidates. ``max_deviation=X`` (the default, 0.01)
+   keeps each candidate in turn when the output deviation with it and those kept before stays
+   within X, and refuses it with the measured deviation otherwise.
+   Deviation: over the calibration inputs (or three random draws shaped from the model), the
+   largest ``|y − y_ref|`` of any output divided by that output's largest ``|y_ref|``.
+5. A linearized site becomes ``a·y + c`` per channel: folded into the BatchNorm's scale and
+   shift in BN mode (``γ' = a·γ``, ``β' = a·β + c``), a ``Mul``/``Add`` pair otherwise. Then
+   ``fold-bn`` and ``fold-affine`` (exact) fold those into the neighbouring layers and the merge
+   rules run until nothing changes.
+
+The pass never claims exactness (``exact = False``: it is not in the default pass list). Its
+record holds one site per linearized activation (with mode, score and channels) and per merge,
+and a note with the measured deviation; :attr:`CollapsePass.deviation` keeps the numbers.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CollapsePass", "DEFAULT_MAX_DEVIATION"]
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.passes._collapse_merge import (
+    ClassifierIntoConv,
+    ConvShortcut,
+    MergeConvConv,
+    MergeGemmGemm,
+)
+from normfold.passes._fold_graph import (
+    FreshNames,
+    Reads,
+    Refusal,
+    attribute,
+    rank_of,
+    read_constant,
+)
+from normfold.passes.fold_affine import FoldAffinePass
+from normfold.passes.fold_bn import FoldBatchNormPass
+
+from normfold import runtime
+from normfold.collapse.scores import ChannelPlan, channel_plan, layer_score
+from normfold.errors import InputError
+from normfold.inputs import generate_inputs
+
+DEFAULT_MAX_DEVIATION = 0.01
+_SITES = ("Relu", "LeakyRelu", "PRelu", "Clip")
+_LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+@dataclasses.dataclass
+class _Site:
+    node: str
+    op: str
+    mode: str  # bn | empirical
+    plan: ChannelPlan
+    axis: int
+    rank: int
+
+    @property
+    def score(self) -> float:
+        return layer_score(self.plan)
+
+
+class CollapsePass(NormfoldPass):
+    """Linearize the activations closest to linear and merge the layers around them (approximate)."""
+
+    name = "collapse"
+    summary = "TLC layer collapse: linearize near-linear activations, merge the layers around them (approximate)"
+    exact = False
+
+    def __init__(
+        self,
+        options: PassOptions | None = None,
+        *,
+        remove: int | None = None,
+        max_deviation: float | None = None,
+        calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+        max_flops_growth: float = 1.0,
+        samples: int = 3,
+    ) -> None:
+        super().__init__(options)
+        if remove is not None and max_deviation is not None:
+            raise InputError("collapse: give either remove or max_deviation, not both")
+        if remove is not None and remove < 0:
+            raise InputError(f"collapse: remove must be >= 0, not {remove}")
+        self.remove = remove
+        self.max_deviation = DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None else max_deviation
+        self.calibration = list(calibration) if calibration is not None else None
+        self.max_flops_growth = max_flops_growth
+        self.samples = samples
+        self.deviation: dict[str, Any] | None = None
+
+    def apply(self, model: ir.Model) -> bool:
+        common.NameFixPass()(model)
+        _infer_shapes(model)
+        reference = model.clone()
+        feeds = self.calibration or [generate_inputs(reference, seed=k) for k in range(self.samples)]
+        expected = [runtime.run(reference, f) for f in feeds]
+        sites = self._sites(reference, feeds)
+        candidates = []
+        for site in sorted(sites, key=lambda s: s.score):
+            trial = reference.clone()
+            record = PassRecord(self.name)
+            if self._collapse(trial, [site], record):
+                candidates.append(site)
+            else:
+                reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
+                self.record.refuse(site.node, reason)
+        chosen, deviation = self._choose(reference, candidates, feeds, expected)
+        if not chosen:
+            self.record.notes.append("collapse: no activation removed")
+            self.deviation = {"max_rel_deviation": 0.0, "max_abs_deviation": 0.0}
+            return False
+        self._collapse(model, chosen, self.record)
+        for site in chosen:
+            self.record.site(site.node, op=site.op, how="linearized", mode=site.mode, score=site.score,
+                             **{k: v for k, v in site.plan.to_dict().items() if k != "score"})
+        self.deviation = deviation
+        self.record.notes.append(
+            f"approximate: {len(chosen)} activation(s) linearized; measured output deviation "
+            f"{deviation['max_rel_deviation']:.3g} relative, {deviation['max_abs_deviation']:.3g} absolute "
+            f"over {len(feeds)} input sample(s)"
+        )
+        return True
+
+    # -- sites ------------------------------------------------------------------------------
+    def _sites(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[_Site]:
+        found, empirical = [], []
+        for node in model.graph:
+            if node.op_type not in _SITES or node.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                kind, slope, upper = _activation(node)
+                rank = rank_of(node.inputs[0])
+                if rank is None:
+                    raise Refusal("the rank of its input is unknown")
+                if node.outputs[0].is_graph_output():
+                    raise Refusal("it is a model output: there is no layer after it to merge")
+                bn = _batchnorm_before(node)
+                if bn is not None:
+                    reads = Reads(self.options.freeze_initializer_inputs)
+                    gamma = read_constant(bn.inputs[1], "BatchNormalization scale", reads)
+                    beta = read_constant(bn.inputs[2], "BatchNormalization bias", reads)
+                    plan = channel_plan(kind, beta, gamma, negative_slope=slope, upper=upper)
+                    found.append(_Site(node.name, node.op_type, "bn", plan, 1, rank))
+                elif self.calibration is None:
+                    raise Refusal(
+                        "no BatchNormalization feeds it directly and no calibration data was given "
+                        "(an activation after a residual Add is scored from data)"
+                    )
+                else:
+                    empirical.append((node, kind, slope, upper, rank))
+            except Refusal as refusal:
+                self.record.refuse(node.name, refusal.reason)
+        if empirical:
+            found.extend(self._empirical(model, empirical, feeds))
+        return found
+
+    def _empirical(self, model: ir.Model, nodes: list[tuple], feeds: list[dict[str, np.ndarray]]) -> list[_Site]:
+        probe = model.clone()
+        by_name = {n.name: n for n in probe.graph}
+        watched = []
+        for node, *_ in nodes:
+            twin = by_name[node.name]
+            for value in (twin.inputs[0], twin.outputs[0]):
+                if value.dtype is None:
+                    value.dtype = ir.DataType.FLOAT
+                if value not in probe.graph.outputs:
+                    probe.graph.outputs.append(value)
+            watched.append((twin.inputs[0].name, twin.outputs[0].name))
+        session = runtime.session(probe)
+        runs = [runtime.run(session, f) for f in feeds]
+        sites = []
+        for (node, kind, slope, upper, rank), (source, target) in zip(nodes, watched):
+            axis = _channel_axis(node, rank)
+            x = np.concatenate([np.moveaxis(r[source], axis, -1).reshape(-1, r[source].shape[axis]) for r in runs])
+            y = np.concatenate([np.moveaxis(r[target], axis, -1).reshape(-1, r[target].shape[axis]) for r in runs])
+            x, y = x.astype(np.float64), y.astype(np.float64)
+            plan = channel_plan(kind, x.mean(0), x.std(0), negative_slope=slope, upper=upper, output_mean=y.mean(0))
+            sites.append(_Site(node.name, node.op_type, "empirical", plan, axis, rank))
+        return sites
+
+    # -- selection --------------------------------------------------------------------------
+    def _choose(
+        self, reference: ir.Model, candidates: list[_Site], feeds: list[dict], expected: list[dict]
+    ) -> tuple[list[_Site], dict[str, Any]]:
+        if self.remove is not None:
+            chosen = candidates[: self.remove]
+            if len(chosen) < self.remove:
+                self.record.notes.append(f"collapse: asked to remove {self.remove}, only {len(chosen)} can merge")
+            trial = reference.clone()
+            self._collapse(trial, chosen, PassRecord(self.name))
+            return chosen, _deviation(trial, feeds, expected)
+        chosen, deviation = [], {"max_rel_deviation": 0.0, "max_abs_deviation": 0.0}
+        for site in candidates:
+            trial = reference.clone()
+            self._collapse(trial, chosen + [site], PassRecord(self.name))
+            measured = _deviation(trial, feeds, expected)
+            if measured["max_rel_deviation"] > self.max_deviation:
+                self.record.refuse(
+                    site.node,
+                    f"with it the output deviation would be {measured['max_rel_deviation']:.3g} "
+                    f"> max_deviation {self.max_deviation:g}",
+                )
+                continue
+            chosen, deviation = chosen + [site], measured
+        return chosen, deviation
+
+    # -- rewriting --------------------------------------------------------------------------
+    def _collapse(self, model: ir.Model, sites: list[_Site], record: PassRecord) -> int:
+        """Linearize ``sites`` in ``model``, fold, merge; returns the number of merges."""
+        nodes = {n.name: n for n in model.graph}
+        fresh = FreshNames(model)
+        for site in sites:
+            _linearize(model, nodes[site.node], site, fresh)
+        merges = 0
+        while True:
+            # A merge can put a Mul/Add right after a Conv (a folded shortcut): fold again.
+            FoldBatchNormPass(self.options)(model)
+            FoldAffinePass(self.options)(model)
+            rules = [
+                MergeConvConv(record, self.options, fresh, self.max_flops_growth),
+                ConvShortcut(record, self.options, fresh, self.max_flops_growth, form="conv-first"),
+                ConvShortcut(record, self.options, fresh, self.max_flops_growth, form="conv-second"),
+                ConvShortcut(record, self.options, fresh, self.max_flops_growth, form="projection"),
+                MergeGemmGemm(record, self.options, fresh, self.max_flops_growth),
+                ClassifierIntoConv(record, self.options, fresh, self.max_flops_growth),
+            ]
+            count = apply_rules(model, rules)
+            if not count:
+                break
+            merges += count
+        common.RemoveUnusedNodesPass()(model)
+        return merges
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    interface = [(v, v.shape) for v in (*model.graph.inputs, *model.graph.outputs)]
+    common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
+    for value, shape in interface:
+        value.shape = shape
+
+
+def _activation(node: ir.Node) -> tuple[str, Any, float]:
+    if node.op_type == "Relu":
+        return "relu", 0.0, 6.0
+    if node.op_type == "LeakyRelu":
+        return "leaky_relu", float(attribute(node, "alpha", 0.01)), 6.0
+    if node.op_type == "PRelu":
+        slope = read_constant(node.inputs[1], "PRelu slope", Reads(False))
+        return "prelu", slope.reshape(-1), 6.0
+    low = _clip_bound(node, 1, "min")
+    high = _clip_bound(node, 2, "max")
+    if low != 0.0 or high is None or high <= 0.0:
+        raise Refusal(f"Clip({low}, {high}) is not a ReLU6-like clip(y, 0, U)")
+    return "relu6", 0.0, high
+
+
+def _clip_bound(node: ir.Node, index: int, name: str) -> float | None:
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        return float(read_constant(node.inputs[index], f"Clip {name}", Reads(False)))
+    value = attribute(node, name, None)  # opset < 11
+    return None if value is None else float(value)
+
+
+def _batchnorm_before(node: ir.Node) -> ir.Node | None:
+    producer = node.inputs[0].producer()
+    if producer is None or producer.op_type != "BatchNormalization" or len(producer.outputs) != 1:
+        return None
+    if producer.outputs[0].is_graph_output() or len(list(producer.outputs[0].uses())) != 1:
+        return None
+    return producer
+
+
+def _channel_axis(node: ir.Node, rank: int) -> int:
+    """1 after a Conv, Gemm or BatchNorm; the last axis after a MatMul (looking back through Adds)."""
+    value = node.inputs[0]
+    for _ in range(16):
+        producer = value.producer()
+        if producer is None:
+            break
+        if producer.op_type in ("Conv", "ConvTranspose", "Gemm", "BatchNormalization"):
+            return 1
+        if producer.op_type == "MatMul":
+            return rank - 1
+        value = producer.inputs[0]
+    return 1
+
+
+def _linearize(model: ir.Model, node: ir.Node, site: _Site, fresh: FreshNames) -> None:
+    graph = model.graph
+    slope, offset = site.plan.slope, site.plan.offset
+    if site.mode == "bn":
+        bn = node.inputs[0].producer()
+        reads = Reads(True)
+        gamma = read_constant(bn.inputs[1], "scale", reads)
+        beta = read_constant(bn.inputs[2], "bias", reads)
+        dtype = bn.inputs[1].const_value.dtype
+        for index, values in ((1, slope * gamma), (2, slope * beta + offset)):
+            bn.replace_input_with(index, _constant(graph, values, dtype, fresh(f"{bn.name}_linearized")))
+        ir.convenience.replace_all_uses_with(node.outputs[0], bn.outputs[0])
+        graph.remove(node, safe=True)
+        return
+    dtype = node.inputs[0].dtype or ir.DataType.FLOAT
+    shape = [-1] + [1] * (site.rank - 1 - site.axis)
+    scale = _constant(graph, slope.reshape(shape), dtype, fresh(f"{node.name}_slope"))
+    shift = _constant(graph, offset.reshape(shape), dtype, fresh(f"{node.name}_offset"))
+    mul = ir.node("Mul", [node.inputs[0], scale], name=f"{node.name}/Mul")
+    add = ir.node("Add", [mul.outputs[0], shift], name=f"{node.name}/Add")
+    graph.insert_before(node, [mul, add])
+    ir.convenience.replace_all_uses_with(node.outputs[0], add.outputs[0])
+    graph.remove(node, safe=True)
+
+
+def _constant(graph: ir.Graph, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array.astype(dtype.numpy())), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _deviation(model: ir.Model, feeds: list[dict], expected: list[dict]) -> dict[str, Any]:
+    """Largest per-output relative and absolute deviation from ``expected`` (onnxruntime, optimizations off)."""
+    session = runtime.session(model)
+    worst_rel = worst_abs = 0.0
+    agree, total = 0, 0
+    for feed, reference in zip(feeds, expected):
+        outputs = runtime.run(session, feed)
+        for name, want in reference.items():
+            got = outputs[name].astype(np.float64)
+            want = want.astype(np.float64)
+            error = float(np.abs(got - want).max()) if want.size else 0.0
+            worst_abs = max(worst_abs, error)
+            worst_rel = max(worst_rel, error / max(float(np.abs(want).max()), 1e-12))
+            if want.ndim == 2 and want.shape[1] > 1:
+                agree += int((got.argmax(1) == want.argmax(1)).sum())
+                total += want.shape[0]
+    result: dict[str, Any] = {"max_rel_deviation": worst_rel, "max_abs_deviation": worst_abs}
+    if total:
+        result["argmax_agreement"] = agree / total
+    return result
