@@ -167,3 +167,36 @@ def test_console_script_is_installed() -> None:
     assert script.is_file(), "pip install should provide the `normfold` command"
     result = subprocess.run([str(script), "passes"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "cleanup" in result.stdout
+
+
+def test_missing_external_data_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "in.onnx"
+    onnx.save(conv_bn_relu_model(), path, save_as_external_data=True, location="in.data", size_threshold=0)
+    (tmp_path / "in.data").unlink()
+    result = run_cli("optimize", str(path), "-o", str(tmp_path / "out.onnx"))
+    _assert_clean_failure(result, tmp_path, {"in.onnx"}, code=2, names="missing external data")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"y": np.zeros((2, 3, 8, 8), np.float32)}, "'y'"),
+        ({"x": np.zeros((2, 3, 8), np.float32)}, "'x'"),
+        ({"x": np.zeros((2, 3, 8, 9), np.float32)}, "'x'"),
+        ({"x": np.zeros((2, 3, 8, 8), np.float64)}, "'x'"),
+    ],
+    ids=["wrong-name", "wrong-rank", "wrong-dim", "wrong-dtype"],
+)
+def test_mismatched_inputs_file(tmp_path: Path, conv_bn_path: Path, arrays, message: str) -> None:
+    npz = tmp_path / "inputs.npz"
+    np.savez(npz, **arrays)
+    before = {p.name for p in tmp_path.iterdir()}
+    result = run_cli("optimize", str(conv_bn_path), "-o", str(tmp_path / "out.onnx"), "--inputs", str(npz))
+    _assert_clean_failure(result, tmp_path, before, code=2, names=message)
+    result = run_cli("verify", str(conv_bn_path), str(conv_bn_path), "--inputs", str(npz))
+    _assert_clean_failure(result, tmp_path, before, code=2, names="inputs.npz")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli("optimize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "o.onnx"), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
