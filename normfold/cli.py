@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from normfold import __version__
+from normfold.collapse_cli import add_collapse_command
 from normfold.errors import InputError, NormfoldError, VerificationError, first_line
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -180,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--passes", help="comma-separated pass names (default: all exact passes)")
     opt.add_argument("--report", help="write the JSON report here")
     opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
-    opt.add_argument("--external-data", metavar="NAME", help="write weights to this data file next to OUT")
+    opt.add_argument("--external-data", metavar="NAME",
+                     help="write weights to this data file next to OUT (default: OUT's stem + .data for "
+                          "models over 1.8 GB; smaller models stay one file)")
     opt.add_argument("--freeze-initializer-inputs", action="store_true",
                      help="treat initializers listed as graph inputs as constants (removes those inputs)")
     opt.add_argument("--lower-standalone-bn", action="store_true",
@@ -201,6 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("input", help="input ONNX model")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.set_defaults(run=_inspect)
+
+    add_collapse_command(commands, [common, targets])
 
     lst = commands.add_parser("passes", parents=[common], help="list the passes")
     lst.set_defaults(run=_passes)

@@ -29,3 +29,4 @@ __all__ = [
     "fold_batchnorm",
     "fold_batchnorm_with_report",
 ]
+from normfold.torch.collapse import CollapseResult, CollapseStep, collapse  # noqa: E402  (TLC, issue 5)

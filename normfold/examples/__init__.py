@@ -1,0 +1,1 @@
+"""Examples that run on real data shipped inside a package (no download): see :mod:`.digits`."""
