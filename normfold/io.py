@@ -8,7 +8,12 @@ model cannot make normfold read ``../../etc/shadow`` or follow a link out of its
 Saving is atomic: every file is written into a fresh temporary folder next to the target and
 renamed into place only when all of them are complete, so a failed or interrupted save leaves
 the old OUT (or nothing) behind. Models whose tensors exceed ``EXTERNAL_DATA_THRESHOLD`` bytes
-are written with one external data file, since a protobuf cannot exceed 2 GB.
+are written with one external data file, since a protobuf cannot exceed 2 GB; their tensors
+are streamed to it one at a time. Smaller models stay one file unless a data file is asked for.
+
+Nothing here reads a weight it does not have to: :func:`tensor_bytes` counts from shapes,
+:func:`weightless_proto` hands onnx's C++ tools (checker, shape inference) the graph without
+the weights' data.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ __all__ = [
     "standalone_proto",
     "tensor_bytes",
     "to_proto",
+    "weightless_proto",
 ]
 
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
@@ -41,6 +48,9 @@ ModelLike = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
 
 # Protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+# Initializers up to this size keep their data in a weightless proto.
+_INLINE_BYTES = 1 << 16
 
 # Op domains onnxruntime's CPU provider knows; anything else must be defined as a model function.
 _KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
@@ -93,6 +103,46 @@ def check_model(model: onnx.ModelProto | Path, label: str) -> None:
         raise InputError(f"{label}: fails onnx.checker: {first_line(error)}") from None
 
 
+def weightless_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` serialized without its weights' data, for onnx's in-memory C++ tools.
+
+    ``onnx.checker`` (and ``onnx.shape_inference``) on a proto in memory can neither resolve
+    external data (they look for it in the working directory) nor take a proto over 2 GB, and
+    serializing the weights would read them all. So every initializer whose data lies in a file
+    or exceeds ``_INLINE_BYTES`` is declared as an input of the main graph with its type and
+    shape instead: the checker still sees its name, type, shape and every use; only its bytes
+    go unchecked, and they are never read. Linear in the model's size. ``model`` is changed
+    while it is serialized and restored (initializer order included) before this returns.
+    """
+    graphs = list(model.graphs())
+    originals = [list(graph.initializers.values()) for graph in graphs]
+    main = model.graph
+    inputs = list(main.inputs)
+    declared = {id(value) for value in inputs}
+    try:
+        for graph, values in zip(graphs, originals):
+            for value in values:
+                tensor = value.const_value
+                if tensor is None or (
+                    not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= _INLINE_BYTES
+                ):
+                    continue
+                value.dtype = value.dtype or tensor.dtype
+                value.shape = value.shape or ir.Shape(tensor.shape)
+                del graph.initializers[value.name]
+                if id(value) not in declared:
+                    main.inputs.append(value)
+        return ir.to_proto(model)
+    finally:
+        main.inputs.clear()
+        for graph in graphs:
+            graph.initializers.clear()
+        main.inputs.extend(inputs)
+        for graph, values in zip(graphs, originals):
+            for value in values:
+                graph.initializers.add(value)
+
+
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize ``model``; external tensors stay references to their files."""
     return ir.serde.serialize_model(model)
@@ -115,13 +165,16 @@ def save(
     *,
     external_data: str | None = None,
     protect: set[Path] | frozenset[Path] = frozenset(),
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path.
 
     ``external_data`` names the data file (next to ``path``); without it, a model whose tensors
     exceed :data:`EXTERNAL_DATA_THRESHOLD` bytes gets ``<stem>.data``. Files in ``protect`` (an
     input model and the data it memory-maps) are never overwritten: asking to raises
-    :class:`InputError` before anything is written.
+    :class:`InputError` before anything is written. Tensors are streamed to the data file one
+    at a time (memory-mapped ones are copied from their file, never all held at once);
+    ``progress`` is called with the bytes of each tensor written.
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
@@ -141,10 +194,20 @@ def save(
     staging = Path(tempfile.mkdtemp(prefix=".normfold-", dir=folder))
     try:
         staged = staging / target.name
+        written = 0
+
+        def count(tensor: ir.TensorProtocol, _: object) -> None:
+            nonlocal written
+            written += tensor.nbytes
+            progress(tensor.nbytes)
+
         if external_data:
-            ir.save(model, staged, external_data=external_data)
+            ir.save(model, staged, external_data=external_data, callback=None if progress is None else count)
         else:
             _save_single_file(model, staged)
+        if progress is not None:
+            # Tensors written into the model file itself (small ones, or all of a single file).
+            progress(tensor_bytes(model) - written)
         # Data first: the model file becomes visible only once what it points to exists.
         for out in reversed(outputs):
             os.replace(staging / out.name, out)

@@ -6,9 +6,15 @@ One place decides the order of work, so the CLI and the Python API behave the sa
    run on a copy when the caller handed us an ``onnx_ir.Model``, and on a fresh load otherwise.
 2. ``cleanup`` and then the chosen passes run in one ``onnx_ir`` ``PassManager``; each pass keeps
    a record of the sites it rewrote and the ones it refused.
-3. The result must pass ``onnx.checker``.
+3. The result must pass ``onnx.checker``, run in memory on the graph without its weights' data
+   (:func:`normfold.io.weightless_proto`), so a model of any size is checked without reading them.
 4. Unless verification is switched off, onnxruntime runs input and result (optimizations off)
-   on the same inputs; :meth:`OptimizeResult.save` refuses to write a result that failed.
+   on the same inputs, one session after the other; :meth:`OptimizeResult.save` refuses to
+   write a result that failed.
+
+Weights stay memory-mapped throughout: only the tensors a pass rewrites are read. Each step
+(load, each pass, check, verify, and a later save) is timed and its peak resident memory
+measured (:class:`normfold.progress.Steps`): the report's ``seconds`` and ``peak_rss_mb``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class OptimizeResult:
     report: dict[str, Any]
     verification: VerificationReport | None
     protected: frozenset[Path] = frozenset()
+    steps: progress.Steps | None = dataclasses.field(default=None, repr=False)
 
     @property
     def verified(self) -> bool:
@@ -51,8 +58,12 @@ class OptimizeResult:
         """Write the model atomically; refuses when verification ran and failed."""
         if self.verification is not None and not self.verification.passed:
             raise VerificationError(f"{path}: not written: the optimized model failed verification")
-        written = io.save(self.model, path, external_data=external_data, protect=self.protected)
+        steps = self.steps or progress.Steps(enabled=False)
+        with steps.step("save", total=io.tensor_bytes(self.model), unit="B") as bar:
+            written = io.save(self.model, path, external_data=external_data, protect=self.protected, progress=bar.update)
         self.report["output"] = str(written)
+        self.report.setdefault("seconds", {})["save"] = round(steps.seconds["save"], 3)
+        self.report.setdefault("peak_rss_mb", {})["save"] = steps.peak_rss_mb["save"]
         return written
 
 
@@ -72,7 +83,11 @@ def optimize(
     atol: float | None = None,
     show_progress: bool = False,
 ) -> OptimizeResult:
-    """Run the exact passes (default: all) on ``source`` and verify the result against it."""
+    """Run the exact passes (default: all) on ``source`` and verify the result against it.
+
+    ``show_progress`` shows each step that takes longer than a second on stderr (also the
+    result's :meth:`~OptimizeResult.save`).
+    """
     if target not in ("onnx", "onnxruntime"):
         raise InputError(f"unknown target {target!r}; choose 'onnx' or 'onnxruntime'")
     options = PassOptions(
@@ -82,7 +97,7 @@ def optimize(
         lower_standalone_bn=lower_standalone_bn,
     )
     pass_list = create_passes(None if passes is None else list(passes), options)
-    steps = ["load", *(p.name for p in pass_list), "check"] + (["verify"] if verify else [])
+    steps = ["load", *(p.name for p in pass_list), "check"] + (["verify"] if verify else []) + ["save"]
     bar = progress.Steps(steps, enabled=show_progress)
 
     with bar.step("load"):
@@ -113,13 +128,18 @@ def optimize(
     )
     verification = None
     if verify:
-        with bar.step("verify"):
-            verification = run_verification(reference, model, inputs=inputs, dims=dims, samples=samples, rtol=rtol, atol=atol)
+        # Verification shows its own progress, one line per session (reference, candidate).
+        with bar.step("verify", show=False):
+            verification = run_verification(
+                reference, model, inputs=inputs, dims=dims, samples=samples, rtol=rtol, atol=atol,
+                progress=show_progress,
+            )
         report["verification"] = verification.to_dict()
     bar.close()
     report["seconds"] = {name: round(value, 3) for name, value in bar.seconds.items()}
+    report["peak_rss_mb"] = dict(bar.peak_rss_mb)
     protected = frozenset(_protected_files(source, model))
-    return OptimizeResult(model=model, report=report, verification=verification, protected=protected)
+    return OptimizeResult(model=model, report=report, verification=verification, protected=protected, steps=bar)
 
 
 def inspect(source: io.ModelLike, *, target: Target = "onnx", max_opset: int | None = None) -> dict[str, Any]:
@@ -144,7 +164,7 @@ def _working_copy(source: io.ModelLike) -> tuple[ir.Model, io.ModelLike]:
 
 def _check(model: ir.Model, label: str) -> None:
     try:
-        onnx.checker.check_model(ir.to_proto(model))
+        onnx.checker.check_model(io.weightless_proto(model))
     except (onnx.checker.ValidationError, ValueError) as error:
         # A pass wrote an invalid graph: that is our bug, never the user's input.
         raise RuntimeError(f"{label}: normfold produced a graph that fails onnx.checker: {first_line(error)}") from error

@@ -49,8 +49,6 @@ import logging
 import math
 import os
 import re
-import sys
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +62,7 @@ from tqdm import tqdm
 from normfold.errors import InputError, first_line
 from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs
 from normfold.io import ModelLike, load
+from normfold.progress import Steps
 from normfold.runtime import session
 
 logger = logging.getLogger(__name__)
@@ -170,6 +169,8 @@ class VerificationReport:
     ``problems`` holds the failures no single output owns (interface changes, a candidate that
     does not load); ``float32_ops`` the op types the float64 reference had to run in float32
     because onnxruntime's CPU provider has no double kernel for them or refuses double inputs.
+    ``seconds`` and ``peak_rss_mb`` are per phase (``inputs``, ``reference``, ``candidate``,
+    ``reference_float64``), the peak as :class:`normfold.progress.Steps` measures it.
     """
 
     passed: bool
@@ -182,6 +183,7 @@ class VerificationReport:
     problems: list[str] = dataclasses.field(default_factory=list)
     input_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     float32_ops: list[str] = dataclasses.field(default_factory=list)
+    peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (what ``normfold verify --report`` writes)."""
@@ -196,6 +198,7 @@ class VerificationReport:
             "inputs": {name: list(shape) for name, shape in self.input_shapes.items()},
             "float32_ops": list(self.float32_ops),
             "seconds": {key: round(value, 4) for key, value in self.seconds.items()},
+            "peak_rss_mb": dict(self.peak_rss_mb),
         }
 
     def format_table(self) -> str:
@@ -267,42 +270,43 @@ def verify(
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise InputError(f"{name} {value!r}: must be a finite number >= 0")
     ref_label, cand_label = _label(reference, "<reference>"), _label(candidate, "<candidate>")
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    ref_model = load(reference, check=False)
-    cand_model = load(candidate, check=False)
-    feeds = _samples(ref_model, inputs, dims, samples, seed)
-    seconds["inputs"] = time.perf_counter() - started
+    steps = Steps(enabled=progress)
+    try:
+        with steps.step("inputs", show=False):
+            ref_model = load(reference, check=False)
+            cand_model = load(candidate, check=False)
+            feeds = _samples(ref_model, inputs, dims, samples, seed)
 
-    phases = 3 if reference_precision == "float64" else 2
-    with tqdm(total=phases * len(feeds), desc="verify", unit="run", file=sys.stderr,
-              disable=not progress, leave=False) as bar:
-        started = time.perf_counter()
-        ref_outputs = _run_reference(_runnable(reference, ref_model), feeds, ref_label, "", bar)
-        seconds["reference"] = time.perf_counter() - started
+        # One session at a time: each is dropped (and its memory-mapped weights unmapped)
+        # before the next is built, so the peak stays near one session of the larger model.
+        with steps.step("reference", label="verify: reference", total=len(feeds), unit="run") as bar:
+            ref_outputs = _run_reference(_runnable(reference, ref_model), feeds, ref_label, "", bar)
+            gc.collect()
 
         f64_outputs: list[Outputs] | None = None
         float32_ops: list[str] = []
         if reference_precision == "float64":
-            started = time.perf_counter()
-            f64_session, float32_ops = _float64_session(ref_model, ref_label)
-            f64_feeds = [{k: _upcast(v) for k, v in sample.items()} for sample in feeds]
-            f64_outputs = _run_reference(f64_session, f64_feeds, ref_label, "float64 ", bar)
-            del f64_session
-            gc.collect()
-            seconds["reference_float64"] = time.perf_counter() - started
+            label = "verify: float64 reference"
+            with steps.step("reference_float64", label=label, total=len(feeds), unit="run") as bar:
+                f64_session, float32_ops = _float64_session(ref_model, ref_label)
+                f64_feeds = [{k: _upcast(v) for k, v in sample.items()} for sample in feeds]
+                f64_outputs = _run_reference(f64_session, f64_feeds, ref_label, "float64 ", bar)
+                del f64_session
+                gc.collect()
 
         input_problems, output_problems, cand_feeds = _interface_problems(ref_model, cand_model, feeds)
         problems = input_problems + output_problems
-        started = time.perf_counter()
-        if input_problems:
-            cand_outputs, run_problem = None, "not compared: the candidate's inputs differ from the reference's"
-        else:
-            cand_outputs, run_problem = _run_candidate(_runnable(candidate, cand_model), cand_feeds, bar)
-            if run_problem:
-                problems.append(f"{cand_label}: {run_problem}")
-                run_problem = "not compared: the candidate did not run"
-        seconds["candidate"] = time.perf_counter() - started
+        with steps.step("candidate", label="verify: candidate", total=len(cand_feeds), unit="run") as bar:
+            if input_problems:
+                cand_outputs, run_problem = None, "not compared: the candidate's inputs differ from the reference's"
+            else:
+                cand_outputs, run_problem = _run_candidate(_runnable(candidate, cand_model), cand_feeds, bar)
+                if run_problem:
+                    problems.append(f"{cand_label}: {run_problem}")
+                    run_problem = "not compared: the candidate did not run"
+            gc.collect()
+    finally:
+        steps.close()
 
     comparisons = _compare_all(ref_outputs, f64_outputs, cand_outputs, run_problem, rtol, atol)
     measured = [c for c in comparisons.values() if not math.isnan(c.max_abs_error)]
@@ -313,10 +317,11 @@ def verify(
         max_rel_error=max((c.max_rel_error for c in measured), default=math.nan),
         samples=len(feeds),
         reference=reference_precision,
-        seconds=seconds,
+        seconds=dict(steps.seconds),
         problems=problems,
         input_shapes={name: tuple(array.shape) for name, array in feeds[0].items()},
         float32_ops=float32_ops,
+        peak_rss_mb=dict(steps.peak_rss_mb),
     )
 
 
@@ -355,7 +360,6 @@ def _run_reference(source: Any, feeds: list[dict[str, np.ndarray]], label: str, 
             source = session(source)
         except InputError as error:
             raise InputError(f"{label}: {kind}reference model fails to load in onnxruntime: {_ort_reason(error)}") from None
-    bar.set_description(f"{kind}reference")
     outputs = []
     for k, sample in enumerate(feeds):
         try:
@@ -373,7 +377,6 @@ def _run_candidate(
         sess = session(source)
     except InputError as error:
         return None, f"candidate fails to load in onnxruntime: {_ort_reason(error)}"
-    bar.set_description("candidate")
     outputs = []
     for k, sample in enumerate(feeds):
         try:

@@ -267,13 +267,25 @@ def test_fp16_model_gets_fp16_tolerance():
     assert not verify(fp16(w), fp16(w * np.float16(1.1))).passed
 
 
-def test_progress_bar_goes_to_stderr(capsys):
-    w, b = _weights()
-    verify(matmul_model(w, b), matmul_model(w, b), progress=True)
-    captured = capsys.readouterr()
-    assert captured.out == "" and "reference" in captured.err
-    verify(matmul_model(w, b), matmul_model(w, b))
-    assert capsys.readouterr().err == ""
+def test_progress_bar_goes_to_stderr(capsys, monkeypatch):
+    # Progress shows on a terminal, for steps longer than progress.DELAY (0 here).
+    import io as _io
+    import sys
+
+    from normfold import progress
+
+    class Terminal(_io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(progress, "DELAY", 0.0)
+    for shown in (True, False):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        w, b = _weights()
+        verify(matmul_model(w, b), matmul_model(w, b), progress=shown)
+        assert capsys.readouterr().out == ""
+        assert ("verify: reference" in terminal.getvalue()) is shown
 
 
 # --- float64 reference -------------------------------------------------------------------
