@@ -17,7 +17,7 @@ the model written to a temporary folder first.
 
 from __future__ import annotations
 
-__all__ = ["session", "run"]
+__all__ = ["run", "session"]
 
 import os
 import tempfile
