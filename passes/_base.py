@@ -52,6 +52,8 @@ class PassRecord:
     refused: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     by_op: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Refusals are looked up per site: a set keeps that linear in large graphs.
+    _refused_nodes: set[str] = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     def site(self, node: str, *, op: str | None = None, **details: Any) -> None:
         """Count one rewrite of ``node`` (the node that disappeared or was replaced)."""
@@ -62,12 +64,14 @@ class PassRecord:
 
     def refuse(self, node: str, reason: str, **details: Any) -> None:
         """Record that ``node`` was left alone, and why (the first reason given wins)."""
-        if not any(r["node"] == node for r in self.refused):
+        if node not in self._refused_nodes:
+            self._refused_nodes.add(node)
             self.refused.append({"node": node, "reason": reason, **details})
 
     def keep_refusals_of(self, remaining: set[str]) -> None:
         """Forget refusals of nodes that no longer exist: something rewrote them after all."""
         self.refused = [r for r in self.refused if r["node"] in remaining]
+        self._refused_nodes = {r["node"] for r in self.refused}
 
     def to_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {
