@@ -22,6 +22,7 @@ from __future__ import annotations
 __all__ = ["OptimizeResult", "inspect", "optimize"]
 
 import dataclasses
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ import onnx_ir as ir
 from normfold import io, progress
 from normfold.errors import InputError, VerificationError, first_line
 from normfold.passes import PassOptions, create_passes
+from normfold.passes.collapse import COLLAPSE_SITES, CollapsePass
 from normfold.passes._base import Target
 from normfold.verification import VerificationReport
 from normfold.verification import verify as run_verification
@@ -148,7 +150,24 @@ def inspect(source: io.ModelLike, *, target: Target = "onnx", max_opset: int | N
     report = result.report
     report["model"] = report.pop("input")
     del report["output"]
+    report["collapse"] = _collapse_candidates(source, PassOptions(target=target, max_opset=max_opset))
     return report
+
+
+def _collapse_candidates(source: io.ModelLike, options: PassOptions) -> dict[str, Any]:
+    """What ``normfold collapse`` could remove: every mergeable activation with its score.
+
+    Collapse is approximate, so it is never part of ``optimize``; inspect shows its candidates
+    (all of them linearized at once, with the deviation that measures) and its refusals. A model
+    with no rectifier is not run at all: the pass would only cost an onnxruntime session.
+    """
+    model, _ = _working_copy(source)
+    if not any(node.op_type in COLLAPSE_SITES for node in model.graph.all_nodes()):
+        return {"name": CollapsePass.name, "applied": 0, "sites": [], "refused": [],
+                "notes": ["no ReLU-like activation: nothing to collapse"]}
+    collapse = CollapsePass(options, max_deviation=math.inf)
+    collapse(model)
+    return {**collapse.record.to_dict(), "deviation": collapse.deviation}
 
 
 def _working_copy(source: io.ModelLike) -> tuple[ir.Model, io.ModelLike]:

@@ -95,6 +95,27 @@ def format_inspect(report: dict[str, Any]) -> str:
             lines.append(f"  {record['name']}: would rewrite {site['node']}{where}{how}")
         if len(record["sites"]) > _REFUSALS_SHOWN:
             lines.append(f"  {record['name']}: and {len(record['sites']) - _REFUSALS_SHOWN} more sites (see --json)")
+    lines += ["", _format_collapse(report["collapse"])]
+    return "\n".join(lines)
+
+
+def _format_collapse(record: dict[str, Any]) -> str:
+    """Collapse candidates, lowest score (closest to linear) first, and the refused sites."""
+    lines = ["what `normfold collapse` could remove (approximate; not part of optimize):"]
+    sites = sorted(record["sites"], key=lambda site: site.get("score", 0.0))
+    for site in sites[:_REFUSALS_SHOWN]:
+        lines.append(f"  candidate {site['node']}: score {site.get('score', 0.0):.3g} ({site.get('mode', '')})")
+    if len(sites) > _REFUSALS_SHOWN:
+        lines.append(f"  and {len(sites) - _REFUSALS_SHOWN} more candidates (see --json)")
+    deviation = record.get("deviation") or {}
+    if sites and deviation:
+        lines.append(f"  all {len(sites)} linearized at once: output deviation "
+                     f"{deviation.get('max_rel_deviation', 0.0):.3g} relative")
+    for refusal in record["refused"][:_REFUSALS_SHOWN]:
+        lines.append(f"  left {refusal['node']}: {refusal['reason']}")
+    if len(record["refused"]) > _REFUSALS_SHOWN:
+        lines.append(f"  and {len(record['refused']) - _REFUSALS_SHOWN} more refusals (see --json)")
+    lines += [f"  note: {note}" for note in record.get("notes", [])]
     return "\n".join(lines)
 
 

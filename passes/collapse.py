@@ -30,7 +30,7 @@ and a note with the measured deviation; :attr:`CollapsePass.deviation` keeps the
 
 from __future__ import annotations
 
-__all__ = ["CollapsePass", "DEFAULT_MAX_DEVIATION"]
+__all__ = ["COLLAPSE_SITES", "CollapsePass", "DEFAULT_MAX_DEVIATION"]
 
 import dataclasses
 from collections.abc import Mapping, Sequence
@@ -63,7 +63,8 @@ from normfold.errors import InputError
 from normfold.inputs import generate_inputs
 
 DEFAULT_MAX_DEVIATION = 0.01
-_SITES = ("Relu", "LeakyRelu", "PRelu", "Clip")
+# The activations a collapse site can be (Clip as ReLU6).
+COLLAPSE_SITES = ("Relu", "LeakyRelu", "PRelu", "Clip")
 _LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
@@ -147,7 +148,7 @@ class CollapsePass(NormfoldPass):
     def _sites(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[_Site]:
         found, empirical = [], []
         for node in model.graph:
-            if node.op_type not in _SITES or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in COLLAPSE_SITES or node.domain not in ("", "ai.onnx"):
                 continue
             try:
                 kind, slope, upper = _activation(node)

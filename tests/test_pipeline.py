@@ -184,3 +184,18 @@ def test_inspect_reports_without_writing(conv_bn_path: Path) -> None:
 def test_cli_python_m_matches_console_script(conv_bn_path: Path) -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("normfold ")
+
+
+def test_inspect_lists_collapse_candidates_and_refusals(conv_bn_path: Path) -> None:
+    collapse = normfold.inspect(conv_bn_path)["collapse"]
+    assert collapse["sites"] == []
+    assert collapse["refused"] == [
+        {"node": "relu", "reason": "it is a model output: there is no layer after it to merge"}
+    ]
+
+
+def test_inspect_skips_collapse_without_rectifiers(tmp_path: Path) -> None:
+    path = tmp_path / "ln.onnx"
+    onnx.save(_layer_norm_model(1e-5), path)
+    collapse = normfold.inspect(path)["collapse"]
+    assert collapse["sites"] == [] and "nothing to collapse" in collapse["notes"][0]
