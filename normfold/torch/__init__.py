@@ -24,9 +24,13 @@ from normfold.torch.fold import (
 __all__ = [
     "FoldReport",
     "FoldedSite",
+    "FuseNormsReport",
     "RefusedSite",
     "UntracedModule",
     "fold_batchnorm",
     "fold_batchnorm_with_report",
+    "fuse_norms",
+    "fuse_norms_with_report",
 ]
 from normfold.torch.collapse import CollapseResult, CollapseStep, collapse  # noqa: E402  (TLC, issue 5)
+from normfold.torch.fuse_norms import FuseNormsReport, fuse_norms, fuse_norms_with_report
