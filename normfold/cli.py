@@ -68,6 +68,7 @@ def _optimize(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         freeze_initializer_inputs=args.freeze_initializer_inputs,
         lower_standalone_bn=args.lower_standalone_bn,
+        skip_ops=args.skip_ops,
         inputs=args.inputs,
         dims=_dims(args.dims),
         samples=args.samples,
@@ -188,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="treat initializers listed as graph inputs as constants (removes those inputs)")
     opt.add_argument("--lower-standalone-bn", action="store_true",
                      help="turn BatchNorms with nothing to fold into into one Mul and one Add")
+    opt.add_argument("--skip-ops", action="store_true",
+                     help="with --target onnxruntime: fuse residual Add + norm into Skip*Normalization "
+                          "even though onnxruntime 1.32's CPU provider measured them slower")
     opt.set_defaults(run=_optimize)
 
     ver = commands.add_parser("verify", parents=[common, compare],

@@ -78,6 +78,7 @@ def optimize(
     verify: bool = True,
     freeze_initializer_inputs: bool = False,
     lower_standalone_bn: bool = False,
+    skip_ops: bool = False,
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     dims: Mapping[str, int] | None = None,
     samples: int = 3,
@@ -92,11 +93,14 @@ def optimize(
     """
     if target not in ("onnx", "onnxruntime"):
         raise InputError(f"unknown target {target!r}; choose 'onnx' or 'onnxruntime'")
+    if skip_ops and target != "onnxruntime":
+        raise InputError("--skip-ops emits onnxruntime contrib ops: it needs --target onnxruntime")
     options = PassOptions(
         target=target,
         max_opset=max_opset,
         freeze_initializer_inputs=freeze_initializer_inputs,
         lower_standalone_bn=lower_standalone_bn,
+        skip_ops=skip_ops,
     )
     pass_list = create_passes(None if passes is None else list(passes), options)
     steps = ["load", *(p.name for p in pass_list), "check"] + (["verify"] if verify else []) + ["save"]

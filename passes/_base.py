@@ -40,6 +40,8 @@ class PassOptions:
     max_opset: int | None = None
     freeze_initializer_inputs: bool = False
     lower_standalone_bn: bool = False
+    # Emit onnxruntime's Skip*Normalization ops (target onnxruntime) even where measured slower.
+    skip_ops: bool = False
 
 
 @dataclasses.dataclass

@@ -69,7 +69,7 @@ class FuseNormPass(NormfoldPass):
 
     def __init__(self, options: PassOptions | None = None, *, skip_ops: bool = False) -> None:
         super().__init__(options)
-        self.skip_ops = skip_ops
+        self.skip_ops = skip_ops or self.options.skip_ops
 
     def apply(self, model: ir.Model) -> bool:
         _infer_shapes(model)

@@ -199,3 +199,20 @@ def test_inspect_skips_collapse_without_rectifiers(tmp_path: Path) -> None:
     onnx.save(_layer_norm_model(1e-5), path)
     collapse = normfold.inspect(path)["collapse"]
     assert collapse["sites"] == [] and "nothing to collapse" in collapse["notes"][0]
+
+
+def test_skip_ops_needs_the_onnxruntime_target(conv_bn_path: Path) -> None:
+    with pytest.raises(InputError, match="--target onnxruntime"):
+        normfold.optimize(conv_bn_path, skip_ops=True)
+
+
+def test_skip_ops_emits_skip_normalization_for_onnxruntime() -> None:
+    pytest.importorskip("torch")
+    from normfold.models.export import cached_export
+
+    source = cached_export("llama", "dynamo18-noopt")
+    plain = normfold.optimize(source, target="onnxruntime")
+    skipped = normfold.optimize(source, target="onnxruntime", skip_ops=True)
+    assert plain.verified and skipped.verified
+    assert "com.microsoft::SkipSimplifiedLayerNormalization" not in plain.report["ops_after"]
+    assert skipped.report["ops_after"].get("com.microsoft::SkipSimplifiedLayerNormalization", 0) >= 1
