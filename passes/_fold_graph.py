@@ -17,6 +17,7 @@ writes new initializers in the original dtype. This module holds the parts that 
 from __future__ import annotations
 
 __all__ = [
+    "FoldRule",
     "FreshNames",
     "Reads",
     "Refusal",
@@ -35,14 +36,14 @@ __all__ = [
 ]
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import _pattern_ir
-
-from normfold.passes._base import PassRecord
+from normfold.passes._base import PassOptions, PassRecord, RecordingRule
 from normfold.passes._fold_math import bn_scale_shift
+from onnxscript.rewriter import _pattern_ir
 
 
 class Refusal(Exception):
@@ -243,3 +244,17 @@ class _OpTypeIn(_pattern_ir.StringPattern):
 def any_op(op: Any, names: frozenset[str]) -> Any:
     """A pattern op builder matching any op type in ``names`` (one rule, not one copy per op)."""
     return _pattern_ir.OpPatternBuilder(op, _OpTypeIn(names))
+
+
+class FoldRule(RecordingRule):
+    """A BN fold rule: ``fresh`` names its new initializers; ``check`` leaves in ``_plan`` what
+    ``rewrite`` emits. ``remove_nodes=False`` where a matched node may stay (the rule's check
+    then names the other readers itself instead of the matcher refusing silently)."""
+
+    def __init__(
+        self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str], *, remove_nodes: bool = True
+    ) -> None:
+        super().__init__(record, options)
+        self.remove_nodes = remove_nodes
+        self._fresh = fresh
+        self._plan: tuple[Any, ...] | None = None

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 __all__ = ["FoldBatchNormPass", "LowerBatchNorm"]
 
-from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.rewriter._basics import MatchResult
-
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, RecordingRule, apply_rules
+from normfold.passes._base import NormfoldPass, apply_rules
 from normfold.passes._fold_graph import (
+    FoldRule,
     FreshNames,
     Reads,
     Refusal,
@@ -49,6 +47,7 @@ from normfold.passes._fold_graph import (
 )
 from normfold.passes.fold_bn_consumer import FoldBnIntoConsumer
 from normfold.passes.fold_bn_producer import FoldBnIntoProducer
+from onnxscript.rewriter._basics import MatchResult
 
 
 def _batchnorms(model: ir.Model) -> list[ir.Node]:
@@ -79,15 +78,8 @@ def _why_left(bn: ir.Node, model: ir.Model, freeze_inputs: bool) -> str:
     )
 
 
-class LowerBatchNorm(RecordingRule):
+class LowerBatchNorm(FoldRule):
     """``BatchNormalization(x)`` → ``Add(Mul(x, s), t)`` with constants shaped ``[C, 1, …]``."""
-
-    def __init__(
-        self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]
-    ) -> None:
-        super().__init__(record, options)
-        self._fresh = fresh
-        self._plan: tuple[Any, ...] | None = None
 
     def pattern(self, op: Any, x: Any) -> Any:
         return op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["normalized"])

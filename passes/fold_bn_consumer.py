@@ -33,12 +33,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern as _pattern
-from onnxscript.rewriter._basics import MatchResult
-
 from normfold.passes import _fold_math as fm
-from normfold.passes._base import PassOptions, PassRecord, RecordingRule
+from normfold.passes._base import PassOptions, PassRecord
 from normfold.passes._fold_graph import (
+    FoldRule,
     Reads,
     Refusal,
     any_op,
@@ -53,6 +51,8 @@ from normfold.passes._fold_graph import (
     require_graph,
     tensor_dtype,
 )
+from onnxscript.rewriter import pattern as _pattern
+from onnxscript.rewriter._basics import MatchResult
 
 _CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
 # The folded weight, the folded bias, and the bias input they replace (None: the op had none).
@@ -188,17 +188,14 @@ def _fold_matmul(
     return (*fm.fold_before_matmul(weight, scale, shift), None)
 
 
-class FoldBnIntoConsumer(RecordingRule):
+class FoldBnIntoConsumer(FoldRule):
     """``L(BatchNormalization(x))`` → ``L'(x)`` for L in Conv, Gemm, MatMul (or after a Flatten)."""
 
     def __init__(
         self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str]
     ) -> None:
-        super().__init__(record, options)
         # The BN stays while other consumers read it: it must not count as consumed by the match.
-        self.remove_nodes = False
-        self._fresh = fresh
-        self._plan: tuple[Any, ...] | None = None
+        super().__init__(record, options, fresh, remove_nodes=False)
 
     def pattern(self, op: Any, x: Any) -> Any:
         normalized = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["normalized"])

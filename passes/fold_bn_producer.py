@@ -27,10 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
-from onnxscript.rewriter._basics import MatchResult
-
-from normfold.passes._base import PassOptions, PassRecord, RecordingRule
+from normfold.passes._base import PassOptions, PassRecord
 from normfold.passes._fold_graph import (
+    FoldRule,
     Reads,
     Refusal,
     batchnorm_affine,
@@ -44,9 +43,10 @@ from normfold.passes._producer_site import (
     producer_pattern,
     read_producer,
 )
+from onnxscript.rewriter._basics import MatchResult
 
 
-class FoldBnIntoProducer(RecordingRule):
+class FoldBnIntoProducer(FoldRule):
     """``BatchNormalization(L(x))`` → ``L'(x)`` for L in Conv, ConvTranspose, Gemm, MatMul."""
 
     def __init__(
@@ -54,10 +54,7 @@ class FoldBnIntoProducer(RecordingRule):
     ) -> None:
         # The matcher's own "intermediate value has other readers" test would refuse silently;
         # check() tests it and says which reader it is.
-        super().__init__(record, options)
-        self.remove_nodes = False
-        self._fresh = fresh
-        self._plan: tuple[Any, ...] | None = None
+        super().__init__(record, options, fresh, remove_nodes=False)
 
     def pattern(self, op: Any, x: Any) -> Any:
         return op.BatchNormalization(
