@@ -12,6 +12,7 @@ from __future__ import annotations
 import io as _io
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,9 @@ def test_steps_add_up_and_keep_the_larger_peak() -> None:
     with steps.step("save"):
         block = np.ones(8 << 20)  # 64 MB while the step runs
         inside = progress._current_rss_mb()
+        # Below the process's high-water mark the step's peak is sampled: hold the block for
+        # several sampling periods so the sampler sees it.
+        time.sleep(10 * progress.SAMPLE_SECONDS)
         del block
     steps.close()
     assert list(steps.seconds) == ["save"] and steps.seconds["save"] > first
