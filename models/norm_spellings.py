@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from normfold.errors import InputError
-from normfold.models import ZooModel
+from normfold.models import ZooModel, llama
 from normfold.models._common import finish, seeded
 from normfold.models.export import ExportVariant, default_cache_dir, export
 
@@ -253,20 +253,12 @@ class ResidualLayerNorm(nn.Module):
 # --- RMSNorm spellings --------------------------------------------------------------------
 
 
-class LlamaRMSNorm(nn.Module):
-    """Hugging Face's LlamaRMSNorm: float32 upcast, pow/mean, rsqrt, cast back, ``weight *``."""
+class LlamaRMSNorm(llama.LlamaRMSNorm):
+    """Hugging Face's LlamaRMSNorm (the zoo's, line for line) with a non-trivial weight."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
+        super().__init__(dim, eps)
         self.weight = _uniform(dim)
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
 
 
 class T5LayerNorm(nn.Module):
