@@ -21,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "ModelLike",
+    "check",
     "check_model",
     "external_data_files",
     "load",
@@ -31,10 +32,12 @@ __all__ = [
     "weightless_proto",
 ]
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
 
@@ -42,6 +45,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from normfold import ort_contrib
 from normfold.errors import InputError, first_line
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
@@ -69,7 +73,7 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
         return source
     if isinstance(source, onnx.ModelProto):
         if check:
-            check_model(source, "<ModelProto>")
+            _check_proto(source, source, "<ModelProto>")
         model = ir.serde.deserialize_model(source)
         if check:
             _check_domains(model, "<ModelProto>")
@@ -87,7 +91,7 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version in the file)")
     _check_external_locations(proto, path)
     if check:
-        check_model(path, str(path))
+        _check_proto(proto, path, str(path))
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     if check:
@@ -95,11 +99,53 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
     return model
 
 
+def _check_proto(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: str) -> None:
+    """``onnx.checker`` on ``source``; failing that, on the graph with onnxruntime's
+    ONNX-domain contrib ops opaque, if it has any (else the first failure stands)."""
+    try:
+        check_model(source, label)
+    except InputError:
+        # A graph that fails the checker only reaches the IR here; onnx_ir's warnings about
+        # what is wrong with it would repeat the one-line error.
+        with _quiet("onnx_ir"):
+            model = ir.serde.deserialize_model(proto)
+        with ort_contrib.checkable(model) as opaque:
+            if not opaque:
+                raise
+            _run_checker(weightless_proto(model), label)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def check_model(model: onnx.ModelProto | Path, label: str) -> None:
     """Run ``onnx.checker`` (from the path when given one, so models over 2 GB work)."""
+    _run_checker(str(model) if isinstance(model, Path) else model, label)
+
+
+def check(model: ir.Model, label: str, *, full_check: bool = False) -> None:
+    """Run ``onnx.checker`` on ``model`` without reading its weights.
+
+    onnxruntime's ONNX-domain contrib ops (:mod:`normfold.ort_contrib`) are checked as opaque
+    ops. ``full_check`` adds strict shape inference. Raises :class:`InputError` naming ``label``.
+    """
+    with ort_contrib.checkable(model):
+        proto = weightless_proto(model)
+    _run_checker(proto, label, full_check=full_check)
+
+
+def _run_checker(model: onnx.ModelProto | str, label: str, *, full_check: bool = False) -> None:
     try:
-        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
-    except (onnx.checker.ValidationError, ValueError) as error:
+        onnx.checker.check_model(model, full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
         raise InputError(f"{label}: fails onnx.checker: {first_line(error)}") from None
 
 

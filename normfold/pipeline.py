@@ -187,10 +187,10 @@ def _working_copy(source: io.ModelLike) -> tuple[ir.Model, io.ModelLike]:
 
 def _check(model: ir.Model, label: str) -> None:
     try:
-        onnx.checker.check_model(io.weightless_proto(model))
-    except (onnx.checker.ValidationError, ValueError) as error:
+        io.check(model, label)
+    except InputError as error:
         # A pass wrote an invalid graph: that is our bug, never the user's input.
-        raise RuntimeError(f"{label}: normfold produced a graph that fails onnx.checker: {first_line(error)}") from error
+        raise RuntimeError(f"normfold produced a graph that {first_line(error)}") from error
 
 
 def _protected_files(source: io.ModelLike, model: ir.Model) -> set[Path]:

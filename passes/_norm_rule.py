@@ -4,8 +4,9 @@ A :class:`NormRule` is a :class:`RecordingRule` whose ``check`` ends with :meth:
 
 1. every intermediate of the site is read only inside the site (the rewrite leaves the old
    nodes for dead-code removal, so a reader outside would keep computing them: refused);
-2. the fused op's opset (LayerNormalization 17, GroupNormalization 21, RMSNormalization 23)
-   is available: the model's default-domain opset is at least that, or — in the survey run,
+2. the fused op's opset (LayerNormalization 17, GroupNormalization 21, RMSNormalization 23;
+   none for onnxruntime's ONNX-domain LayerNormalization and SimplifiedLayerNormalization on
+   target ``onnxruntime``) is available: the model's default-domain opset is at least that, or — in the survey run,
    before the pass raises the opset — it may be raised that far (``max_opset`` allows it). A
    site that needs more than ``max_opset`` allows is refused with that reason.
 
@@ -34,7 +35,7 @@ from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _norm_checks as checks
 from normfold.passes._base import PassOptions, PassRecord, RecordingRule
-from normfold.passes._norm_spec import OP_OPSET, FusedNorm, Namer
+from normfold.passes._norm_spec import FusedNorm, Namer, required_opset
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ class NormRule(RecordingRule):
         reader = checks.outside_reader(context.nodes, kept)
         if reader is not None:
             return result.fail(reader)
-        required = OP_OPSET.get(spec.op_type, 1)
+        required = required_opset(spec.op_type, self.options.target)
         current = context.model.opset_imports.get("", 1)
         if self.state.survey:
             self.state.wants.setdefault(context.root, required)

@@ -24,7 +24,7 @@ rules; :func:`emit` casts once, to the input's dtype.
 
 from __future__ import annotations
 
-__all__ = ["META_KEY", "OP_OPSET", "FusedNorm", "Namer", "emit", "fused_of"]
+__all__ = ["META_KEY", "OP_OPSET", "RMS_OPS", "FusedNorm", "Namer", "emit", "fused_of", "required_opset"]
 
 import dataclasses
 import re
@@ -33,14 +33,31 @@ from typing import Union
 import numpy as np
 import onnx_ir as ir
 
+from normfold.ort_contrib import ONNX_DOMAIN_OPS
+
 META_KEY = "normfold.fuse_norm"
 
-# The default-domain opset that introduced each fused op (in the form we emit it).
+# The default-domain opset that introduced each fused op in ONNX.
 OP_OPSET: dict[str, int] = {
     "LayerNormalization": 17,
     "GroupNormalization": 21,
     "RMSNormalization": 23,
 }
+
+
+# The ops an RMSNorm becomes: ONNX's, and onnxruntime's (ONNX domain, every opset).
+RMS_OPS = ("RMSNormalization", "SimplifiedLayerNormalization")
+
+
+def required_opset(op_type: str, target: str) -> int:
+    """The default-domain opset a model needs for ``op_type`` on ``target``.
+
+    onnxruntime runs its ONNX-domain contrib ops (LayerNormalization below 17,
+    SimplifiedLayerNormalization) at every opset, so target ``onnxruntime`` needs no raise for them.
+    """
+    if target == "onnxruntime" and op_type in ONNX_DOMAIN_OPS:
+        return 1
+    return OP_OPSET.get(op_type, 1)
 
 Operand = Union[np.ndarray, ir.Value, None]
 
@@ -161,8 +178,8 @@ def emit(op, spec: FusedNorm, namer: Namer) -> ir.Value:
         if spec.bias is not None:
             inputs.append(_operand(op, spec.bias, spec, 0.0, "bias", namer))
         result = op.LayerNormalization(*inputs, axis=-k, epsilon=spec.epsilon, stash_type=spec.stash_type)
-    elif spec.op_type == "RMSNormalization":
-        result = op.RMSNormalization(source, scale, axis=-k, epsilon=spec.epsilon, stash_type=spec.stash_type)
+    elif spec.op_type in ("RMSNormalization", "SimplifiedLayerNormalization"):
+        result = op.op(spec.op_type, source, scale, axis=-k, epsilon=spec.epsilon, stash_type=spec.stash_type)
     elif spec.op_type == "GroupNormalization":
         bias = _operand(op, spec.bias, spec, 0.0, "bias", namer)
         result = op.GroupNormalization(

@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.passes._shapes import infer_shapes
 from normfold.passes._collapse_merge import (
     ClassifierIntoConv,
     ConvShortcut,
@@ -113,7 +114,7 @@ class CollapsePass(NormfoldPass):
 
     def apply(self, model: ir.Model) -> bool:
         common.NameFixPass()(model)
-        _infer_shapes(model)
+        infer_shapes(model)
         reference = model.clone()
         feeds = self.calibration or [generate_inputs(reference, seed=k) for k in range(self.samples)]
         expected = [runtime.run(reference, f) for f in feeds]
@@ -255,11 +256,6 @@ class CollapsePass(NormfoldPass):
         return merges
 
 
-def _infer_shapes(model: ir.Model) -> None:
-    interface = [(v, v.shape) for v in (*model.graph.inputs, *model.graph.outputs)]
-    common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
-    for value, shape in interface:
-        value.shape = shape
 
 
 def _activation(node: ir.Node) -> tuple[str, Any, float]:

@@ -31,6 +31,7 @@ from typing import Any
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from normfold.passes._base import NormfoldPass, apply_rules
+from normfold.passes._shapes import infer_shapes
 from normfold.passes._fold_graph import (
     FoldRule,
     FreshNames,
@@ -125,13 +126,8 @@ class FoldBatchNormPass(NormfoldPass):
         if not _batchnorms(model):
             return False
         # Shapes decide exactness (a MatMul's feature axis, a Reshape's order); names are for
-        # the report. Failed inference leaves the model as it is and only costs refusals. The
-        # graph's declared input and output shapes are its interface: inference must not
-        # replace their symbolic dims.
-        interface = [(v, v.shape) for v in (*model.graph.inputs, *model.graph.outputs)]
-        common.ShapeInferencePass(check_type=False, strict_mode=False)(model)
-        for value, shape in interface:
-            value.shape = shape
+        # the report. Failed inference leaves the model as it is and only costs refusals.
+        infer_shapes(model)
         common.NameFixPass()(model)
         fresh = FreshNames(model)
         count = apply_rules(

@@ -13,7 +13,8 @@ reduction reduces the same axes A and keeps its dims (or is re-expanded to x's s
 ReduceSum is divided by exactly the number of reduced elements; eps is a scalar constant,
 carried over exactly (an absent eps becomes 0, which computes what the graph computes); the
 sizes of x along A are static; every intermediate has no reader outside the site; opset 17 is
-available. Near misses refused: the unbiased variance (``x.var()``/``x.std()``: times
+available (target ``onnx``; onnxruntime runs LayerNormalization at every opset, see
+:mod:`normfold.ort_contrib`). Near misses refused: the unbiased variance (``x.var()``/``x.std()``: times
 n/(n-1)) and eps added to the standard deviation.
 
 Axes A need not be the last ones: ConvNeXt's channels-first LayerNorm over axis 1 of NCHW is

@@ -15,9 +15,11 @@ model followed by dead-code removal:
    those sites are refused with the measurement.
 
 Targets: ``onnx`` emits LayerNormalization-17, RMSNormalization-23 and GroupNormalization-21;
-``onnxruntime`` emits the same except GroupNorm (kept in, or rewritten to, the Reshape +
-InstanceNormalization form, measured 2x faster on its CPU provider than GroupNormalization-21)
-and the Skip ops of step 4 (when asked for).
+``onnxruntime`` emits what its CPU provider runs, at the model's opset: LayerNormalization
+(onnxruntime's ONNX-domain contrib below opset 17), SimplifiedLayerNormalization for RMSNorm,
+GroupNorm kept in (or rewritten to) the Reshape + InstanceNormalization form (measured 2x
+faster than GroupNormalization-21), and the Skip ops of step 4 when asked for. So target
+``onnxruntime`` never changes the model's opset.
 
 Opset. Before rewriting, a survey run of steps 1-2 checks every site without changing anything
 and collects the opsets the fusions need; if that is more than the model has, the model is
@@ -43,6 +45,7 @@ import onnx_ir.passes.common as common
 from normfold.errors import NormfoldError, first_line
 from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._norm_rule import FusionState
+from normfold.passes._shapes import infer_shapes
 from normfold.passes._norm_spec import META_KEY, FusedNorm, Namer
 from normfold.passes.fuse_group_norm import group_norm_rules
 from normfold.passes.fuse_layer_norm import layer_norm_rules
@@ -53,11 +56,6 @@ from normfold.passes.fuse_skip_norm import skip_rules
 from normfold.passes.opset import model_opset, raise_opset
 
 logger = logging.getLogger(__name__)
-
-
-def _infer_shapes(model: ir.Model) -> None:
-    # Keeps the shapes the exporter wrote; leaves the model as it is if inference fails.
-    common.ShapeInferencePass(strict_mode=False)(model)
 
 
 class FuseNormPass(NormfoldPass):
@@ -72,7 +70,7 @@ class FuseNormPass(NormfoldPass):
         self.skip_ops = skip_ops or self.options.skip_ops
 
     def apply(self, model: ir.Model) -> bool:
-        _infer_shapes(model)
+        infer_shapes(model)
         raised, raise_error = self._survey_and_raise_opset(model)
         state = FusionState(Namer(model.graph), raise_error=raise_error)
         record, options = self.record, self.options
@@ -80,7 +78,7 @@ class FuseNormPass(NormfoldPass):
         if count:
             # Shapes downstream of a fused GroupNorm may now be inferable (opset 13 has no
             # data propagation through Shape).
-            _infer_shapes(model)
+            infer_shapes(model)
         count += apply_rules(
             model,
             [
@@ -122,7 +120,7 @@ class FuseNormPass(NormfoldPass):
             logger.warning("fuse-norm: %s", first_line(error))
             return False, first_line(error)
         self.record.notes.append(f"opset raised from {current} to {needed} for the fused ops")
-        _infer_shapes(model)
+        infer_shapes(model)
         return True, None
 
     def _record_sites(self, model: ir.Model) -> None:

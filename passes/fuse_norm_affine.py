@@ -19,7 +19,7 @@ scale); a run-time operand is not (DiT's LayerNorm without affine keeps its modu
    enlarge the result; a run-time ``w`` of exactly the scale's shape becomes the scale input
    of a normalization that has none yet.
 3. **Bias**: ``norm(x) + b`` (either order) adds ``b`` to the bias, under the same conditions;
-   RMSNormalization has no bias input, so a bias after it stays an Add.
+   RMSNormalization (SimplifiedLayerNormalization) has no bias input, so a bias after it stays an Add.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from onnxscript.rewriter._basics import MatchResult
 from normfold.passes import _norm_checks as checks
 from normfold.passes._base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
-from normfold.passes._norm_spec import FusedNorm, emit, fused_of
+from normfold.passes._norm_spec import RMS_OPS, FusedNorm, emit, fused_of
 
 
 class _AbsorbRule(NormRule):
@@ -149,12 +149,10 @@ class AbsorbBias(_AbsorbRule):
         if isinstance(spec, str):
             return MatchResult().fail(spec)
         array = checks.constant(b)
-        if spec.op_type == "RMSNormalization":
+        if spec.op_type in RMS_OPS:
             if array is None:
-                return self.mismatch("RMSNormalization has no bias input")
-            return MatchResult().fail(
-                "the constant added after the RMSNormalization stays apart: it has no bias input"
-            )
+                return self.mismatch(f"{spec.op_type} has no bias input")
+            return MatchResult().fail(f"the constant added after the {spec.op_type} stays apart: it has no bias input")
         if array is None:
             if spec.bias is None and _runtime_fits(b, spec):
                 return self.accept(context, dataclasses.replace(spec, bias=b), kept=context.root.outputs)
@@ -179,7 +177,7 @@ def _runtime_fits(value: ir.Value, spec: FusedNorm) -> bool:
     """A run-time scale/bias can be the op's input only with exactly the scale's shape and dtype."""
     return (
         spec.trailing
-        and spec.op_type in ("LayerNormalization", "RMSNormalization")
+        and spec.op_type in ("LayerNormalization", *RMS_OPS)
         and value.dtype == spec.x.dtype
         and checks.dims(value) == list(spec.affine_shape)
     )

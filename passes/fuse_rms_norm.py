@@ -1,4 +1,5 @@
-"""RMSNorm: ``x / sqrt(mean(x^2) + eps)`` becomes ``RMSNormalization`` (opset 23).
+"""RMSNorm: ``x / sqrt(mean(x^2) + eps)`` becomes ``RMSNormalization`` (opset 23) or, for
+target ``onnxruntime``, ``SimplifiedLayerNormalization``.
 
 Rule. For ``y = x / sqrt(mean(x^2) + eps)`` over axes A of x — LLaMA's float32 upcast, rsqrt
 and cast back, T5's (variance from a float32 copy, the input itself divided), Gemma's Mul(x, x)
@@ -8,14 +9,16 @@ replace y by ``RMSNormalization(x, ones, axis=-|A|, epsilon=eps, stash_type=1)``
 (Gemma's ``1 + weight`` is one constant after clean-up), the cast back and a residual Add are
 absorbed by the later rules of ``fuse-norm``.
 
-Both targets get RMSNormalization-23: onnxruntime's SimplifiedLayerNormalization is no faster
-on its CPU provider (measured 31.5 us both at 1x128x768, 88 vs 91 us at 1x128x2048, one
-thread), is registered in the default domain (fails ``onnx.checker``; its com.microsoft
-spelling has no kernel), and would lose the model's validity. Inside a residual block, target
-``onnxruntime`` gets com.microsoft SkipSimplifiedLayerNormalization (``fuse_skip_norm``).
+Target ``onnxruntime`` gets ``SimplifiedLayerNormalization`` with the same inputs and
+attributes instead: onnxruntime's own RMSNorm op, registered in the ONNX domain (its
+com.microsoft spelling has no kernel; see :mod:`normfold.ort_contrib`), which its CPU provider
+has run since long before opset 23, so the model keeps its opset. It is as fast as
+RMSNormalization-23 (89 vs 90 us at 1x128x768 on onnxruntime 1.32, one thread) and what
+onnxruntime's transformers optimizer writes.
 
 Preconditions: those of ``fuse_layer_norm`` (float input of known rank, one set of axes, kept
-dims, exact eps, static normalized sizes, no outside readers, opset 23 available); the input
+dims, exact eps, static normalized sizes, no outside readers, opset 23 available for target
+``onnx``); the input
 of the square and the normalized input are the same tensor (up to a Cast both share, or a
 constant factor on the latter, which becomes the scale). Refused: the unbiased mean square,
 eps on the root-mean-square, and a normalization over trailing spatial axes followed by a
@@ -24,7 +27,7 @@ per-channel affine (Filter Response Norm: there is no standard op for it).
 
 from __future__ import annotations
 
-__all__ = ["RMSNormFusion", "rms_norm_rules"]
+__all__ = ["RMSNormFusion", "rms_norm_rules", "rms_op"]
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +38,11 @@ from normfold.passes import _norm_patterns as patterns
 from normfold.passes._base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState
 from normfold.passes.fuse_layer_norm import FORMS, LayerNormFusion
+
+
+def rms_op(target: str) -> str:
+    """The op an RMSNorm becomes on ``target``."""
+    return "SimplifiedLayerNormalization" if target == "onnxruntime" else "RMSNormalization"
 
 
 def _same_source(a: ir.Value, b: ir.Value) -> bool:
@@ -126,7 +134,7 @@ class RMSNormFusion(LayerNormFusion):
                 f"normalizes over axes {list(site.axes)} and then applies a constant affine that varies "
                 f"along axes {varying} only (Filter Response Norm-like): no standard op computes it"
             )
-        return self.accept_site(context, x, site, "RMSNormalization")
+        return self.accept_site(context, x, site, rms_op(self.options.target))
 
 
 def rms_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[RMSNormFusion]:

@@ -1,16 +1,18 @@
 """Residual Add + LayerNorm/RMSNorm becomes onnxruntime's Skip op (target ``onnxruntime`` only).
 
-Off by default, because it is slower. Measured with onnxruntime 1.32's CPU provider (graph
-optimizations off, 1 and 2 threads alike), com.microsoft SkipLayerNormalization takes 591 us
-where Add + LayerNormalization-17 take 78 us (1x128x768, float32; 7x slower, float16 alike,
-with or without beta/bias, any eps), 1598 vs 262 us at 1x128x2048; SkipSimplifiedLayerNormalization
-takes 99 us where Add + RMSNormalization-23 take 54 us (257 vs 202 us at 1x128x2048).
-onnxruntime's own ``ORT_ENABLE_ALL`` makes the same fusion and the same slowdown. So by default
-every site that would qualify is refused with that reason; ``FuseNormPass(skip_ops=True)``
-emits the ops.
+Off by default, because it is slower. Measured with onnxruntime 1.32's CPU provider
+(1x128x768 float32, graph optimizations off; one thread, two threads in brackets),
+com.microsoft SkipLayerNormalization takes 607 us (311) where Add + LayerNormalization take
+110 us (68): 5.5x slower, float16 alike, with or without beta/bias, any eps. With
+``ORT_ENABLE_ALL`` onnxruntime makes that fusion itself, so there both graphs take 607 us.
+SkipSimplifiedLayerNormalization takes 110 us (62) where Add + SimplifiedLayerNormalization or
+Add + RMSNormalization-23 take 89-90 us (58-60); onnxruntime does not make that fusion on CPU.
+(``python -m benchmarks.latency`` measures these.) So by default every site that would qualify
+is refused with that reason; ``FuseNormPass(skip_ops=True)`` emits the ops.
 
-Rule. For ``y = LayerNormalization(a + b, gamma, beta)`` (``RMSNormalization(a + b, gamma)``)
-over the last axis — fused by this pass or already in the graph — emit com.microsoft
+Rule. For ``y = LayerNormalization(a + b, gamma, beta)`` (``SimplifiedLayerNormalization(a + b,
+gamma)`` or ``RMSNormalization(a + b, gamma)``) over the last axis — fused by this pass or
+already in the graph — emit com.microsoft
 ``SkipLayerNormalization(a, b, gamma, beta, epsilon)`` (``SkipSimplifiedLayerNormalization(a,
 b, gamma, epsilon)``). When the sum ``a + b`` is also read elsewhere or is a graph output (the
 residual stream of a pre-norm transformer), those readers get the op's fourth output,
@@ -37,11 +39,16 @@ from normfold.passes._base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import META_KEY, FusedNorm, fused_of
 
-_SKIP_OP = {"LayerNormalization": "SkipLayerNormalization", "RMSNormalization": "SkipSimplifiedLayerNormalization"}
+_SKIP_OP = {
+    "LayerNormalization": "SkipLayerNormalization",
+    "RMSNormalization": "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization",
+}
 _SKIP_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 _SLOWER = {
-    "LayerNormalization": "measured 7x slower on onnxruntime 1.32's CPU provider (591 vs 78 us at 1x128x768)",
-    "RMSNormalization": "measured 1.8x slower on onnxruntime 1.32's CPU provider (99 vs 54 us at 1x128x768)",
+    "SkipLayerNormalization": "measured 5.5x slower on onnxruntime 1.32's CPU provider (607 vs 110 us at 1x128x768)",
+    "SkipSimplifiedLayerNormalization": "measured 1.2x slower on onnxruntime 1.32's CPU provider "
+    "(110 vs 89 us at 1x128x768)",
 }
 
 
@@ -98,7 +105,8 @@ class SkipNormFusion(NormRule):
         kept = [normalized, total] if self.keep_sum else [normalized]
         result = self.accept(context, spec, kept=kept)
         if result and not self.enabled:
-            return fail(f"residual Add + {self.norm} left apart: {_SKIP_OP[self.norm]} {_SLOWER[self.norm]}")
+            skip_op = _SKIP_OP[self.norm]
+            return fail(f"residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]}")
         return result
 
     def rewrite(self, op, a, b, normalized, **_):
@@ -129,6 +137,6 @@ def skip_rules(record: PassRecord, options: PassOptions, state: FusionState, ena
     """The Skip rules; with ``enabled`` False they only refuse the sites (measured slower)."""
     return [
         SkipNormFusion(record, options, state, norm, keep_sum, enabled)
-        for norm in ("LayerNormalization", "RMSNormalization")
+        for norm in _SKIP_OP
         for keep_sum in (False, True)
     ]

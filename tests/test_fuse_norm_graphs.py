@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from normfold import runtime
+from normfold import io, runtime
 from normfold.passes import REGISTRY, PassOptions
 from normfold.passes.fuse_norm import FuseNormPass
 
@@ -155,9 +155,8 @@ def fuse(model: onnx.ModelProto, skip_ops: bool = False, **options) -> tuple[onn
     ir_model = ir.from_proto(model)
     fuse_pass = FuseNormPass(PassOptions(**options), skip_ops=skip_ops)
     fuse_pass(ir_model)
-    proto = ir.to_proto(ir_model)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto, fuse_pass
+    io.check(ir_model, "fused", full_check=True)
+    return ir.to_proto(ir_model), fuse_pass
 
 
 def ops(model: onnx.ModelProto) -> Counter:

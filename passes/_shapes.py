@@ -1,0 +1,80 @@
+"""Shapes for the passes: onnx's shape inference, completed by onnxruntime's symbolic one.
+
+The passes need the rank and the static sizes of intermediates, which TorchScript exports do
+not record. :func:`infer_shapes` sets them on the model's values:
+
+1. ``onnx.shape_inference`` with data propagation, as onnx_ir's ``ShapeInferencePass`` runs it
+   (an inferred shape replaces the recorded one), but on :func:`normfold.io.weightless_proto`:
+   no weight is read, and serializing is linear in the number of initializers (onnx_ir's
+   ``call_onnx_api`` is quadratic in it: 0.43 s a call at 6808 initializers).
+2. onnxruntime's ``SymbolicShapeInference`` (what onnxruntime's transformers optimizer relies
+   on) then fills in what onnx could not — below opset 14 onnx infers nothing after a Reshape
+   to a computed shape, which is every attention block of a TorchScript export at opset 13 —
+   and names equal symbolic dims alike, so residual operands are provably the same shape. Its
+   shape is taken where onnx has none, or where it has the same rank and agrees with every
+   static size onnx knows; on any disagreement onnx's stays.
+
+The declared shapes of the graph's inputs and outputs are its interface: inference only fills
+them in where they are missing, never renames their symbolic dims.
+
+Either step failing leaves the shapes as the steps before it left them: a pass then refuses
+the sites whose shapes stay unknown, it never guesses.
+"""
+
+from __future__ import annotations
+
+__all__ = ["infer_shapes"]
+
+import logging
+
+import onnx
+import onnx_ir as ir
+
+from normfold import io
+from normfold.errors import first_line
+
+logger = logging.getLogger(__name__)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Set the shapes and dtypes onnx (then onnxruntime) infer on ``model``'s values, in place."""
+    proto = io.weightless_proto(model)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as error:
+        logger.debug("onnx shape inference failed: %s", first_line(error))
+    else:
+        _merge(model, proto, replace=True)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        completed = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+    except Exception as error:  # noqa: BLE001  (its failures on ops it does not know have no common type)
+        logger.debug("onnxruntime symbolic shape inference failed: %s", first_line(error))
+        return
+    if completed is not None:
+        _merge(model, completed, replace=False)
+
+
+def _refines(new: ir.Shape, old: ir.Shape | None) -> bool:
+    """Whether ``new`` says all ``old`` says: the same rank and every static size."""
+    if old is None:
+        return True
+    return len(new) == len(old) and all(not isinstance(o, int) or n == o for n, o in zip(new, old))
+
+
+def _merge(model: ir.Model, inferred_proto: onnx.ModelProto, *, replace: bool) -> None:
+    """Copy inferred shapes/dtypes onto ``model``: all of them with ``replace``, else refinements."""
+    inferred = ir.serde.deserialize_model(inferred_proto)
+    interface = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
+        found = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            other = found.get(name)
+            if other is None or other.shape is None:
+                continue
+            if value.shape is not None and (id(value) in interface or not (replace or _refines(other.shape, value.shape))):
+                continue
+            value.shape = other.shape
+            if other.dtype is not None:
+                value.dtype = other.dtype
