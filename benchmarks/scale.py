@@ -68,7 +68,7 @@ BASELINE = "onnx-ir"
 DEFAULT_TOOLS = (
     "onnx-ir", "normfold", "onnx", "onnxscript", "onnxscript-ort", "ort-basic", "onnxsim", "onnxslim",
 )
-FUSED_NORM_OPS = ("LayerNormalization", "RMSNormalization", "com.microsoft::SimplifiedLayerNormalization",
+FUSED_NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
                   "com.microsoft::SkipLayerNormalization", "com.microsoft::SkipSimplifiedLayerNormalization")
 _MB = 1024 * 1024
 

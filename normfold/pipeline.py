@@ -24,20 +24,19 @@ __all__ = ["OptimizeResult", "inspect", "optimize"]
 import dataclasses
 import math
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from normfold import io, progress
-from normfold.errors import InputError, VerificationError, first_line
+from normfold import io, jobs, progress
+from normfold.errors import InputError, VerificationError
 from normfold.passes import PassOptions, create_passes
 from normfold.passes.collapse import COLLAPSE_SITES, CollapsePass
 from normfold.passes._base import Target
+from normfold.passes.opset import model_opset
 from normfold.verification import VerificationReport
 from normfold.verification import verify as run_verification
 
@@ -107,17 +106,11 @@ def optimize(
     bar = progress.Steps(steps, enabled=show_progress)
 
     with bar.step("load"):
-        model, reference = _working_copy(source)
-    if max_opset is not None and _opset(model) > max_opset:
-        raise InputError(f"{_label(source)}: the model is at opset {_opset(model)}, above --max-opset {max_opset}")
-    report: dict[str, Any] = {
-        "input": _label(source),
-        "output": None,
-        "target": target,
-        "opset_before": _opset(model),
-        "nodes_before": _node_count(model),
-        "ops_before": _histogram(model),
-    }
+        model, reference = jobs.working_copy(source)
+    label = jobs.source_label(source)
+    if max_opset is not None and model_opset(model) > max_opset:
+        raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
+    report: dict[str, Any] = {"input": label, "output": None, "target": target, **jobs.summary(model, "before")}
     for normfold_pass in pass_list:
         with bar.step(normfold_pass.name):
             ir.passes.PassManager([normfold_pass])(model)
@@ -125,13 +118,8 @@ def optimize(
     for normfold_pass in pass_list:
         normfold_pass.record.keep_refusals_of(remaining)
     with bar.step("check"):
-        _check(model, _label(source))
-    report.update(
-        opset_after=_opset(model),
-        nodes_after=_node_count(model),
-        ops_after=_histogram(model),
-        passes=[p.record.to_dict() for p in pass_list],
-    )
+        jobs.check_output(model, label)
+    report.update(jobs.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
     verification = None
     if verify:
         # Verification shows its own progress, one line per session (reference, candidate).
@@ -144,7 +132,7 @@ def optimize(
     bar.close()
     report["seconds"] = {name: round(value, 3) for name, value in bar.seconds.items()}
     report["peak_rss_mb"] = dict(bar.peak_rss_mb)
-    protected = frozenset(_protected_files(source, model))
+    protected = jobs.protected_files(source, model)
     return OptimizeResult(model=model, report=report, verification=verification, protected=protected, steps=bar)
 
 
@@ -165,59 +153,11 @@ def _collapse_candidates(source: io.ModelLike, options: PassOptions) -> dict[str
     (all of them linearized at once, with the deviation that measures) and its refusals. A model
     with no rectifier is not run at all: the pass would only cost an onnxruntime session.
     """
-    model, _ = _working_copy(source)
+    model, _ = jobs.working_copy(source)
     if not any(node.op_type in COLLAPSE_SITES for node in model.graph.all_nodes()):
         return {"name": CollapsePass.name, "applied": 0, "sites": [], "refused": [],
                 "notes": ["no ReLU-like activation: nothing to collapse"]}
     collapse = CollapsePass(options, max_deviation=math.inf)
     collapse(model)
     return {**collapse.record.to_dict(), "deviation": collapse.deviation}
-
-
-def _working_copy(source: io.ModelLike) -> tuple[ir.Model, io.ModelLike]:
-    """A model the passes may change, and what verification should run as the reference."""
-    if isinstance(source, ir.Model):
-        io.load(source)  # validates
-        return source.clone(), source
-    if isinstance(source, onnx.ModelProto):
-        return io.load(source), source
-    path = Path(source)
-    return io.load(path), path
-
-
-def _check(model: ir.Model, label: str) -> None:
-    try:
-        io.check(model, label)
-    except InputError as error:
-        # A pass wrote an invalid graph: that is our bug, never the user's input.
-        raise RuntimeError(f"normfold produced a graph that {first_line(error)}") from error
-
-
-def _protected_files(source: io.ModelLike, model: ir.Model) -> set[Path]:
-    files = io.external_data_files(model)
-    if isinstance(source, (str, os.PathLike)):
-        files.add(Path(source).resolve())
-    return files
-
-
-def _label(source: io.ModelLike) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return "<ModelProto>" if isinstance(source, onnx.ModelProto) else "<onnx_ir.Model>"
-
-
-def _opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
-def _node_count(model: ir.Model) -> int:
-    return sum(1 for _ in model.graph.all_nodes())
-
-
-def _histogram(model: ir.Model) -> dict[str, int]:
-    counts = Counter(
-        f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
-        for node in model.graph.all_nodes()
-    )
-    return dict(counts.most_common())
 
