@@ -10,8 +10,10 @@ writes new initializers in the original dtype. This module holds the parts that 
 * Graph inputs that carry an initializer fold only under ``freeze_initializer_inputs``; the
   rule then lists them in :attr:`Reads.frozen` and :func:`freeze` removes them from the graph's
   inputs when the fold is committed, with a note in the pass record.
-* :class:`FreshNames` hands out initializer names no value in the model uses yet: folds never
-  overwrite a tensor that another node may read.
+* :class:`FreshNames` hands out initializer names no value in the model uses yet: rewrites
+  never overwrite a tensor that another node may read. :func:`initializer` (and
+  :func:`cast_tensor`) write float64 results cast once to the model's dtype. Every pass that
+  adds initializers uses these two.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "any_op",
     "attribute",
     "batchnorm_affine",
+    "cast_tensor",
     "describe",
     "freeze",
     "initializer",
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -148,7 +152,11 @@ def rank_of(value: ir.Value) -> int | None:
 
 
 class FreshNames:
-    """Names for new initializers that no value of the model uses yet."""
+    """Names for new initializers that no value of the model uses yet.
+
+    Derived from a readable stem; characters other than letters, digits, ``_`` and ``.`` become
+    ``_`` (TorchScript's node names are paths like ``/layer.0/LayerNorm/Div``).
+    """
 
     def __init__(self, model: ir.Model) -> None:
         self._taken: set[str] = set()
@@ -159,19 +167,24 @@ class FreshNames:
                 self._taken.update(v.name for v in node.outputs if v.name)
 
     def __call__(self, base: str) -> str:
-        name, counter = base, 1
+        stem = re.sub(r"[^A-Za-z0-9_.]+", "_", base).strip("_") or "const"
+        name, counter = stem, 1
         while name in self._taken:
             counter += 1
-            name = f"{base}_{counter}"
+            name = f"{stem}_{counter}"
         self._taken.add(name)
         return name
 
 
+def cast_tensor(array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Tensor:
+    """``array`` (float64 arithmetic) cast once to ``dtype``, as a tensor named ``name``."""
+    data = np.ascontiguousarray(np.asarray(array, dtype=np.float64).astype(dtype.numpy()))
+    return ir.tensor(data, dtype=dtype, name=name)
+
+
 def initializer(op: Any, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
-    """A new initializer holding float64 ``array`` cast once to ``dtype``."""
-    return op.initializer(
-        ir.tensor(np.ascontiguousarray(array.astype(dtype.numpy())), name=name), name=name
-    )
+    """A new initializer (built with the rewriter's ``op``) holding ``array`` cast once to ``dtype``."""
+    return op.initializer(cast_tensor(array, dtype, name), name=name)
 
 
 def opset_of(node: ir.Node, model: ir.Model) -> int:

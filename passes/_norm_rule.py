@@ -35,7 +35,8 @@ from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _norm_checks as checks
 from normfold.passes._base import PassOptions, PassRecord, RecordingRule
-from normfold.passes._norm_spec import FusedNorm, Namer, required_opset
+from normfold.passes._fold_graph import FreshNames
+from normfold.passes._norm_spec import FusedNorm, required_opset
 
 
 @dataclasses.dataclass
@@ -46,7 +47,7 @@ class FusionState:
     rule order, as the rewriter tries them) that accepts the site in the survey run.
     """
 
-    namer: Namer
+    namer: FreshNames
     survey: bool = False
     wants: dict[ir.Node, int] = dataclasses.field(default_factory=dict)
     raise_error: str | None = None

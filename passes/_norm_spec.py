@@ -24,16 +24,16 @@ rules; :func:`emit` casts once, to the input's dtype.
 
 from __future__ import annotations
 
-__all__ = ["META_KEY", "OP_OPSET", "RMS_OPS", "FusedNorm", "Namer", "emit", "fused_of", "required_opset"]
+__all__ = ["META_KEY", "OP_OPSET", "RMS_OPS", "FusedNorm", "emit", "fused_of", "required_opset"]
 
 import dataclasses
-import re
 from typing import Union
 
 import numpy as np
 import onnx_ir as ir
 
 from normfold.ort_contrib import ONNX_DOMAIN_OPS
+from normfold.passes._fold_graph import FreshNames, initializer
 
 META_KEY = "normfold.fuse_norm"
 
@@ -108,37 +108,15 @@ def fused_of(value: ir.Value | None) -> FusedNorm | None:
     return spec if isinstance(spec, FusedNorm) else None
 
 
-class Namer:
-    """Fresh initializer names for one graph, readable and derived from the site's name."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self._taken = set(graph.initializers)
-        self._taken.update(v.name for v in graph.inputs if v.name)
-
-    def __call__(self, base: str) -> str:
-        stem = re.sub(r"[^A-Za-z0-9_.]+", "_", base).strip("_") or "norm"
-        name, index = stem, 1
-        while name in self._taken:
-            index += 1
-            name = f"{stem}_{index}"
-        self._taken.add(name)
-        return name
-
-
-def _operand(op, operand: Operand, spec: FusedNorm, fill: float, what: str, namer: Namer) -> ir.Value:
+def _operand(op, operand: Operand, spec: FusedNorm, fill: float, what: str, namer: FreshNames) -> ir.Value:
     if isinstance(operand, ir.Value):
         return operand
     values = np.full(spec.affine_shape, fill) if operand is None else operand
     assert spec.x.dtype is not None
-    return _constant(op, values, spec.x.dtype, namer(f"{spec.site}_{what}"))
+    return initializer(op, values, spec.x.dtype, namer(f"{spec.site}_{what}"))
 
 
-def _constant(op, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
-    data = np.ascontiguousarray(np.asarray(array, dtype=np.float64).astype(dtype.numpy()))
-    return op.initializer(ir.tensor(data, dtype=dtype, name=name), name)
-
-
-def _instance_form(op, spec: FusedNorm, namer: Namer) -> ir.Value:
+def _instance_form(op, spec: FusedNorm, namer: FreshNames) -> ir.Value:
     """GroupNorm as onnxruntime's CPU provider runs it fastest: Reshape, InstanceNorm, Reshape."""
     dtype = spec.x.dtype
     assert dtype is not None and spec.groups is not None
@@ -146,20 +124,20 @@ def _instance_form(op, spec: FusedNorm, namer: Namer) -> ir.Value:
     grouped = np.array([0, groups, -1], dtype=np.int64)
     shape_name = namer(f"{spec.site}_groups")
     view = op.Reshape(spec.x, op.initializer(ir.tensor(grouped, name=shape_name), shape_name))
-    ones = _constant(op, np.ones(groups), dtype, namer(f"{spec.site}_ones"))
-    zeros = _constant(op, np.zeros(groups), dtype, namer(f"{spec.site}_zeros"))
+    ones = initializer(op, np.ones(groups), dtype, namer(f"{spec.site}_ones"))
+    zeros = initializer(op, np.zeros(groups), dtype, namer(f"{spec.site}_zeros"))
     result = op.Reshape(op.InstanceNormalization(view, ones, zeros, epsilon=spec.epsilon), op.Shape(spec.x))
     per_channel = (channels,) + (1,) * (spec.rank - 2)
     if spec.scale is not None:
         scale = np.asarray(spec.scale).reshape(per_channel)
-        result = op.Mul(result, _constant(op, scale, dtype, namer(f"{spec.site}_scale")))
+        result = op.Mul(result, initializer(op, scale, dtype, namer(f"{spec.site}_scale")))
     if spec.bias is not None:
         bias = np.asarray(spec.bias).reshape(per_channel)
-        result = op.Add(result, _constant(op, bias, dtype, namer(f"{spec.site}_bias")))
+        result = op.Add(result, initializer(op, bias, dtype, namer(f"{spec.site}_bias")))
     return result
 
 
-def emit(op, spec: FusedNorm, namer: Namer) -> ir.Value:
+def emit(op, spec: FusedNorm, namer: FreshNames) -> ir.Value:
     """Build the nodes that compute ``spec`` with the rewriter's ``op``; returns the result.
 
     The returned value's producer is tagged with ``spec``; its type and shape are ``x``'s.

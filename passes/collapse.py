@@ -52,6 +52,7 @@ from normfold.passes._fold_graph import (
     Reads,
     Refusal,
     attribute,
+    cast_tensor,
     rank_of,
     read_constant,
 )
@@ -330,7 +331,7 @@ def _linearize(model: ir.Model, node: ir.Node, site: _Site, fresh: FreshNames) -
 
 
 def _constant(graph: ir.Graph, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array.astype(dtype.numpy())), name=name))
+    value = ir.Value(name=name, const_value=cast_tensor(array, dtype, name))
     graph.register_initializer(value)
     return value
 

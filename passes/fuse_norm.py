@@ -46,7 +46,8 @@ from normfold.errors import NormfoldError, first_line
 from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._norm_rule import FusionState
 from normfold.passes._shapes import infer_shapes
-from normfold.passes._norm_spec import META_KEY, FusedNorm, Namer
+from normfold.passes._fold_graph import FreshNames
+from normfold.passes._norm_spec import META_KEY, FusedNorm
 from normfold.passes.fuse_group_norm import group_norm_rules
 from normfold.passes.fuse_layer_norm import layer_norm_rules
 from normfold.passes.fuse_norm_affine import affine_rules
@@ -72,7 +73,7 @@ class FuseNormPass(NormfoldPass):
     def apply(self, model: ir.Model) -> bool:
         infer_shapes(model)
         raised, raise_error = self._survey_and_raise_opset(model)
-        state = FusionState(Namer(model.graph), raise_error=raise_error)
+        state = FusionState(FreshNames(model), raise_error=raise_error)
         record, options = self.record, self.options
         count = apply_rules(model, group_norm_rules(record, options, state))
         if count:
@@ -102,7 +103,7 @@ class FuseNormPass(NormfoldPass):
 
         Returns whether the opset was raised, and why raising failed (None if it did not).
         """
-        survey = FusionState(Namer(model.graph), survey=True)
+        survey = FusionState(FreshNames(model), survey=True)
         scratch = PassRecord(self.name)
         apply_rules(model, group_norm_rules(scratch, self.options, survey))
         apply_rules(
