@@ -11,10 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 from models.norm_spellings import (
     SPELLINGS,
     EpsOnStdNorm,
+    FunctionalRMSNorm,
     HandLayerNorm,
     LlamaRMSNorm,
     UnbiasedVarNorm,
@@ -173,3 +175,59 @@ def test_near_misses_refused_for_any_eps(dim: int, eps: float, unbiased: bool, s
     fused, report = fuse_norms_with_report(module)
     assert report.replaced == [] and len(report.refused) == 1
     assert type(fused) is type(module)
+
+
+class _HardCodedLayerNorm(nn.Module):
+    """``F.layer_norm`` with eps written in the call, no eps attribute."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+        self.bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, 1e-5)
+
+
+class _LiteralEpsRMSNorm(nn.Module):
+    """An RMSNorm by hand with its eps a literal in the forward."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12) * self.weight
+
+
+class _TwoEpsNorm(nn.Module):
+    """Two F.rms_norm calls with different eps: no one eps to carry over."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (16,), self.weight, 1e-6) + F.rms_norm(x, (16,), self.weight, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("build", "kind", "eps"),
+    [(lambda: FunctionalRMSNorm(16), nn.RMSNorm, 1e-6), (lambda: _HardCodedLayerNorm(16), nn.LayerNorm, 1e-5),
+     (lambda: _LiteralEpsRMSNorm(16), nn.RMSNorm, 1e-12)],
+)
+def test_eps_written_in_forward_read_from_its_trace(build, kind: type, eps: float) -> None:
+    torch.manual_seed(0)
+    module = build()
+    fused, report = fuse_norms_with_report(module)
+    assert report.refused == [] and len(report.replaced) == 1
+    assert type(fused) is kind and fused.eps == eps
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    x[0, 0] = 0.0
+    _assert_close(_outputs(copy.deepcopy(module).double(), (x,)), _outputs(fused.double(), (x,)), 1e-6)
+
+
+def test_two_literal_eps_refused() -> None:
+    _, report = fuse_norms_with_report(_TwoEpsNorm(16))
+    assert report.replaced == []
+    assert "no one literal eps" in report.refused[0]["reason"]

@@ -1,4 +1,5 @@
-"""normfold on torch modules: fold BatchNorm before export, in float64, with a report.
+"""normfold on torch modules: fold BatchNorm before export, in float64, with a report; fuse
+hand-written normalizations into torch's.
 
 Needs the ``torch`` extra; ``import normfold`` alone never imports torch.
 """
@@ -29,8 +30,11 @@ __all__ = [
     "UntracedModule",
     "fold_batchnorm",
     "fold_batchnorm_with_report",
+    "fuse_norm_calls",
+    "fuse_norm_calls_with_report",
     "fuse_norms",
     "fuse_norms_with_report",
 ]
 from normfold.torch.collapse import CollapseResult, CollapseStep, collapse  # noqa: E402  (TLC, issue 5)
+from normfold.torch.fuse_norm_calls import fuse_norm_calls, fuse_norm_calls_with_report
 from normfold.torch.fuse_norms import FuseNormsReport, fuse_norms, fuse_norms_with_report

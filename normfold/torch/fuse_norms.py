@@ -6,18 +6,21 @@ The rule, for a module ``M`` (deep-copied first; ``M`` itself is never changed):
    normalization and either holds an ``eps`` or ``variance_epsilon`` float, or has "norm" in its
    class name. Other modules are left alone and not reported.
 2. A candidate must hold one or two parameters of one shape ``S`` (a weight, then an optional
-   bias, in registration order) and a float eps; otherwise it is refused with the reason.
+   bias, in registration order) and a float eps: its ``eps`` / ``variance_epsilon`` attribute,
+   else the one literal eps its ``forward`` passes to ``F.layer_norm`` / ``F.rms_norm`` /
+   ``F.group_norm`` or adds to a variance inline, read from its ``torch.fx`` trace (a forward
+   that does not trace, or holds several eps, has none); otherwise it is refused with the reason.
 3. From its parameters the candidate replacements are built, eps carried exactly:
    ``nn.LayerNorm(S)`` (with bias iff there are two parameters), ``nn.RMSNorm(S)`` (one
    parameter), ``nn.RMSNorm(S)`` with weight ``1 + w`` (Gemma's spelling, one parameter), and
    ``nn.GroupNorm(groups, C)`` when the module has an int ``num_groups`` or ``groups`` attribute
    and ``S == (C,)``. The ``1 + w`` weight is computed in float64 and cast once.
-4. A replacement is accepted only if it computes what the candidate computes: on seeded probe
-   inputs (``[2, 5, *S]`` with an all-zero row and ``[3, *S]``, each also scaled by 1e-3, ``sqrt(eps)`` and 1e4; for
-   GroupNorm ``[2, C, 3, 4]`` and ``[1, C, 5, 2]``) the outputs agree within 1e-6 relative (to the
-   largest output) with both modules in float64, and within a few units in the last place with
-   both in the dtype of the candidate's parameters, so a float32 upcast inside a half-precision
-   module must be what the torch op does too. The first candidate replacement that agrees wins.
+4. A replacement is accepted only if it computes what the candidate computes on the probes of
+   :mod:`normfold.torch._norm_probes` (``[2, 5, *S]`` and ``[3, *S]``, for GroupNorm
+   ``[2, C, 3, 4]`` and ``[1, C, 5, 2]``): within 1e-6 relative in float64 and within a few
+   units in the last place in the dtype of the candidate's parameters, so a float32 upcast
+   inside a half-precision module must be what the torch op does too. The first candidate
+   replacement that agrees wins.
 5. Near misses (unbiased variance, eps added to the standard deviation, ``F.normalize`` scaled by
    ``sqrt(d)``, a channels-first LayerNorm over axis 1) agree with no replacement and are
    refused, as is a probe on which the module raises or gives a non-finite output.
@@ -32,15 +35,15 @@ __all__ = ["FuseNormsReport", "fuse_norms", "fuse_norms_with_report"]
 import copy
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normfold.errors import first_line
+from normfold.torch._norm_patterns import norm_eps_literals
+from normfold.torch._norm_probes import base_probes, mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +51,18 @@ _TORCH_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _BatchNorm, nn.InstanceN
                 nn.InstanceNorm3d, nn.LocalResponseNorm)
 _EPS_NAMES = ("eps", "variance_epsilon")
 _GROUP_NAMES = ("num_groups", "groups")
-_FLOAT64_RTOL = 1e-6
-# Units in the last place allowed between two correct roundings of the same normalization.
-_ULPS = 8
-# Inputs of size sqrt(eps) make eps matter most (eps on the std vs the variance), large ones
-# make it vanish.
-_SCALES = (1.0, 1e-3, 1e4)
 _ROOT = "(root)"
 
 
 @dataclasses.dataclass
 class FuseNormsReport:
-    """What :func:`fuse_norms_with_report` did: ``replaced`` and ``refused`` submodules, by name."""
+    """What was replaced and refused, and why.
+
+    From :func:`fuse_norms_with_report` the entries name submodules (``{"module", "as"}``,
+    ``{"module", "reason"}``); from :func:`normfold.torch.fuse_norm_calls_with_report` they name
+    fx nodes (``{"node", "as"}`` with ``"kept"`` for an affine left in the graph, ``{"node",
+    "reason"}``).
+    """
 
     replaced: list[dict[str, str]] = dataclasses.field(default_factory=list)
     refused: list[dict[str, str]] = dataclasses.field(default_factory=list)
@@ -107,24 +110,36 @@ def _eps_attribute(module: nn.Module) -> str | None:
     return next((n for n in _EPS_NAMES if isinstance(getattr(module, n, None), float)), None)
 
 
+def _eps(module: nn.Module) -> float | None:
+    name = _eps_attribute(module)
+    if name is not None:
+        return float(getattr(module, name))
+    try:
+        traced = fx.symbolic_trace(module)
+    except Exception:  # noqa: BLE001  (fx raises TraceError, TypeError, ...: then there is no literal to read)
+        return None
+    found = set(norm_eps_literals(traced.graph))
+    return found.pop() if len(found) == 1 else None
+
+
 def _replacement(module: nn.Module) -> nn.Module | str:
     """The torch normalization that computes what ``module`` computes, or why there is none."""
     params = list(module.parameters(recurse=False))
     if not 1 <= len(params) <= 2 or any(p.shape != params[0].shape for p in params):
         shapes = ", ".join(str(tuple(p.shape)) for p in params) or "none"
         return f"parameters are not a normalization's affine (a weight and an optional bias of one shape): {shapes}"
-    eps_name = _eps_attribute(module)
-    if eps_name is None:
-        return "no float eps or variance_epsilon attribute to carry over"
-    eps = float(getattr(module, eps_name))
+    eps = _eps(module)
+    if eps is None:
+        return "no float eps or variance_epsilon attribute, and no one literal eps in its traced forward"
     candidates = _candidates(module, params, eps)
     tried = []
-    for kind, build, probes in candidates:
+    dtype = params[0].dtype
+    for kind, build, shapes in candidates:
         new = build()
-        mismatch = _mismatch(module, new, probes, eps)
-        if mismatch is None:
+        why = mismatch(module, new, base_probes(shapes, len(shapes[0]) - 2), eps, dtype)
+        if why is None:
             return new
-        tried.append(f"{kind}: {mismatch}")
+        tried.append(f"{kind}: {why}")
     return "outputs match no torch normalization (" + "; ".join(tried) + ")"
 
 
@@ -176,49 +191,6 @@ def _candidates(module: nn.Module, params: list[torch.Tensor], eps: float) -> li
 def _copy(target: torch.Tensor, source: torch.Tensor) -> None:
     with torch.no_grad():
         target.copy_(source.to(target.dtype))
-
-
-def _mismatch(original: nn.Module, new: nn.Module, shapes: list[tuple[int, ...]], eps: float) -> str | None:
-    """Why ``new`` does not compute what ``original`` computes on the probes, or None if it does."""
-    dtype = next(original.parameters()).dtype
-    checks = [(torch.float64, _FLOAT64_RTOL)]
-    if dtype != torch.float64:
-        checks.append((dtype, _ULPS * torch.finfo(dtype).eps))
-    generator = torch.Generator().manual_seed(0)
-    for probe_dtype, rtol in checks:
-        a = copy.deepcopy(original).to(probe_dtype).eval()
-        b = copy.deepcopy(new).to(probe_dtype).eval()
-        for shape in shapes:
-            x = torch.randn(shape, generator=generator, dtype=torch.float64)
-            x[(0,) * (len(shape) - len(shapes[0]) + 2)] = 0.0  # an all-zero row (or channel)
-            for scale in (*_SCALES, *([math.sqrt(eps)] if eps > 0 else [])):
-                probe = (x * scale).to(probe_dtype)
-                try:
-                    with torch.no_grad():
-                        want, got = a(probe), b(probe)
-                except Exception as error:  # noqa: BLE001  (any failure on a probe: it is not this norm)
-                    return f"probe {list(shape)} raised {type(error).__name__}: {first_line(error)}"
-                why = _compare(want, got, rtol)
-                if why is not None:
-                    return f"{why} on a {probe_dtype} probe {list(shape)} scaled by {scale:g}"
-    return None
-
-
-def _compare(want: Any, got: torch.Tensor, rtol: float) -> str | None:
-    if not isinstance(want, torch.Tensor):
-        return f"the module returns {type(want).__name__}, not a tensor,"
-    if want.shape != got.shape:
-        return f"output shape {list(want.shape)} != {list(got.shape)}"
-    if want.dtype != got.dtype:
-        return f"output dtype {want.dtype} != {got.dtype}"
-    if not (torch.isfinite(want).all() and torch.isfinite(got).all()):
-        return "non-finite output"
-    want64, got64 = want.double(), got.double()
-    scale = max(float(want64.abs().max()), torch.finfo(want.dtype).tiny)
-    error = float((want64 - got64).abs().max()) / scale
-    if error > rtol:
-        return f"relative error {error:.3g} > {rtol:.3g}"
-    return None
 
 
 def _describe(module: nn.Module) -> str:
