@@ -1,11 +1,11 @@
 """The reference model zoo: small models built in code, in the spellings real model code uses.
 
 Each family module writes its model the way its upstream source does (torchvision's ResNet,
-the ConvNeXt repository's hand-written channels-first LayerNorm, Hugging Face's BERT and LLaMA,
-diffusers' UNet blocks), because normfold's passes must recognise the graphs those spellings
-export to. Every model is built deterministically from a seed, in eval mode, with random
-normalization statistics and affine parameters (never the identity defaults), so that a wrong
-fold changes the outputs.
+the ConvNeXt repository's hand-written channels-first LayerNorm, Hugging Face's BERT, LLaMA,
+T5 and Gemma 3, diffusers' UNet blocks, ultralytics' YOLO, the DiT repository's adaLN blocks),
+because normfold's passes must recognise the graphs those spellings export to. Every model is
+built deterministically from a seed, in eval mode, with random normalization statistics and
+affine parameters (never the identity defaults), so that a wrong fold changes the outputs.
 
 torch is needed to build a model but not to import this package: family modules are imported
 by :func:`build` only. :mod:`normfold.models.export` turns a model into ONNX files with the
@@ -36,6 +36,10 @@ _FAMILIES: dict[str, str] = {
     "bert": "bert",
     "llama": "llama",
     "unet": "unet",
+    "t5": "t5",
+    "gemma": "gemma",
+    "yolo": "yolo",
+    "dit": "dit",
 }
 
 NAMES: tuple[str, ...] = tuple(_FAMILIES)
@@ -58,6 +62,17 @@ class ZooModel:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     dynamic_axes: dict[str, dict[int, str]]
+
+    def half(self) -> ZooModel:
+        """A float16 copy: parameters, buffers and floating example inputs in half precision.
+
+        Integer inputs (token ids, masks) stay as they are; the original is left untouched.
+        """
+        import copy
+
+        module = copy.deepcopy(self.module).half()
+        inputs = tuple(t.half() if t.is_floating_point() else t for t in self.example_inputs)
+        return dataclasses.replace(self, module=module, example_inputs=inputs)
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The example inputs as onnxruntime feeds (name -> numpy array)."""

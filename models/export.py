@@ -14,6 +14,15 @@ Each :class:`ExportVariant` is one set of ``torch.onnx.export`` settings found i
 - ``ts17-static``: like ``ts17`` with no symbolic axes.
 - ``dynamo18``, ``dynamo18-noopt``: the torch.export-based exporter at opset 18, with and
   without its onnxscript optimizer (which folds BatchNorm into Conv itself).
+- ``dynamo23``: the same at opset 23, the one opset where onnxscript's ``onnx_fusions`` acts.
+  Its optimizer writes the ops opset 23 has: LayerNormalization, GroupNormalization-21,
+  RMSNormalization-23 for the HF RMSNorm spellings (T5's, LLaMA's, Gemma's), RotaryEmbedding-23
+  for LLaMA-style rotary embeddings (see :data:`KNOWN_FAILURES`). Exported for every family,
+  the convolutional ones included, as the benchmarks use it.
+- ``ts17-fp16``: like ``ts17`` with the model and its floating inputs in float16
+  (:meth:`ZooModel.half`), as users export for half-precision inference. Every family runs in
+  float16 on torch 2.13's CPU and onnxruntime 1.32's CPU provider (checked by the zoo tests
+  against the float16 torch module).
 
 All but ``-static`` variants give inputs and outputs the symbolic axes of the model's
 ``dynamic_axes`` ("batch", and "seq" for the transformers); :func:`export` checks that they do,
@@ -21,10 +30,11 @@ and that the file passes ``onnx.checker``, before the file appears. :data:`DEFAU
 (``ts13-keepbn``) keeps BatchNorms and decomposed LayerNorms in the graph, which is what
 ``normfold optimize --example`` shows off.
 
-Every (model, variant) pair of the zoo exports with torch 2.13.0; :data:`KNOWN_FAILURES` lists
-the pairs that do not, and :func:`export` refuses them with the reason. Files are written
-atomically (into a temporary folder beside the target, then renamed), so a reader in another
-process never sees half a file. The exporters' warnings, log lines and prints are silenced.
+Every (model, variant) pair of the zoo exports with torch 2.13.0 to a file onnxruntime 1.32
+runs, except the pairs in :data:`KNOWN_FAILURES`, which :func:`export` refuses with the reason.
+Files are written atomically (into a temporary folder beside the target, then renamed), so a
+reader in another process never sees half a file. The exporters' warnings, log lines and prints
+are silenced.
 
 Models over 2 GB export with both exporters into ``<name>.data`` beside the model (measured: a
 618M-parameter LLaMA, 2.5 GB, in about 50 s and 5.5 GB of memory with either exporter).
@@ -47,6 +57,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
+import inspect
 import io
 import logging
 import os
@@ -80,6 +91,7 @@ class ExportVariant:
     initializers_as_inputs: bool = False
     optimize: bool = True
     dynamic: bool = True
+    half: bool = False
 
 
 VARIANTS: dict[str, ExportVariant] = {
@@ -96,13 +108,21 @@ VARIANTS: dict[str, ExportVariant] = {
         ExportVariant("ts17-static", "torchscript", 17, dynamic=False),
         ExportVariant("dynamo18", "dynamo", 18),
         ExportVariant("dynamo18-noopt", "dynamo", 18, optimize=False),
+        ExportVariant("dynamo23", "dynamo", 23),
+        ExportVariant("ts17-fp16", "torchscript", 17, half=True),
     )
 }
 
 DEFAULT_VARIANT = "ts13-keepbn"
 
-# (model, variant) -> why torch 2.13.0 cannot export it. Empty: every pair exports.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+# (model, variant) -> why torch 2.13.0 gives no file that onnxruntime 1.32 runs.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    (name, "dynamo23"): (
+        "the exporter's RotaryEmbedding-23 nodes get cos/sin caches of batch 1 (position_ids are "
+        "arange(seq).unsqueeze(0), as in HF), which onnxruntime rejects at batch > 1"
+    )
+    for name in ("llama", "gemma")
+}
 
 _QUIET_LOGGERS = ("torch", "onnxscript", "onnx_ir")
 
@@ -125,6 +145,8 @@ def export(zoo: ZooModel | str, variant: str | ExportVariant, path: str | os.Pat
         _refuse_known_failure(zoo, chosen)
         zoo = build(zoo)
     _refuse_known_failure(zoo.name, chosen)
+    if chosen.half:
+        zoo = zoo.half()
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
@@ -177,7 +199,7 @@ def cached_export(
         raise InputError(f"the model zoo ({name}) needs torch: {TORCH_HINT}") from None
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256()
-    for module in (family_module(name), "normfold.models._common", __name__):
+    for module in _zoo_sources(name):
         source = importlib.import_module(module).__file__
         digest.update(Path(source).read_bytes() if source else module.encode())
     # The dynamo exporter translates through onnxscript; both exporters build onnx protos.
@@ -193,6 +215,16 @@ def cached_export(
     return export(build(name, seed=seed, **size), chosen, path)
 
 
+def _zoo_sources(name: str) -> list[str]:
+    """The zoo modules that define model ``name`` and its export: its family module, the zoo
+    modules that one takes code from (Gemma's rotary embedding is LLaMA's), this module."""
+    family = importlib.import_module(family_module(name))
+    used = {getattr(value, "__module__", None) for value in vars(family).values()}
+    used |= {value.__name__ for value in vars(family).values() if inspect.ismodule(value)}
+    zoo = {m for m in used if isinstance(m, str) and m.startswith("normfold.models")}
+    return [family.__name__, *sorted(zoo - {family.__name__}), __name__]
+
+
 def _variant(variant: str | ExportVariant) -> ExportVariant:
     if isinstance(variant, ExportVariant):
         return variant
@@ -204,7 +236,9 @@ def _variant(variant: str | ExportVariant) -> ExportVariant:
 def _refuse_known_failure(name: str, variant: ExportVariant) -> None:
     reason = KNOWN_FAILURES.get((name, variant.name))
     if reason:
-        raise InputError(f"{name} cannot be exported with {variant.name} by torch 2.13: {reason}")
+        raise InputError(
+            f"{name} cannot be exported with {variant.name} (torch 2.13, onnxruntime 1.32): {reason}"
+        )
 
 
 def _export_torchscript(zoo: ZooModel, variant: ExportVariant, path: Path) -> None:

@@ -73,6 +73,16 @@ def apply_rotary_pos_emb(
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
+def decoder_inputs(
+    input_ids: torch.Tensor, hidden_states: torch.Tensor, rotary_emb: LlamaRotaryEmbedding
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """RoPE's (cos, sin) for the positions of ``input_ids``, and the additive causal mask."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    dtype = hidden_states.dtype
+    causal = (positions[None, :] > positions[:, None]).to(dtype) * torch.finfo(dtype).min
+    return rotary_emb(hidden_states, positions.unsqueeze(0)), causal[None, None, :, :]
+
+
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim)."""
     if n_rep == 1:
@@ -170,12 +180,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        position_ids = positions.unsqueeze(0)
-        dtype = hidden_states.dtype
-        causal = (positions[None, :] > positions[:, None]).to(dtype) * torch.finfo(dtype).min
-        causal = causal[None, None, :, :]
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings, causal = decoder_inputs(input_ids, hidden_states, self.rotary_emb)
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, causal)
         return self.lm_head(self.norm(hidden_states))

@@ -9,11 +9,13 @@ ones; the per-channel affine that follows (``* w[C,1,1] + b[C,1,1]``) is absorbe
 :mod:`normfold.passes.fuse_norm_affine`. ``GroupNorm(1, C)`` is the case G = 1.
 
 Target ``onnxruntime``: its CPU provider runs GroupNormalization-21 as a function of primitive
-ops, measured 2x slower than Reshape + InstanceNormalization + Reshape (1330 vs 3128 us at
-1x320x64x64 with 32 groups, 43 vs 94 us at 1x64x32x32, one thread, optimizations off and on
-alike); com.microsoft GroupNorm has no CPU kernel. So for that target a hand-written GroupNorm
-becomes the InstanceNormalization form (``by_op``: InstanceNormalization), and the
-InstanceNormalization spelling is left as it is (refused with that reason).
+ops, measured 2.5x slower than Reshape + InstanceNormalization + Reshape (4057 vs 1591 us at
+1x320x64x64 with 32 groups, one thread, optimizations off and on alike; the hand-written graph
+2579 us; ``python -m benchmarks.norm_ops``); com.microsoft GroupNorm has no CPU kernel. So for
+that target a hand-written GroupNorm becomes the InstanceNormalization form (``by_op``:
+InstanceNormalization), the InstanceNormalization spelling is left as it is (refused with
+that reason), and a float32 GroupNormalization-21 an exporter wrote (dynamo at opset 23) is
+respelled in that form (:class:`GroupNormToInstanceForm`).
 
 Preconditions (each refused with its reason): x has a known rank of at least 3 and a static
 channel count C; the first Reshape's result has x's batch dim (same int or symbol), G groups
@@ -25,7 +27,7 @@ eps is an exact scalar constant; intermediates have no outside readers; opset 21
 
 from __future__ import annotations
 
-__all__ = ["GroupNormFusion", "group_norm_rules"]
+__all__ = ["GroupNormFusion", "GroupNormToInstanceForm", "group_norm_rules"]
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +37,7 @@ from onnxscript.rewriter._basics import MatchResult
 from normfold.passes import _norm_checks as checks
 from normfold.passes import _norm_patterns as patterns
 from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes._fold_graph import opset_of
 from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import FusedNorm, emit
 
@@ -97,7 +100,7 @@ class GroupNormFusion(NormRule):
         if bindings.get("inorm") is not None and self.options.target == "onnxruntime":
             return fail(
                 "already Reshape + InstanceNormalization + Reshape, the form onnxruntime's CPU provider "
-                "runs fastest (GroupNormalization-21 measured 2x slower)"
+                "runs fastest (GroupNormalization-21 measured 2.5x slower)"
             )
         x_dims = checks.dims(x)
         if x.dtype not in checks.FLOAT_TYPES:
@@ -158,5 +161,56 @@ class GroupNormFusion(NormRule):
         return emit(op, self.spec, self.state.namer)
 
 
+class GroupNormToInstanceForm(NormRule):
+    """Target ``onnxruntime``: a float32 GroupNormalization-21 becomes the InstanceNormalization form.
+
+    Preconditions (refused with the reason): the node is GroupNormalization-21 or later (18's
+    scale and bias are per group); x is float32 (the form computes in x's dtype, the op in
+    ``stash_type``'s) of known rank >= 3 with a static channel count; scale and bias are constants
+    of shape (C,); eps is exact in a float attribute.
+    """
+
+    def pattern(self, op, x, scale, bias):
+        return op.GroupNormalization(x, scale, bias, _allow_other_attributes=True)
+
+    def check(self, context, x, scale, bias, **_) -> MatchResult:
+        fail = MatchResult().fail
+        node = context.root
+        if opset_of(node, context.model) < 21:
+            return fail("GroupNormalization before opset 21 scales per group, not per channel: left as it is")
+        if x.dtype != ir.DataType.FLOAT:
+            return fail(f"GroupNormalization of {x.dtype} computes in its stash_type: left as it is")
+        x_dims = checks.dims(x)
+        if x_dims is None or len(x_dims) < 3 or not isinstance(x_dims[1], int):
+            return fail(f"input {x.name!r} has shape {x_dims}: no (N, C, ...) with a static C")
+        channels, groups = x_dims[1], node.attributes.get_int("num_groups", 0)
+        gamma, beta = checks.constant(scale), checks.constant(bias)
+        if gamma is None or beta is None or gamma.shape != (channels,) or beta.shape != (channels,):
+            return fail(f"scale and bias are not constants of shape ({channels},)")
+        epsilon = node.attributes.get_float("epsilon", 1e-5)
+        if groups < 1 or channels % groups or not checks.float32_exact(epsilon):
+            return fail(f"num_groups {groups} does not split {channels} channels, or eps {epsilon!r} is not exact")
+        spec = FusedNorm(
+            op_type="InstanceNormalization",
+            x=x,
+            axes=tuple(range(1, len(x_dims))),
+            affine_axes=(1,),
+            affine_shape=(channels,),
+            epsilon=epsilon,
+            scale=gamma.astype(np.float64),
+            bias=beta.astype(np.float64),
+            groups=groups,
+            site=node.name or node.op_type,
+            spelling="GroupNormalization-21 in the graph",
+        )
+        return self.accept(context, spec, kept=node.outputs)
+
+    def rewrite(self, op, **_):
+        return emit(op, self.spec, self.state.namer)
+
+
 def group_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    return [GroupNormFusion(record, options, state)]
+    rules: list[NormRule] = [GroupNormFusion(record, options, state)]
+    if options.target == "onnxruntime":
+        rules.append(GroupNormToInstanceForm(record, options, state))
+    return rules

@@ -1,14 +1,14 @@
 """Residual Add + LayerNorm/RMSNorm becomes onnxruntime's Skip op (target ``onnxruntime`` only).
 
 Off by default, because it is slower. Measured with onnxruntime 1.32's CPU provider
-(1x128x768 float32, graph optimizations off; one thread, two threads in brackets),
-com.microsoft SkipLayerNormalization takes 607 us (311) where Add + LayerNormalization take
-110 us (68): 5.5x slower, float16 alike, with or without beta/bias, any eps. With
-``ORT_ENABLE_ALL`` onnxruntime makes that fusion itself, so there both graphs take 607 us.
-SkipSimplifiedLayerNormalization takes 110 us (62) where Add + SimplifiedLayerNormalization or
-Add + RMSNormalization-23 take 89-90 us (58-60); onnxruntime does not make that fusion on CPU.
-(``python -m benchmarks.latency`` measures these.) So by default every site that would qualify
-is refused with that reason; ``FuseNormPass(skip_ops=True)`` emits the ops.
+(``python -m benchmarks.norm_ops``: 1x128x768 float32, one thread, graph optimizations off),
+com.microsoft SkipLayerNormalization takes 812 us where Add + LayerNormalization take 108 us:
+7.5x slower (6.4x at two threads; float16 alike, with or without beta/bias, any eps). With
+``ORT_ENABLE_ALL`` onnxruntime makes that fusion itself, so there every spelling takes about
+900 us. SkipSimplifiedLayerNormalization takes 134 us where Add + SimplifiedLayerNormalization
+or Add + RMSNormalization-23 take 74 us (1.8x; onnxruntime does not make that fusion on CPU).
+So by default every site that would qualify is refused with that reason;
+``FuseNormPass(skip_ops=True)`` emits the ops.
 
 Rule. For ``y = LayerNormalization(a + b, gamma, beta)`` (``SimplifiedLayerNormalization(a + b,
 gamma)`` or ``RMSNormalization(a + b, gamma)``) over the last axis — fused by this pass or
@@ -46,9 +46,9 @@ _SKIP_OP = {
 }
 _SKIP_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 _SLOWER = {
-    "SkipLayerNormalization": "measured 5.5x slower on onnxruntime 1.32's CPU provider (607 vs 110 us at 1x128x768)",
-    "SkipSimplifiedLayerNormalization": "measured 1.2x slower on onnxruntime 1.32's CPU provider "
-    "(110 vs 89 us at 1x128x768)",
+    "SkipLayerNormalization": "measured 7.5x slower on onnxruntime 1.32's CPU provider (812 vs 108 us at 1x128x768)",
+    "SkipSimplifiedLayerNormalization": "measured 1.8x slower on onnxruntime 1.32's CPU provider "
+    "(134 vs 74 us at 1x128x768)",
 }
 
 

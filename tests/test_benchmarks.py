@@ -4,16 +4,21 @@ Each trap's model goes through ``normfold.optimize`` (no verification inside, so
 own judgement decides) and is judged the way the benchmark judges every tool: onnxruntime with
 optimizations off on the trap's exposing inputs, the interface compared by name and type, and
 ``onnx.checker`` on the output. The other tools are not run here (they belong to the benchmark).
+
+The normalization-op benchmark (``benchmarks.norm_ops``) runs at small sizes: every spelling of
+every case loads, runs and computes what the case's first spelling computes; no speed asserted.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
 import pytest
 
 import normfold
+from benchmarks import norm_ops
 from benchmarks.traps import TRAPS, judge
 
 
@@ -50,3 +55,38 @@ def test_a_dropped_initializer_input_is_an_interface_change(tmp_path: Path) -> N
     del model.graph.input[1:]
     onnx.save(model, out)
     assert judge(source, out, feeds).status == "iface"
+
+
+def test_norm_ops_times_every_spelling_and_they_agree(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "norm_ops.json"
+    argv = ["--sizes", "small", "--runs", "1", "--warmup", "0", "--threads", "1", "--block-ms", "2", "--json", str(out)]
+    assert norm_ops.main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    for case in norm_ops.CASES.values():
+        assert any(line.startswith(f"{case.name} ") for line in printed.splitlines()), case.name
+        for spelling in case.spellings:
+            mine = [r for r in rows if r["case"] == case.name and r["spelling"] == spelling.name]
+            assert [(r["opt"], r["threads"]) for r in mine] == [("off", 1), ("on", 1)], (case.name, spelling.name)
+            for row in mine:
+                assert row["error"] is None, (case.name, spelling.name, row["error"])
+                assert row["median_us"] > 0 and row["vs_first"] > 0
+                assert row["max_rel"] < 1e-4, (case.name, spelling.name, row["max_rel"])
+
+
+def test_norm_ops_lists_a_failing_or_disagreeing_spelling() -> None:
+    # The check must be able to fail: a spelling onnxruntime cannot run, one that computes
+    # something else.
+    rms = norm_ops.CASES["rmsnorm"]
+    case = norm_ops.Case("broken", ("x",), rms.sizes, (
+        rms.spellings[0],
+        norm_ops.Spelling("times-two", 17, lambda g, size: g.op("Mul", "x", g.const(2.0))),
+        norm_ops.Spelling("unknown-op", 17, lambda g, size: g.op("NoSuchNormalization", "x")),
+    ))
+    size = case.sizes["small"]
+    results = norm_ops.measure([(case, size)], threads=(1,), runs=1, warmup=0, block_ms=1)
+    rows = {(r.spelling, r.opt): r for r in results["broken"]}
+    assert rows["times-two", "off"].max_rel > 0.1 and rows["times-two", "off"].error is None
+    assert "NoSuchNormalization" in rows["unknown-op", "off"].error
+    assert not rows["unknown-op", "on"].times_us
+    assert "fails: " in norm_ops.table(results, {"broken": size})

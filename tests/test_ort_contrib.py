@@ -131,3 +131,38 @@ def test_target_onnxruntime_fuses_at_the_models_opset(name: str, fused_op: str, 
     # Target onnx raises the opset for the standard op, and refuses the sites when it may not.
     portable = optimize(source, target="onnx", max_opset=13, passes=["fuse-norm"])
     assert not any(n.op_type == fused_op for n in portable.model.graph)
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_group_normalization_21_respelled_for_onnxruntime(dtype: int) -> None:
+    from normfold.passes import PassOptions
+    from normfold.passes.fuse_norm import FuseNormPass
+
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    rng = np.random.default_rng(1)
+    channels = 6
+    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=3, epsilon=1e-5, name="gn")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", dtype, ["batch", channels, 5, 4])],
+        [helper.make_tensor_value_info("y", dtype, ["batch", channels, 5, 4])],
+        [
+            onnx.numpy_helper.from_array(rng.uniform(-2, 2, channels).astype(np_dtype), "s"),
+            onnx.numpy_helper.from_array(rng.uniform(-1, 1, channels).astype(np_dtype), "b"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    model = ir.from_proto(proto)
+    fuse = FuseNormPass(PassOptions(target="onnxruntime"))
+    fuse(model)
+    io.check(model, "fused", full_check=True)
+    ops = [n.op_type for n in model.graph]
+    if dtype == TensorProto.FLOAT16:
+        assert ops == ["GroupNormalization"]
+        assert "stash_type" in fuse.record.refused[0]["reason"]
+        return
+    assert "GroupNormalization" not in ops and ops.count("InstanceNormalization") == 1
+    x = rng.standard_normal((2, channels, 5, 4)).astype(np_dtype)
+    want, got = runtime.run(proto, {"x": x})["y"], runtime.run(model, {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
