@@ -61,7 +61,7 @@ FUSED_NORM_OPS = (
     # onnxruntime writes its own ops in the ONNX domain too; no ONNX opset defines this one.
     "SimplifiedLayerNormalization",
 )
-DEFAULT_MODELS = ("resnet", "mobilenetv2", "vgg", "convnext", "bert", "llama", "unet")
+DEFAULT_MODELS = ("resnet", "mobilenetv2", "vgg", "convnext", "bert", "llama", "unet", "t5", "gemma", "yolo", "dit")
 DEFAULT_VARIANTS = ("ts13-keepbn", "ts13-inputs", "dynamo23")
 DEFAULT_TOOLS = (
     "normfold", "normfold-ort", "onnxscript", "onnxscript-fusions", "onnxscript-ort", "ort-basic",
