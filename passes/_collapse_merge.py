@@ -116,27 +116,43 @@ class _CollapseRule(RecordingRule):
             )
 
 
-class MergeConvConv(_CollapseRule):
-    """``Conv(Conv(x))`` → ``Conv'(x)``."""
+class _ChainRule(_CollapseRule):
+    """``op(op(x))`` → ``op'(x)``, for the ``op_type`` of the subclass, whose :meth:`_merge` says
+    how two of them compose (or raises :class:`Refusal`). The first one's output must have no
+    other reader."""
+
+    op_type: str
 
     def pattern(self, op: Any, x: Any) -> Any:
-        inner = op.Conv(x, _allow_other_inputs=True, _outputs=["mid"])
-        return op.Conv(inner, _allow_other_inputs=True, _outputs=["out"])
+        inner = getattr(op, self.op_type)(x, _allow_other_inputs=True, _outputs=["mid"])
+        return getattr(op, self.op_type)(inner, _allow_other_inputs=True, _outputs=["out"])
 
     def check(self, context: Any, x: ir.Value, mid: ir.Value, out: ir.Value, **_: Any) -> MatchResult:
         first, second = mid.producer(), out.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
         try:
             if (seen := other_reader(mid, {second})) is not None:
                 raise Refusal(f"{describe(first)} output is also read by {seen}")
-            a, b = read_conv(first, reads), read_conv(second, reads)
-            if a.out_channels != b.in_channels or len(a.kernel) != len(b.kernel):
-                raise Refusal(f"{describe(first)} and {describe(second)} do not chain")
-            self._check_cost(f"{describe(first)} and {describe(second)}", *merge.compose_macs(a, b))
+            merged = self._merge(first, second, Reads(self.options.freeze_initializer_inputs))
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, second)
-        self._plan = (first, second, a, b)
+        self._plan = (first, second, *merged)
         return MatchResult()
+
+    def _merge(self, first: ir.Node, second: ir.Node, reads: Reads) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+
+class MergeConvConv(_ChainRule):
+    """``Conv(Conv(x))`` → ``Conv'(x)``."""
+
+    op_type = "Conv"
+
+    def _merge(self, first: ir.Node, second: ir.Node, reads: Reads) -> tuple[Any, ...]:
+        a, b = read_conv(first, reads), read_conv(second, reads)
+        if a.out_channels != b.in_channels or len(a.kernel) != len(b.kernel):
+            raise Refusal(f"{describe(first)} and {describe(second)} do not chain")
+        self._check_cost(f"{describe(first)} and {describe(second)}", *merge.compose_macs(a, b))
+        return a, b
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
         first, second, a, b = self._plan
@@ -192,34 +208,24 @@ class ConvShortcut(_CollapseRule):
         return _typed(_emit_conv(op, x, merged, conv, self._fresh, conv.name), add.outputs[0])
 
 
-class MergeGemmGemm(_CollapseRule):
+class MergeGemmGemm(_ChainRule):
     """``Gemm(Gemm(x))`` → ``Gemm'(x)``."""
 
-    def pattern(self, op: Any, x: Any) -> Any:
-        inner = op.Gemm(x, _allow_other_inputs=True, _outputs=["mid"])
-        return op.Gemm(inner, _allow_other_inputs=True, _outputs=["out"])
+    op_type = "Gemm"
 
-    def check(self, context: Any, x: ir.Value, mid: ir.Value, out: ir.Value, **_: Any) -> MatchResult:
-        first, second = mid.producer(), out.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            if (seen := other_reader(mid, {second})) is not None:
-                raise Refusal(f"{describe(first)} output is also read by {seen}")
-            if attribute(second, "transA", 0):
-                raise Refusal(f"{describe(second)} transposes its input (transA=1)")
-            b1, c1, alpha1, beta1 = _gemm_terms(first, reads)
-            b2, c2, alpha2, beta2 = _gemm_terms(second, reads)
-            if b1.shape[1] != b2.shape[0]:
-                raise Refusal(f"{describe(first)} and {describe(second)} do not chain")
-            (width, mid_width), out_width = b1.shape, b2.shape[1]
-            self._check_cost(f"{describe(first)} and {describe(second)}",
-                             width * mid_width + mid_width * out_width, width * out_width)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, second)
+    def _merge(self, first: ir.Node, second: ir.Node, reads: Reads) -> tuple[Any, ...]:
+        if attribute(second, "transA", 0):
+            raise Refusal(f"{describe(second)} transposes its input (transA=1)")
+        b1, c1, alpha1, beta1 = _gemm_terms(first, reads)
+        b2, c2, alpha2, beta2 = _gemm_terms(second, reads)
+        if b1.shape[1] != b2.shape[0]:
+            raise Refusal(f"{describe(first)} and {describe(second)} do not chain")
+        (width, mid_width), out_width = b1.shape, b2.shape[1]
+        self._check_cost(f"{describe(first)} and {describe(second)}",
+                         width * mid_width + mid_width * out_width, width * out_width)
         weight = alpha1 * alpha2 * (b1 @ b2)
         bias = alpha2 * beta1 * (np.broadcast_to(c1, c1.shape[:-1] + (b1.shape[1],)) @ b2) + beta2 * c2
-        self._plan = (first, second, weight, bias)
-        return MatchResult()
+        return weight, bias
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
         first, second, weight, bias = self._plan
