@@ -126,17 +126,25 @@ _TOKEN_OUT = {"y": {0: "batch", 1: "seq"}}
 _IMAGE_OUT = {"y": {0: "batch"}}
 
 
+class _HandNorm(nn.Module):
+    """What every hand-written spelling here holds: a non-trivial ``weight`` of ``shape``, a
+    ``bias`` (None when ``bias`` is False) and ``eps``; subclasses write only ``forward``."""
+
+    def __init__(self, shape: tuple[int, ...], eps: float, *, bias: bool) -> None:
+        super().__init__()
+        self.weight = _uniform(*shape)
+        self.bias = nn.Parameter(torch.empty(*shape).uniform_(-0.5, 0.5)) if bias else None
+        self.eps = eps
+
+
 # --- LayerNorm spellings ------------------------------------------------------------------
 
 
-class HandLayerNorm(nn.Module):
+class HandLayerNorm(_HandNorm):
     """BERT's original TF-style LayerNorm (also ConvNeXt's, channels-last): Pow 2, Div, eps 1e-12."""
 
     def __init__(self, dim: int, eps: float = 1e-12, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.bias = nn.Parameter(torch.empty(dim).uniform_(-0.5, 0.5)) if bias else None
-        self.eps = eps
+        super().__init__((dim,), eps, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = x.mean(-1, keepdim=True)
@@ -146,14 +154,11 @@ class HandLayerNorm(nn.Module):
         return x + self.bias if self.bias is not None else x
 
 
-class RsqrtLayerNorm(nn.Module):
+class RsqrtLayerNorm(_HandNorm):
     """Mul(d, d) squares and ``d * rsqrt(var + eps)``, affine written ``x * w + b``."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.bias = nn.Parameter(torch.empty(dim).uniform_(-0.5, 0.5))
-        self.eps = eps
+        super().__init__((dim,), eps, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x - x.mean(-1, keepdim=True)
@@ -161,14 +166,11 @@ class RsqrtLayerNorm(nn.Module):
         return d * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
-class VarMeanLayerNorm(nn.Module):
+class VarMeanLayerNorm(_HandNorm):
     """``torch.var_mean(correction=0)`` then ``(x - mean) / sqrt(var + eps)``."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.bias = nn.Parameter(torch.empty(dim).uniform_(-0.5, 0.5))
-        self.eps = eps
+        super().__init__((dim,), eps, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)
@@ -190,14 +192,11 @@ class DiTModulatedNorm(nn.Module):
         return self.norm(x) * (1 + scale) + shift
 
 
-class LastTwoAxesLayerNorm(nn.Module):
+class LastTwoAxesLayerNorm(_HandNorm):
     """A hand-written LayerNorm over the last two axes, with a (H, W) affine."""
 
     def __init__(self, shape: tuple[int, int], eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = _uniform(*shape)
-        self.bias = nn.Parameter(torch.empty(*shape).uniform_(-0.5, 0.5))
-        self.eps = eps
+        super().__init__(shape, eps, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = x.mean((-2, -1), keepdim=True)
@@ -205,14 +204,11 @@ class LastTwoAxesLayerNorm(nn.Module):
         return (x - u) / torch.sqrt(s + self.eps) * self.weight + self.bias
 
 
-class ChannelsFirstLayerNorm(nn.Module):
+class ChannelsFirstLayerNorm(_HandNorm):
     """ConvNeXt's channels-first LayerNorm over axis 1 of NCHW (not a last-axis LayerNorm)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.bias = nn.Parameter(torch.empty(dim).uniform_(-0.5, 0.5))
-        self.eps = eps
+        super().__init__((dim,), eps, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = x.mean(1, keepdim=True)
@@ -221,14 +217,11 @@ class ChannelsFirstLayerNorm(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
-class UpcastLayerNorm(nn.Module):
+class UpcastLayerNorm(_HandNorm):
     """Mixed precision: normalize in float32, cast back, then the half-precision affine."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.bias = nn.Parameter(torch.empty(dim).uniform_(-0.5, 0.5))
-        self.eps = eps
+        super().__init__((dim,), eps, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -297,13 +290,11 @@ class GemmaRMSNorm(nn.Module):
         return output.type_as(x)
 
 
-class DivRMSNorm(nn.Module):
+class DivRMSNorm(_HandNorm):
     """``x / sqrt(mean(x^2) + eps) * w``: the Div spelling."""
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.eps = eps
+        super().__init__((dim,), eps, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
@@ -353,15 +344,12 @@ class ResidualRMSNorm(nn.Module):
 # --- GroupNorm spellings ------------------------------------------------------------------
 
 
-class HandGroupNorm(nn.Module):
+class HandGroupNorm(_HandNorm):
     """GroupNorm written by hand: view, mean, biased var, normalize, view back, affine."""
 
     def __init__(self, groups: int, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
+        super().__init__((channels,), eps, bias=True)
         self.groups = groups
-        self.weight = _uniform(channels)
-        self.bias = nn.Parameter(torch.empty(channels).uniform_(-0.5, 0.5))
-        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -399,26 +387,22 @@ class AnnotatedTransformerNorm(nn.Module):
         return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
 
 
-class UnbiasedVarNorm(nn.Module):
+class UnbiasedVarNorm(_HandNorm):
     """``(x - mean) / sqrt(x.var(unbiased=True) + eps)``: divides by N - 1, not N."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.eps = eps
+        super().__init__((dim,), eps, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var = x.var(-1, keepdim=True, unbiased=True)
         return (x - x.mean(-1, keepdim=True)) / torch.sqrt(var + self.eps) * self.weight
 
 
-class EpsOnStdNorm(nn.Module):
+class EpsOnStdNorm(_HandNorm):
     """Biased variance, but eps added to the standard deviation instead of the variance."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = _uniform(dim)
-        self.eps = eps
+        super().__init__((dim,), eps, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x - x.mean(-1, keepdim=True)
