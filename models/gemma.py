@@ -29,7 +29,7 @@ from torch import nn
 from normfold.errors import InputError
 from normfold.models import ZooModel
 from normfold.models._common import finish, randomize_norms, seeded
-from normfold.models.llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, decoder_inputs, repeat_kv
+from normfold.models.llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding, decoder_inputs
 
 
 class Gemma3RMSNorm(nn.Module):
@@ -61,56 +61,27 @@ class Gemma3TextScaledWordEmbedding(nn.Embedding):
         return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
 
 
-class Gemma3MLP(nn.Module):
-    """GeGLU: ``down_proj(gelu_pytorch_tanh(gate_proj(x)) * up_proj(x))``."""
+class Gemma3MLP(LlamaMLP):
+    """GeGLU: ``down_proj(gelu_pytorch_tanh(gate_proj(x)) * up_proj(x))``: LLaMA's MLP with GELU."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        super().__init__(hidden, intermediate)
         self.act_fn = nn.GELU(approximate="tanh")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
+class Gemma3Attention(LlamaAttention):
+    """LLaMA's attention with its own ``head_dim`` and RMSNorm on q and k over it, before RoPE.
 
-class Gemma3Attention(nn.Module):
-    """Causal grouped-query attention with RMSNorm on q and k over ``head_dim``, eager path."""
+    The scaling is ``head_dim ** -0.5`` (query_pre_attn_scalar = head_dim).
+    """
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.num_key_value_groups = heads // kv_heads
-        self.scaling = head_dim**-0.5  # query_pre_attn_scalar = head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        super().__init__(hidden, heads, kv_heads, head_dim)
         self.q_norm = Gemma3RMSNorm(dim=head_dim, eps=eps)
         self.k_norm = Gemma3RMSNorm(dim=head_dim, eps=eps)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        query_states = self.q_norm(query_states)
-        key_states = self.k_norm(key_states)
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        key_states = repeat_kv(key_states, self.num_key_value_groups)
-        value_states = repeat_kv(value_states, self.num_key_value_groups)
-        weights = torch.matmul(query_states, key_states.transpose(2, 3)) * self.scaling + attention_mask
-        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query_states.dtype)
-        output = torch.matmul(weights, value_states).transpose(1, 2).contiguous()
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous())
+    def normalize_qk(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(query), self.k_norm(key)
 
 
 class Gemma3DecoderLayer(nn.Module):

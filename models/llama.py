@@ -95,9 +95,9 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
 class LlamaAttention(nn.Module):
     """Causal multi-head (or grouped-query) attention with rotary embeddings, eager path."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int) -> None:
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
         super().__init__()
-        self.head_dim = hidden // heads
+        self.head_dim = head_dim or hidden // heads
         self.num_key_value_groups = heads // kv_heads
         self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
@@ -116,6 +116,7 @@ class LlamaAttention(nn.Module):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = self.normalize_qk(query, key)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         key = repeat_kv(key, self.num_key_value_groups)
@@ -124,6 +125,10 @@ class LlamaAttention(nn.Module):
         weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
         output = torch.matmul(weights, value).transpose(1, 2).contiguous()
         return self.o_proj(output.reshape(*input_shape, -1).contiguous())
+
+    def normalize_qk(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q/k-norm before the rotary embedding: none in LLaMA (Gemma 3 has one)."""
+        return query, key
 
 
 class LlamaMLP(nn.Module):
