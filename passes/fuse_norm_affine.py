@@ -97,27 +97,37 @@ class AbsorbCast(_AbsorbRule):
         return self.accept(context, merged, kept=[cast])
 
 
-class AbsorbScale(_AbsorbRule):
-    """``norm(x) * w`` (``order`` "nw") or ``w * norm(x)`` ("wn")."""
+class _AbsorbOperand(_AbsorbRule):
+    """``norm(x) <op> c`` (``order`` starting with "n") or ``c <op> norm(x)``, for the
+    ``op_type`` of the subclass; ``c`` may come through a CastLike to the normalized dtype."""
+
+    op_type: str
 
     def __init__(self, record: PassRecord, options: PassOptions, state: FusionState, order: str) -> None:
         super().__init__(record, options, state)
         self.order = order
-        self.name = f"AbsorbScale[{order}]"
+        self.name = f"{type(self).__name__}[{order}]"
 
-    def pattern(self, op, n, w):
-        # dynamo writes CastLike(w, n) for a parameter: a cast to n's dtype.
-        operand = pattern.OrValue([op.CastLike(w, n), w])
-        return op.Mul(n, operand) if self.order == "nw" else op.Mul(operand, n)
+    def pattern(self, op, n, c):
+        # dynamo writes CastLike(c, n) for a parameter: a cast to n's dtype.
+        operand = pattern.OrValue([op.CastLike(c, n), c])
+        combine = getattr(op, self.op_type)
+        return combine(n, operand) if self.order.startswith("n") else combine(operand, n)
 
-    def check(self, context, n, w, **_) -> MatchResult:
+
+class AbsorbScale(_AbsorbOperand):
+    """``norm(x) * w`` (``order`` "nw") or ``w * norm(x)`` ("wn")."""
+
+    op_type = "Mul"
+
+    def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
         if isinstance(spec, str):
             return MatchResult().fail(spec)
-        array = checks.constant(w)
+        array = checks.constant(c)
         if array is None:
-            if spec.scale is None and spec.bias is None and _runtime_fits(w, spec):
-                return self.accept(context, dataclasses.replace(spec, scale=w), kept=context.root.outputs)
+            if spec.scale is None and spec.bias is None and _runtime_fits(c, spec):
+                return self.accept(context, dataclasses.replace(spec, scale=c), kept=context.root.outputs)
             return self.mismatch("the multiplier is computed at run time")
         laid_out = checks.affine_operand(_as(array, n), checks.dims(n) or [], spec.affine_axes)
         if isinstance(laid_out, str):
@@ -132,30 +142,23 @@ class AbsorbScale(_AbsorbRule):
         return self.accept(context, dataclasses.replace(spec, scale=scale, bias=bias), kept=context.root.outputs)
 
 
-class AbsorbBias(_AbsorbRule):
+class AbsorbBias(_AbsorbOperand):
     """``norm(x) + b`` (``order`` "nb") or ``b + norm(x)`` ("bn")."""
 
-    def __init__(self, record: PassRecord, options: PassOptions, state: FusionState, order: str) -> None:
-        super().__init__(record, options, state)
-        self.order = order
-        self.name = f"AbsorbBias[{order}]"
+    op_type = "Add"
 
-    def pattern(self, op, n, b):
-        operand = pattern.OrValue([op.CastLike(b, n), b])
-        return op.Add(n, operand) if self.order == "nb" else op.Add(operand, n)
-
-    def check(self, context, n, b, **_) -> MatchResult:
+    def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
         if isinstance(spec, str):
             return MatchResult().fail(spec)
-        array = checks.constant(b)
+        array = checks.constant(c)
         if spec.op_type in RMS_OPS:
             if array is None:
                 return self.mismatch(f"{spec.op_type} has no bias input")
             return MatchResult().fail(f"the constant added after the {spec.op_type} stays apart: it has no bias input")
         if array is None:
-            if spec.bias is None and _runtime_fits(b, spec):
-                return self.accept(context, dataclasses.replace(spec, bias=b), kept=context.root.outputs)
+            if spec.bias is None and _runtime_fits(c, spec):
+                return self.accept(context, dataclasses.replace(spec, bias=c), kept=context.root.outputs)
             return self.mismatch("the bias is computed at run time")
         laid_out = checks.affine_operand(_as(array, n), checks.dims(n) or [], spec.affine_axes)
         if isinstance(laid_out, str):
