@@ -72,12 +72,7 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
             _check_domains(source, "<model>")
         return source
     if isinstance(source, onnx.ModelProto):
-        if check:
-            _check_proto(source, source, "<ModelProto>")
-        model = ir.serde.deserialize_model(source)
-        if check:
-            _check_domains(model, "<ModelProto>")
-        return model
+        return _deserialize(source, source, "<ModelProto>", check)
     path = Path(source)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -90,29 +85,34 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version in the file)")
     _check_external_locations(proto, path)
-    if check:
-        _check_proto(proto, path, str(path))
-    model = ir.serde.deserialize_model(proto)
+    model = _deserialize(proto, path, str(path), check)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
-    if check:
-        _check_domains(model, str(path))
     return model
 
 
-def _check_proto(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: str) -> None:
-    """``onnx.checker`` on ``source``; failing that, on the graph with onnxruntime's
-    ONNX-domain contrib ops opaque, if it has any (else the first failure stands)."""
+def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: str, check: bool) -> ir.Model:
+    """``proto`` as an IR model; with ``check``, checked before (``onnx.checker`` on ``source``)
+    and its op domains after.
+
+    A graph that fails the checker is checked again with onnxruntime's ONNX-domain contrib ops
+    opaque, if it has any (else the first failure stands).
+    """
+    if not check:
+        return ir.serde.deserialize_model(proto)
     try:
         check_model(source, label)
+        model = ir.serde.deserialize_model(proto)
     except InputError:
-        # A graph that fails the checker only reaches the IR here; onnx_ir's warnings about
-        # what is wrong with it would repeat the one-line error.
+        # onnx_ir's warnings about what is wrong with a graph that failed the checker would
+        # repeat the one-line error.
         with _quiet("onnx_ir"):
             model = ir.serde.deserialize_model(proto)
         with ort_contrib.checkable(model) as opaque:
             if not opaque:
                 raise
             _run_checker(weightless_proto(model), label)
+    _check_domains(model, label)
+    return model
 
 
 @contextlib.contextmanager
