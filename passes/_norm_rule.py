@@ -37,6 +37,7 @@ from normfold.passes import _norm_checks as checks
 from normfold.passes._base import PassOptions, PassRecord, RecordingRule
 from normfold.passes._fold_graph import FreshNames
 from normfold.passes._norm_spec import FusedNorm, required_opset
+from normfold.passes.opset import model_opset
 
 
 @dataclasses.dataclass
@@ -81,7 +82,7 @@ class NormRule(RecordingRule):
         if reader is not None:
             return result.fail(reader)
         required = required_opset(spec.op_type, self.options.target)
-        current = context.model.opset_imports.get("", 1)
+        current = model_opset(context.model)
         if self.state.survey:
             self.state.wants.setdefault(context.root, required)
             return self.mismatch("survey")
