@@ -59,7 +59,6 @@ import importlib
 import importlib.metadata
 import inspect
 import io
-import logging
 import os
 import shutil
 import tempfile
@@ -74,6 +73,7 @@ import onnx_ir as ir
 from normfold.errors import InputError, first_line
 from normfold.io import EXTERNAL_DATA_THRESHOLD
 from normfold.models import NAMES, TORCH_HINT, ZooModel, build, family_module
+from normfold.quiet import quiet_loggers
 
 if TYPE_CHECKING:
     import torch
@@ -341,15 +341,6 @@ def _tensor_bytes(module: torch.nn.Module) -> int:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the exporters: Python warnings, torch/onnxscript log lines, prints to stdout."""
-    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in _QUIET_LOGGERS]
-    loggers = [logging.getLogger(n) for n in {*names, *_QUIET_LOGGERS}]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers(*_QUIET_LOGGERS):
         warnings.simplefilter("ignore")
-        for logger in loggers:
-            logger.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
+        yield

@@ -32,12 +32,10 @@ __all__ = [
     "weightless_proto",
 ]
 
-import contextlib
-import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
@@ -47,6 +45,7 @@ from google.protobuf.message import DecodeError
 
 from normfold import ort_contrib
 from normfold.errors import InputError, first_line
+from normfold.quiet import quiet_loggers
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
 
@@ -105,7 +104,7 @@ def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: 
     except InputError:
         # onnx_ir's warnings about what is wrong with a graph that failed the checker would
         # repeat the one-line error.
-        with _quiet("onnx_ir"):
+        with quiet_loggers("onnx_ir"):
             model = ir.serde.deserialize_model(proto)
         with ort_contrib.checkable(model) as opaque:
             if not opaque:
@@ -113,17 +112,6 @@ def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: 
             _run_checker(weightless_proto(model), label)
     _check_domains(model, label)
     return model
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def check_model(model: onnx.ModelProto | Path, label: str) -> None:

@@ -1,0 +1,28 @@
+"""Silencing other libraries' log lines for a block of code.
+
+normfold reports problems itself, in one line; the libraries it calls (torch's exporter,
+onnxscript, onnx_ir) log their own view of the same event, which would repeat or bury it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["quiet_loggers"]
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def quiet_loggers(*prefixes: str) -> Iterator[None]:
+    """Within the block, the loggers named ``prefix`` or ``prefix.*`` log errors only."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in prefixes]
+    loggers = [logging.getLogger(n) for n in {*names, *prefixes}]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
