@@ -23,6 +23,7 @@ the producer's name and attributes (a bare MatMul becomes MatMul + Add, Gemm's `
 from __future__ import annotations
 
 __all__ = [
+    "ProducerFoldRule",
     "ProducerSite",
     "emit_producer",
     "fold_into_producer",
@@ -41,10 +42,12 @@ from onnxscript.rewriter import pattern as _pattern
 
 from normfold.passes import _fold_math as fm
 from normfold.passes._fold_graph import (
+    FoldRule,
     Reads,
     Refusal,
     attribute,
     describe,
+    freeze,
     initializer,
     other_reader,
     rank_of,
@@ -223,3 +226,15 @@ def emit_producer(
         attributes.pop("beta", None)
     inputs = [site.data, new_weight] + ([] if new_bias is None else [new_bias])
     return op.op(site.kind, *inputs, _name=site.node.name, **attributes)
+
+
+class ProducerFoldRule(FoldRule):
+    """A fold into the producer of the matched node: ``check`` leaves ``(node, site, weight, bias,
+    reads, how)`` in ``_plan``; ``rewrite`` freezes what was read, records the site and writes
+    the folded producer."""
+
+    def rewrite(self, op: Any, **_: Any) -> ir.Value:
+        node, site, weight, bias, reads, how = self._plan
+        freeze(reads, self.record)
+        self.record.site(node.name, op=site.kind, into=site.node.name, how=how)
+        return emit_producer(op, site, weight, bias, self._fresh)

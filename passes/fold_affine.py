@@ -35,19 +35,18 @@ from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _fold_math as fm
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, RecordingRule, apply_rules
+from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
     Refusal,
     any_op,
-    freeze,
     other_reader,
     read_constant,
     require_graph,
 )
 from normfold.passes._producer_site import (
-    emit_producer,
+    ProducerFoldRule,
     fold_into_producer,
     linear_node,
     producer_pattern,
@@ -55,7 +54,7 @@ from normfold.passes._producer_site import (
 )
 
 
-class FoldAffineIntoProducer(RecordingRule):
+class FoldAffineIntoProducer(ProducerFoldRule):
     """``op(L(x), c)`` (or ``op(c, L(x))``) → ``L'(x)`` for per-channel constant ``c``."""
 
     def __init__(
@@ -67,14 +66,11 @@ class FoldAffineIntoProducer(RecordingRule):
         ops: frozenset[str],
         constant_first: bool,
     ) -> None:
-        super().__init__(record, options)
+        super().__init__(record, options, fresh, remove_nodes=False)
         order = "first" if constant_first else "second"
         self.name = f"{type(self).__name__}[{'|'.join(sorted(ops))}, constant {order}]"
-        self.remove_nodes = False
-        self._fresh = fresh
         self._ops = ops
         self._constant_first = constant_first
-        self._plan: tuple[Any, ...] | None = None
 
     def pattern(self, op: Any, x: Any) -> Any:
         # Add/Sub after a bare MatMul is that MatMul's bias, not a fold site.
@@ -128,14 +124,8 @@ class FoldAffineIntoProducer(RecordingRule):
             weight, bias = fold_into_producer(site, scale, shift)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, node)
-        self._plan = (node, site, weight, bias, reads)
+        self._plan = (node, site, weight, bias, reads, node.op_type)
         return MatchResult()
-
-    def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        node, site, weight, bias, reads = self._plan
-        freeze(reads, self.record)
-        self.record.site(node.name, op=site.kind, into=site.node.name, how=node.op_type)
-        return emit_producer(op, site, weight, bias, self._fresh)
 
 
 class FoldAffinePass(NormfoldPass):

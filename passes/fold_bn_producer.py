@@ -29,16 +29,14 @@ from typing import Any
 import onnx_ir as ir
 from normfold.passes._base import PassOptions, PassRecord
 from normfold.passes._fold_graph import (
-    FoldRule,
     Reads,
     Refusal,
     batchnorm_affine,
-    freeze,
     opset_of,
     require_graph,
 )
 from normfold.passes._producer_site import (
-    emit_producer,
+    ProducerFoldRule,
     fold_into_producer,
     producer_pattern,
     read_producer,
@@ -46,7 +44,7 @@ from normfold.passes._producer_site import (
 from onnxscript.rewriter._basics import MatchResult
 
 
-class FoldBnIntoProducer(FoldRule):
+class FoldBnIntoProducer(ProducerFoldRule):
     """``BatchNormalization(L(x))`` → ``L'(x)`` for L in Conv, ConvTranspose, Gemm, MatMul."""
 
     def __init__(
@@ -85,11 +83,5 @@ class FoldBnIntoProducer(FoldRule):
             weight, bias = fold_into_producer(site, scale, shift)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
-        self._plan = (bn, site, weight, bias, reads)
+        self._plan = (bn, site, weight, bias, reads, "producer")
         return MatchResult()
-
-    def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        bn, site, weight, bias, reads = self._plan
-        freeze(reads, self.record)
-        self.record.site(bn.name, op=site.kind, into=site.node.name, how="producer")
-        return emit_producer(op, site, weight, bias, self._fresh)
