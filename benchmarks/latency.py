@@ -34,7 +34,7 @@ with its error.
 
 from __future__ import annotations
 
-__all__ = ["CASES", "Case", "main"]
+__all__ = ["CASES", "Case", "main", "ort_reason"]
 
 import argparse
 import dataclasses
@@ -177,7 +177,7 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
             off, on = session(path, threads=threads, prepack=True), session(path, optimize=True, threads=threads)
             outputs = dict(zip(names, off.run(names, feeds)))
         except Exception as exc:  # onnxruntime's own untyped errors: the output does not run
-            timings.append(Timing(tool, "off", [], [], error=_reason(exc)))
+            timings.append(Timing(tool, "off", [], [], error=ort_reason(exc)))
             continue
         print(f"latency: {case.name}: timing {tool}", file=sys.stderr)
         block_on, cand_off, cand_on = _rounds([input_on, off, on], feeds, warmup, runs)
@@ -190,10 +190,10 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
     return timings
 
 
-def _reason(error: Exception) -> str:
-    # Keep onnxruntime's own words, not the temporary file's path.
-    text = str(error).splitlines()[0]
-    for marker in ("failed:", "onnxruntime cannot load the model: "):
+def ort_reason(error: Exception) -> str:
+    """onnxruntime's own words for a failure: not its error-code preamble or the temporary path."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    for marker in ("failed:", "onnxruntime cannot load the model: ", "Status Message: "):
         text = text.split(marker, 1)[-1]
     return text.strip()[:140]
 

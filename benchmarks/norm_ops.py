@@ -67,6 +67,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.latency import ort_reason
 from normfold.runtime import run
 
 LEVELS = ("off", "on")
@@ -338,14 +339,6 @@ class _Timing:
     error: str | None = None
 
 
-def _reason(error: Exception) -> str:
-    # Keep onnxruntime's own words, not its error-code preamble.
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    for marker in ("failed:", "onnxruntime cannot load the model: ", "Status Message: "):
-        text = text.split(marker, 1)[-1]
-    return text.strip()[:140]
-
-
 def _max_rel(reference: np.ndarray, candidate: np.ndarray) -> float:
     if reference.shape != candidate.shape:
         return float("inf")
@@ -362,7 +355,7 @@ def _check(case: Case, size: Size, feeds: dict[str, np.ndarray]) -> list[_Checke
         try:
             (output,) = run(model, feeds).values()
         except Exception as exc:  # noqa: BLE001  (onnxruntime's own untyped errors: this spelling does not run)
-            checked.append(_Checked(spelling.name, None, error=_reason(exc)))
+            checked.append(_Checked(spelling.name, None, error=ort_reason(exc)))
             continue
         if index == 0:
             reference = output
@@ -498,7 +491,7 @@ def _time_plan(folder: Path, threads: int, runs: int, warmup: int, block_ms: flo
                     slot = _Slot(timing, sess, [sess.get_outputs()[0].name])
                     timing.calls_per_block = _calls_per_block(slot, feeds, block_ms / 1000)
                 except Exception as exc:  # noqa: BLE001  (onnxruntime's errors: this level does not run)
-                    timing.error = _reason(exc)
+                    timing.error = ort_reason(exc)
                     continue
                 slots.append(slot)
         if slots:
