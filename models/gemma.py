@@ -29,7 +29,7 @@ from torch import nn
 from normfold.errors import InputError
 from normfold.models import ZooModel
 from normfold.models._common import finish, randomize_norms, seeded
-from normfold.models.llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding, decoder_inputs
+from normfold.models.llama import CausalDecoder, LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
 
 
 class Gemma3RMSNorm(nn.Module):
@@ -116,7 +116,7 @@ class Gemma3DecoderLayer(nn.Module):
         return residual + hidden_states
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalDecoder):
     """Scaled embedding, decoder layers, final RMSNorm, tied LM head; ``input_ids`` -> logits."""
 
     def __init__(
@@ -139,13 +139,6 @@ class Gemma3ForCausalLM(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(head_dim)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
         self.lm_head.weight = self.embed_tokens.weight  # tie_word_embeddings
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        position_embeddings, causal = decoder_inputs(input_ids, hidden_states, self.rotary_emb)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, causal)
-        return self.lm_head(self.norm(hidden_states))
 
 
 def build(

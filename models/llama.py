@@ -73,16 +73,6 @@ def apply_rotary_pos_emb(
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-def decoder_inputs(
-    input_ids: torch.Tensor, hidden_states: torch.Tensor, rotary_emb: LlamaRotaryEmbedding
-) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """RoPE's (cos, sin) for the positions of ``input_ids``, and the additive causal mask."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    dtype = hidden_states.dtype
-    causal = (positions[None, :] > positions[:, None]).to(dtype) * torch.finfo(dtype).min
-    return rotary_emb(hidden_states, positions.unsqueeze(0)), causal[None, None, :, :]
-
-
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim)."""
     if n_rep == 1:
@@ -168,7 +158,29 @@ class LlamaDecoderLayer(nn.Module):
         return residual + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class LlamaModel(nn.Module):
+class CausalDecoder(nn.Module):
+    """The forward LLaMA and Gemma share: ``embed_tokens``, RoPE (``rotary_emb``) and an additive
+    causal mask, ``layers``, the final ``norm``, ``lm_head``; ``input_ids`` -> logits."""
+
+    embed_tokens: nn.Module
+    rotary_emb: LlamaRotaryEmbedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    lm_head: nn.Module
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        dtype = hidden_states.dtype
+        causal = (positions[None, :] > positions[:, None]).to(dtype) * torch.finfo(dtype).min
+        causal = causal[None, None, :, :]
+        position_embeddings = self.rotary_emb(hidden_states, positions.unsqueeze(0))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings, causal)
+        return self.lm_head(self.norm(hidden_states))
+
+
+class LlamaModel(CausalDecoder):
     """Embedding, decoder layers, final RMSNorm, LM head; ``input_ids`` -> logits."""
 
     def __init__(
@@ -183,12 +195,6 @@ class LlamaModel(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(hidden // heads)
         self.lm_head = nn.Linear(hidden, vocab, bias=False)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        position_embeddings, causal = decoder_inputs(input_ids, hidden_states, self.rotary_emb)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, causal)
-        return self.lm_head(self.norm(hidden_states))
 
 
 def build(
