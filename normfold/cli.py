@@ -18,6 +18,7 @@ from pathlib import Path
 from normfold import __version__
 from normfold.collapse_cli import add_collapse_command
 from normfold.errors import InputError, NormfoldError, VerificationError, first_line
+from normfold.quiet import quiet_command
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -29,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
-        return args.run(args)
+        with quiet_command(args.debug):
+            return args.run(args)
     except NormfoldError as error:
         if args.debug:
             raise

@@ -13,6 +13,12 @@ Rule:
   4. Nodes and functions whose outputs nobody reads are removed; the graph is put in
      topological order.
 
+An ``Identity`` whose input is itself an output of the graph stays too: onnx_ir 1.1's
+``IdentityEliminationPass`` would merge the two outputs into one value (a Scan body's carried
+state and its scan output then collapse into one, a wrong graph).
+String tensors are never folded: onnxscript's folder turns them into numpy byte arrays that
+onnx_ir cannot serialize back.
+
 Preconditions: none. A node that reads a graph input is never folded, even when that input
 has an initializer (old exporters' ``keep_initializers_as_inputs``): the user may feed it.
 """
@@ -47,8 +53,9 @@ class CleanupPass(NormfoldPass):
                 shape_inference=False,
                 input_size_limit=_FOLD_INPUT_LIMIT,
                 output_size_limit=_FOLD_OUTPUT_LIMIT,
+                should_fold=_no_strings,
             ),
-            common.IdentityEliminationPass(),
+            _IdentityElimination(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
@@ -60,3 +67,22 @@ class CleanupPass(NormfoldPass):
             self.record.by_op[op_type] = count
             self.record.applied += count
         return result.modified
+
+
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx_ir's pass, keeping ``y = Identity(x)`` when both ``x`` and ``y`` are graph outputs."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if node.inputs else None
+        both_outputs = source is not None and source.is_graph_output() and node.outputs[0].is_graph_output()
+        if node.op_type == "Identity" and both_outputs:
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
+def _no_strings(node: ir.Node) -> bool | None:
+    """False (never fold) for a node that reads or writes a string tensor; else the default."""
+    values = [*node.inputs, *node.outputs]
+    if any(value is not None and value.dtype == ir.DataType.STRING for value in values):
+        return False
+    return None
