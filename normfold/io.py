@@ -169,8 +169,9 @@ def _has_sparse(proto: onnx.ModelProto) -> bool:
 
 
 def check_model(model: onnx.ModelProto | Path, label: str) -> None:
-    """Run ``onnx.checker`` (from the path when given one, so models over 2 GB work)."""
-    _run_checker(str(model) if isinstance(model, Path) else model, label)
+    """Run ``onnx.checker`` with its full check (strict shape inference), from the path when
+    given one, so models over 2 GB work."""
+    _run_checker(str(model) if isinstance(model, Path) else model, label, full_check=True)
 
 
 def check(model: ir.Model, label: str, *, full_check: bool = False) -> None:

@@ -38,6 +38,7 @@ from normfold.passes.collapse import COLLAPSE_SITES, CollapsePass
 from normfold.passes._base import Target
 from normfold.passes.opset import model_opset
 from normfold.verification import VerificationReport
+from normfold.verification import check_runs
 from normfold.verification import verify as run_verification
 
 
@@ -137,8 +138,13 @@ def optimize(
 
 
 def inspect(source: io.ModelLike, *, target: Target = "onnx", max_opset: int | None = None) -> dict[str, Any]:
-    """What ``optimize`` would do to ``source``: its sites and refusals, nothing verified or saved."""
+    """What ``optimize`` would do to ``source``: its sites and refusals, nothing verified or saved.
+
+    ``source`` must load and run once in onnxruntime, as ``optimize`` needs of its input: a file
+    that optimize and verify refuse, inspect refuses too.
+    """
     result = optimize(source, target=target, max_opset=max_opset, verify=False)
+    check_runs(source)
     report = result.report
     report["model"] = report.pop("input")
     del report["output"]
