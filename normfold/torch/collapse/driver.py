@@ -54,7 +54,7 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from normfold.collapse.scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.errors import InputError, first_line
 from normfold.torch.collapse import calibrate, cost
 from normfold.torch.collapse.graph import (
