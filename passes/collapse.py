@@ -1,6 +1,6 @@
 """collapse: TLC layer collapse on an ONNX graph — data-free, approximate, always measured.
 
-Rule (the torch side, :mod:`normfold.torch.collapse`, adds fine-tuning; this pass cannot):
+Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; this pass cannot):
 
 1. A *site* is a ``Relu``, ``LeakyRelu``, ``PRelu`` or ``Clip(0, U)`` (ReLU6) node. Its channel
    statistics come from the ``BatchNormalization`` that alone feeds it (BN mode: ``N(β, γ²)``,

@@ -91,7 +91,7 @@ def _example(args: argparse.Namespace) -> int:
     if args.input:
         raise InputError("collapse: give either IN.onnx or --example, not both")
     from normfold.examples.collapse_example import run
-    from normfold.torch.collapse import format_report
+    from normfold.torch.layer_collapse import format_report
 
     report = run(
         args.example, args.output, report_path=args.report, plot_path=args.plot, epochs=args.epochs,

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from normfold.torch.collapse.linearize import ChannelAffine
+from normfold.torch.layer_collapse.linearize import ChannelAffine
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -45,7 +45,7 @@ from torch import fx, nn
 
 from normfold.math import conv_merge as merge
 from normfold.math.batchnorm import bn_scale_shift
-from normfold.torch.collapse.graph import (
+from normfold.torch.layer_collapse.graph import (
     describe,
     is_add,
     is_batchnorm,
@@ -55,7 +55,7 @@ from normfold.torch.collapse.graph import (
     is_linear,
     module_of,
 )
-from normfold.torch.collapse.linearize import ChannelAffine
+from normfold.torch.layer_collapse.linearize import ChannelAffine
 
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _SHAPE = "collapse_shape"
