@@ -55,6 +55,7 @@ from torch import fx, nn
 from tqdm import tqdm
 
 from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.padding import torch_conv_pads
 from normfold.errors import InputError, first_line
 from normfold.torch.layer_collapse import calibrate, cost
 from normfold.torch.layer_collapse.graph import (
@@ -210,7 +211,7 @@ class _Run:
         linearize_site(gm, name, plan, axis, source=describe(gm, node), like=self.like)
         node = next(n for n in gm.graph.nodes if n.name == name)
         readers = readers_of(gm, node)
-        if pad_first and len(readers) == 1 and is_conv(gm, readers[0]) and any(_padding(module_of(gm, readers[0]))):
+        if pad_first and len(readers) == 1 and is_conv(gm, readers[0]) and _padded(module_of(gm, readers[0])):
             if move_padding(gm, readers[0]) is None:
                 return gm, plan, mode, readers[0].name
         return gm, plan, mode, None
@@ -241,8 +242,8 @@ def _new_refusal(merged: MergeResult, current: MergeResult) -> str | None:
     return next((r for node, r in merged.refused.items() if node not in current.refused), None)
 
 
-def _padding(module: nn.Module) -> tuple[int, ...]:
-    return (0,) if isinstance(module.padding, str) else tuple(module.padding)
+def _padded(module: nn.Module) -> bool:
+    return any(torch_conv_pads(module.padding, module.kernel_size, module.dilation))
 
 
 def collapse(
