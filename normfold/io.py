@@ -25,6 +25,7 @@ __all__ = [
     "check_model",
     "external_data_files",
     "load",
+    "output_path",
     "save",
     "standalone_proto",
     "tensor_bytes",
@@ -193,6 +194,15 @@ def external_data_files(model: ir.Model) -> set[Path]:
     return files
 
 
+def output_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path whose folder exists: what every atomic write (a temporary file or
+    folder beside the target, then a rename) checks first. :class:`InputError` otherwise."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise InputError(f"{target}: folder {target.parent} does not exist")
+    return target
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike,
@@ -210,10 +220,8 @@ def save(
     at a time (memory-mapped ones are copied from their file, never all held at once);
     ``progress`` is called with the bytes of each tensor written.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
+    target = output_path(path)
+    folder = target.parent
     if target.exists() and target.is_dir():
         raise InputError(f"{target}: is a folder")
     if external_data is None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
