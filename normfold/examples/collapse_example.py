@@ -6,8 +6,9 @@
 3. The result is exported to ONNX (TorchScript exporter, opset 17, symbolic batch) and run in
    onnxruntime with optimizations off against the torch model on the test split: the export's
    deviation goes into the report with the test accuracy of the dense and collapsed models.
-4. The report (JSON) and a PNG plot of validation accuracy and batch-1 latency (merged and
-   linearized-but-unmerged) against the activations removed are written beside the model.
+4. The report (JSON) and a PNG plot are written beside the model: validation accuracy with the
+   accuracy floor and the undone step, batch-1 onnxruntime latency as median with its
+   inter-quartile range, and MACs, against the activations removed.
 """
 
 from __future__ import annotations
@@ -122,26 +123,37 @@ def _plot(report: dict[str, Any], path: Path, name: str) -> None:
     except ImportError:
         raise InputError("the plot needs matplotlib: pip install 'normfold[examples]'") from None
     dense = report["dense"]
-    steps = [s for s in report["steps"] if s["accepted"]]
-    removed = [0] + [s["activations_removed"] for s in steps]
-    accuracy = [dense["accuracy"]] + [s["accuracy"] for s in steps]
-    merged = [dense["latency_ms_merged"]] + [s["latency_ms"] for s in steps]
-    unmerged = [dense["latency_ms"]] + [s["latency_ms_unmerged"] for s in steps]
+    steps = report["steps"]
+    accepted = [s for s in steps if s["accepted"]]
+    undone = [s for s in steps if not s["accepted"]]
+    removed = [0] + [s["activations_removed"] for s in accepted]
     from matplotlib.ticker import MaxNLocator
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for axes in (left, right):
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axes in (left, middle, right):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    left.plot(removed, accuracy, marker="o")
-    left.set_xlabel("activations removed")
+        axes.set_xlabel("activations removed")
+    left.plot(removed, [dense["accuracy"]] + [s["accuracy"] for s in accepted], marker="o", label="accepted")
+    if undone:
+        left.plot([s["activations_removed"] for s in undone], [s["accuracy"] for s in undone], "x",
+                  color="tab:red", markersize=9, label="undone (below the floor)")
+    floor = dense["accuracy"] - report["settings"]["max_accuracy_drop"]
+    left.axhline(floor, color="grey", linestyle=":", label=f"floor ({floor:.3f})")
     left.set_ylabel("validation accuracy")
     left.set_title(f"{name}: accuracy")
-    right.plot(removed, merged, marker="o", label="merged")
-    right.plot(removed, unmerged, marker="s", linestyle="--", label="linearized, unmerged")
-    right.set_xlabel("activations removed")
-    right.set_ylabel("batch-1 CPU latency (ms, torch)")
-    right.set_title("latency")
-    right.legend()
+    left.legend(fontsize=8)
+    timings = [dense.get("latency_merged")] + [s.get("latency") for s in accepted]
+    if all(t is not None for t in timings):
+        medians = [t["median_ms"] for t in timings]
+        spread = [[t["median_ms"] - t["q1_ms"] for t in timings], [t["q3_ms"] - t["median_ms"] for t in timings]]
+        middle.errorbar(removed, medians, yerr=spread, marker="o", capsize=3)
+        middle.set_ylabel("batch-1 onnxruntime latency (ms)")
+        middle.set_title("latency: median, bars = IQR")
+    else:
+        middle.set_title("latency not measured")
+    right.plot(removed, [dense["macs_merged"] / 1e6] + [s["macs"] / 1e6 for s in accepted], marker="o")
+    right.set_ylabel("MACs per sample (M)")
+    right.set_title("work (BN folded, merged)")
     figure.tight_layout()
     handle, temporary = tempfile.mkstemp(prefix=".normfold-", suffix=".png", dir=path.parent)
     os.close(handle)
