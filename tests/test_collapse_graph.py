@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from normfold.collapse.scores import ChannelPlan
+from normfold.math.collapse_scores import ChannelPlan
 from normfold.models.resnet import BasicBlock
 from normfold.torch.layer_collapse import driver
 from normfold.torch.layer_collapse.graph import pad_first, refusal, sites

@@ -5,7 +5,7 @@
 :mod:`.graph` (sites and refusals, pad-first), :mod:`.linearize` (activations become per-channel
 affine maps), :mod:`.rewrite` (exact merges on the fx graph, verified), :mod:`.calibrate`
 (statistics and the loss probe), :mod:`.cost` (params, MACs, latency), :mod:`.report`, and
-:mod:`.driver` (the loop). The arithmetic is torch-free, in :mod:`normfold.collapse`.
+:mod:`.driver` (the loop). The arithmetic is torch-free, in :mod:`normfold.math`.
 """
 
 from __future__ import annotations

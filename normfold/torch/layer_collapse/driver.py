@@ -70,7 +70,7 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from normfold.collapse.scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.errors import InputError, first_line
 from normfold.latency import LatencyTable, Timing
 from normfold.math.collapse_select import Option, choose, quantize

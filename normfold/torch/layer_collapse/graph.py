@@ -26,7 +26,7 @@ the statistics of the sum over the calibration set; channels are then linearized
 any other (a pruned channel of the sum is its mean, for both branches at once).
 
 :func:`pad_first` moves a conv's zero padding to the head of the linear conv chain that feeds
-it, so the chain merges exactly (see :mod:`normfold.collapse.merge`).
+it, so the chain merges exactly (see :mod:`normfold.math.conv_merge`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ _CATS = {torch.cat, torch.concat, torch.stack}
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
-    """What a site computes: ``kind`` (see :data:`normfold.collapse.scores.ACTIVATIONS`) and its constants."""
+    """What a site computes: ``kind`` (see :data:`normfold.math.collapse_scores.ACTIVATIONS`) and its constants."""
 
     kind: str
     negative_slope: np.ndarray | float = 0.0
