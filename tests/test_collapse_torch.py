@@ -9,24 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None, reason="the digits data ships with scikit-learn"
-)
+)]
 
 from normfold.errors import InputError  # noqa: E402
 from normfold.examples import digits  # noqa: E402
 from normfold.torch import collapse  # noqa: E402
 from normfold.torch.layer_collapse import format_report  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's cores are shared: one thread each is faster than oversubscribed threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """``normfold collapse --example NAME``: train a digits CNN, collapse it, export and verify it.
 
 1. :mod:`normfold.examples.digits` loads the data and trains model ``NAME`` (seeded).
-2. :func:`normfold.torch.collapse` collapses it with ``finetune_epochs`` of fine-tuning per step,
-   evaluating on the validation split, checkpointing in ``checkpoint_dir`` (a rerun resumes).
+2. :func:`normfold.torch.collapse` collapses it with ``finetune_epochs`` of fine-tuning per step
+   (distilling from the dense model with weight ``distill``), one removal per step or, with
+   ``target_latency``, the removals the segment DP chooses jointly; it evaluates on the validation split, checkpointing in ``checkpoint_dir`` (a rerun resumes).
 3. The result is exported to ONNX (TorchScript exporter, opset 17, symbolic batch) and run in
    onnxruntime with optimizations off against the torch model on the test split: the export's
    deviation goes into the report with the test accuracy of the dense and collapsed models.
@@ -39,6 +40,8 @@ def run(
     max_flops_growth: float = 1.0,
     checkpoint_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    target_latency: float | None = None,
+    distill: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the example end to end; returns the report that was written."""
@@ -61,23 +64,25 @@ def run(
     model = digits.build(name, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        digits.train(model, data, epochs=epochs, seed=seed)
+        digits.train(model, data, epochs=epochs, seed=seed, progress=progress)
+        finetune = digits.finetuner(data, epochs=finetune_epochs, distill=distill, progress=progress)
         result = collapse(
             model,
             digits.batches(data.train_x, data.train_y, 128),
             evaluate=lambda m: digits.accuracy(m, data.val_x, data.val_y),
-            finetune=digits.finetuner(data, epochs=finetune_epochs) if finetune_epochs else None,
+            finetune=finetune if finetune_epochs else None,
             example_inputs=data.val_x[:8],
             max_accuracy_drop=max_accuracy_drop,
             max_flops_growth=max_flops_growth,
             checkpoint_dir=checkpoint_dir,
             seed=seed,
+            target_latency=target_latency,
             progress=progress,
         )
     report = dict(result.report)
     report["example"] = {
         "model": name, "data": "scikit-learn digits (8x8, 60/20/20 train/val/test split)",
-        "epochs": epochs, "finetune_epochs": finetune_epochs, "seed": seed,
+        "epochs": epochs, "finetune_epochs": finetune_epochs, "distill": distill, "seed": seed,
         "test_accuracy_dense": digits.accuracy(model, data.test_x, data.test_y),
         "test_accuracy_collapsed": digits.accuracy(result.model, data.test_x, data.test_y),
     }

@@ -7,8 +7,12 @@ that stay (``start − 1`` and ``stop``) merge into one op; it *saves* ``saving`
 cost ``loss`` (the calibration loss the removal adds). As in Kim et al., "Efficient Latency-Aware
 CNN Depth Compression via Two-Stage Dynamic Programming" (ICML 2023), options are chosen so that:
 
-1. no two chosen runs overlap or touch: the site between two chosen runs stays, so each run's
-   segment is bounded by kept activations and the savings add up;
+1. no two chosen runs overlap, and two runs touch (one ends at site ``b``, the next starts there)
+   only at a boundary ``b`` in ``separate``: elsewhere a site between them stays, so each run's
+   segment is bounded by kept activations and the savings add up. A caller marks a boundary
+   separate when the layers between sites ``b − 1`` and ``b`` cannot merge through it anyway
+   (a residual stream that fans out, as between two inverted residuals), so removing both sides
+   merges each side as it would alone;
 2. the total saving is at least ``need``;
 3. among those choices, the total loss is the least (ties: the larger saving, then fewer runs).
 
@@ -17,7 +21,8 @@ An option whose saving is not positive is never chosen.
 :func:`choose` solves it exactly for integer savings (callers quantize latencies, see
 :func:`quantize`) in ``O(n · options · need)``: ``best[i][s]`` is the least loss of a choice among
 the first ``i`` sites whose saving, capped at ``need``, is ``s``; a run ``[a, b)`` extends the
-choices ending before ``a − 1`` (site ``a − 1`` kept). When no choice saves ``need``, the choice
+choices over the first ``a − 1`` sites (site ``a − 1`` kept), or over the first ``a`` when ``a``
+is a separate boundary. When no choice saves ``need``, the choice
 saving the most is returned with ``feasible`` False.
 """
 
@@ -27,7 +32,7 @@ __all__ = ["Option", "Selection", "choose", "quantize"]
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +67,14 @@ def quantize(values: Sequence[float], unit: float) -> list[int]:
     return [math.floor(v / unit) for v in values]
 
 
-def choose(options: Sequence[Option], sites: int, need: int) -> Selection:
-    """The least-loss choice of non-touching runs over ``sites`` sites saving at least ``need``."""
+def choose(options: Sequence[Option], sites: int, need: int, separate: Collection[int] = ()) -> Selection:
+    """The least-loss choice of runs over ``sites`` sites saving at least ``need`` (rules above)."""
     usable = [o for o in options if o.saving > 0 and o.stop <= sites]
     need = max(int(need), 0)
     # Without a need, nothing has to be removed: the empty choice is optimal.
     if need == 0:
         return Selection((), 0, 0.0, True)
+    separate = frozenset(separate)
     cap = need
     # Keys: (loss, -saving, runs) compared lexicographically; entries: (key, options).
     worst = (math.inf, 0, 0)
@@ -86,8 +92,9 @@ def choose(options: Sequence[Option], sites: int, need: int) -> Selection:
             if entry[0] < row[s][0]:
                 row[s] = entry
         for option in by_stop.get(i, ()):
-            # The site before the run stays: extend choices over the first start-1 sites.
-            before = best[max(option.start - 1, 0)]
+            # The site before the run stays (extend choices over the first start-1 sites), or
+            # the run may touch the one before it at a separate boundary.
+            before = best[option.start if option.start in separate else max(option.start - 1, 0)]
             for s, (key, chosen) in enumerate(before):
                 if key[0] == math.inf:
                     continue
@@ -98,11 +105,11 @@ def choose(options: Sequence[Option], sites: int, need: int) -> Selection:
     key, chosen = best[sites][cap]
     if key[0] < math.inf:
         return Selection(chosen, -key[1], key[0], True)
-    return _most_saving(usable, sites)
+    return _most_saving(usable, sites, separate)
 
 
-def _most_saving(options: Sequence[Option], sites: int) -> Selection:
-    """The choice of non-touching runs with the largest total saving (ties: least loss)."""
+def _most_saving(options: Sequence[Option], sites: int, separate: frozenset[int]) -> Selection:
+    """The allowed choice of runs with the largest total saving (ties: least loss)."""
     # best[i] = (saving, -loss, options) over the first i sites.
     best: list[tuple[int, float, tuple[Option, ...]]] = [(0, 0.0, ())] * (sites + 1)
     by_stop: dict[int, list[Option]] = {}
@@ -111,7 +118,7 @@ def _most_saving(options: Sequence[Option], sites: int) -> Selection:
     for i in range(1, sites + 1):
         candidates = [best[i - 1]]
         for option in by_stop.get(i, ()):
-            saving, negative_loss, chosen = best[max(option.start - 1, 0)]
+            saving, negative_loss, chosen = best[option.start if option.start in separate else max(option.start - 1, 0)]
             candidates.append((saving + option.saving, negative_loss - option.loss, chosen + (option,)))
         best[i] = max(candidates, key=lambda c: (c[0], c[1]))
     saving, negative_loss, chosen = best[sites]

@@ -70,9 +70,9 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.errors import InputError, first_line
 from normfold.latency import LatencyTable, Timing
+from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.math.collapse_select import Option, choose, quantize
 from normfold.torch.layer_collapse import calibrate, cost, segments
 from normfold.torch.layer_collapse.graph import (
@@ -345,7 +345,8 @@ class _Run:
     def select(self, working: fx.GraphModule, found: list[_Candidate], need: float) -> list[_Candidate]:
         """The candidates the segment DP chooses jointly to save ``need`` (ms, or MACs)."""
         self.measure_losses(working, found)
-        order = {node.name: index for index, node in enumerate(sites(working))}
+        remaining = sites(working)
+        order = {node.name: index for index, node in enumerate(remaining)}
         savings = [c.segment.saving_ms if self.s["by_latency"] else c.segment.macs[0] - c.segment.macs[1]
                    for c in found]
         unit = need / _RESOLUTION
@@ -354,7 +355,8 @@ class _Run:
             for c, saving in zip(found, quantize(savings, unit))
             if [order[s] for s in c.sites] == list(range(order[c.sites[0]], order[c.sites[-1]] + 1))
         ]
-        selection = choose(options, len(order), math.ceil(need / unit))
+        separate = [b for b in range(1, len(remaining)) if _separate(working, remaining[b - 1], remaining[b])]
+        selection = choose(options, len(order), math.ceil(need / unit), separate)
         by_label = {c.label: c for c in found}
         chosen = sorted((by_label[o.label] for o in selection.options), key=lambda c: float(c.losses.mean()))
         return chosen[: self.s["removals_per_step"]] if self.s["removals_per_step"] else chosen
@@ -364,6 +366,23 @@ def _connected(gm: fx.GraphModule, run: tuple[str, ...]) -> bool:
     """Whether the sites of ``run``, once linear, lie in one segment."""
     reached = {n.name for n in segments.segment(gm, run, start=run[0])}
     return all(name in reached for name in run)
+
+
+def _separate(gm: fx.GraphModule, before: fx.Node, site: fx.Node) -> bool:
+    """Whether the layers between two consecutive sites cannot merge through each other.
+
+    Walking back from ``site``'s input through single-input linear ops, a value read by more
+    than one op (the residual stream between two inverted residuals) or an op with several
+    inputs stops any merge across; reaching ``before`` by a single-reader chain does not.
+    """
+    node = site.args[0] if site.args else None
+    while isinstance(node, fx.Node) and node is not before:
+        if len(node.users) > 1 or len(node.all_input_nodes) != 1:
+            return True
+        if not segments.merges_through(gm, node):
+            return True
+        node = node.all_input_nodes[0]
+    return False
 
 
 def _exclusive(branch: fx.Node, add: fx.Node) -> set[fx.Node]:

@@ -20,7 +20,7 @@ the same structure and shapes are timed once.
 
 from __future__ import annotations
 
-__all__ = ["Segment", "extract", "segment", "signature", "timing"]
+__all__ = ["Segment", "extract", "merges_through", "segment", "signature", "timing"]
 
 import copy
 import dataclasses
@@ -63,7 +63,8 @@ class Segment:
         return None if self.latency is None else self.latency[0].median - self.latency[1].median
 
 
-def _merges_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+def merges_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is an op a segment extends through (merged, folded or seen through)."""
     return (
         is_conv(gm, node) or is_linear(gm, node) or is_elementwise_linear(gm, node) or is_add(node)
         or is_global_pool(gm, node) or is_flatten(gm, node)
@@ -86,7 +87,7 @@ def segment(gm: fx.GraphModule, sites: Iterable[str], *, start: str | None = Non
         inside.add(node)
         neighbours = [a for a in node.all_input_nodes] + list(node.users)
         for other in neighbours:
-            if other not in inside and (other.name in removed or _merges_through(gm, other)):
+            if other not in inside and (other.name in removed or merges_through(gm, other)):
                 stack.append(other)
     return [n for n in gm.graph.nodes if n in inside]
 
