@@ -60,8 +60,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from normfold.math import branches as bm
-from normfold.passes import _fold_math as fm
-from normfold.passes._base import NormfoldPass
+from normfold.math import batchnorm as fm
+from normfold.passes.base import NormfoldPass
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
