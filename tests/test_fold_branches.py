@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -332,3 +333,57 @@ def test_sub_kernel_offsets_reasons() -> None:
         bm.sub_kernel_offsets((2, 2), (0, 0, 1, 1), (1, 1), (3, 3), (1, 1, 1, 1), (1, 1))
     with pytest.raises(ValueError, match="dilation"):
         bm.sub_kernel_offsets((3, 3), (2, 2, 2, 2), (2, 2), (5, 5), (2, 2, 2, 2), (1, 1))
+
+
+# --- the zoo: every re-parameterizable block becomes one Conv -----------------------------
+
+REPARAM_BLOCKS = {"repvgg": "RepVggBlock", "mobileone": "MobileOneBlock"}
+
+
+def _variants() -> list:
+    try:
+        from normfold.models.export import DEFAULT_VARIANT, KNOWN_FAILURES, VARIANTS
+    except ImportError:
+        return []
+    return [
+        pytest.param(name, variant, id=f"{name}-{variant}",
+                     marks=[] if variant == DEFAULT_VARIANT else [pytest.mark.slow])
+        for name in REPARAM_BLOCKS
+        for variant in VARIANTS
+        if (name, variant) not in KNOWN_FAILURES
+    ]
+
+
+@pytest.mark.parametrize(("name", "variant"), _variants())
+def test_zoo_blocks_become_one_conv_each(name: str, variant: str) -> None:
+    """The default passes leave one Conv per block and no BN; outputs match in onnxruntime
+    (float16 exports judged against the float32 export's run, and against the unfolded fp16)."""
+    pytest.importorskip("torch")
+    from normfold.models import build
+    from normfold.models.export import VARIANTS, cached_export
+
+    zoo = build(name)
+    blocks = sum(type(m).__name__ == REPARAM_BLOCKS[name] for m in zoo.module.modules())
+    path = cached_export(name, variant)
+    half = VARIANTS[variant].half
+    feeds = (zoo.half() if half else zoo).feeds()
+    model = io.load(path)
+    # Weights that are graph inputs (ts13-inputs) fold only when the user freezes them.
+    passes = create_passes(None, PassOptions(freeze_initializer_inputs=variant == "ts13-inputs"))
+    for each in passes:
+        each(model)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    ops = op_types(model)
+    assert ops.count("BatchNormalization") == 0 and ops.count("Add") == 0
+    assert ops.count("Conv") == blocks
+    branches = next(p for p in passes if p.name == "fold-branches").record.to_dict()
+    assert branches["applied"] == blocks and branches["refused"] == []
+    if not half:
+        assert rel_error(runtime.run(model, feeds), runtime.run(path, feeds)) <= 1e-5
+        return
+    reference = runtime.run(cached_export(name, "ts17"), zoo.feeds())
+    unfolded = rel_error(runtime.run(path, feeds), reference)
+    merged = rel_error(runtime.run(model, feeds), reference)
+    assert merged <= max(2 * unfolded, 2e-3), (merged, unfolded)
+
+
