@@ -23,6 +23,7 @@ from normfold.passes.cleanup import CleanupPass
 from normfold.passes.collapse import CollapsePass
 from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
+from normfold.passes.fold_branches import FoldBranchesPass
 from normfold.passes.fuse_norm import FuseNormPass
 
 REGISTRY: dict[str, type[NormfoldPass]] = {
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[NormfoldPass]] = {
     for cls in (
         CleanupPass,
         FoldBatchNormPass,
+        FoldBranchesPass,
         FoldAffinePass,
         FuseNormPass,
         CollapsePass,
