@@ -31,6 +31,10 @@ class PassInfo:
 PASSES: tuple[PassInfo, ...] = (
     PassInfo("cleanup", "fold constants (keeping tiny eps), drop Identity/eval Dropout, dead code, sort"),
     PassInfo("fold-bn", "fold BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before or after it"),
+    PassInfo(
+        "fold-branches",
+        "merge parallel Conv/BN/AvgPool/identity branches of one tensor into one Conv (RepVGG, MobileOne, ACNet, DBB)",
+    ),
     PassInfo("fold-affine", "fold constant per-channel Mul/Add/Sub/Div after a Conv/ConvTranspose/Gemm/MatMul into it"),
     PassInfo("fuse-norm", "fuse decomposed LayerNorm/RMSNorm/GroupNorm into single ops"),
     PassInfo(

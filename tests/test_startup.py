@@ -57,3 +57,15 @@ def test_help_passes_and_usage_errors_import_nothing_heavy(tmp_path: Path) -> No
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["codes"] == [code for _, code in COMMANDS]
     assert answer["heavy"] == []
+
+
+def test_the_catalog_lists_every_registered_pass_in_order() -> None:
+    """``normfold passes`` and ``--passes`` read the catalog: a pass missing from it would be
+    neither listed nor run by default."""
+    from normfold.catalog import BY_NAME, DEFAULT_PASSES
+    from normfold.passes import REGISTRY
+
+    assert list(BY_NAME) == list(REGISTRY)
+    for name, cls in REGISTRY.items():
+        assert (cls.summary, cls.exact) == (BY_NAME[name].summary, BY_NAME[name].exact), name
+    assert DEFAULT_PASSES == tuple(name for name, cls in REGISTRY.items() if cls.exact)
