@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 from normfold.errors import InputError
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord
 from normfold.passes.cleanup import CleanupPass
 from normfold.passes.collapse import CollapsePass
 from normfold.passes.fold_affine import FoldAffinePass

@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as _pattern
 
-from normfold.passes import _fold_math as fm
+from normfold.math import batchnorm as fm
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,

@@ -27,7 +27,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import _constant_folding
 
-from normfold.passes._base import NormfoldPass
+from normfold.passes.base import NormfoldPass
 
 # Elements; large enough for the weight transposes and bias expansions exporters emit.
 _FOLD_INPUT_LIMIT = 1 << 22

@@ -34,8 +34,8 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from normfold.passes import _fold_math as fm
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.math import batchnorm as fm
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,

@@ -30,7 +30,7 @@ from typing import Any
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from normfold.passes._base import NormfoldPass, apply_rules
+from normfold.passes.base import NormfoldPass, apply_rules
 from normfold.passes._shapes import infer_shapes
 from normfold.passes._fold_graph import (
     FoldRule,

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 from normfold.errors import InputError  # noqa: E402
 from normfold.examples import digits  # noqa: E402
 from normfold.torch import collapse  # noqa: E402
-from normfold.torch.collapse import format_report  # noqa: E402
+from normfold.torch.layer_collapse import format_report  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 
 

@@ -39,7 +39,7 @@ __all__ = [
     "fuse_norms",
     "fuse_norms_with_report",
 ]
-from normfold.torch.collapse import CollapseResult, CollapseStep, collapse  # noqa: E402  (TLC, issue 5)
+from normfold.torch.layer_collapse import CollapseResult, CollapseStep, collapse  # noqa: E402  (TLC, issue 5)
 from normfold.torch.fuse_norm_calls import fuse_norm_calls, fuse_norm_calls_with_report
 from normfold.torch.fuse_norms import FuseNormsReport, fuse_norms, fuse_norms_with_report
 from normfold.torch.onnx_export import ExportResult, ExportVerificationError, export  # noqa: E402

@@ -54,10 +54,10 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from normfold.collapse.scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.errors import InputError, first_line
-from normfold.torch.collapse import calibrate, cost
-from normfold.torch.collapse.graph import (
+from normfold.torch.layer_collapse import calibrate, cost
+from normfold.torch.layer_collapse.graph import (
     activation_of,
     batchnorm_before,
     channel_axis,
@@ -69,12 +69,12 @@ from normfold.torch.collapse.graph import (
     sites,
     why_no_merge,
 )
-from normfold.torch.collapse.graph import (
+from normfold.torch.layer_collapse.graph import (
     pad_first as move_padding,
 )
-from normfold.torch.collapse.linearize import ChannelAffine, linearize_site
-from normfold.torch.collapse.report import CollapseResult, CollapseStep
-from normfold.torch.collapse.rewrite import (
+from normfold.torch.layer_collapse.linearize import ChannelAffine, linearize_site
+from normfold.torch.layer_collapse.report import CollapseResult, CollapseStep
+from normfold.torch.layer_collapse.rewrite import (
     MergeResult,
     layer_count,
     merge_layers,

@@ -1,7 +1,7 @@
 """Merge what became linear in a torch.fx graph (TLC step 3), verifying every merge.
 
 :func:`merge_layers` works on a float64 copy in eval mode and applies these rules until none
-applies (the arithmetic is :mod:`normfold.collapse.merge`):
+applies (the arithmetic is :mod:`normfold.math.conv_merge`):
 
 1. Identity and Dropout calls disappear.
 2. A BatchNorm or :class:`~.linearize.ChannelAffine` folds into the Conv or Linear before it
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from normfold.collapse import merge
-from normfold.passes._fold_math import bn_scale_shift
-from normfold.torch.collapse.graph import (
+from normfold.math import conv_merge as merge
+from normfold.math.batchnorm import bn_scale_shift
+from normfold.torch.layer_collapse.graph import (
     describe,
     is_add,
     is_batchnorm,
@@ -55,7 +55,7 @@ from normfold.torch.collapse.graph import (
     is_linear,
     module_of,
 )
-from normfold.torch.collapse.linearize import ChannelAffine
+from normfold.torch.layer_collapse.linearize import ChannelAffine
 
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _SHAPE = "collapse_shape"
@@ -117,7 +117,7 @@ def shape_of(node: fx.Node) -> tuple[int, ...]:
 
 
 def conv_spec(module: nn.Module) -> merge.Conv:
-    """A Conv module as a float64 :class:`normfold.collapse.merge.Conv`."""
+    """A Conv module as a float64 :class:`normfold.math.conv_merge.Conv`."""
     weight = module.weight.detach().double().cpu().numpy()
     bias = module.bias.detach().double().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0])
     padding = (0,) * (weight.ndim - 2) if isinstance(module.padding, str) else tuple(module.padding)

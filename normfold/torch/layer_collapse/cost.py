@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from normfold.torch.collapse.graph import is_conv, is_linear, module_of
-from normfold.torch.collapse.rewrite import record_shapes, shape_of
+from normfold.torch.layer_collapse.graph import is_conv, is_linear, module_of
+from normfold.torch.layer_collapse.rewrite import record_shapes, shape_of
 
 
 def parameters(module: nn.Module) -> int:
