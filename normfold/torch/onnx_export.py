@@ -410,15 +410,14 @@ def _axis_entries(name: str, spec: Any) -> dict[int, str | None]:
     elif isinstance(spec, (tuple, list)):
         # dynamic_axes' list of axes, or dynamic_shapes' per-axis list (None: static).
         if all(isinstance(item, int) and not isinstance(item, bool) for item in spec):
-            items = [(axis, None) for axis in spec]
+            return {_axis(name, axis): None for axis in spec}
         else:
             items = [(axis, item) for axis, item in enumerate(spec) if item is not None]
     else:
         raise InputError(f"dynamic axes of input {name!r}: expected a dict axis -> name or a list of axes")
     entries: dict[int, str | None] = {}
     for axis, item in items:
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise InputError(f"dynamic axes of input {name!r}: axis {axis!r} is not an integer")
+        axis = _axis(name, axis)
         if isinstance(item, str):
             entries[axis] = item
         elif isinstance(item, torch.export.Dim):
@@ -430,6 +429,12 @@ def _axis_entries(name: str, spec: Any) -> dict[int, str | None]:
         else:
             raise InputError(f"dynamic axes of input {name!r}: axis {axis} has {item!r}; give a name or a torch Dim")
     return entries
+
+
+def _axis(name: str, axis: Any) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise InputError(f"dynamic axes of input {name!r}: axis {axis!r} is not an integer")
+    return axis
 
 
 def _is_dim_hint(item: Any) -> bool:
@@ -533,8 +538,10 @@ def _run_exporter(
             # The TorchScript exporter passes keyword tensors on as a trailing dict, which a
             # forward with more keyword parameters (HF's) mis-binds: call it by keyword instead.
             model, args = _KeywordCall(module, list(inputs.kwargs)), tuple(inputs.kwargs.values())
-        # The user's dynamic_axes may name output axes too; from dynamic_shapes, inputs only.
-        arguments.update(dynamo=False, dynamic_axes=dynamic_axes if dynamic_axes is not None else axes or None)
+        # Input axes by the names normfold gave them (``<input>_dim_<axis>`` where the user gave
+        # none), so sizes=[...] can name them; the user's output axes as given.
+        outputs = {name: spec for name, spec in (dynamic_axes or {}).items() if name in output_names}
+        arguments.update(dynamo=False, dynamic_axes={**outputs, **axes} or None)
     else:
         large = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
         # The user's own dynamic_shapes (Dim ranges, AUTO) go as given; otherwise named string
@@ -585,7 +592,10 @@ def _export_reason(error: BaseException) -> str:
     while cause.__cause__ is not None and type(cause).__module__.startswith("torch.onnx"):
         cause = cause.__cause__
     text = _ANSI.sub("", str(error) if cause is error else str(cause))
-    reason = f"{type(cause).__name__}: {first_line(_ANSI.sub('', str(cause)))}"
+    lines = [line.strip() for line in _ANSI.sub("", str(cause)).splitlines() if line.strip()]
+    # "Found the following conflicts ...:" says what follows; the next line is the conflict.
+    summary = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
+    reason = f"{type(cause).__name__}: {summary[:300]}"
     where = _USER_LINE.search(text)
     if where:
         reason += f" (at {Path(where.group(1)).name}:{where.group(2)}: {where.group(3).strip()})"
@@ -687,14 +697,20 @@ def _failure(result: ExportResult) -> str:
             at = f"at sizes {_sizes_text(sizes)} ({', '.join(f'{n} {_shape_text(s)}' for n, s in check.input_shapes.items())})"
             what = _problem_text(check)
             if which == "export":
-                baked = index > 0 and result.export_checks[0].passed
-                hint = (
-                    "the export is right at the example sizes only: the exporter baked a size into the graph "
-                    "(torchscript turns Python ints such as int(x.shape[0]) into constants; exporter='dynamo' "
-                    "traces them)"
-                    if baked
-                    else "the exporter lost it, before normfold's passes"
-                )
+                if index == 0 or not result.export_checks[0].passed:
+                    hint = "the exporter lost it, before normfold's passes"
+                elif result.report["exporter"] == "torchscript":
+                    hint = (
+                        "the export is right at the example sizes only: the exporter baked a size into the "
+                        "graph (it records Python ints such as int(x.shape[0]) as constants; exporter='dynamo' "
+                        "traces them)"
+                    )
+                else:
+                    hint = (
+                        "the export is right at the example sizes only: torch.export traced code that holds at "
+                        "those sizes (a Python branch on a size), which the file does not check; name the axis "
+                        "(a string or Dim, not Dim.AUTO) so that the export refuses such code"
+                    )
                 if result.report["torch"] and _changed_in_torch(result.report["torch"]):
                     hint += "; the module was folded in torch first: try fold_in_torch=False"
                 return f"the exported model differs from the torch module {at}: {what}; {hint}"
