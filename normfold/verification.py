@@ -261,12 +261,15 @@ def verify(
     reference_precision: Literal["model", "float64"] = "model",
     seed: int = 0,
     progress: bool = False,
+    reference_model: ir.Model | None = None,
 ) -> VerificationReport:
     """Run both models on the same inputs and compare every output (rules in the module doc).
 
     ``inputs`` (an ``.npz`` path, one mapping, or a list of mappings, one per sample) replaces
     the random samples; then ``samples`` is ignored and ``dims`` must not be given. Models
     given as paths are loaded by onnxruntime from the path (external data stays on disk).
+    ``reference_model`` is the reference's graph when the caller holds it already (an
+    unchanged copy of what ``reference`` names): the file is then not parsed a second time.
     """
     if reference_precision not in ("model", "float64"):
         raise InputError(f"reference precision {reference_precision!r}: expected 'model' or 'float64'")
@@ -277,7 +280,7 @@ def verify(
     steps = Steps(enabled=progress)
     try:
         with steps.step("inputs", show=False):
-            ref_model = load(reference, check=False)
+            ref_model = reference_model if reference_model is not None else load(reference, check=False)
             cand_model = load(candidate, check=False)
             feeds = _samples(ref_model, inputs, dims, samples, seed)
 
