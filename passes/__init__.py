@@ -16,6 +16,7 @@ __all__ = [
     "create_passes",
 ]
 
+from normfold.catalog import DEFAULT_PASSES, check_exact_passes
 from normfold.errors import InputError
 from normfold.passes.base import NormfoldPass, PassOptions, PassRecord
 from normfold.passes.cleanup import CleanupPass
@@ -37,12 +38,10 @@ REGISTRY: dict[str, type[NormfoldPass]] = {
     )
 }
 
-DEFAULT_PASSES: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.exact)
-
-
 def create_passes(names: list[str] | tuple[str, ...] | None, options: PassOptions) -> list[NormfoldPass]:
     """Instantiate the named passes (default: all exact ones), ``cleanup`` always first."""
     chosen = list(DEFAULT_PASSES if names is None else names)
+    check_exact_passes([name for name in chosen if name not in REGISTRY or not REGISTRY[name].exact])
     unknown = [name for name in chosen if name not in REGISTRY]
     if unknown:
         raise InputError(

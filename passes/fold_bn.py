@@ -33,6 +33,7 @@ from typing import Any
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from normfold.catalog import pass_info
 from normfold.passes.base import NormfoldPass, apply_rules
 from normfold.passes._shapes import infer_shapes
 from normfold.passes._fold_graph import (
@@ -156,7 +157,7 @@ class FoldBatchNormPass(NormfoldPass):
     """Fold BatchNormalization into producers and consumers; optionally lower the rest."""
 
     name = "fold-bn"
-    summary = "fold BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before or after it"
+    summary = pass_info(name).summary
 
     def apply(self, model: ir.Model) -> bool:
         if not _batchnorms(model):

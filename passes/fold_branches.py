@@ -59,6 +59,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from normfold.catalog import pass_info
 from normfold.math import branches as bm
 from normfold.math import batchnorm as fm
 from normfold.passes.base import NormfoldPass
@@ -287,7 +288,7 @@ class FoldBranchesPass(NormfoldPass):
     """Merge parallel Conv/BN/AvgPool/identity branches that a sum adds into one Conv."""
 
     name = "fold-branches"
-    summary = "merge parallel Conv/BN/AvgPool/identity branches of one tensor into one Conv (RepVGG, MobileOne, ACNet, DBB)"
+    summary = pass_info(name).summary
 
     def apply(self, model: ir.Model) -> bool:
         graph = model.graph
