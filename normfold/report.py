@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from normfold.io import output_path
+from normfold.io import check_target
 
 # How many refusals a table shows per pass before it says "and N more (see --report)".
 _REFUSALS_SHOWN = 8
@@ -23,7 +23,7 @@ _REFUSALS_SHOWN = 8
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
-    target = output_path(path)
+    target = check_target(path)
     handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".json", dir=target.parent)
     try:
         with os.fdopen(handle, "w") as file:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from normfold.catalog import pass_info
 from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._shapes import infer_shapes
 from normfold.passes._collapse_merge import (
@@ -88,8 +89,8 @@ class CollapsePass(NormfoldPass):
     """Linearize the activations closest to linear and merge the layers around them (approximate)."""
 
     name = "collapse"
-    summary = "TLC layer collapse: linearize near-linear activations, merge the layers around them (approximate)"
-    exact = False
+    summary = pass_info(name).summary
+    exact = pass_info(name).exact
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from normfold.catalog import pass_info
 from normfold.errors import NormfoldError, first_line
 from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._norm_rule import FusionState
@@ -64,7 +65,7 @@ class FuseNormPass(NormfoldPass):
     Skip ops for residual blocks (target ``onnxruntime``; slower today, see ``fuse_skip_norm``)."""
 
     name = "fuse-norm"
-    summary = "fuse decomposed LayerNorm/RMSNorm/GroupNorm into single ops"
+    summary = pass_info(name).summary
 
     def __init__(self, options: PassOptions | None = None, *, skip_ops: bool = False) -> None:
         super().__init__(options)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from normfold.catalog import BY_NAME, check_exact_passes
 from normfold.cli import options
 from normfold.errors import InputError
 
@@ -36,19 +37,25 @@ def add_command(commands: Any, groups: options.Groups) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Usage errors first: they answer before the passes and onnxruntime are imported.
+    passes = options.names(args.passes)
+    if passes is not None:
+        check_exact_passes([name for name in passes if name not in BY_NAME or not BY_NAME[name].exact])
+    dims = options.dims(args.dims)
+    if args.input is None and not args.example:
+        raise InputError("optimize: give an input model (IN.onnx) or --example NAME")
+    if args.example and args.input:
+        raise InputError("optimize: give either IN.onnx or --example, not both")
+
     from normfold.jobs.optimize import optimize
     from normfold.report import format_optimize, write_json
 
     source = _example_path(args.example) if args.example else args.input
-    if source is None:
-        raise InputError("optimize: give an input model (IN.onnx) or --example NAME")
-    if args.example and args.input:
-        raise InputError("optimize: give either IN.onnx or --example, not both")
     if Path(args.output).resolve() == Path(source).resolve():
         raise InputError(f"{args.output}: refusing to overwrite the input model; choose another -o")
     result = optimize(
         source,
-        passes=options.names(args.passes),
+        passes=passes,
         target=args.target,
         max_opset=args.max_opset,
         verify=not args.no_verify,
@@ -56,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         lower_standalone_bn=args.lower_standalone_bn,
         skip_ops=args.skip_ops,
         inputs=args.inputs,
-        dims=options.dims(args.dims),
+        dims=dims,
         samples=args.samples,
         rtol=args.rtol,
         atol=args.atol,

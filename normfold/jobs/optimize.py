@@ -109,6 +109,9 @@ def optimize(
     label = common.source_label(source)
     if max_opset is not None and model_opset(model) > max_opset:
         raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
+    # Verification reads the input's interface from this copy (it shares the weights) instead
+    # of parsing the file again; onnxruntime still runs the file itself.
+    unchanged = model.clone() if verify and isinstance(reference, (str, os.PathLike)) else None
     report: dict[str, Any] = {"input": label, "output": None, "target": target, **common.summary(model, "before")}
     for normfold_pass in pass_list:
         with bar.step(normfold_pass.name):
@@ -125,7 +128,7 @@ def optimize(
         with bar.step("verify", show=False):
             verification = run_verification(
                 reference, model, inputs=inputs, dims=dims, samples=samples, rtol=rtol, atol=atol,
-                progress=show_progress,
+                progress=show_progress, reference_model=unchanged,
             )
         report["verification"] = verification.to_dict()
     bar.close()
