@@ -22,8 +22,7 @@ site (dtype-rounded weights, float64 arithmetic) may err by at most::
     max|folded − reference| ≤ FACTOR · max|round_dtype(reference) − reference| + FLOOR·max|reference|
 
 with ``FACTOR = 4`` and ``FLOOR = 2u`` (``u`` the dtype's unit roundoff: 4.9e-4 for float16,
-3.9e-3 for bfloat16) — the same rule verification applies to whole models
-(:data:`FACTOR`, :func:`floor`). :func:`site_outputs` builds the probe outputs for a linear op
+3.9e-3 for bfloat16): the rule verification applies to whole models (``normfold.low_precision``). :func:`site_outputs` builds the probe outputs for a linear op
 whose output channel ``o`` is ``rows[o]·u + bias[o]``, with a per-channel affine map before it
 (consumer folds) or after it (producer folds, fold-affine); :func:`output_rows` and
 :func:`input_rows` lay a Conv/ConvTranspose/Gemm/MatMul weight out as those rows.
@@ -34,16 +33,13 @@ Pure numpy: no graph, no torch; the ONNX passes and the torch side share it.
 from __future__ import annotations
 
 __all__ = [
-    "FACTOR",
     "Affine",
     "cast_problem",
     "channel_vector",
-    "floor",
     "input_rows",
     "is_low_precision",
     "output_rows",
     "precision_problem",
-    "rounded",
     "site_outputs",
 ]
 
@@ -52,33 +48,16 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
+from normfold.low_precision import FACTOR, floor, is_low_precision, rounded
+
 Array = np.ndarray
 
-# A candidate may err by this many times the reference's own error (plus the floor).
-FACTOR = 4.0
 _PROBES = 8
 _SEED = 0
 
 
 def _dtype(dtype: object) -> np.dtype:
     return np.dtype(dtype)
-
-
-def is_low_precision(dtype: object) -> bool:
-    """float16 and bfloat16 (and the 8-bit floats): the dtypes whose folds need the precision check."""
-    dtype = _dtype(dtype)
-    return dtype.kind in "fV" and dtype.itemsize <= 2 and dtype.name.startswith(("float", "bfloat"))
-
-
-def floor(dtype: object) -> float:
-    """``2u`` of ``dtype``, relative to an output's largest magnitude (float16 9.8e-4)."""
-    return float(ml_dtypes.finfo(_dtype(dtype)).eps)  # eps = 2u
-
-
-def rounded(array: Array, dtype: object) -> Array:
-    """``array`` cast to ``dtype`` and back to float64 (what the cast-once weight holds)."""
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        return np.asarray(array, np.float64).astype(_dtype(dtype)).astype(np.float64)
 
 
 def cast_problem(folded: Array, dtype: object, what: str) -> str | None:
