@@ -52,10 +52,10 @@ from normfold import runtime
 from normfold.examples import digits
 from normfold.models.resnet import BasicBlock
 from normfold.torch import collapse
-from normfold.torch.collapse import calibrate, cost
-from normfold.torch.collapse.driver import trace
-from normfold.torch.collapse.graph import activation_of, channel_axis, sites
-from normfold.torch.collapse.rewrite import merge_layers, record_shapes, shape_of
+from normfold.torch.layer_collapse import calibrate, cost
+from normfold.torch.layer_collapse.driver import trace
+from normfold.torch.layer_collapse.graph import activation_of, channel_axis, sites
+from normfold.torch.layer_collapse.rewrite import merge_layers, record_shapes, shape_of
 
 METHODS = ("normfold", "reference", "random", "entropy")
 

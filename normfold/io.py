@@ -23,6 +23,7 @@ __all__ = [
     "ModelLike",
     "check",
     "check_model",
+    "check_target",
     "external_data_files",
     "load",
     "save",
@@ -32,6 +33,7 @@ __all__ = [
     "weightless_proto",
 ]
 
+import math
 import os
 import shutil
 import tempfile
@@ -90,22 +92,25 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
 
 
 def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: str, check: bool) -> ir.Model:
-    """``proto`` as an IR model; with ``check``, checked before (``onnx.checker`` on ``source``)
-    and its op domains after.
+    """``proto`` as an IR model; with ``check``, checked by ``onnx.checker`` and for its op domains.
 
-    A graph that fails the checker is checked again with onnxruntime's ONNX-domain contrib ops
-    opaque, if it has any (else the first failure stands).
+    The checker runs on the graph without its large weights (:func:`weightless_proto`): handed
+    the file, it would parse the whole model a second time (for a 440 MB BERT, 0.5 s and as much
+    memory again). What it would have checked of those weights, that each holds as much data as
+    its shape says, :func:`_check_tensor_data` checks here. A graph that fails the checker is
+    checked again with onnxruntime's ONNX-domain contrib ops opaque, if it has any (else the
+    first failure stands).
     """
     if not check:
         return ir.serde.deserialize_model(proto)
-    try:
-        check_model(source, label)
+    _check_tensor_data(proto, label)
+    # onnx_ir's warnings about what is wrong with a graph that fails the checker would repeat
+    # the one-line error.
+    with quiet_loggers("onnx_ir"):
         model = ir.serde.deserialize_model(proto)
+    try:
+        _run_checker(weightless_proto(model), label)
     except InputError:
-        # onnx_ir's warnings about what is wrong with a graph that failed the checker would
-        # repeat the one-line error.
-        with quiet_loggers("onnx_ir"):
-            model = ir.serde.deserialize_model(proto)
         with ort_contrib.checkable(model) as opaque:
             if not opaque:
                 raise
@@ -114,9 +119,31 @@ def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: 
     return model
 
 
-def check_model(model: onnx.ModelProto | Path, label: str) -> None:
-    """Run ``onnx.checker`` (from the path when given one, so models over 2 GB work)."""
-    _run_checker(str(model) if isinstance(model, Path) else model, label)
+def _check_tensor_data(proto: onnx.ModelProto, label: str) -> None:
+    """Every tensor stored in the file holds as much data as its shape says (raw bytes, or one
+    typed value per element; sub-byte types pack several into a typed value and are left to
+    the checker or to the read)."""
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            itemsize = ir.DataType(tensor.data_type).itemsize
+        except (ValueError, TypeError):
+            continue  # strings, undefined: the checker's, or the reader's, to refuse
+        elements = math.prod(tensor.dims)
+        if tensor.HasField("raw_data"):
+            held, wanted, unit = len(tensor.raw_data), math.ceil(elements * itemsize), "bytes"
+        elif itemsize >= 1:
+            field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+            complex_ = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+            held, wanted, unit = len(getattr(tensor, field)), elements * (2 if complex_ else 1), "values"
+        else:
+            continue
+        if held != wanted:
+            raise InputError(
+                f"{label}: fails onnx.checker: tensor {tensor.name!r} of shape {list(tensor.dims)} "
+                f"holds {held} {unit}, not {wanted}"
+            )
 
 
 def check(model: ir.Model, label: str, *, full_check: bool = False) -> None:
@@ -210,12 +237,8 @@ def save(
     at a time (memory-mapped ones are copied from their file, never all held at once);
     ``progress`` is called with the bytes of each tensor written.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
-    if target.exists() and target.is_dir():
-        raise InputError(f"{target}: is a folder")
+    target = check_target(path)
+    folder = target.parent
     if external_data is None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         external_data = target.stem + ".data"
     if external_data is not None and (Path(external_data).name != external_data):
@@ -247,6 +270,21 @@ def save(
             os.replace(staging / out.name, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_target(path: str | os.PathLike) -> Path:
+    """``path`` as a file :func:`save` can write: its folder exists and it is not a folder.
+
+    Raises :class:`InputError` otherwise; callers check before any work, so a bad path costs
+    nothing.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder")
     return target
 
 

@@ -22,19 +22,22 @@ __all__ = ["run", "session"]
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from normfold.errors import InputError, first_line
 from normfold.io import EXTERNAL_DATA_THRESHOLD, ModelLike
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# onnxruntime is imported on the first session, not with this module: the passes import it
+# (collapse measures with it), and `optimize --no-verify` never builds a session.
+
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-# The folder option exists from onnxruntime 1.21 (microsoft/onnxruntime#23557); before, a proto
-# handed over in memory resolves external data against the working directory.
-_HAS_FOLDER_KEY = tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 21)
 
 
 def session(
@@ -47,6 +50,8 @@ def session(
     (``ORT_ENABLE_ALL``, weights pre-packed unless ``prepack=False``). From a path, the file is
     opened where it lies.
     """
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -56,7 +61,9 @@ def session(
     if not (optimize if prepack is None else prepack):
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    # Fatal only: a model that fails to run raises, and normfold reports that in one line;
+    # onnxruntime's own error log would print the same failure again on stderr.
+    options.log_severity_level = 4
     providers = ["CPUExecutionProvider"]
     label = str(model) if isinstance(model, (str, os.PathLike)) else "<model>"
     try:
@@ -81,6 +88,8 @@ def session(
 
 def run(model: ModelLike | ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run ``model`` once on ``feeds``; returns every output by name."""
+    import onnxruntime as ort
+
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = [output.name for output in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
@@ -98,6 +107,14 @@ def _external_folder(model: ir.Model) -> str | None:
                 folders.add(os.path.abspath(tensor.base_dir or "."))
             elif tensor is not None:
                 in_memory += tensor.nbytes
-    if len(folders) > 1 or in_memory > EXTERNAL_DATA_THRESHOLD or (folders and not _HAS_FOLDER_KEY):
+    if len(folders) > 1 or in_memory > EXTERNAL_DATA_THRESHOLD or (folders and not _has_folder_key()):
         return None
     return folders.pop() if folders else ""
+
+
+def _has_folder_key() -> bool:
+    """The folder option exists from onnxruntime 1.21 (microsoft/onnxruntime#23557); before, a
+    proto handed over in memory resolves external data against the working directory."""
+    import onnxruntime as ort
+
+    return tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 21)

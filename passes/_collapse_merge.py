@@ -1,6 +1,6 @@
 """Rules: merge ONNX linear layers that became adjacent once activations were linearized.
 
-The arithmetic is :mod:`normfold.collapse.merge` (float64, cast once to the weights' dtype).
+The arithmetic is :mod:`normfold.math.conv_merge` (float64, cast once to the weights' dtype).
 
 1. ``Conv(Conv(x, W₁, b₁), W₂, b₂)`` → one Conv (stride, dilation, padding and groups composed).
    With a padded second Conv this is the *pad-first* model (its padding moves to the first
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from normfold.passes._base import PassOptions, PassRecord, RecordingRule
+from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 from normfold.passes._fold_graph import (
     Reads,
     Refusal,
@@ -41,7 +41,7 @@ from normfold.passes._fold_graph import (
 )
 from onnxscript.rewriter._basics import MatchResult
 
-from normfold.collapse import merge
+from normfold.math import conv_merge as merge
 
 
 def read_conv(node: ir.Node, reads: Reads) -> merge.Conv:

@@ -51,9 +51,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from normfold.passes._base import PassOptions, PassRecord, RecordingRule
 from normfold.math import fold_precision
-from normfold.passes._fold_math import bn_scale_shift
+from normfold.math.batchnorm import bn_scale_shift
+from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 from onnxscript.rewriter import _pattern_ir
 
 

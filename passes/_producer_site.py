@@ -34,15 +34,15 @@ __all__ = [
 ]
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as _pattern
 
+from normfold.math import batchnorm as fm
 from normfold.math import fold_precision as fp
-from normfold.passes import _fold_math as fm
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
@@ -118,8 +118,16 @@ def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
-def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) -> ProducerSite:
-    """Read the site matched as ``kind`` whose output ``produced`` only ``reader`` may read."""
+def read_producer(
+    kind: str,
+    produced: ir.Value,
+    reader: ir.Node,
+    reads: Reads,
+    *,
+    allowed: Collection[ir.Node] = (),
+) -> ProducerSite:
+    """Read the site matched as ``kind`` whose output ``produced`` only ``reader`` (and the nodes
+    in ``allowed``: readers of its shape alone) may read."""
     node = linear_node(kind, produced)
     bias_node = bias_value = None
     if kind in ("MatMul+Add", "Add+MatMul"):
@@ -129,7 +137,7 @@ def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) 
             raise Refusal(
                 f"{describe(node)} output '{node.outputs[0].name}' is also read by {seen_by}"
             )
-    if (seen_by := other_reader(produced, {reader})) is not None:
+    if (seen_by := other_reader(produced, {reader, *allowed})) is not None:
         raise Refusal(
             f"{describe(produced.producer())} output '{produced.name}' is also read by {seen_by}"
         )

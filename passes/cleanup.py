@@ -30,8 +30,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import _constant_folding
 
-from normfold.passes._base import NormfoldPass
+from normfold.catalog import pass_info
 from normfold.passes._ort_constants import fold_with_onnxruntime
+from normfold.passes.base import NormfoldPass
 
 # Elements; large enough for the weight transposes and bias expansions exporters emit.
 _FOLD_INPUT_LIMIT = 1 << 22
@@ -45,7 +46,7 @@ class CleanupPass(NormfoldPass):
     """Constant folding (eps-safe), Identity/Dropout removal, dead code, topological order."""
 
     name = "cleanup"
-    summary = "fold constants (keeping tiny eps), drop Identity/eval Dropout, dead code, sort"
+    summary = pass_info(name).summary
 
     def apply(self, model: ir.Model) -> bool:
         before = Counter(node.op_type for node in model.graph.all_nodes())

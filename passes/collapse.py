@@ -1,13 +1,13 @@
 """collapse: TLC layer collapse on an ONNX graph — data-free, approximate, always measured.
 
-Rule (the torch side, :mod:`normfold.torch.collapse`, adds fine-tuning; this pass cannot):
+Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; this pass cannot):
 
 1. A *site* is a ``Relu``, ``LeakyRelu``, ``PRelu`` or ``Clip(0, U)`` (ReLU6) node. Its channel
    statistics come from the ``BatchNormalization`` that alone feeds it (BN mode: ``N(β, γ²)``,
    run this pass *before* BN folding), or, when a calibration set is given, from the site's
    input over that set (empirical mode; always for a site after a residual Add, decision (a)).
    Without either, the site is refused.
-2. Each site gets its per-channel plan (:func:`normfold.collapse.scores.channel_plan`) and its
+2. Each site gets its per-channel plan (:func:`normfold.math.collapse_scores.channel_plan`) and its
    score, the mean channel score; sites are tried in ascending score order.
 3. A site is a candidate only if linearizing it alone lets a merge happen (``Conv∘Conv``,
    residual shortcut into a Conv, ``Gemm∘Gemm``; see ``_collapse_merge``); otherwise it is
@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.catalog import pass_info
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._shapes import infer_shapes
 from normfold.passes._collapse_merge import (
     ClassifierIntoConv,
@@ -60,7 +61,7 @@ from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
 
 from normfold import runtime
-from normfold.collapse.scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.errors import InputError
 from normfold.inputs import generate_inputs
 
@@ -88,8 +89,8 @@ class CollapsePass(NormfoldPass):
     """Linearize the activations closest to linear and merge the layers around them (approximate)."""
 
     name = "collapse"
-    summary = "TLC layer collapse: linearize near-linear activations, merge the layers around them (approximate)"
-    exact = False
+    summary = pass_info(name).summary
+    exact = pass_info(name).exact
 
     def __init__(
         self,

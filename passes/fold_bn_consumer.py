@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from normfold.math import batchnorm as fm
 from normfold.math import fold_precision as fp
-from normfold.passes import _fold_math as fm
-from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normfold.passes import _fold_math as fm
+from normfold.math import batchnorm as fm
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

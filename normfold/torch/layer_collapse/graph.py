@@ -26,7 +26,7 @@ the statistics of the sum over the calibration set; channels are then linearized
 any other (a pruned channel of the sum is its mean, for both branches at once).
 
 :func:`pad_first` moves a conv's zero padding to the head of the linear conv chain that feeds
-it, so the chain merges exactly (see :mod:`normfold.collapse.merge`).
+it, so the chain merges exactly (see :mod:`normfold.math.conv_merge`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from normfold.torch.collapse.linearize import ChannelAffine
+from normfold.torch.layer_collapse.linearize import ChannelAffine
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -74,7 +74,7 @@ _CATS = {torch.cat, torch.concat, torch.stack}
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
-    """What a site computes: ``kind`` (see :data:`normfold.collapse.scores.ACTIVATIONS`) and its constants."""
+    """What a site computes: ``kind`` (see :data:`normfold.math.collapse_scores.ACTIVATIONS`) and its constants."""
 
     kind: str
     negative_slope: np.ndarray | float = 0.0

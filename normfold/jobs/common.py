@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from normfold import io
 from normfold.errors import InputError, first_line
-from normfold.passes.opset import model_opset
+from normfold.opset import model_opset
 
 
 def working_copy(source: io.ModelLike) -> tuple[ir.Model, io.ModelLike]:

@@ -19,10 +19,9 @@ measured (:class:`normfold.progress.Steps`): the report's ``seconds`` and ``peak
 
 from __future__ import annotations
 
-__all__ = ["OptimizeResult", "inspect", "optimize"]
+__all__ = ["OptimizeResult", "optimize"]
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,12 +30,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from normfold import io, jobs, progress
+from normfold import io, progress
 from normfold.errors import InputError, VerificationError
+from normfold.jobs import common
+from normfold.opset import model_opset
 from normfold.passes import PassOptions, create_passes
-from normfold.passes.collapse import COLLAPSE_SITES, CollapsePass
-from normfold.passes._base import Target
-from normfold.passes.opset import model_opset
+from normfold.passes.base import Target
 from normfold.verification import VerificationReport
 from normfold.verification import verify as run_verification
 
@@ -106,11 +105,14 @@ def optimize(
     bar = progress.Steps(steps, enabled=show_progress)
 
     with bar.step("load"):
-        model, reference = jobs.working_copy(source)
-    label = jobs.source_label(source)
+        model, reference = common.working_copy(source)
+    label = common.source_label(source)
     if max_opset is not None and model_opset(model) > max_opset:
         raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
-    report: dict[str, Any] = {"input": label, "output": None, "target": target, **jobs.summary(model, "before")}
+    # Verification reads the input's interface from this copy (it shares the weights) instead
+    # of parsing the file again; onnxruntime still runs the file itself.
+    unchanged = model.clone() if verify and isinstance(reference, (str, os.PathLike)) else None
+    report: dict[str, Any] = {"input": label, "output": None, "target": target, **common.summary(model, "before")}
     for normfold_pass in pass_list:
         with bar.step(normfold_pass.name):
             ir.passes.PassManager([normfold_pass])(model)
@@ -118,46 +120,20 @@ def optimize(
     for normfold_pass in pass_list:
         normfold_pass.record.keep_refusals_of(remaining)
     with bar.step("check"):
-        jobs.check_output(model, label)
-    report.update(jobs.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
+        common.check_output(model, label)
+    report.update(common.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
     verification = None
     if verify:
         # Verification shows its own progress, one line per session (reference, candidate).
         with bar.step("verify", show=False):
             verification = run_verification(
                 reference, model, inputs=inputs, dims=dims, samples=samples, rtol=rtol, atol=atol,
-                progress=show_progress,
+                progress=show_progress, reference_model=unchanged,
             )
         report["verification"] = verification.to_dict()
     bar.close()
     report["seconds"] = {name: round(value, 3) for name, value in bar.seconds.items()}
     report["peak_rss_mb"] = dict(bar.peak_rss_mb)
-    protected = jobs.protected_files(source, model)
+    protected = common.protected_files(source, model)
     return OptimizeResult(model=model, report=report, verification=verification, protected=protected, steps=bar)
-
-
-def inspect(source: io.ModelLike, *, target: Target = "onnx", max_opset: int | None = None) -> dict[str, Any]:
-    """What ``optimize`` would do to ``source``: its sites and refusals, nothing verified or saved."""
-    result = optimize(source, target=target, max_opset=max_opset, verify=False)
-    report = result.report
-    report["model"] = report.pop("input")
-    del report["output"]
-    report["collapse"] = _collapse_candidates(source, PassOptions(target=target, max_opset=max_opset))
-    return report
-
-
-def _collapse_candidates(source: io.ModelLike, options: PassOptions) -> dict[str, Any]:
-    """What ``normfold collapse`` could remove: every mergeable activation with its score.
-
-    Collapse is approximate, so it is never part of ``optimize``; inspect shows its candidates
-    (all of them linearized at once, with the deviation that measures) and its refusals. A model
-    with no rectifier is not run at all: the pass would only cost an onnxruntime session.
-    """
-    model, _ = jobs.working_copy(source)
-    if not any(node.op_type in COLLAPSE_SITES for node in model.graph.all_nodes()):
-        return {"name": CollapsePass.name, "applied": 0, "sites": [], "refused": [],
-                "notes": ["no ReLU-like activation: nothing to collapse"]}
-    collapse = CollapsePass(options, max_deviation=math.inf)
-    collapse(model)
-    return {**collapse.record.to_dict(), "deviation": collapse.deviation}
 

@@ -51,7 +51,7 @@ import math
 
 import numpy as np
 
-from normfold.passes._fold_math import fold_after_conv, fold_before_conv
+from normfold.math.batchnorm import fold_after_conv, fold_before_conv
 
 Array = np.ndarray
 

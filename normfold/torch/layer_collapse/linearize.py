@@ -1,7 +1,7 @@
 """Replace one activation call with its per-channel linear plan (TLC step 2).
 
 An activation site becomes a :class:`ChannelAffine` module computing ``slope·y + offset`` per
-channel (the plan of :func:`normfold.collapse.scores.channel_plan`): slope 1 for linearized
+channel (the plan of :func:`normfold.math.collapse_scores.channel_plan`): slope 1 for linearized
 channels, 0 (a constant) for pruned ReLU channels, the negative slope for LeakyReLU/PReLU.
 
 Decision (d), pruned channels during fine-tuning: ``slope`` and ``offset`` are *buffers*, fixed
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from normfold.collapse.scores import ChannelPlan
+from normfold.math.collapse_scores import ChannelPlan
 
 
 class ChannelAffine(nn.Module):

@@ -1,7 +1,7 @@
 """Merge what became linear in a torch.fx graph (TLC step 3), verifying every merge.
 
 :func:`merge_layers` works on a float64 copy in eval mode and applies these rules until none
-applies (the arithmetic is :mod:`normfold.collapse.merge`):
+applies (the arithmetic is :mod:`normfold.math.conv_merge`):
 
 1. Identity and Dropout calls disappear.
 2. A BatchNorm or :class:`~.linearize.ChannelAffine` folds into the Conv or Linear before it
@@ -21,7 +21,9 @@ applies (the arithmetic is :mod:`normfold.collapse.merge`):
    flatten into the classifier (they commute with a per-channel affine map).
 
 Refused, with the reason: a merge whose MACs exceed ``max_flops_growth`` times the unmerged
-layers' (default 1.0: depth is never bought with more work unless asked); a Conv∘Conv merge whose
+layers' (default 1.0: depth is never bought with more work unless asked), unless every layer it
+merges belongs to a ``free`` segment (one the caller judged by the cost of its final merged form,
+see :mod:`.segments`: its pairwise merges may grow on the way to a form that shrinks); a Conv∘Conv merge whose
 second conv is padded (exact only after :func:`.graph.pad_first`), unless ``allow_border``; a
 shortcut whose stride or taps do not line up.
 
@@ -36,16 +38,16 @@ __all__ = ["Merge", "MergeResult", "conv_spec", "layer_count", "merge_layers", "
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-from normfold.collapse import merge
-from normfold.passes._fold_math import bn_scale_shift
-from normfold.torch.collapse.graph import (
+from normfold.math import conv_merge as merge
+from normfold.math.batchnorm import bn_scale_shift
+from normfold.torch.layer_collapse.graph import (
     describe,
     is_add,
     is_batchnorm,
@@ -55,7 +57,7 @@ from normfold.torch.collapse.graph import (
     is_linear,
     module_of,
 )
-from normfold.torch.collapse.linearize import ChannelAffine
+from normfold.torch.layer_collapse.linearize import ChannelAffine
 
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _SHAPE = "collapse_shape"
@@ -117,7 +119,7 @@ def shape_of(node: fx.Node) -> tuple[int, ...]:
 
 
 def conv_spec(module: nn.Module) -> merge.Conv:
-    """A Conv module as a float64 :class:`normfold.collapse.merge.Conv`."""
+    """A Conv module as a float64 :class:`normfold.math.conv_merge.Conv`."""
     weight = module.weight.detach().double().cpu().numpy()
     bias = module.bias.detach().double().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0])
     padding = (0,) * (weight.ndim - 2) if isinstance(module.padding, str) else tuple(module.padding)
@@ -157,6 +159,7 @@ def merge_layers(
     max_flops_growth: float = 1.0,
     allow_border: bool = False,
     verify: bool = True,
+    free: Collection[str] = (),
 ) -> MergeResult:
     """Merge every linear run of ``model`` (not modified) by the rules in the module docstring.
 
@@ -166,7 +169,8 @@ def merge_layers(
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     gm = copy.deepcopy(model).eval().double()
     inputs = tuple(x.double() if x.is_floating_point() else x for x in example_inputs)
-    engine = _Engine(gm, inputs, max_flops_growth=max_flops_growth, allow_border=allow_border, verify=verify)
+    engine = _Engine(gm, inputs, max_flops_growth=max_flops_growth, allow_border=allow_border, verify=verify,
+                     free=free)
     engine.run()
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -176,9 +180,11 @@ def merge_layers(
 
 class _Engine:
     def __init__(
-        self, gm: fx.GraphModule, inputs: tuple, *, max_flops_growth: float, allow_border: bool, verify: bool
+        self, gm: fx.GraphModule, inputs: tuple, *, max_flops_growth: float, allow_border: bool, verify: bool,
+        free: Collection[str],
     ) -> None:
         self.gm = gm
+        self.free = set(free)
         self.verify = verify
         self.inputs = inputs
         self.max_flops_growth = max_flops_growth
@@ -247,7 +253,6 @@ class _Engine:
     def _affine(self, node: fx.Node) -> tuple[np.ndarray, np.ndarray, int] | None:
         """``(scale, shift, axis)`` of a BatchNorm or ChannelAffine call, axis normalized."""
         module = module_of(self.gm, node)
-        rank = len(shape_of(node))
         if is_batchnorm(self.gm, node):
             def f64(t):
                 return None if t is None else t.detach().double().cpu().numpy()
@@ -258,7 +263,7 @@ class _Engine:
             return scale, shift, 1
         if isinstance(module, ChannelAffine):
             return (module.slope.detach().double().cpu().numpy(), module.offset.detach().double().cpu().numpy(),
-                    module.axis % rank)
+                    module.axis % len(shape_of(node)))
         return None
 
     # 2. BatchNorm / ChannelAffine into the layer before it
@@ -367,6 +372,8 @@ class _Engine:
             with self.gm.graph.inserting_before(node):
                 replacement = self.gm.graph.create_node("call_module", name, (x,), {}, name=f"{node.name}_merged")
             replacement.meta[_SHAPE] = shape_of(node)
+            if node.name in self.free:
+                self.free.add(replacement.name)
             node.replace_all_uses_with(replacement)
             self.gm.graph.erase_node(node)
             for dead in (conv, other) if len(removed) == 2 else (conv,):
@@ -374,9 +381,10 @@ class _Engine:
             return Merge("shortcut", removed + [node.name], replacement.name)
         return None
 
-    def _too_costly(self, node: fx.Node, what: str, unmerged: int, merged: int) -> bool:
-        if merged <= self.max_flops_growth * unmerged:
+    def _too_costly(self, nodes: Sequence[fx.Node], what: str, unmerged: int, merged: int) -> bool:
+        if merged <= self.max_flops_growth * unmerged or all(n.name in self.free for n in nodes):
             return False
+        node = nodes[0]
         self._refuse(
             node,
             f"merging {what} would grow the work x{merged / unmerged:.2f} "
@@ -402,7 +410,7 @@ class _Engine:
             return None
         unmerged, merged_macs = merge.compose_macs(first, second)
         what = f"{describe(self.gm, source)} and {describe(self.gm, node)}"
-        if self._too_costly(node, what, unmerged, merged_macs):
+        if self._too_costly((node, source), what, unmerged, merged_macs):
             return None
         merged = merge.compose_conv(first, second)
         node.target = self._install(_conv_module(merged, module_of(self.gm, node)), node.name)
@@ -420,7 +428,8 @@ class _Engine:
         first, second = _linear_weights(module_of(self.gm, source)), _linear_weights(module_of(self.gm, node))
         (mid, width), out = first[0].shape, second[0].shape[0]
         unmerged, merged_macs = width * mid + mid * out, width * out
-        if self._too_costly(node, f"{describe(self.gm, source)} and {describe(self.gm, node)}", unmerged, merged_macs):
+        if self._too_costly((node, source), f"{describe(self.gm, source)} and {describe(self.gm, node)}",
+                            unmerged, merged_macs):
             return None
         weight, bias = merge.compose_linear(first, second)
         node.target = self._install(_linear_module(weight, bias, module_of(self.gm, node)), node.name)
@@ -459,7 +468,7 @@ class _Engine:
                 merged[branch] = head
             merged_macs += merged[branch].macs_per_output * positions
         what = f"{describe(self.gm, node)} into {' and '.join(describe(self.gm, c) for c in branches)}"
-        if self._too_costly(node, what, unmerged_macs, merged_macs):
+        if self._too_costly((node, *convs), what, unmerged_macs, merged_macs):
             return None
         like = module_of(self.gm, convs[0])
         for branch, spec in merged.items():

@@ -3,6 +3,7 @@
     normfold collapse IN.onnx -o OUT.onnx (--remove N | --max-deviation X) [--calibration X.npz]
                       [--report R.json] [--max-flops-growth G]
     normfold collapse --example NAME -o OUT.onnx [--report R.json] [--plot P.png] [--epochs E]
+                      [--target-latency R] [--distill A]
 
 Exit codes: 0 written; 1 the result would deviate more than ``--max-deviation`` (nothing
 written); 2 bad input or usage. The deviation printed is measured, never assumed: collapse is
@@ -11,19 +12,19 @@ approximate by nature.
 
 from __future__ import annotations
 
-__all__ = ["add_collapse_command"]
+__all__ = ["add_command", "run"]
 
 import argparse
 from pathlib import Path
 from typing import Any
 
+from normfold.cli import options
 from normfold.errors import InputError
 
 
-def add_collapse_command(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
-    """Register ``collapse`` on ``subparsers`` (the ``normfold`` command's), with ``parents``' flags."""
-    command = subparsers.add_parser(
-        "collapse", parents=parents,
+def add_command(commands: Any, groups: options.Groups) -> None:
+    command = commands.add_parser(
+        "collapse", parents=[groups.common, groups.targets],
         help="TLC layer collapse: linearize near-linear activations, merge layers (approximate, measured)",
         description="Linearize the activations BatchNorm statistics say are (almost) linear and merge "
                     "the layers around them; the output deviation is measured in onnxruntime.",
@@ -49,24 +50,30 @@ def add_collapse_command(subparsers: Any, parents: list[argparse.ArgumentParser]
                          help="with --example: fine-tuning epochs after each removal (default 3)")
     command.add_argument("--max-accuracy-drop", type=float, default=0.01,
                          help="with --example: stop when validation accuracy drops more (default 0.01)")
+    command.add_argument("--target-latency", type=float, metavar="R",
+                         help="with --example: choose removals jointly (segment DP) until the batch-1 "
+                              "onnxruntime latency is R times the BN-folded dense model's, e.g. 0.8")
+    command.add_argument("--distill", type=float, default=0.0, metavar="A",
+                         help="with --example: fine-tune with logit distillation from the dense model, "
+                              "loss (1-A)*CE + A*KD (default 0: plain cross-entropy)")
     command.add_argument("--seed", type=int, default=0, help="with --example: seed (default 0)")
-    command.set_defaults(run=_run)
+    command.set_defaults(run=run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.example:
         return _example(args)
     if args.input is None:
         raise InputError("collapse: give an input model (IN.onnx) or --example NAME")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise InputError(f"{args.output}: refusing to overwrite the input model; choose another -o")
-    from normfold.collapse.job import collapse_onnx
+    from normfold.jobs.collapse import collapse_onnx
     from normfold.report import format_passes_table, write_json
 
     job = collapse_onnx(
         args.input, remove=args.remove, max_deviation=args.max_deviation, calibration=args.calibration,
-        max_flops_growth=args.max_flops_growth, target=getattr(args, "target", "onnx"),
-        max_opset=getattr(args, "max_opset", None), show_progress=not args.quiet,
+        max_flops_growth=args.max_flops_growth, target=args.target,
+        max_opset=args.max_opset, show_progress=not args.quiet,
     )
     job.save(args.output)
     if args.report:
@@ -84,20 +91,24 @@ def _run(args: argparse.Namespace) -> int:
     print(f"measured over {measured['samples']} sample(s), onnxruntime with optimizations off "
           "(approximate by nature: collapse never claims exactness)")
     print(f"wrote {args.output}")
-    return 0
+    return options.EXIT_OK
 
 
 def _example(args: argparse.Namespace) -> int:
     if args.input:
         raise InputError("collapse: give either IN.onnx or --example, not both")
+    if args.target_latency is not None and not 0 < args.target_latency <= 1:
+        raise InputError(f"--target-latency is a ratio in (0, 1], not {args.target_latency:g}")
+    if not 0 <= args.distill <= 1:
+        raise InputError(f"--distill is a weight in [0, 1], not {args.distill:g}")
     from normfold.examples.collapse_example import run
-    from normfold.torch.collapse import format_report
+    from normfold.torch.layer_collapse import format_report
 
     report = run(
         args.example, args.output, report_path=args.report, plot_path=args.plot, epochs=args.epochs,
         finetune_epochs=args.finetune_epochs,
         max_accuracy_drop=args.max_accuracy_drop, max_flops_growth=args.max_flops_growth, seed=args.seed,
-        progress=not args.quiet,
+        target_latency=args.target_latency, distill=args.distill, progress=not args.quiet,
     )
     example, onnx_check = report["example"], report["onnx"]
     print(format_report(report))
@@ -107,4 +118,4 @@ def _example(args: argparse.Namespace) -> int:
           f"argmax agreement {onnx_check['argmax_agreement']:.4f}")
     for key in ("model", "report", "plot"):
         print(f"wrote {report['files'][key]}")
-    return 0
+    return options.EXIT_OK

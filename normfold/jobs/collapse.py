@@ -21,11 +21,12 @@ from typing import Any
 
 import onnx_ir as ir
 
-from normfold import io, jobs, progress
+from normfold import io, progress
 from normfold.errors import VerificationError
+from normfold.jobs import common
 from normfold.inputs import load_inputs
 from normfold.passes import DEFAULT_PASSES, PassOptions, create_passes
-from normfold.passes._base import Target
+from normfold.passes.base import Target
 from normfold.passes.collapse import CollapsePass
 from normfold.verification import verify
 
@@ -60,13 +61,13 @@ def collapse_onnx(
     options = PassOptions(target=target, max_opset=max_opset)
     bar = progress.Steps(["load", "collapse", "exact passes", "check", "measure"], enabled=show_progress)
     with bar.step("load"):
-        model, reference = jobs.working_copy(source)
-    label = jobs.source_label(source)
+        model, reference = common.working_copy(source)
+    label = common.source_label(source)
     feeds = load_inputs(calibration, model) if calibration is not None else None
     collapse = CollapsePass(options, remove=remove, max_deviation=max_deviation, calibration=feeds,
                             max_flops_growth=max_flops_growth, samples=samples)
     exact = create_passes(list(DEFAULT_PASSES), options)
-    report: dict[str, Any] = {"input": label, "output": None, "target": target, **jobs.summary(model, "before")}
+    report: dict[str, Any] = {"input": label, "output": None, "target": target, **common.summary(model, "before")}
     with bar.step("collapse"):
         ir.passes.PassManager([exact[0], collapse])(model)  # cleanup, then collapse
     with bar.step("exact passes"):
@@ -76,12 +77,12 @@ def collapse_onnx(
         if done is not collapse:
             done.record.keep_refusals_of(remaining)
     with bar.step("check"):
-        jobs.check_output(model, label)
+        common.check_output(model, label)
     with bar.step("measure"):
         measured = verify(reference, model, inputs=feeds, samples=samples)
     bar.close()
     report.update(
-        jobs.summary(model, "after"),
+        common.summary(model, "after"),
         passes=[p.record.to_dict() for p in (exact[0], collapse, *exact[1:])],
         collapse={
             "removed": collapse.record.by_op.get("Relu", 0) + sum(
@@ -98,4 +99,4 @@ def collapse_onnx(
             f"{label}: the collapsed model deviates {measured.max_rel_error:.3g} (relative) "
             f"> --max-deviation {collapse.max_deviation:g}; nothing written"
         )
-    return CollapseJob(model, report, jobs.protected_files(source, model))
+    return CollapseJob(model, report, common.protected_files(source, model))

@@ -1,0 +1,64 @@
+"""The ``normfold`` command: a thin shell over the Python API, one module per verb.
+
+Exit codes scripts can trust: 0 done (and verified, or equivalent), 1 verification failed
+(nothing written), 2 bad input or usage (one line on stderr naming the file and the problem,
+nothing written), 3 an internal error (a normfold bug: please report it with ``--debug``).
+
+Each verb module (:mod:`.optimize`, :mod:`.verify`, :mod:`.inspect`, :mod:`.collapse`,
+:mod:`.passes`) has ``add_command(commands, groups)``, registering its subcommand with the shared
+argument groups of :mod:`.options`, and the function the subcommand runs.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from normfold import __version__
+from normfold.cli import collapse, inspect, optimize, options, passes, verify
+from normfold.errors import NormfoldError, first_line
+
+EXIT_INTERNAL = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return options.EXIT_BAD_INPUT
+    try:
+        return args.run(args)
+    except NormfoldError as error:
+        if args.debug:
+            raise
+        print(f"normfold: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("normfold: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug in normfold, not in the user's input
+        if args.debug:
+            raise
+        print(
+            f"normfold: internal error: {type(error).__name__}: {first_line(error)} "
+            "(nothing written; rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normfold",
+        description="Fold BatchNorm, fuse normalization patterns and verify ONNX graphs with onnxruntime.",
+    )
+    parser.add_argument("--version", action="version", version=f"normfold {__version__}")
+    groups = options.Groups.create()
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for verb in (optimize, verify, inspect, collapse, passes):
+        verb.add_command(commands, groups)
+    return parser
