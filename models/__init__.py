@@ -2,7 +2,8 @@
 
 Each family module writes its model the way its upstream source does (torchvision's ResNet,
 the ConvNeXt repository's hand-written channels-first LayerNorm, Hugging Face's BERT, LLaMA,
-T5 and Gemma 3, diffusers' UNet blocks, ultralytics' YOLO, the DiT repository's adaLN blocks),
+T5 and Gemma 3, diffusers' UNet blocks, ultralytics' YOLO, the DiT repository's adaLN blocks,
+timm's RepVGG, MobileOne and LeViT blocks in their training-time multi-branch form),
 because normfold's passes must recognise the graphs those spellings export to. Every model is
 built deterministically from a seed, in eval mode, with random normalization statistics and
 affine parameters (never the identity defaults), so that a wrong fold changes the outputs.
@@ -40,6 +41,9 @@ _FAMILIES: dict[str, str] = {
     "gemma": "gemma",
     "yolo": "yolo",
     "dit": "dit",
+    "repvgg": "repvgg",
+    "mobileone": "mobileone",
+    "levit": "levit",
 }
 
 NAMES: tuple[str, ...] = tuple(_FAMILIES)

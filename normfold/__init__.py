@@ -27,15 +27,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-from pathlib import Path as _Path
-
-# Installed, passes/ and models/ live inside the package (pyproject's package-dir maps them).
-# Imported from a source checkout (``python -m normfold`` or pytest in the repo root), this
-# folder shadows the installed package; let its submodules resolve to the sibling folders.
-_checkout = _Path(__file__).resolve().parent.parent
-if not _Path(__file__).with_name("passes").exists() and (_checkout / "passes" / "__init__.py").is_file():
-    __path__.append(str(_checkout))
-
 from normfold.errors import InputError, NormfoldError, VerificationError
 
 # The rest loads on first use: `import normfold` stays fast for the CLI and for tools that only
@@ -43,9 +34,9 @@ from normfold.errors import InputError, NormfoldError, VerificationError
 _LAZY = {
     "load": "normfold.io",
     "save": "normfold.io",
-    "OptimizeResult": "normfold.pipeline",
-    "inspect": "normfold.pipeline",
-    "optimize": "normfold.pipeline",
+    "OptimizeResult": "normfold.jobs.optimize",
+    "inspect": "normfold.jobs.inspect",
+    "optimize": "normfold.jobs.optimize",
     "VerificationReport": "normfold.verification",
     "verify": "normfold.verification",
 }

@@ -22,7 +22,7 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "ModelLike",
     "check",
-    "check_model",
+    "check_target",
     "external_data_files",
     "input_files",
     "load",
@@ -115,7 +115,7 @@ def _prepared(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
     proto is never changed)."""
     label = str(path) if path is not None else "<ModelProto>"
     _check_tensors(proto, path)
-    _check_declared_shapes(proto, label)
+    _check_graphs(proto, label)
     if _has_sparse(proto):
         proto = onnx.ModelProto.FromString(proto.SerializeToString()) if path is None else proto
         _densify_sparse(proto, path.parent if path is not None else None, label)
@@ -123,26 +123,29 @@ def _prepared(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
 
 
 def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: str, check: bool) -> ir.Model:
-    """``proto`` as an IR model; with ``check``, checked before (``onnx.checker`` on ``source``)
-    and its op domains after.
+    """``proto`` as an IR model; with ``check``, checked by ``onnx.checker`` and for its op domains.
 
-    A graph that fails the checker is checked again with onnxruntime's ONNX-domain contrib ops
-    opaque, if it has any (else the first failure stands).
+    The checker runs on the graph without its large weights (:func:`weightless_proto`): handed
+    the file, it would parse the whole model a second time (for a 440 MB BERT, 0.5 s and as much
+    memory again). What it would have checked of those weights, that each holds as much data as
+    its shape says, :func:`_check_tensors` checks before (with what onnx_ir would silently
+    repair, :func:`_check_graphs`). The check is the full one (strict shape inference). A graph that fails the checker is
+    checked again with onnxruntime's ONNX-domain contrib ops opaque, if it has any (else the
+    first failure stands).
     """
     if not check:
         return _to_ir(proto, label)
-    try:
-        check_model(source, label)
+    # onnx_ir's warnings about what is wrong with a graph that fails the checker would repeat
+    # the one-line error.
+    with quiet_loggers("onnx_ir"):
         model = _to_ir(proto, label)
+    try:
+        _run_checker(weightless_proto(model), label, full_check=True)
     except InputError:
-        # onnx_ir's warnings about what is wrong with a graph that failed the checker would
-        # repeat the one-line error.
-        with quiet_loggers("onnx_ir"):
-            model = _to_ir(proto, label)
         with ort_contrib.checkable(model) as opaque:
             if not opaque:
                 raise
-            _run_checker(weightless_proto(model), label)
+            _run_checker(weightless_proto(model), label, full_check=True)
     _check_domains(model, label)
     return model
 
@@ -166,12 +169,6 @@ def _has_sparse(proto: onnx.ModelProto) -> bool:
         attribute.type == onnx.AttributeProto.SPARSE_TENSOR
         for function in proto.functions for node in function.node for attribute in node.attribute
     )
-
-
-def check_model(model: onnx.ModelProto | Path, label: str) -> None:
-    """Run ``onnx.checker`` with its full check (strict shape inference), from the path when
-    given one, so models over 2 GB work."""
-    _run_checker(str(model) if isinstance(model, Path) else model, label, full_check=True)
 
 
 def check(model: ir.Model, label: str, *, full_check: bool = False) -> None:
@@ -265,12 +262,8 @@ def save(
     at a time (memory-mapped ones are copied from their file, never all held at once);
     ``progress`` is called with the bytes of each tensor written.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
-    if target.exists() and target.is_dir():
-        raise InputError(f"{target}: is a folder")
+    target = check_target(path)
+    folder = target.parent
     if external_data is None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         external_data = target.stem + ".data"
     if external_data is not None and (Path(external_data).name != external_data):
@@ -302,6 +295,21 @@ def save(
             os.replace(staging / out.name, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_target(path: str | os.PathLike) -> Path:
+    """``path`` as a file :func:`save` can write: its folder exists and it is not a folder.
+
+    Raises :class:`InputError` otherwise; callers check before any work, so a bad path costs
+    nothing.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder")
     return target
 
 
@@ -360,14 +368,29 @@ def _check_tensors(proto: onnx.ModelProto, path: Path | None) -> set[Path]:
             if folder is None:
                 raise InputError(f"{where}: external data in a model given without its path")
             files.add(_check_location(tensor, folder, where))
-        elif tensor.HasField("raw_data"):
-            expected = _raw_bytes(tensor)
-            if expected is not None and len(tensor.raw_data) != expected:
-                raise InputError(
-                    f"{where}: raw_data holds {len(tensor.raw_data)} bytes but shape {list(tensor.dims)} "
-                    f"of {onnx.TensorProto.DataType.Name(tensor.data_type)} needs {expected}"
-                )
+        else:
+            _check_data_size(tensor, where)
     return files
+
+
+def _check_data_size(tensor: onnx.TensorProto, where: str) -> None:
+    """The tensor holds as much data as its shape says: raw bytes, or one typed value per
+    element (sub-byte types pack several into a typed value and are left to the reader)."""
+    elements = math.prod(tensor.dims)
+    kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        held, wanted, unit = len(tensor.string_data), elements, "strings"
+    elif tensor.HasField("raw_data"):
+        bits = ir.DataType(tensor.data_type).bitwidth
+        held, wanted, unit = len(tensor.raw_data), (elements * bits + 7) // 8, "bytes"
+    elif ir.DataType(tensor.data_type).bitwidth >= 8:
+        field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+        complex_ = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+        held, wanted, unit = len(getattr(tensor, field)), elements * (2 if complex_ else 1), "values"
+    else:
+        return
+    if held != wanted:
+        raise InputError(f"{where}: shape {list(tensor.dims)} of {kind} needs {wanted} {unit} but the tensor holds {held}")
 
 
 def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
@@ -393,14 +416,6 @@ def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
     if end > size:
         raise InputError(f"{where}: needs {end} bytes but the file holds {size}")
     return data.resolve()
-
-
-def _raw_bytes(tensor: onnx.TensorProto) -> int | None:
-    """The bytes ``raw_data`` must hold for the tensor's shape (None for strings)."""
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return None
-    bits = ir.DataType(tensor.data_type).bitwidth
-    return (math.prod(tensor.dims) * bits + 7) // 8
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -454,9 +469,15 @@ def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
                 pending.extend(attribute.graphs)
 
 
-def _check_declared_shapes(proto: onnx.ModelProto, label: str) -> None:
-    """Graph inputs, outputs and value infos may not declare a negative dim."""
+def _check_graphs(proto: onnx.ModelProto, label: str) -> None:
+    """What onnx_ir would repair or choke on without a word: an initializer name given twice in
+    one graph (the last would win), a negative dim declared for a graph input, output or value."""
     for graph in _graphs(proto):
+        names = [tensor.name for tensor in graph.initializer]
+        names += [sparse.values.name for sparse in graph.sparse_initializer]
+        if len(names) != len(set(names)):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise InputError(f"{label}: fails onnx.checker: initializer {twice[0]!r} is given twice in graph {graph.name!r}")
         for info in (*graph.input, *graph.output, *graph.value_info):
             if not info.type.HasField("tensor_type"):
                 continue

@@ -17,16 +17,16 @@ the model written to a temporary folder first.
 
 from __future__ import annotations
 
-__all__ = ["LOG_SEVERITY", "run", "session"]
+__all__ = ["LOG_SEVERITY", "ort_reason", "run", "session"]
 
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from normfold.errors import InputError, first_line
 from normfold.io import EXTERNAL_DATA_THRESHOLD, ModelLike, nbytes
@@ -36,10 +36,13 @@ from normfold.io import EXTERNAL_DATA_THRESHOLD, ModelLike, nbytes
 # ``normfold --debug`` lowers it to 2 (warnings).
 LOG_SEVERITY = 4
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# onnxruntime is imported on the first session, not with this module: the passes import it
+# (collapse measures with it), and `optimize --no-verify` never builds a session.
+
 _FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-# The folder option exists from onnxruntime 1.21 (microsoft/onnxruntime#23557); before, a proto
-# handed over in memory resolves external data against the working directory.
-_HAS_FOLDER_KEY = tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 21)
 
 
 def session(
@@ -52,6 +55,8 @@ def session(
     (``ORT_ENABLE_ALL``, weights pre-packed unless ``prepack=False``). From a path, the file is
     opened where it lies.
     """
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -88,9 +93,20 @@ def session(
 
 def run(model: ModelLike | ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run ``model`` once on ``feeds``; returns every output by name."""
+    import onnxruntime as ort
+
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = [output.name for output in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
+
+
+def ort_reason(error: BaseException) -> str:
+    """onnxruntime's own words for a failure: without its error-code preamble, the temporary
+    path it loaded from, or the label :func:`session` puts before them."""
+    text = first_line(error)
+    for marker in ("failed:", "onnxruntime cannot load the model: ", "Status Message: "):
+        text = text.split(marker, 1)[-1]
+    return text.strip()
 
 
 def _external_folder(model: ir.Model) -> str | None:
@@ -105,6 +121,14 @@ def _external_folder(model: ir.Model) -> str | None:
                 folders.add(os.path.abspath(tensor.base_dir or "."))
             elif tensor is not None:
                 in_memory += nbytes(tensor)
-    if len(folders) > 1 or in_memory > EXTERNAL_DATA_THRESHOLD or (folders and not _HAS_FOLDER_KEY):
+    if len(folders) > 1 or in_memory > EXTERNAL_DATA_THRESHOLD or (folders and not _has_folder_key()):
         return None
     return folders.pop() if folders else ""
+
+
+def _has_folder_key() -> bool:
+    """The folder option exists from onnxruntime 1.21 (microsoft/onnxruntime#23557); before, a
+    proto handed over in memory resolves external data against the working directory."""
+    import onnxruntime as ort
+
+    return tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 21)

@@ -16,12 +16,14 @@ __all__ = [
     "create_passes",
 ]
 
+from normfold.catalog import DEFAULT_PASSES, check_exact_passes
 from normfold.errors import InputError
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord
 from normfold.passes.cleanup import CleanupPass
 from normfold.passes.collapse import CollapsePass
 from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
+from normfold.passes.fold_branches import FoldBranchesPass
 from normfold.passes.fuse_norm import FuseNormPass
 
 REGISTRY: dict[str, type[NormfoldPass]] = {
@@ -29,18 +31,17 @@ REGISTRY: dict[str, type[NormfoldPass]] = {
     for cls in (
         CleanupPass,
         FoldBatchNormPass,
+        FoldBranchesPass,
         FoldAffinePass,
         FuseNormPass,
         CollapsePass,
     )
 }
 
-DEFAULT_PASSES: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.exact)
-
-
 def create_passes(names: list[str] | tuple[str, ...] | None, options: PassOptions) -> list[NormfoldPass]:
     """Instantiate the named passes (default: all exact ones), ``cleanup`` always first."""
     chosen = list(DEFAULT_PASSES if names is None else names)
+    check_exact_passes([name for name in chosen if name not in REGISTRY or not REGISTRY[name].exact])
     unknown = [name for name in chosen if name not in REGISTRY]
     if unknown:
         raise InputError(

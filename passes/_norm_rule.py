@@ -34,10 +34,10 @@ import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _norm_checks as checks
-from normfold.passes._base import PassOptions, PassRecord, RecordingRule
+from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 from normfold.passes._fold_graph import FreshNames
 from normfold.passes._norm_spec import FusedNorm, required_opset
-from normfold.passes.opset import model_opset
+from normfold.opset import model_opset
 
 
 @dataclasses.dataclass

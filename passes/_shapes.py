@@ -17,6 +17,11 @@ not record. :func:`infer_shapes` sets them on the model's values:
 The declared shapes of the graph's inputs and outputs are its interface: inference only fills
 them in where they are missing, never renames their symbolic dims.
 
+Step 2 runs only when step 1 left a node output without a shape or with a dim it could not
+name after the graph's inputs (onnx calls those ``unk__N``, a fresh name per value): when onnx
+knows every shape, onnxruntime's inference has nothing to add. That is most CNN exports, and
+it saves its run and its import.
+
 Either step failing leaves the shapes as the steps before it left them: a pass then refuses
 the sites whose shapes stay unknown, it never guesses.
 """
@@ -25,7 +30,12 @@ from __future__ import annotations
 
 __all__ = ["infer_shapes"]
 
+import functools
+import importlib.util
 import logging
+import sys
+from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -45,15 +55,60 @@ def infer_shapes(model: ir.Model) -> None:
         logger.debug("onnx shape inference failed: %s", first_line(error))
     else:
         _merge(model, proto, replace=True)
+        if _complete(proto):
+            return
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        completed = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+        completed = _symbolic_shape_inference().infer_shapes(proto, auto_merge=True, guess_output_rank=False)
     except Exception as error:  # noqa: BLE001  (its failures on ops it does not know have no common type)
         logger.debug("onnxruntime symbolic shape inference failed: %s", first_line(error))
         return
     if completed is not None:
         _merge(model, completed, replace=False)
+
+
+def _complete(proto: onnx.ModelProto) -> bool:
+    """Whether onnx's inference gave every node output of the main graph a shape whose dims
+    are all numbers or names it did not have to invent."""
+    graph = proto.graph
+    known = {info.name: info.type for info in (*graph.value_info, *graph.output, *graph.input)}
+    for node in graph.node:
+        if any(attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attribute in node.attribute):
+            return False  # subgraph values: left to onnxruntime's inference as before
+        for name in node.output:
+            if not name:
+                continue
+            type_ = known.get(name)
+            if type_ is None or not type_.HasField("tensor_type") or not type_.tensor_type.HasField("shape"):
+                return False
+            for dim in type_.tensor_type.shape.dim:
+                if not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith("unk__")):
+                    return False
+    return True
+
+
+@functools.cache
+def _symbolic_shape_inference() -> Any:
+    """onnxruntime's ``SymbolicShapeInference`` class, loaded without ``onnxruntime.tools``.
+
+    ``import onnxruntime.tools.symbolic_shape_infer`` first runs ``onnxruntime/tools/__init__``,
+    which imports torch whenever it is installed (for an export helper nothing here uses): over
+    a second and 200 MB on every run that infers shapes. The module itself needs only onnx,
+    numpy, sympy and packaging, so it is loaded from its file (and onnxruntime itself is not
+    imported by it).
+    """
+    loaded = sys.modules.get("onnxruntime.tools.symbolic_shape_infer")
+    if loaded is not None:
+        return loaded.SymbolicShapeInference
+    package = importlib.util.find_spec("onnxruntime")
+    if package is None or package.origin is None:
+        raise ImportError("onnxruntime is not installed")
+    path = Path(package.origin).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location("normfold_ort_symbolic_shape_infer", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path}: cannot be loaded")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
 
 
 def _refines(new: ir.Shape, old: ir.Shape | None) -> bool:

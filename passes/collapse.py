@@ -1,13 +1,13 @@
 """collapse: TLC layer collapse on an ONNX graph — data-free, approximate, always measured.
 
-Rule (the torch side, :mod:`normfold.torch.collapse`, adds fine-tuning; this pass cannot):
+Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; this pass cannot):
 
 1. A *site* is a ``Relu``, ``LeakyRelu``, ``PRelu`` or ``Clip(0, U)`` (ReLU6) node. Its channel
    statistics come from the ``BatchNormalization`` that alone feeds it (BN mode: ``N(β, γ²)``,
    run this pass *before* BN folding), or, when a calibration set is given, from the site's
    input over that set (empirical mode; always for a site after a residual Add, decision (a)).
    Without either, the site is refused.
-2. Each site gets its per-channel plan (:func:`normfold.collapse.scores.channel_plan`) and its
+2. Each site gets its per-channel plan (:func:`normfold.math.collapse_scores.channel_plan`) and its
    score, the mean channel score; sites are tried in ascending score order.
 3. A site is a candidate only if linearizing it alone lets a merge happen (``Conv∘Conv``,
    residual shortcut into a Conv, ``Gemm∘Gemm``; see ``_collapse_merge``); otherwise it is
@@ -25,7 +25,10 @@ Rule (the torch side, :mod:`normfold.torch.collapse`, adds fine-tuning; this pas
 
 The pass never claims exactness (``exact = False``: it is not in the default pass list). Its
 record holds one site per linearized activation (with mode, score and channels) and per merge,
-and a note with the measured deviation; :attr:`CollapsePass.deviation` keeps the numbers.
+and a note with the measured deviation; :attr:`CollapsePass.deviation` keeps the numbers. The
+deviation is measured once: with ``max_deviation`` it is the one selection measured for the
+chosen set; with ``remove`` and ``measure=False`` (what the ``normfold collapse`` job passes,
+since it verifies the final model itself) the pass measures nothing and ``deviation`` is None.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.catalog import pass_info
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._shapes import infer_shapes
 from normfold.passes._collapse_merge import (
     ClassifierIntoConv,
@@ -60,7 +64,7 @@ from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
 
 from normfold import runtime
-from normfold.collapse.scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.errors import InputError
 from normfold.inputs import generate_inputs
 
@@ -88,8 +92,8 @@ class CollapsePass(NormfoldPass):
     """Linearize the activations closest to linear and merge the layers around them (approximate)."""
 
     name = "collapse"
-    summary = "TLC layer collapse: linearize near-linear activations, merge the layers around them (approximate)"
-    exact = False
+    summary = pass_info(name).summary
+    exact = pass_info(name).exact
 
     def __init__(
         self,
@@ -100,6 +104,7 @@ class CollapsePass(NormfoldPass):
         calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
         max_flops_growth: float = 1.0,
         samples: int = 3,
+        measure: bool = True,
     ) -> None:
         super().__init__(options)
         if remove is not None and max_deviation is not None:
@@ -111,6 +116,7 @@ class CollapsePass(NormfoldPass):
         self.calibration = list(calibration) if calibration is not None else None
         self.max_flops_growth = max_flops_growth
         self.samples = samples
+        self.measure = measure
         self.deviation: dict[str, Any] | None = None
 
     def apply(self, model: ir.Model) -> bool:
@@ -140,9 +146,11 @@ class CollapsePass(NormfoldPass):
                              **{k: v for k, v in site.plan.to_dict().items() if k != "score"})
         self.deviation = deviation
         self.record.notes.append(
-            f"approximate: {len(chosen)} activation(s) linearized; measured output deviation "
-            f"{deviation['max_rel_deviation']:.3g} relative, {deviation['max_abs_deviation']:.3g} absolute "
-            f"over {len(feeds)} input sample(s)"
+            f"approximate: {len(chosen)} activation(s) linearized; " + (
+                "output deviation not measured here (the caller verifies the result)" if deviation is None else
+                f"measured output deviation {deviation['max_rel_deviation']:.3g} relative, "
+                f"{deviation['max_abs_deviation']:.3g} absolute over {len(feeds)} input sample(s)"
+            )
         )
         return True
 
@@ -206,11 +214,13 @@ class CollapsePass(NormfoldPass):
     # -- selection --------------------------------------------------------------------------
     def _choose(
         self, reference: ir.Model, candidates: list[_Site], feeds: list[dict], expected: list[dict]
-    ) -> tuple[list[_Site], dict[str, Any]]:
+    ) -> tuple[list[_Site], dict[str, Any] | None]:
         if self.remove is not None:
             chosen = candidates[: self.remove]
             if len(chosen) < self.remove:
                 self.record.notes.append(f"collapse: asked to remove {self.remove}, only {len(chosen)} can merge")
+            if not self.measure:
+                return chosen, None
             trial = reference.clone()
             self._collapse(trial, chosen, PassRecord(self.name))
             return chosen, _deviation(trial, feeds, expected)

@@ -34,8 +34,9 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from normfold.passes import _fold_math as fm
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.catalog import pass_info
+from normfold.math import batchnorm as fm
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
@@ -132,9 +133,7 @@ class FoldAffinePass(NormfoldPass):
     """Fold constant per-channel Mul/Add/Sub/Div chains into the Conv/Gemm/MatMul before them."""
 
     name = "fold-affine"
-    summary = (
-        "fold constant per-channel Mul/Add/Sub/Div after a Conv/ConvTranspose/Gemm/MatMul into it"
-    )
+    summary = pass_info(name).summary
 
     def apply(self, model: ir.Model) -> bool:
         common.NameFixPass()(model)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
-from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._fold_graph import (
     Reads,
     Refusal,

@@ -36,7 +36,7 @@ from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _norm_checks as checks
 from normfold.passes import _norm_patterns as patterns
-from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._fold_graph import opset_of
 from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import FusedNorm, emit

@@ -23,7 +23,7 @@ faster than GroupNormalization-21), and the Skip ops of step 4 when asked for. S
 
 Opset. Before rewriting, a survey run of steps 1-2 checks every site without changing anything
 and collects the opsets the fusions need; if that is more than the model has, the model is
-converted once (:func:`~normfold.passes.opset.raise_opset`), unless ``max_opset`` forbids it:
+converted once (:func:`~normfold.opset.raise_opset`), unless ``max_opset`` forbids it:
 then those sites are refused with that reason. Shapes are inferred first (onnx shape
 inference with data propagation), since TorchScript exports carry none for intermediates;
 a site whose shapes stay unknown is refused, not guessed.
@@ -42,8 +42,9 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from normfold.catalog import pass_info
 from normfold.errors import NormfoldError, first_line
-from normfold.passes._base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 from normfold.passes._norm_rule import FusionState
 from normfold.passes._shapes import infer_shapes
 from normfold.passes._fold_graph import FreshNames
@@ -54,7 +55,7 @@ from normfold.passes.fuse_norm_affine import affine_rules
 from normfold.passes.fuse_norm_near_misses import near_miss_rules
 from normfold.passes.fuse_rms_norm import rms_norm_rules
 from normfold.passes.fuse_skip_norm import skip_rules
-from normfold.passes.opset import model_opset, raise_opset
+from normfold.opset import model_opset, raise_opset
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class FuseNormPass(NormfoldPass):
     Skip ops for residual blocks (target ``onnxruntime``; slower today, see ``fuse_skip_norm``)."""
 
     name = "fuse-norm"
-    summary = "fuse decomposed LayerNorm/RMSNorm/GroupNorm into single ops"
+    summary = pass_info(name).summary
 
     def __init__(self, options: PassOptions | None = None, *, skip_ops: bool = False) -> None:
         super().__init__(options)

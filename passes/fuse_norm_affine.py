@@ -34,7 +34,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _norm_checks as checks
-from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import RMS_OPS, FusedNorm, emit, fused_of
 

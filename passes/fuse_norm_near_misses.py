@@ -23,7 +23,7 @@ __all__ = ["near_miss_rules"]
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from normfold.passes._base import PassOptions, PassRecord, RecordingRule
+from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 
 _ANY = dict(_allow_other_inputs=True, _allow_other_attributes=True)
 

@@ -35,7 +35,7 @@ import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _norm_checks as checks
-from normfold.passes._base import PassOptions, PassRecord
+from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import META_KEY, FusedNorm, fused_of
 

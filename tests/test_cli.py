@@ -14,6 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import normfold
+from normfold.errors import InputError
 from tests.conftest import conv_bn_relu_model, run_cli
 
 
@@ -107,6 +109,14 @@ def test_unknown_pass_and_bad_dims_are_usage_errors(conv_bn_path: Path) -> None:
     _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="unknown pass 'fold-everything'")
     result = run_cli("optimize", str(conv_bn_path), "-o", out, "--dims", "batch:2")
     _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="--dims")
+
+
+def test_optimize_refuses_the_approximate_pass_and_points_to_its_command(conv_bn_path: Path) -> None:
+    folder = conv_bn_path.parent
+    result = run_cli("optimize", str(conv_bn_path), "-o", str(folder / "out.onnx"), "--passes", "fold-bn,collapse")
+    _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="`normfold collapse`")
+    with pytest.raises(InputError, match="normfold collapse"):
+        normfold.optimize(conv_bn_path, passes=["collapse"])
 
 
 def test_optimize_writes_model_and_report(conv_bn_path: Path) -> None:

@@ -9,21 +9,14 @@ import pytest
 import torch
 from torch import fx, nn
 
-from normfold.collapse.scores import ChannelPlan
+from normfold.math.collapse_scores import ChannelPlan
 from normfold.models.resnet import BasicBlock
-from normfold.torch.collapse import driver
-from normfold.torch.collapse.graph import pad_first, refusal, sites
-from normfold.torch.collapse.linearize import linearize_site
-from normfold.torch.collapse.rewrite import layer_count, merge_layers, record_shapes
+from normfold.torch.layer_collapse import driver
+from normfold.torch.layer_collapse.graph import pad_first, refusal, sites
+from normfold.torch.layer_collapse.linearize import linearize_site
+from normfold.torch.layer_collapse.rewrite import layer_count, merge_layers, record_shapes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's cores are shared: one thread each is faster than oversubscribed threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _traced(module: nn.Module, seed: int = 0) -> fx.GraphModule:
@@ -266,3 +259,13 @@ def test_the_classifier_moves_through_the_pool_and_an_identity_residual():
     widths = sorted(m.out_channels for m in merged.module.modules() if isinstance(m, nn.Conv2d))
     assert widths == [3, 3, 8]  # ...and the block's second conv now computes 3 channels, not 8
     torch.testing.assert_close(merged.module(x), gm(x), rtol=0, atol=1e-10)
+
+
+def test_the_package_and_the_public_function_have_different_names():
+    import importlib
+
+    import normfold.torch
+    import normfold.torch.layer_collapse as package
+
+    assert callable(normfold.torch.collapse) and normfold.torch.collapse is package.collapse
+    assert importlib.import_module("normfold.torch.layer_collapse") is package

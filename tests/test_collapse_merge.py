@@ -1,4 +1,4 @@
-"""Each exact merge rule of normfold.collapse.merge against the unmerged layers, in float64."""
+"""Each exact merge rule of normfold.math.conv_merge against the unmerged layers, in float64."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normfold.collapse import merge
+from normfold.math import conv_merge as merge
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from normfold.passes import DEFAULT_PASSES, REGISTRY, PassOptions
-from normfold.passes._base import PassRecord, apply_rules
+from normfold.passes.base import PassRecord, apply_rules
 from normfold.passes._collapse_merge import ConvShortcut, MergeConvConv, MergeGemmGemm
 from normfold.passes._fold_graph import FreshNames
 from normfold.passes.cleanup import CleanupPass
@@ -18,7 +18,7 @@ from normfold.passes.collapse import CollapsePass
 from onnx import TensorProto, helper, numpy_helper
 
 from normfold import io, runtime
-from normfold.collapse.job import collapse_onnx
+from normfold.jobs.collapse import collapse_onnx
 from tests.conftest import run_cli
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from normfold.collapse.scores import channel_plan, layer_score, normal_cdf
+from normfold.math.collapse_scores import channel_plan, layer_score, normal_cdf
 
 # Φ(−0.5) = 0.30853753872598688 and φ(0.5) = 0.35206532676429952 from a normal table; Φ(−1.5) =
 # 0.066807201268858057; Φ(−1) = 0.15865525393145705, φ(1) = 0.24197072451914337; φ(0) = 1/√(2π).

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normfold import io, runtime
 from normfold.passes import PassOptions
-from normfold.passes import _fold_math as fm
+from normfold.math import batchnorm as fm
 from normfold.passes.fold_bn import FoldBatchNormPass
 from tests._fold_helpers import (
     FLOAT,

@@ -25,7 +25,7 @@ from normfold.models.export import VARIANTS, cached_export  # noqa: E402
 from normfold.passes import PassOptions  # noqa: E402
 from normfold.passes.cleanup import CleanupPass  # noqa: E402
 from normfold.passes.fuse_norm import FuseNormPass  # noqa: E402
-from normfold.passes.opset import model_opset, raise_opset  # noqa: E402
+from normfold.opset import model_opset, raise_opset  # noqa: E402
 
 CASES = [
     ("bert", "ts13"),

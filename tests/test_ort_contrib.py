@@ -115,7 +115,7 @@ def test_target_onnxruntime_fuses_at_the_models_opset(name: str, fused_op: str, 
     pytest.importorskip("torch")
     from normfold.models import build
     from normfold.models.export import cached_export
-    from normfold.pipeline import optimize
+    from normfold.jobs.optimize import optimize
 
     source = cached_export(name, "ts13")
     expected = sum(type(m).__name__.endswith(("LayerNorm", "RMSNorm")) for m in build(name).module.modules())

@@ -156,7 +156,9 @@ def test_cli_exit_1_when_verification_fails(tmp_path: Path, conv_bn_path: Path) 
     out = tmp_path / "out.onnx"
     script = (
         "import sys; from normfold.passes import REGISTRY; from tests.test_pipeline import _BreakRelu; "
-        "REGISTRY['break-relu'] = _BreakRelu; from normfold.cli import main; "
+        "from normfold.catalog import BY_NAME, PassInfo; "
+        "REGISTRY['break-relu'] = _BreakRelu; BY_NAME['break-relu'] = PassInfo('break-relu', 'test only'); "
+        "from normfold.cli import main; "
         f"sys.exit(main(['optimize', {str(conv_bn_path)!r}, '-o', {str(out)!r}, '--passes', 'break-relu', "
         f"'--report', {str(tmp_path / 'r.json')!r}]))"
     )

@@ -22,7 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import normfold
-from normfold import io, jobs, progress, runtime
+from normfold import io, progress, runtime
+from normfold.jobs import common
 from normfold.cli import main as cli_main
 
 HIDDEN = 64
@@ -138,7 +139,7 @@ def test_a_broken_result_with_external_data_still_fails_the_check(external_path:
     node = next(n for n in model.graph if n.name == "down")
     node.replace_input_with(0, ir.Value(name="undefined"))
     with pytest.raises(RuntimeError, match="fails onnx.checker"):
-        jobs.check_output(model, "block")
+        common.check_output(model, "block")
 
 
 def test_a_large_result_is_written_with_one_data_file(external_path: Path, tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,121 @@
+"""``normfold collapse``: TLC layer collapse of an ONNX model, or the embedded digits example.
+
+    normfold collapse IN.onnx -o OUT.onnx (--remove N | --max-deviation X) [--calibration X.npz]
+                      [--report R.json] [--max-flops-growth G]
+    normfold collapse --example NAME -o OUT.onnx [--report R.json] [--plot P.png] [--epochs E]
+                      [--target-latency R] [--distill A]
+
+Exit codes: 0 written; 1 the result would deviate more than ``--max-deviation`` (nothing
+written); 2 bad input or usage. The deviation printed is measured, never assumed: collapse is
+approximate by nature.
+"""
+
+from __future__ import annotations
+
+__all__ = ["add_command", "run"]
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from normfold.cli import options
+from normfold.errors import InputError
+
+
+def add_command(commands: Any, groups: options.Groups) -> None:
+    command = commands.add_parser(
+        "collapse", parents=[groups.common, groups.targets],
+        help="TLC layer collapse: linearize near-linear activations, merge layers (approximate, measured)",
+        description="Linearize the activations BatchNorm statistics say are (almost) linear and merge "
+                    "the layers around them; the output deviation is measured in onnxruntime.",
+    )
+    command.add_argument("input", nargs="?", help="input ONNX model (with its BatchNorms: run before folding)")
+    command.add_argument("-o", "--output", required=True, help="output ONNX model (written atomically)")
+    how = command.add_mutually_exclusive_group()
+    how.add_argument("--remove", type=int, metavar="N", help="linearize the N lowest-scoring activations that merge")
+    how.add_argument("--max-deviation", type=float, metavar="X",
+                     help="keep linearizing while max|y - y_ref| / max|y_ref| stays <= X (default 0.01)")
+    command.add_argument("--calibration", metavar="X.npz",
+                         help="model inputs (one array per input) for empirical scores and the deviation")
+    command.add_argument("--max-flops-growth", type=float, default=1.0, metavar="G",
+                         help="refuse merges whose MACs exceed G times the unmerged layers' (default 1.0)")
+    command.add_argument("--report", help="write the JSON report here")
+    command.add_argument("--example", metavar="NAME",
+                         help="train a digits CNN (digits-cnn, digits-resnet, digits-vgg), collapse it in torch "
+                              "with fine-tuning, write OUT, the report and a plot "
+                              "(needs torch, scikit-learn, matplotlib)")
+    command.add_argument("--plot", help="with --example: the PNG plot (default OUT with .png)")
+    command.add_argument("--epochs", type=int, default=30, help="with --example: training epochs (default 30)")
+    command.add_argument("--finetune-epochs", type=int, default=3,
+                         help="with --example: fine-tuning epochs after each removal (default 3)")
+    command.add_argument("--max-accuracy-drop", type=float, default=0.01,
+                         help="with --example: stop when validation accuracy drops more (default 0.01)")
+    command.add_argument("--target-latency", type=float, metavar="R",
+                         help="with --example: choose removals jointly (segment DP) until the batch-1 "
+                              "onnxruntime latency is R times the BN-folded dense model's, e.g. 0.8")
+    command.add_argument("--distill", type=float, default=0.0, metavar="A",
+                         help="with --example: fine-tune with logit distillation from the dense model, "
+                              "loss (1-A)*CE + A*KD (default 0: plain cross-entropy)")
+    command.add_argument("--seed", type=int, default=0, help="with --example: seed (default 0)")
+    command.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.example:
+        return _example(args)
+    if args.input is None:
+        raise InputError("collapse: give an input model (IN.onnx) or --example NAME")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise InputError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    from normfold.jobs.collapse import collapse_onnx
+    from normfold.report import format_passes_table, write_json
+
+    job = collapse_onnx(
+        args.input, remove=args.remove, max_deviation=args.max_deviation, calibration=args.calibration,
+        max_flops_growth=args.max_flops_growth, target=args.target,
+        max_opset=args.max_opset, show_progress=not args.quiet,
+    )
+    job.save(args.output)
+    if args.report:
+        write_json(args.report, job.report)
+    report = job.report
+    measured = report["verification"]
+    print(f"input   {report['input']}")
+    print(f"nodes   {report['nodes_before']} -> {report['nodes_after']}   "
+          f"activations removed {report['collapse']['removed']}")
+    print()
+    print(format_passes_table(report["passes"]))
+    print()
+    for name, output in measured["outputs"].items():
+        print(f"deviation of {name}: max abs {output['max_abs_error']:.4g}, max rel {output['max_rel_error']:.4g}")
+    print(f"measured over {measured['samples']} sample(s), onnxruntime with optimizations off "
+          "(approximate by nature: collapse never claims exactness)")
+    print(f"wrote {args.output}")
+    return options.EXIT_OK
+
+
+def _example(args: argparse.Namespace) -> int:
+    if args.input:
+        raise InputError("collapse: give either IN.onnx or --example, not both")
+    if args.target_latency is not None and not 0 < args.target_latency <= 1:
+        raise InputError(f"--target-latency is a ratio in (0, 1], not {args.target_latency:g}")
+    if not 0 <= args.distill <= 1:
+        raise InputError(f"--distill is a weight in [0, 1], not {args.distill:g}")
+    from normfold.examples.collapse_example import run
+    from normfold.torch.layer_collapse import format_report
+
+    report = run(
+        args.example, args.output, report_path=args.report, plot_path=args.plot, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        max_accuracy_drop=args.max_accuracy_drop, max_flops_growth=args.max_flops_growth, seed=args.seed,
+        target_latency=args.target_latency, distill=args.distill, progress=not args.quiet,
+    )
+    example, onnx_check = report["example"], report["onnx"]
+    print(format_report(report))
+    print(f"test accuracy {example['test_accuracy_dense']:.4f} dense -> "
+          f"{example['test_accuracy_collapsed']:.4f} collapsed")
+    print(f"ONNX export vs torch: max abs {onnx_check['max_abs_error_vs_torch']:.3g}, "
+          f"argmax agreement {onnx_check['argmax_agreement']:.4f}")
+    for key in ("model", "report", "plot"):
+        print(f"wrote {report['files'][key]}")
+    return options.EXIT_OK

@@ -1,0 +1,90 @@
+"""``normfold optimize IN.onnx -o OUT.onnx``: run the exact passes, verify, write OUT."""
+
+from __future__ import annotations
+
+__all__ = ["add_command", "run"]
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from normfold.catalog import BY_NAME, check_exact_passes
+from normfold.cli import options
+from normfold.errors import InputError
+
+
+def add_command(commands: Any, groups: options.Groups) -> None:
+    opt = commands.add_parser("optimize", parents=[groups.common, groups.compare, groups.targets],
+                              help="run the exact passes, verify, write OUT")
+    opt.add_argument("input", nargs="?", help="input ONNX model")
+    opt.add_argument("-o", "--output", required=True, help="output ONNX model (written atomically)")
+    opt.add_argument("--example", metavar="NAME", help="use a model from the zoo instead of IN (needs torch)")
+    opt.add_argument("--passes", help="comma-separated pass names (default: all exact passes)")
+    opt.add_argument("--report", help="write the JSON report here")
+    opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    opt.add_argument("--external-data", metavar="NAME",
+                     help="write weights to this data file next to OUT (default: OUT's stem + .data for "
+                          "models over 1.8 GB; smaller models stay one file)")
+    opt.add_argument("--freeze-initializer-inputs", action="store_true",
+                     help="treat initializers listed as graph inputs as constants (removes those inputs)")
+    opt.add_argument("--lower-standalone-bn", action="store_true",
+                     help="turn BatchNorms with nothing to fold into into one Mul and one Add")
+    opt.add_argument("--skip-ops", action="store_true",
+                     help="with --target onnxruntime: fuse residual Add + norm into Skip*Normalization "
+                          "even though onnxruntime 1.32's CPU provider measured them slower")
+    opt.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Usage errors first: they answer before the passes and onnxruntime are imported.
+    passes = options.names(args.passes)
+    if passes is not None:
+        check_exact_passes([name for name in passes if name not in BY_NAME or not BY_NAME[name].exact])
+    dims = options.dims(args.dims)
+    if args.input is None and not args.example:
+        raise InputError("optimize: give an input model (IN.onnx) or --example NAME")
+    if args.example and args.input:
+        raise InputError("optimize: give either IN.onnx or --example, not both")
+
+    from normfold.jobs.optimize import optimize
+    from normfold.report import format_optimize, write_json
+
+    source = _example_path(args.example) if args.example else args.input
+    if Path(args.output).resolve() == Path(source).resolve():
+        raise InputError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    result = optimize(
+        source,
+        passes=passes,
+        target=args.target,
+        max_opset=args.max_opset,
+        verify=not args.no_verify,
+        freeze_initializer_inputs=args.freeze_initializer_inputs,
+        lower_standalone_bn=args.lower_standalone_bn,
+        skip_ops=args.skip_ops,
+        inputs=args.inputs,
+        dims=dims,
+        samples=args.samples,
+        rtol=args.rtol,
+        atol=args.atol,
+        show_progress=not args.quiet,
+    )
+    table = result.verification.format_table() if result.verification else None
+    if result.verification is None or result.verification.passed:
+        result.save(args.output, external_data=args.external_data)
+    if args.report:
+        write_json(args.report, result.report)
+    print(format_optimize(result.report, table))
+    if result.verification is not None and not result.verification.passed:
+        print(f"{args.output}: not written: verification failed", file=sys.stderr)
+        return options.EXIT_FAILED
+    print(f"wrote {args.output}")
+    return options.EXIT_OK
+
+
+def _example_path(name: str) -> Path:
+    try:
+        from normfold.models.export import cached_export
+    except ImportError as error:
+        raise InputError(f"--example needs torch: pip install 'normfold[torch]' torch==2.13.0 ({error})") from None
+    return cached_export(name)

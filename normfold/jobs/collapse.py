@@ -1,0 +1,102 @@
+"""The ``normfold collapse IN.onnx`` job: load → cleanup → collapse → exact passes → measure → save.
+
+1. The input is loaded and never modified; ``cleanup`` runs, then the ``collapse`` pass (which
+   needs the BatchNorms still in the graph: it reads their parameters), then every exact
+   default pass (``fold-bn`` and the others), then ``onnx.checker``.
+2. The result is compared with the input in onnxruntime (optimizations off) on the calibration
+   sample, or on ``samples`` random inputs shaped from the model: the per-output deviation is
+   the report's ``verification`` object. It is a measurement, not a pass/fail verdict: the job
+   is approximate by nature. It fails (:class:`VerificationError`) only when ``max_deviation``
+   was asked for and the written model would exceed it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CollapseJob", "collapse_onnx"]
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from normfold import io, progress
+from normfold.errors import VerificationError
+from normfold.jobs import common
+from normfold.inputs import load_inputs
+from normfold.passes import DEFAULT_PASSES, PassOptions, create_passes
+from normfold.passes.base import Target
+from normfold.passes.collapse import CollapsePass
+from normfold.verification import verify
+
+
+@dataclasses.dataclass
+class CollapseJob:
+    """The collapsed model, its report, and the files ``save`` must not overwrite."""
+
+    model: ir.Model
+    report: dict[str, Any]
+    protected: frozenset[Path] = frozenset()
+
+    def save(self, path: str | os.PathLike, *, external_data: str | None = None) -> Path:
+        written = io.save(self.model, path, external_data=external_data, protect=self.protected)
+        self.report["output"] = str(written)
+        return written
+
+
+def collapse_onnx(
+    source: io.ModelLike,
+    *,
+    remove: int | None = None,
+    max_deviation: float | None = None,
+    calibration: str | os.PathLike | None = None,
+    max_flops_growth: float = 1.0,
+    target: Target = "onnx",
+    max_opset: int | None = None,
+    samples: int = 3,
+    show_progress: bool = False,
+) -> CollapseJob:
+    """Collapse ``source`` (see the module docstring); ``calibration`` is an ``.npz`` of model inputs."""
+    options = PassOptions(target=target, max_opset=max_opset)
+    bar = progress.Steps(["load", "collapse", "exact passes", "check", "measure"], enabled=show_progress)
+    with bar.step("load"):
+        model, reference = common.working_copy(source)
+    label = common.source_label(source)
+    feeds = load_inputs(calibration, model) if calibration is not None else None
+    collapse = CollapsePass(options, remove=remove, max_deviation=max_deviation, calibration=feeds,
+                            max_flops_growth=max_flops_growth, samples=samples,
+                            measure=False)  # the job measures the final model once, below
+    exact = create_passes(list(DEFAULT_PASSES), options)
+    report: dict[str, Any] = {"input": label, "output": None, "target": target, **common.summary(model, "before")}
+    with bar.step("collapse"):
+        ir.passes.PassManager([exact[0], collapse])(model)  # cleanup, then collapse
+    with bar.step("exact passes"):
+        ir.passes.PassManager(exact[1:])(model)
+    remaining = {node.name for node in model.graph.all_nodes()}
+    for done in (exact[0], collapse, *exact[1:]):
+        if done is not collapse:
+            done.record.keep_refusals_of(remaining)
+    with bar.step("check"):
+        common.check_output(model, label)
+    with bar.step("measure"):
+        measured = verify(reference, model, inputs=feeds, samples=samples)
+    bar.close()
+    report.update(
+        common.summary(model, "after"),
+        passes=[p.record.to_dict() for p in (exact[0], collapse, *exact[1:])],
+        collapse={
+            "removed": collapse.record.by_op.get("Relu", 0) + sum(
+                n for op, n in collapse.record.by_op.items() if op in ("LeakyRelu", "PRelu", "Clip")
+            ),
+            "mode": "remove" if remove is not None else "max_deviation",
+            "max_deviation": collapse.max_deviation,
+        },
+        verification=measured.to_dict(),
+    )
+    if collapse.max_deviation is not None and measured.max_rel_error > collapse.max_deviation:
+        raise VerificationError(
+            f"{label}: the collapsed model deviates {measured.max_rel_error:.3g} (relative) "
+            f"> --max-deviation {collapse.max_deviation:g}; nothing written"
+        )
+    return CollapseJob(model, report, common.protected_files(source, model))

@@ -1,0 +1,484 @@
+"""fold-branches: a sum of parallel linear branches of one tensor becomes one Conv.
+
+This is the deployment step of RepVGG, MobileOne, ACNet and DBB ("structural
+re-parameterization"), done on the exported graph. Rule:
+
+1. A *sum* is a tree of ``Add`` / ``Sum`` nodes whose inner results have no other reader; its
+   *leaves* are the values it adds.
+2. A leaf is a *branch* of the tensor ``x`` it reads when it is one of (each optionally followed
+   by an inference-form BatchNormalization with constant parameters):
+
+   * ``Conv(x)`` with a constant weight and bias — any kernel: ``k×k``, ``1×1``, ``1×k``,
+     ``k×1`` (ACNet);
+   * ``Conv_k×k(Conv_1×1(x))`` (DBB), the 1×1 Conv unpadded, stride 1, same ``group``, a BN
+     between them allowed; exact when the k×k Conv does not pad or the 1×1 branch gives 0 on a
+     zero input (otherwise the padded border would see 0 instead of its bias: refused);
+   * ``AveragePool(x)`` counting padded zeros (``count_include_pad=1`` or no pads),
+     ``ceil_mode=0`` (DBB);
+   * ``x`` itself — a BN of ``x`` is the identity branch of RepVGG and MobileOne.
+
+3. The branches of one ``x`` in one sum merge when at least one of them is a Conv reading ``x``
+   directly: the one with the largest kernel is the *reference*. Every other branch must read
+   the same windows, centred in the reference's kernel: equal strides, equal ``group`` and
+   channel counts, equal dilations where its kernel is larger than 1, and pads of the reference
+   less ``dilation·(K − k)/2`` on each side (:func:`normfold.math.branches.sub_kernel_offsets`).
+   The identity and the average pool need as many output as input channels and take the
+   reference's ``group`` (a diagonal kernel of that group layout).
+4. The merged Conv has the reference's attributes, the sum of the branches' kernels (each
+   zero-padded to the reference's size, centred) and of their biases, computed in float64 from
+   the stored tensors and cast once to the reference weight's dtype. It replaces the merged
+   leaves in the sum; other leaves stay, added to it in their order.
+
+A branch that does not fit (mismatched padding or stride, other groups, an intermediate value
+that another node reads, non-constant weights, a training-form BN, …) stays in the sum and is
+refused with the reason, recorded against the node at its end; the rest of its group still
+merges. A sum with nothing to merge is refused with the reason against its root ``Add``.
+
+BatchNormalization inside the branches is handled here, so the pass is complete on its own; in
+the default list it runs after ``fold-bn``, which has by then folded each Conv's BN into it and
+left only the identity (and average pool) BNs, which only this pass can fold. A BN *after* the
+sum is ``fold-bn``'s.
+
+Preconditions: none; ``cleanup`` usually runs first (constants as initializers). Sites inside
+model functions are left alone (a function cannot hold the new initializers). The rewrite
+removes the nodes of merged branches that nothing else reads.
+
+Why no rewriter rule: a sum of ``n`` branches is a variadic tree; a pairwise rule would merge
+it in ``n − 1`` steps and round the merged kernel to the model's dtype at each one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FoldBranchesPass"]
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from normfold.catalog import pass_info
+from normfold.math import branches as bm
+from normfold.math import batchnorm as fm
+from normfold.passes.base import NormfoldPass
+from normfold.passes._fold_graph import (
+    FreshNames,
+    Reads,
+    Refusal,
+    attribute,
+    batchnorm_affine,
+    cast_tensor,
+    describe,
+    freeze,
+    opset_of,
+    read_constant,
+    tensor_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+_SUMS = frozenset({"Add", "Sum"})
+
+
+@dataclasses.dataclass
+class _Branch:
+    """One leaf of a sum read as ``Conv(pad(x), kernel) + bias`` (kernel None: built per group)."""
+
+    leaf: ir.Value
+    source: ir.Value
+    label: str
+    kind: str  # conv | pointwise+conv | pool | identity
+    nodes: list[ir.Node]
+    kernel: np.ndarray | None
+    bias: np.ndarray | None
+    window: tuple[int, ...] | None
+    strides: tuple[int, ...] | None
+    pads: tuple[int, ...] | None
+    dilations: tuple[int, ...] | None
+    group: int | None
+    affine: tuple[np.ndarray, np.ndarray] | None
+    weight_value: ir.Value | None = None
+    bias_value: ir.Value | None = None
+    conv: ir.Node | None = None
+    reads: Reads | None = None
+
+    @property
+    def end(self) -> ir.Node | None:
+        """The node whose output is the leaf (where refusals are recorded)."""
+        return self.leaf.producer()
+
+
+def _ints(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    value = attribute(node, name, None)
+    return default if value is None else tuple(int(v) for v in value)
+
+
+def _auto_pad(node: ir.Node) -> str:
+    value = attribute(node, "auto_pad", "NOTSET")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _geometry(node: ir.Node, window: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """``(strides, pads, dilations)`` of a Conv/AveragePool, refusing ``auto_pad`` SAME_*."""
+    rank = len(window)
+    auto_pad = _auto_pad(node)
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise Refusal(
+            f"{describe(node)} has auto_pad={auto_pad}: its pads depend on the input size"
+        )
+    pads = (0,) * (2 * rank) if auto_pad == "VALID" else _ints(node, "pads", (0,) * (2 * rank))
+    return _ints(node, "strides", (1,) * rank), pads, _ints(node, "dilations", (1,) * rank)
+
+
+def _only_reader(value: ir.Value, reader: ir.Node) -> None:
+    if value.is_graph_output():
+        raise Refusal(f"'{value.name}' is also a graph output")
+    for user, _ in value.uses():
+        if user is not reader:
+            raise Refusal(
+                f"{describe(value.producer())} output '{value.name}' is also read by "
+                f"{describe(user)}: merging would keep it and add a Conv"
+            )
+
+
+def _conv(node: ir.Node, reads: Reads) -> tuple[np.ndarray, np.ndarray | None, tuple[Any, ...]]:
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        raise Refusal(f"{describe(node)} has no weight")
+    weight = read_constant(node.inputs[1], "Conv weight", reads)
+    if weight.ndim < 3:
+        raise Refusal(f"{describe(node)} has a weight of rank {weight.ndim}")
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = None if bias_value is None else read_constant(bias_value, "Conv bias", reads)
+    window = tuple(weight.shape[2:])
+    declared = _ints(node, "kernel_shape", window)
+    if declared != window:
+        raise Refusal(f"{describe(node)} declares kernel_shape {list(declared)}, weight has {list(window)}")
+    return weight, bias, (window, *_geometry(node, window))
+
+
+def _read_branch(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
+    """``leaf`` as a branch; raises :class:`Refusal` for a linear-looking leaf that cannot be."""
+    nodes: list[ir.Node] = []
+    inner, affine = leaf, None
+    producer = leaf.producer()
+    if producer is not None and producer.op_type == "BatchNormalization" and producer.domain == "":
+        affine = batchnorm_affine(producer, opset_of(producer, model), reads)
+        nodes.append(producer)
+        inner = producer.inputs[0]
+        producer = inner.producer()
+    if producer is None or producer.domain != "" or producer.op_type not in ("Conv", "AveragePool"):
+        label = describe(leaf.producer()) if affine is not None else f"'{leaf.name}'"
+        return _Branch(leaf, inner, f"identity {label}", "identity", nodes, None, None, None,
+                       None, None, None, None, affine, reads=reads)
+    nodes.insert(0, producer)
+    if producer.op_type == "AveragePool":
+        window = _ints(producer, "kernel_shape", ())
+        strides, pads, dilations = _geometry(producer, window)
+        if any(d != 1 for d in dilations):
+            raise Refusal(f"{describe(producer)} is dilated")
+        if attribute(producer, "ceil_mode", 0):
+            raise Refusal(f"{describe(producer)} has ceil_mode=1: its last window may be partial")
+        if any(pads) and not attribute(producer, "count_include_pad", 0):
+            raise Refusal(
+                f"{describe(producer)} pads without count_include_pad: its border windows divide "
+                "by fewer taps, which no kernel reproduces"
+            )
+        return _Branch(leaf, producer.inputs[0], describe(producer), "pool", nodes, None, None,
+                       window, strides, pads, dilations, None, affine, reads=reads)
+    weight, bias, (window, strides, pads, dilations) = _conv(producer, reads)
+    group = attribute(producer, "group", 1)
+    branch = _Branch(leaf, producer.inputs[0], describe(producer), "conv", nodes, weight, bias,
+                     window, strides, pads, dilations, group, affine,
+                     weight_value=producer.inputs[1],
+                     bias_value=producer.inputs[2] if len(producer.inputs) > 2 else None,
+                     conv=producer, reads=reads)
+    _compose_pointwise(branch, model, reads)
+    return branch
+
+
+def _compose_pointwise(branch: _Branch, model: ir.Model, reads: Reads) -> None:
+    """Make a k×k Conv reading a 1×1 Conv (through a BN, maybe) a branch of the 1×1's input."""
+    conv = branch.conv
+    middle, mid_affine, extra = conv.inputs[0], None, []
+    first = middle.producer()
+    if first is not None and first.op_type == "BatchNormalization" and first.domain == "":
+        try:
+            mid_affine = batchnorm_affine(first, opset_of(first, model), reads)
+        except Refusal:
+            return
+        extra.append(first)
+        middle = first.inputs[0]
+        first = middle.producer()
+    if first is None or first.op_type != "Conv" or first.domain != "":
+        return
+    try:
+        weight, bias, (window, strides, pads, _) = _conv(first, reads)
+    except Refusal:
+        return  # not a pointwise Conv we can read: the k×k Conv is the branch on its own
+    if any(w != 1 for w in window) or any(s != 1 for s in strides) or any(pads):
+        return
+    if attribute(first, "group", 1) != branch.group:
+        return
+    chain = [first, *extra, conv]
+    for node, reader in zip(chain, chain[1:]):
+        value = node.outputs[0]
+        if value.is_graph_output() or any(user is not reader for user, _ in value.uses()):
+            return  # the 1×1 result is needed elsewhere: the k×k Conv is the branch on its own
+    if mid_affine is not None:
+        weight, bias = fm.fold_after_conv(weight, bias, *mid_affine)
+    if any(branch.pads) and bias is not None and np.any(bias):
+        raise Refusal(
+            f"{describe(conv)} zero-pads the output of the 1×1 {describe(first)}, which is its "
+            "bias (nonzero) on a zero input: the merged Conv's border would differ"
+        )
+    branch.kernel, branch.bias = bm.compose_pointwise(weight, bias, branch.kernel, branch.bias,
+                                                      branch.group)
+    branch.nodes[:0] = [first, *extra]
+    branch.source = first.inputs[0]
+    branch.label = f"{describe(first)} → {branch.label}"
+    branch.kind = "pointwise+conv"
+
+
+def _check_readers(branch: _Branch, tree: set[ir.Node]) -> None:
+    """Values inside a branch feed only the next node; the leaf only the sum."""
+    for node, following in zip(branch.nodes, branch.nodes[1:]):
+        _only_reader(node.outputs[0], following)
+    if not branch.nodes:
+        return  # the leaf is ``x`` itself, which the other branches read too
+    if branch.leaf.is_graph_output():
+        raise Refusal(f"'{branch.leaf.name}' is also a graph output")
+    for user, _ in branch.leaf.uses():
+        if user not in tree:
+            raise Refusal(
+                f"'{branch.leaf.name}' is also read by {describe(user)}: merging would keep its "
+                "branch and add a Conv"
+            )
+
+
+def _sum_tree(root: ir.Node) -> tuple[list[ir.Node], list[ir.Value]]:
+    """The Add/Sum nodes of the sum rooted at ``root`` and its leaves, in input order."""
+    nodes, leaves = [root], []
+
+    def visit(node: ir.Node) -> None:
+        for value in node.inputs:
+            inner = value.producer() if value is not None else None
+            if (inner is not None and inner.op_type in _SUMS and inner.domain == ""
+                    and not value.is_graph_output() and len(value.uses()) == 1):
+                nodes.append(inner)
+                visit(inner)
+            elif value is not None:
+                leaves.append(value)
+
+    visit(root)
+    return nodes, leaves
+
+
+def _is_root(node: ir.Node) -> bool:
+    if node.op_type not in _SUMS or node.domain != "":
+        return False
+    output = node.outputs[0]
+    uses = output.uses()
+    return output.is_graph_output() or len(uses) != 1 or uses[0][0].op_type not in _SUMS \
+        or uses[0][0].domain != ""
+
+
+class FoldBranchesPass(NormfoldPass):
+    """Merge parallel Conv/BN/AvgPool/identity branches that a sum adds into one Conv."""
+
+    name = "fold-branches"
+    summary = pass_info(name).summary
+
+    def apply(self, model: ir.Model) -> bool:
+        graph = model.graph
+        roots = [node for node in graph if _is_root(node)]
+        if not roots:
+            return False
+        common.NameFixPass()(model)
+        self._fresh = FreshNames(model)
+        merged = 0
+        for root in roots:
+            merged += self._fold_sum(model, root)
+        if merged:
+            common.RemoveUnusedNodesPass()(model)
+        return merged > 0
+
+    def _fold_sum(self, model: ir.Model, root: ir.Node) -> int:
+        tree_nodes, leaves = _sum_tree(root)
+        tree = set(tree_nodes)
+        groups: dict[int, list[_Branch]] = {}
+        sources: dict[int, ir.Value] = {}
+        for leaf in leaves:
+            reads = Reads(self.options.freeze_initializer_inputs)
+            try:
+                branch = _read_branch(leaf, model, reads)
+            except Refusal as refusal:
+                self._refuse_leaf(leaf, refusal.reason)
+                continue
+            groups.setdefault(id(branch.source), []).append(branch)
+            sources[id(branch.source)] = branch.source
+        replacements: dict[int, tuple[ir.Value, list[_Branch]]] = {}
+        new_nodes: list[ir.Node] = []
+        for key, branches in groups.items():
+            if len(branches) < 2 or not any(b.kind == "conv" for b in branches):
+                continue
+            result = self._merge(branches, tree, sources[key])
+            if result is not None:
+                node, used = result
+                new_nodes.append(node)
+                replacements[key] = (node.outputs[0], used)
+        if not replacements:
+            return 0
+        # The merged Conv takes the place of its first leaf; the group's other leaves go.
+        merged_leaves = {id(b.leaf) for _, used in replacements.values() for b in used}
+        first_leaf = {id(used[0].leaf): value for value, used in replacements.values()}
+        terms: list[ir.Value] = []
+        for leaf in leaves:
+            if id(leaf) in first_leaf:
+                terms.append(first_leaf.pop(id(leaf)))
+            elif id(leaf) not in merged_leaves:
+                terms.append(leaf)
+        dtype = new_nodes[0].outputs[0].dtype
+        total = terms[0]
+        for index, term in enumerate(terms[1:], 1):
+            add = ir.node("Add", [total, term], name=f"{root.name}/sum{index}")
+            add.outputs[0].dtype = dtype
+            new_nodes.append(add)
+            total = add.outputs[0]
+        if root.outputs[0].shape is not None:
+            total.shape = root.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(
+            model.graph, root, [root], new_nodes, [root.outputs[0]], [total]
+        )
+        return len(replacements)
+
+    def _refuse_leaf(self, leaf: ir.Value, reason: str) -> None:
+        producer = leaf.producer()
+        if producer is not None:
+            self.record.refuse(producer.name, f"not merged with the other branches: {reason}")
+
+    def _merge(self, branches: list[_Branch], tree: set[ir.Node], source: ir.Value
+               ) -> tuple[ir.Node, list[_Branch]] | None:
+        ready = []
+        for branch in branches:
+            try:
+                _check_readers(branch, tree)
+            except Refusal as refusal:
+                self._refuse_leaf(branch.leaf, refusal.reason)
+                continue
+            ready.append(branch)
+        convs = [b for b in ready if b.kind == "conv"]
+        if not convs:
+            return None
+        # The largest kernels are the candidates; the one most branches fit in is the reference.
+        largest = max(int(np.prod(b.window)) for b in convs)
+        attempts = [self._fit(ready, candidate) for candidate in convs
+                    if int(np.prod(candidate.window)) == largest]
+        reference, kernels, biases, used, refusals = max(attempts, key=lambda a: len(a[3]))
+        for branch, reason in refusals:
+            self._refuse_leaf(branch.leaf, reason)
+        group = reference.group
+        if len(used) < 2:
+            return None
+        weight = np.sum(kernels, axis=0)
+        bias = np.sum(biases, axis=0)
+        dtype = tensor_dtype(reference.weight_value)
+        base = reference.weight_value.name or reference.conv.name
+        weight_tensor = cast_tensor(weight, dtype, self._fresh(f"{base}_branches"))
+        bias_dtype = dtype if reference.bias_value is None else tensor_dtype(reference.bias_value)
+        bias_tensor = cast_tensor(bias, bias_dtype, self._fresh(f"{base}_branches_bias"))
+        for tensor in (weight_tensor, bias_tensor):
+            if not np.all(np.isfinite(tensor.numpy())):
+                reason = (f"the merged kernel or bias overflows {dtype}: the branches are "
+                          f"left as they are")
+                self.record.refuse(reference.end.name, reason)
+                return None
+        values = []
+        for tensor in (weight_tensor, bias_tensor):
+            value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape),
+                             type=ir.TensorType(tensor.dtype), const_value=tensor)
+            reference.conv.graph.register_initializer(value)
+            values.append(value)
+        for branch in used:
+            freeze(branch.reads, self.record)
+        attributes: dict[str, Any] = {
+            "kernel_shape": list(reference.window),
+            "strides": list(reference.strides),
+            "pads": list(reference.pads),
+            "dilations": list(reference.dilations),
+            "group": group,
+        }
+        name = f"{reference.conv.name}/branches"
+        node = ir.node("Conv", [source, *values], attributes, name=name)
+        node.outputs[0].dtype = dtype
+        node.outputs[0].shape = reference.leaf.shape
+        self.record.site(
+            reference.end.name,
+            op="Conv",
+            into=name,
+            how="branches",
+            branches=[b.label for b in used],
+        )
+        return node, used
+
+    def _fit(self, branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
+        """``(reference, kernels, biases, used, refusals)``: the branches that fit in it."""
+        out_channels, in_per_group = reference.kernel.shape[:2]
+        kernels, biases, used, refusals = [], [], [], []
+        for branch in branches:
+            try:
+                kernel, bias = self._branch_kernel(branch, reference, out_channels,
+                                                   in_per_group, reference.group,
+                                                   len(reference.window))
+            except Refusal as refusal:
+                refusals.append((branch, refusal.reason))
+                continue
+            kernels.append(kernel)
+            biases.append(bias)
+            used.append(branch)
+        return reference, kernels, biases, used, refusals
+
+    def _branch_kernel(self, branch: _Branch, reference: _Branch, out_channels: int,
+                       in_per_group: int, group: int, spatial: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """``branch``'s kernel padded to the reference's, and its bias (float64)."""
+        if branch.kind == "identity":
+            window, strides = (1,) * spatial, (1,) * spatial
+            pads, dilations = (0,) * (2 * spatial), (1,) * spatial
+        else:
+            window, strides, pads, dilations = (branch.window, branch.strides, branch.pads,
+                                                branch.dilations)
+        if strides != reference.strides:
+            raise Refusal(
+                f"{branch.label} has strides {list(strides)}, {reference.label} "
+                f"{list(reference.strides)}"
+            )
+        if branch.kind in ("identity", "pool"):
+            if out_channels != in_per_group * group:
+                raise Refusal(
+                    f"{branch.label} keeps {in_per_group * group} channels, {reference.label} "
+                    f"makes {out_channels}"
+                )
+            if branch.kind == "identity":
+                kernel = bm.identity_kernel(out_channels, group, spatial)
+            else:
+                kernel = bm.average_pool_kernel(out_channels, group, window)
+            bias = np.zeros(out_channels)
+        else:
+            if branch.group != group or branch.kernel.shape[:2] != (out_channels, in_per_group):
+                raise Refusal(
+                    f"{branch.label} has a {list(branch.kernel.shape)} weight in "
+                    f"{branch.group} group(s), {reference.label} a "
+                    f"{list(reference.kernel.shape)} one in {group}"
+                )
+            kernel = branch.kernel
+            bias = np.zeros(out_channels) if branch.bias is None else branch.bias
+        try:
+            offsets = bm.sub_kernel_offsets(window, pads, dilations, reference.window,
+                                            reference.pads, reference.dilations)
+        except ValueError as error:
+            raise Refusal(f"{branch.label} does not fit in {reference.label}: {error}") from None
+        if branch.affine is not None:
+            kernel, bias = fm.fold_after_conv(kernel, bias, *branch.affine)
+        return bm.pad_kernel(kernel, offsets, reference.window), np.asarray(bias, np.float64)

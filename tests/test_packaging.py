@@ -1,0 +1,47 @@
+"""The source tree is the import tree: packaging alone installs normfold, nothing else."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setuptools() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_every_package_folder_is_listed_in_pyproject() -> None:
+    config = _setuptools()
+    folders = config["package-dir"]
+    found = set()
+    for package, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            # A mapped folder's subfolders are its own subpackages unless mapped separately.
+            name = ".".join((package, *relative))
+            if not any(init.parent == ROOT / other for other in folders.values() if other != folder):
+                found.add(name)
+    assert sorted(found) == sorted(config["packages"])
+
+
+@pytest.mark.parametrize("name", ["normfold.benchmarks", "normfold.tests"])
+def test_benchmarks_and_tests_are_not_part_of_the_package(name: str) -> None:
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(name)
+
+
+def test_subpackages_import_from_any_working_directory(tmp_path: Path) -> None:
+    code = (
+        "import normfold, normfold.passes, normfold.models, normfold.cli, normfold.math.batchnorm; "
+        "print(normfold.passes.__name__, normfold.models.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["normfold.passes", "normfold.models"]
