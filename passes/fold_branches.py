@@ -26,8 +26,10 @@ re-parameterization"), done on the exported graph. Rule:
    reference's ``group`` (a diagonal kernel of that group layout).
 4. The merged Conv has the reference's attributes, the sum of the branches' kernels (each
    zero-padded to the reference's size, centred) and of their biases, computed in float64 from
-   the stored tensors and cast once to the reference weight's dtype. It replaces the merged
-   leaves in the sum; other leaves stay, added to it in their order.
+   the stored tensors and cast once to the reference weight's dtype — refused when that cast
+   overflows, flushes a nonzero value to 0 or, in float16/bfloat16, computes farther from the
+   sum of the branches than the precision rule allows (``normfold.math.fold_precision``). It
+   replaces the merged leaves in the sum; other leaves stay, added to it in their order.
 
 A branch that does not fit (mismatched padding or stride, other groups, an intermediate value
 that another node reads, non-constant weights, a training-form BN, …) stays in the sum and is
@@ -62,6 +64,7 @@ import onnx_ir.passes.common as common
 from normfold.catalog import pass_info
 from normfold.math import branches as bm
 from normfold.math import batchnorm as fm
+from normfold.math import fold_precision as fp
 from normfold.passes.base import NormfoldPass
 from normfold.passes._fold_graph import (
     FreshNames,
@@ -74,6 +77,8 @@ from normfold.passes._fold_graph import (
     freeze,
     opset_of,
     read_constant,
+    require_castable,
+    require_precise,
     tensor_dtype,
 )
 
@@ -384,16 +389,18 @@ class FoldBranchesPass(NormfoldPass):
         weight = np.sum(kernels, axis=0)
         bias = np.sum(biases, axis=0)
         dtype = tensor_dtype(reference.weight_value)
+        try:
+            require_castable({"merged kernel": weight, "merged bias": bias}, dtype)
+            require_precise(lambda: fp.sum_outputs(
+                [fp.output_rows("Conv", k) for k in kernels], biases,
+                fp.output_rows("Conv", weight), bias, dtype.numpy()), dtype)
+        except Refusal as refusal:
+            self.record.refuse(reference.end.name, f"{refusal.reason}: the branches are left as they are")
+            return None
         base = reference.weight_value.name or reference.conv.name
         weight_tensor = cast_tensor(weight, dtype, self._fresh(f"{base}_branches"))
         bias_dtype = dtype if reference.bias_value is None else tensor_dtype(reference.bias_value)
         bias_tensor = cast_tensor(bias, bias_dtype, self._fresh(f"{base}_branches_bias"))
-        for tensor in (weight_tensor, bias_tensor):
-            if not np.all(np.isfinite(tensor.numpy())):
-                reason = (f"the merged kernel or bias overflows {dtype}: the branches are "
-                          f"left as they are")
-                self.record.refuse(reference.end.name, reason)
-                return None
         values = []
         for tensor in (weight_tensor, bias_tensor):
             value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape),
