@@ -73,7 +73,7 @@ import onnx
 import onnx_ir as ir
 
 from normfold.errors import InputError, first_line
-from normfold.io import EXTERNAL_DATA_THRESHOLD
+from normfold.io import EXTERNAL_DATA_THRESHOLD, check_target
 from normfold.models import NAMES, TORCH_HINT, ZooModel, build, family_module
 from normfold.quiet import silenced
 
@@ -151,10 +151,8 @@ def export(zoo: ZooModel | str, variant: str | ExportVariant, path: str | os.Pat
     _refuse_known_failure(zoo.name, chosen)
     if chosen.half:
         zoo = zoo.half()
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
+    target = check_target(path)
+    folder = target.parent
     staging = Path(tempfile.mkdtemp(prefix=".normfold-export-", dir=folder))
     try:
         staged = staging / target.name
