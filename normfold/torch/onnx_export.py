@@ -421,8 +421,7 @@ def _axis_entries(name: str, spec: Any) -> dict[int, str | None]:
         # dynamic_axes' list of axes, or dynamic_shapes' per-axis list (None: static).
         if all(isinstance(item, int) and not isinstance(item, bool) for item in spec):
             return {_axis(name, axis): None for axis in spec}
-        else:
-            items = [(axis, item) for axis, item in enumerate(spec) if item is not None]
+        items = [(axis, item) for axis, item in enumerate(spec) if item is not None]
     else:
         raise InputError(f"dynamic axes of input {name!r}: expected a dict axis -> name or a list of axes")
     entries: dict[int, str | None] = {}
@@ -432,9 +431,9 @@ def _axis_entries(name: str, spec: Any) -> dict[int, str | None]:
             entries[axis] = item
         elif isinstance(item, torch.export.Dim):
             entries[axis] = item.__name__
-        elif item is not None and _is_dim_hint(item):
-            if str(item).endswith("STATIC"):
-                continue
+        elif item is torch.export.Dim.STATIC:
+            continue
+        elif item is torch.export.Dim.AUTO or item is torch.export.Dim.DYNAMIC:
             entries[axis] = None
         else:
             raise InputError(f"dynamic axes of input {name!r}: axis {axis} has {item!r}; give a name or a torch Dim")
@@ -445,11 +444,6 @@ def _axis(name: str, axis: Any) -> int:
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise InputError(f"dynamic axes of input {name!r}: axis {axis!r} is not an integer")
     return axis
-
-
-def _is_dim_hint(item: Any) -> bool:
-    # Dim.AUTO / Dim.DYNAMIC / Dim.STATIC are instances of a private hint class.
-    return any(item is getattr(torch.export.Dim, hint, None) for hint in ("AUTO", "DYNAMIC", "STATIC"))
 
 
 def _refuse_training(module: nn.Module) -> None:
