@@ -52,18 +52,14 @@ __all__ = [
     "export",
 ]
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
 import inspect
-import io
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -73,7 +69,7 @@ import onnx_ir as ir
 from normfold.errors import InputError, first_line
 from normfold.io import EXTERNAL_DATA_THRESHOLD
 from normfold.models import NAMES, TORCH_HINT, ZooModel, build, family_module
-from normfold.quiet import quiet_loggers
+from normfold.quiet import silenced
 
 if TYPE_CHECKING:
     import torch
@@ -156,7 +152,7 @@ def export(zoo: ZooModel | str, variant: str | ExportVariant, path: str | os.Pat
         staged = staging / target.name
         large = _tensor_bytes(zoo.module) > EXTERNAL_DATA_THRESHOLD
         try:
-            with _quiet():
+            with silenced(*_QUIET_LOGGERS):
                 if chosen.exporter == "torchscript":
                     _export_torchscript(zoo, chosen, staged)
                 else:
@@ -336,11 +332,3 @@ def _check_export(zoo: ZooModel, variant: ExportVariant, path: Path) -> None:
 def _tensor_bytes(module: torch.nn.Module) -> int:
     tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters: Python warnings, torch/onnxscript log lines, prints to stdout."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_loggers(*_QUIET_LOGGERS):
-        warnings.simplefilter("ignore")
-        yield

@@ -61,7 +61,9 @@ def session(
     if not (optimize if prepack is None else prepack):
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    # Fatal only: a model that fails to run raises, and normfold reports that in one line;
+    # onnxruntime's own error log would print the same failure again on stderr.
+    options.log_severity_level = 4
     providers = ["CPUExecutionProvider"]
     label = str(model) if isinstance(model, (str, os.PathLike)) else "<model>"
     try:

@@ -17,6 +17,9 @@ The rule, per output of the reference (errors are maxima over all samples):
   4. Tolerances default by the reference output's dtype (:func:`default_tolerance`); ``rtol``
      and ``atol`` override them for floating-point outputs.
 
+:func:`compare` judges outputs computed elsewhere (a torch module's, by
+:func:`normfold.torch.export`) by the same rule, so there is one comparator.
+
 The interface is part of what is verified, so a changed one is a FAILED report, never an
 exception: every input the reference needs must be an input of the candidate with the same
 dtype (the candidate may drop inputs that were initializer-inputs of the reference: those are
@@ -38,6 +41,7 @@ from __future__ import annotations
 __all__ = [
     "OutputComparison",
     "VerificationReport",
+    "compare",
     "default_tolerance",
     "float64_model",
     "verify",
@@ -312,19 +316,76 @@ def verify(
         steps.close()
 
     comparisons = _compare_all(ref_outputs, f64_outputs, cand_outputs, run_problem, rtol, atol)
+    return _report(
+        comparisons,
+        problems,
+        samples=len(feeds),
+        reference=reference_precision,
+        seconds=dict(steps.seconds),
+        input_shapes={name: tuple(array.shape) for name, array in feeds[0].items()},
+        float32_ops=float32_ops,
+        peak_rss_mb=dict(steps.peak_rss_mb),
+    )
+
+
+def compare(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    candidate: Sequence[Mapping[str, np.ndarray]] | None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    problems: Sequence[str] = (),
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> VerificationReport:
+    """Compare outputs computed elsewhere by :func:`verify`'s rule (module doc, 1-4).
+
+    ``reference`` and ``candidate`` hold one mapping (output name -> array) per sample, in the
+    same order; the reference's first sample names the outputs compared, and a candidate output
+    the reference lacks is a problem, as in :func:`verify`. ``candidate=None`` means the
+    candidate did not run, and ``problems`` should say why. This is how outputs that no ONNX
+    model produced (a torch module's, :func:`normfold.torch.export`) are judged with the same
+    tolerances and NaN/Inf rules as a verification.
+    """
+    if not reference:
+        raise InputError("compare: no reference outputs (at least one sample is needed)")
+    problems = list(problems)
+    if candidate is not None:
+        problems += [
+            f"output {name!r} of the candidate is not an output of the reference"
+            for name in candidate[0]
+            if name not in reference[0]
+        ]
+    run_problem = "not compared: the candidate did not run" if candidate is None else None
+    comparisons = _compare_all(
+        [dict(outputs) for outputs in reference],
+        None,
+        None if candidate is None else [dict(outputs) for outputs in candidate],
+        run_problem,
+        rtol,
+        atol,
+    )
+    return _report(
+        comparisons,
+        problems,
+        samples=len(reference),
+        reference="model",
+        seconds={},
+        input_shapes=dict(input_shapes or {}),
+    )
+
+
+def _report(
+    comparisons: dict[str, OutputComparison], problems: list[str], **fields: Any
+) -> VerificationReport:
+    """The report of ``comparisons``: passed, and the maxima over the outputs that were measured."""
     measured = [c for c in comparisons.values() if not math.isnan(c.max_abs_error)]
     return VerificationReport(
         passed=not problems and all(c.passed for c in comparisons.values()),
         outputs=comparisons,
         max_abs_error=max((c.max_abs_error for c in measured), default=math.nan),
         max_rel_error=max((c.max_rel_error for c in measured), default=math.nan),
-        samples=len(feeds),
-        reference=reference_precision,
-        seconds=dict(steps.seconds),
         problems=problems,
-        input_shapes={name: tuple(array.shape) for name, array in feeds[0].items()},
-        float32_ops=float32_ops,
-        peak_rss_mb=dict(steps.peak_rss_mb),
+        **fields,
     )
 
 
