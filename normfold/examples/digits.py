@@ -203,7 +203,7 @@ def train(
                 loss.backward()
                 optimizer.step()
                 bar.update(1)
-                bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
+                bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
     return model.eval()
 
 
