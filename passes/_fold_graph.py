@@ -14,6 +14,10 @@ writes new initializers in the original dtype. This module holds the parts that 
   never overwrite a tensor that another node may read. :func:`initializer` (and
   :func:`cast_tensor`) write float64 results cast once to the model's dtype. Every pass that
   adds initializers uses these two.
+* :func:`require_castable` and :func:`require_precise` refuse a fold whose weights the cast to
+  the model's dtype would lose (overflow to inf, underflow to 0) or that computes farther from
+  the unfolded site than its float16/bfloat16 rounding allows (``normfold.math.fold_precision``);
+  every fold rule calls them from its ``check``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ __all__ = [
     "other_reader",
     "rank_of",
     "read_constant",
+    "require_castable",
     "require_graph",
+    "require_precise",
     "tensor_dtype",
 ]
 
@@ -45,8 +51,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from normfold.passes.base import PassOptions, PassRecord, RecordingRule
+from normfold.math import fold_precision
 from normfold.math.batchnorm import bn_scale_shift
+from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 from onnxscript.rewriter import _pattern_ir
 
 
@@ -180,6 +187,22 @@ def cast_tensor(array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Tensor:
     """``array`` (float64 arithmetic) cast once to ``dtype``, as a tensor named ``name``."""
     data = np.ascontiguousarray(np.asarray(array, dtype=np.float64).astype(dtype.numpy()))
     return ir.tensor(data, dtype=dtype, name=name)
+
+
+def require_castable(folded: dict[str, np.ndarray], dtype: ir.DataType) -> None:
+    """Refuse when casting any of the float64 ``folded`` arrays (keyed by what they are, e.g.
+    ``"weight"``) to ``dtype`` overflows or flushes a nonzero value to 0."""
+    for what, array in folded.items():
+        if (problem := fold_precision.cast_problem(array, dtype.numpy(), what)) is not None:
+            raise Refusal(problem)
+
+
+def require_precise(site: Callable[[], tuple[np.ndarray, np.ndarray]], dtype: ir.DataType) -> None:
+    """For float16/bfloat16 weights, refuse a fold that errs more than the precision rule allows;
+    ``site()`` gives the ``(reference, folded)`` probe outputs (only computed when needed)."""
+    if fold_precision.is_low_precision(dtype.numpy()):
+        if (problem := fold_precision.precision_problem(*site(), dtype.numpy())) is not None:
+            raise Refusal(problem)
 
 
 def initializer(op: Any, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:

@@ -47,6 +47,7 @@ from normfold.passes._fold_graph import (
     initializer,
     opset_of,
     rank_of,
+    require_castable,
     require_graph,
     tensor_dtype,
 )
@@ -134,6 +135,7 @@ class LowerBatchNorm(FoldRule):
                     "the rank of its input is unknown, so it cannot be lowered to Mul + Add"
                 )
             dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
+            require_castable({"scale": scale, "shift": shift}, dtype)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
         shape = (scale.size,) + (1,) * (rank - 2)

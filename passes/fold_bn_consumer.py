@@ -20,6 +20,10 @@ with ``L`` one of:
   end up is worked out from the static shapes (``_channel_route``); other chains are refused
   (the channels are split or merged with another axis, or the sizes are unknown).
 
+The folded weights must survive the cast to the weights' dtype (no overflow, no nonzero value
+flushed to 0) and, in float16/bfloat16, stay as close to the unfolded site as its own rounding
+(``normfold.math.fold_precision``); else the site is refused with the numbers.
+
 The BN (and the shape ops) stay while anything else reads them; the site is refused when
 the BN's output goes anywhere but ops of these kinds (the BN would stay anyway), when the BN is
 not the inference form or its parameters or the consumer's weights are not constants (graph
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from normfold.math import batchnorm as fm
+from normfold.math import fold_precision as fp
 from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._channel_route import ROUTE_OPS, Route, follow
 from normfold.passes._fold_graph import (
@@ -51,7 +56,9 @@ from normfold.passes._fold_graph import (
     opset_of,
     rank_of,
     read_constant,
+    require_castable,
     require_graph,
+    require_precise,
     tensor_dtype,
 )
 from onnxscript.rewriter import pattern as _pattern
@@ -152,6 +159,48 @@ def _fold_matmul(
     return (*fm.fold_before_matmul(weight, scale, shift), None)
 
 
+def _require_representable(
+    consumer: ir.Node,
+    weight: np.ndarray,
+    folded: _Folded,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    reads: Reads,
+) -> None:
+    """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``)."""
+    new_weight, new_bias, bias_value = folded
+    dtype = tensor_dtype(consumer.inputs[1])
+    require_castable({"weight": new_weight, "bias": new_bias}, dtype)
+
+    def probes() -> tuple[np.ndarray, np.ndarray]:
+        kind = consumer.op_type
+        trans_b = bool(attribute(consumer, "transB", 0))
+        rows, per_channel = fp.input_rows(kind, weight, trans_b=trans_b)
+        folded_rows, _ = fp.input_rows(kind, new_weight, trans_b=trans_b)
+        old_bias = None if bias_value is None else read_constant(bias_value, "bias", reads)
+        if kind == "Gemm":  # alpha·A·B + beta·C before, alpha·A·B' + C' after
+            alpha = float(attribute(consumer, "alpha", 1.0))
+            rows, folded_rows = rows * alpha, folded_rows * alpha
+            if old_bias is not None:
+                old_bias = float(attribute(consumer, "beta", 1.0)) * old_bias
+        groups = attribute(consumer, "group", 1) if kind == "Conv" else 1
+
+        def columns(vector: np.ndarray) -> np.ndarray:
+            return np.repeat(vector.reshape(groups, -1), per_channel, axis=1)
+
+        channels = rows.shape[0]
+        return fp.site_outputs(
+            rows,
+            None if old_bias is None else fp.channel_vector(old_bias, channels),
+            folded_rows,
+            fp.channel_vector(new_bias, channels),
+            dtype.numpy(),
+            before=fp.Affine(columns(scale), columns(shift)),
+        )
+
+    require_precise(probes, dtype)
+
+
 class FoldBnIntoConsumer(FoldRule):
     """``L(BatchNormalization(x))`` → ``L'(x)`` for L in Conv, Gemm, MatMul (or after a Flatten)."""
 
@@ -206,6 +255,7 @@ class FoldBnIntoConsumer(FoldRule):
                 folded = _fold_gemm(consumer, weight, scale, shift, reads)
             else:
                 folded = _fold_matmul(consumer, weight, scale, shift)
+            _require_representable(consumer, weight, folded, scale, shift, reads)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
         self._plan = (bn, consumer, chain, x, weight_value, folded, reads)
