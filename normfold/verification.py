@@ -81,7 +81,7 @@ from normfold.errors import InputError, first_line
 from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs
 from normfold.io import ModelLike, load
 from normfold.progress import Steps
-from normfold.runtime import session
+from normfold.runtime import ort_reason, session
 
 logger = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def _run_reference(source: Any, feeds: list[dict[str, np.ndarray]], label: str, 
         try:
             source = session(source)
         except InputError as error:
-            raise InputError(f"{label}: {kind}reference model fails to load in onnxruntime: {_ort_reason(error)}") from None
+            raise InputError(f"{label}: {kind}reference model fails to load in onnxruntime: {ort_reason(error)}") from None
     outputs = []
     for k, sample in enumerate(feeds):
         try:
@@ -465,7 +465,7 @@ def _run_candidate(
     try:
         sess = session(source)
     except InputError as error:
-        return None, f"candidate fails to load in onnxruntime: {_ort_reason(error)}"
+        return None, f"candidate fails to load in onnxruntime: {ort_reason(error)}"
     outputs = []
     for k, sample in enumerate(feeds):
         try:
@@ -479,11 +479,6 @@ def _run_candidate(
 def _run(sess: Any, feeds: dict[str, np.ndarray]) -> Outputs:
     names = [output.name for output in sess.get_outputs()]
     return {name: np.asarray(array) for name, array in zip(names, sess.run(names, feeds))}
-
-
-def _ort_reason(error: InputError) -> str:
-    # runtime.session prefixes its label; keep onnxruntime's own words.
-    return str(error).split("onnxruntime cannot load the model: ", 1)[-1]
 
 
 def _interface_problems(
@@ -731,7 +726,7 @@ def _float64_session(model: ir.Model, label: str, dtype: ir.DataType = ir.DataTy
         try:
             return session(f64), sorted(op for _, op in wrapped)
         except InputError as error:
-            reason = _ort_reason(error)
+            reason = ort_reason(error)
             nodes = _nodes_to_wrap(f64, reason, wrapped)
             if not nodes:
                 raise InputError(f"{label}: cannot build a {np.dtype(dtype.numpy()).name} reference: {reason}") from None

@@ -6,7 +6,8 @@ with ``L`` one of:
 * **Conv** (any ``group``): ``W'[o, i, k] = W[o, i, k]·s[i']`` and
   ``b'[o] = b[o] + Σ W[o, i, k]·t[i']`` with ``i'`` the input channel ``i`` of ``o``'s group.
   Exact when every output position sums the whole kernel window over real inputs: the Conv is
-  unpadded (``pads`` all 0, ``auto_pad`` NOTSET or VALID), or the shift is zero everywhere. A
+  unpadded (:func:`normfold.math.padding.conv_pads` all 0: ``pads`` 0, ``auto_pad`` VALID, or
+  ``SAME_*`` with nothing to pad, e.g. a 1×1 kernel), or the shift is zero everywhere. A
   zero-padded Conv with a nonzero shift is refused: the padded border would see 0 where the
   original sees ``t``.
 * **Gemm** (``transA=0``): ``B'`` scaled along ``K``, ``C' = beta·C + alpha·t·B'``, ``beta = 1``.
@@ -50,6 +51,7 @@ from normfold.passes._fold_graph import (
     any_op,
     attribute,
     batchnorm_affine,
+    conv_pads_of,
     describe,
     freeze,
     initializer,
@@ -69,11 +71,10 @@ _CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
 _Folded = tuple[np.ndarray, np.ndarray, ir.Value | None]
 
 
-def _padded(conv: ir.Node) -> bool:
-    auto_pad = attribute(conv, "auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(attribute(conv, "pads", ()))
+def _padded(conv: ir.Node, kernel: tuple[int, ...]) -> bool:
+    """Whether ``conv`` zero-pads its input (taken as padded when that needs an unknown size)."""
+    pads = conv_pads_of(conv, kernel)
+    return pads is None or any(pads)
 
 
 def _check_readers(normalized: ir.Value) -> None:
@@ -96,7 +97,7 @@ def _fold_conv(
             f"{describe(conv)} reads {weight.shape[1] * group} channels, "
             f"the BatchNormalization has {scale.size}"
         )
-    if _padded(conv) and np.any(shift != 0):
+    if np.any(shift != 0) and _padded(conv, weight.shape[2:]):
         raise Refusal(
             f"{describe(conv)} zero-pads its input: the padded border would see 0 where the "
             "original sees the BatchNormalization's shift (folding is exact for an unpadded "

@@ -74,6 +74,7 @@ from normfold.errors import InputError, first_line
 from normfold.latency import LatencyTable, Timing
 from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.math.collapse_select import Option, choose, quantize
+from normfold.math.padding import torch_conv_pads
 from normfold.torch.layer_collapse import calibrate, cost, segments
 from normfold.torch.layer_collapse.graph import (
     activation_of,
@@ -293,7 +294,7 @@ class _Run:
         moved = []
         for name in run:
             readers = readers_of(working, _node(working, name))
-            if len(readers) == 1 and is_conv(working, readers[0]) and any(_padding(module_of(working, readers[0]))):
+            if len(readers) == 1 and is_conv(working, readers[0]) and _padded(module_of(working, readers[0])):
                 moved.append(readers[0].name)
         return moved
 
@@ -411,8 +412,8 @@ def _within_noise(difference: np.ndarray) -> bool:
     return float(difference.mean()) <= float(difference.std(ddof=1)) / math.sqrt(difference.size)
 
 
-def _padding(module: nn.Module) -> tuple[int, ...]:
-    return (0,) if isinstance(module.padding, str) else tuple(module.padding)
+def _padded(module: nn.Module) -> bool:
+    return any(torch_conv_pads(module.padding, module.kernel_size, module.dilation))
 
 
 def _edited(working: fx.GraphModule, edits: list[dict[str, Any]], like: torch.Tensor) -> fx.GraphModule:
