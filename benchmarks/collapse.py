@@ -1,32 +1,38 @@
 """TLC layer collapse against its baselines, on real data that ships or generates locally.
 
-    python -m benchmarks.collapse [--tasks digits/resnet18,digits/vgg,mnist1d/cnn]
-                                  [--methods normfold,reference,random,entropy]
-                                  [--max-drop 0.03] [--json results.json] [--plot collapse.png]
+    nice python -m benchmarks.collapse [--tasks digits32/resnet18,digits32/mobilenet_v2]
+                                       [--methods normfold,depthshrinker,reference,random,entropy]
+                                       [--seeds 0,1,2] [--json results.json] [--plot collapse.png]
 
-Tasks: scikit-learn's digits (8×8, ships inside scikit-learn; a linear model reaches ~96%) with a
-ResNet-18-style network (zoo ``BasicBlock`` × [2, 2, 2, 2]) and a VGG-style one; MNIST-1D
-(``pip install mnist1d``, generated locally in seconds; nonlinearity matters there) with a
-Conv1d-BN-ReLU network. Each network is trained once (seeded), then collapsed by every method
-with the same fine-tuning (``--finetune-epochs`` of Adam per step) and the same stopping rule
-(validation accuracy more than ``--max-drop`` below the dense model's: that step is undone).
+Tasks: scikit-learn's digits (ships inside scikit-learn), upsampled to 32×32 and three channels,
+with **torchvision's own** ``resnet18`` and ``mobilenet_v2`` classes (``num_classes=10``;
+``pip install 'normfold[bench]'``; the bench helper :func:`torchvision_models` makes the CPU
+torch load the registry's CUDA wheel, see TRAPS.md); the older ``digits/resnet18`` (zoo
+BasicBlocks for 8×8), ``digits/vgg`` and ``mnist1d/cnn`` (``pip install mnist1d``) remain. Each
+network is trained per seed (``--epochs`` of Adam), then collapsed by every method with the same
+fine-tuning (``--finetune-epochs`` per step, logit distillation from the dense model with weight
+``--distill``), evaluating on the validation split; test accuracy is reported once per step.
 
 Methods:
 
-- ``normfold``: :func:`normfold.torch.collapse` (loss-probe ranking with cost-aware ties,
-  per-channel linearize/prune, pad-first, exact merges, MACs never grow).
-- ``reference``: the TLC authors' procedure as their code runs it: the same loss probe, but the
-  whole activation becomes ``nn.Identity`` and nothing is merged (any site can go).
-- ``random``: normfold's machinery with a random removal order.
-- ``entropy``: normfold's machinery in EASIER's order (Quétu et al. 2024): lowest mean binary
-  entropy of the on/off state of the activation's channels over the calibration set first.
+- ``normfold``: :func:`normfold.torch.collapse` with ``target_latency`` (the task's budget,
+  ``--target-latency`` to override): segment candidates (whole inverted residuals, residual
+  blocks, branch pruning), measured segment latency, the segment DP, exact merges.
+- ``depthshrinker``: DepthShrinker's fixed choice (Fu et al., ICML 2022): every in-block
+  activation of every block (both of each inverted residual; a BasicBlock's inner ReLU)
+  becomes the identity at once, the blocks merge exactly, one fine-tune of the same total length.
+- ``reference``: the TLC authors' procedure as their code runs it: the loss probe picks one
+  activation per step, it becomes ``nn.Identity``, nothing is merged.
+- ``random`` / ``entropy``: normfold's candidates and merges, one removal per step, in a random
+  order or EASIER's order (Quétu et al. 2024: lowest mean binary entropy of the channels' on/off
+  state first); ``--max-steps`` bounds these step-wise methods.
 
-Per accepted step it records test accuracy, activations removed, layers merged, MACs per sample,
-and batch-1 CPU latency in torch and in onnxruntime (``ORT_ENABLE_ALL``, one thread; median of
-many runs), then prints one table per task and a summary row per method at the last step, with
-ratios to the dense model with its BatchNorms folded (what eager torch should be compared with;
-onnxruntime folds them itself).
-Everything runs with one thread (the numbers are per-core and the cores may be shared).
+Per step: test accuracy, activations removed, layers merged, MACs per sample, and batch-1
+onnxruntime CPU latency (``ORT_ENABLE_ALL``, one thread) as the median of ``--repeats`` rounds
+with their inter-quartile range. The summary gives, per task and method, the onnxruntime
+speed-up over the BN-folded dense model at the fastest step whose test accuracy is at most
+``--max-drop-points`` (default 1) below the dense model's, over the seeds: median and range.
+Everything runs on one thread; on a shared machine the latencies are noisy (the IQR says how much).
 """
 
 from __future__ import annotations
@@ -34,30 +40,31 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import statistics
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from normfold import runtime
 from normfold.examples import digits
 from normfold.models.resnet import BasicBlock
 from normfold.torch import collapse
-from normfold.torch.layer_collapse import calibrate, cost
+from normfold.torch.layer_collapse import calibrate, cost, driver, segments
 from normfold.torch.layer_collapse.driver import trace
-from normfold.torch.layer_collapse.graph import activation_of, channel_axis, sites
-from normfold.torch.layer_collapse.rewrite import merge_layers, record_shapes, shape_of
+from normfold.torch.layer_collapse.graph import (
+    activation_of, channel_axis, is_add, is_conv, readers_of, sites, source_of,
+)
+from normfold.torch.layer_collapse.rewrite import layer_count, merge_layers, record_shapes, shape_of
 
-METHODS = ("normfold", "reference", "random", "entropy")
+METHODS = ("normfold", "depthshrinker", "reference", "random", "entropy")
+# The latency budget per task (a ratio to the BN-folded dense model), from issue 12's targets.
+BUDGETS = {"digits32/resnet18": 0.80, "digits32/mobilenet_v2": 0.85}
 
 
 # ---- data and models ------------------------------------------------------------------------
@@ -129,7 +136,40 @@ class Conv1dNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-TASKS: dict[str, tuple[Callable[[], digits.Digits], Callable[[], nn.Module]]] = {
+def digits32(seed: int = 0) -> digits.Digits:
+    """scikit-learn's digits upsampled (bilinear) to 32×32 and repeated over three channels."""
+    data = digits.load(seed)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+
+    return digits.Digits(up(data.train_x), data.train_y, up(data.val_x), data.val_y, up(data.test_x), data.test_y)
+
+
+def torchvision_models() -> Any:
+    """``torchvision.models`` with the CPU torch: the registry's only torchvision wheel is a CUDA
+    build whose ``_C`` ops do not load, but importing it needs the op schemas it registers fake
+    kernels for; define them first (a bench helper, never in the library; see TRAPS.md)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        raise SystemExit("the torchvision tasks need torchvision: pip install 'normfold[bench]'")
+    if not _schemas:
+        library = torch.library.Library("torchvision", "DEF")
+        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _schemas.append(library)
+    import torchvision
+
+    return torchvision.models
+
+
+_schemas: list[Any] = []  # the torchvision schema library, kept alive once defined
+
+
+TASKS: dict[str, tuple[Callable[[int], digits.Digits], Callable[[], nn.Module]]] = {
+    "digits32/resnet18": (digits32, lambda: torchvision_models().resnet18(num_classes=10)),
+    "digits32/mobilenet_v2": (digits32, lambda: torchvision_models().mobilenet_v2(num_classes=10)),
     "digits/resnet18": (digits.load, ResNet18Style),
     "digits/vgg": (digits.load, digits.DigitsVGG),
     "mnist1d/cnn": (mnist1d, Conv1dNet),
@@ -151,7 +191,10 @@ def random_order(seed: int) -> Callable[[fx.GraphModule, list[str]], str]:
 def entropy_order(batches: list[calibrate.Batch]) -> Callable[[fx.GraphModule, list[str]], str]:
     """EASIER's order: the site whose channels' on/off states have the lowest mean entropy."""
 
-    def rank(model: fx.GraphModule, names: list[str]) -> str:
+    def rank(model: fx.GraphModule, labels: list[str]) -> str:
+        # Candidates are runs of sites joined by "+" (EASIER scores one site; a run scores the
+        # mean of its sites) or branch prunings, which EASIER has no score for: never first.
+        names = {name for label in labels if not label.startswith("prune ") for name in label.split("+")}
         record_shapes(model, batches[0].inputs)
         axes = {n: channel_axis(model, node, len(shape_of(node.args[0])))
                 for n, node in ((n.name, n) for n in model.graph.nodes) if n in names}
@@ -169,11 +212,16 @@ def entropy_order(batches: list[calibrate.Batch]) -> Callable[[fx.GraphModule, l
             for batch in batches:
                 _Counter(model.eval()).run(*batch.inputs)
 
-        def entropy(name: str) -> float:
-            p = torch.stack(on[name]).mean(0).clamp(1e-12, 1 - 1e-12)
-            return float((-(p * p.log2()) - (1 - p) * (1 - p).log2()).mean())
+        def entropy(label: str) -> float:
+            if label.startswith("prune "):
+                return float("inf")
+            values = []
+            for name in label.split("+"):
+                p = torch.stack(on[name]).mean(0).clamp(1e-12, 1 - 1e-12)
+                values.append(float((-(p * p.log2()) - (1 - p) * (1 - p).log2()).mean()))
+            return float(np.mean(values))
 
-        return min(sorted(names), key=entropy)
+        return min(sorted(labels), key=entropy)
 
     rank.__name__ = "entropy"
     return rank
@@ -181,17 +229,16 @@ def entropy_order(batches: list[calibrate.Batch]) -> Callable[[fx.GraphModule, l
 
 # ---- the authors' procedure: Identity replacement, no merge -----------------------------------
 
-def reference_collapse(model: nn.Module, data: digits.Digits, *, finetune, max_drop: float,
-                       batches: list[calibrate.Batch]) -> list[dict[str, Any]]:
+def reference_collapse(model: nn.Module, data: digits.Digits, *, finetune, floor: float,
+                       batches: list[calibrate.Batch], max_steps: int) -> list[dict[str, Any]]:
     """Loss-probe the removal of each remaining activation as ``nn.Identity``; keep the best."""
     working = trace(model)
-    dense_accuracy = digits.accuracy(working, data.val_x, data.val_y)
-    rows = []
-    while True:
+    rows: list[dict[str, Any]] = []
+    while len(rows) < max_steps:
         names = [node.name for node in sites(working)]
         if not names:
             break
-        best, best_loss = None, math.inf
+        best, best_loss = None, float("inf")
         for name in names:
             candidate = copy.deepcopy(working)
             _identity(candidate, name)
@@ -201,7 +248,7 @@ def reference_collapse(model: nn.Module, data: digits.Digits, *, finetune, max_d
         step = len(rows) + 1
         _seeded_finetune(finetune, best, step)
         accuracy = digits.accuracy(best, data.val_x, data.val_y)
-        if accuracy < dense_accuracy - max_drop:
+        if accuracy < floor:
             break
         working = best
         rows.append({"removed": step, "layers_merged": 0, "val_accuracy": accuracy, "model": copy.deepcopy(best)})
@@ -216,146 +263,205 @@ def _identity(gm: fx.GraphModule, name: str) -> None:
     gm.recompile()
 
 
-def _seeded_finetune(finetune, model: nn.Module, step: int) -> None:
+def _seeded_finetune(finetune, model: nn.Module, step: int, teacher: nn.Module | None = None) -> None:
     torch.manual_seed(step)
     model.train()
-    finetune(model, step)
+    finetune(model, step, teacher=teacher)
     model.eval()
+
+
+# ---- DepthShrinker's fixed choice ----------------------------------------------------------------
+
+def depthshrinker(model: nn.Module, data: digits.Digits, *, finetune) -> list[dict[str, Any]]:
+    """Every in-block activation becomes the identity at once; the blocks merge exactly; one fine-tune.
+
+    In-block: an activation called inside an ``InvertedResidual`` or ``BasicBlock`` module (by
+    class name: torchvision's and the zoo's) whose input is not the block's residual sum, i.e.
+    both of an inverted residual's and a BasicBlock's inner one; the stem and the after-Add stay.
+    """
+    working = trace(model)
+    record_shapes(working, (data.val_x[:1],))
+    blocks = [name + "." for name, module in model.named_modules()
+              if type(module).__name__ in ("InvertedResidual", "BasicBlock")]
+    chosen = [node.name for node in sites(working)
+              if node.op == "call_module" and any(node.target.startswith(b) for b in blocks)
+              and not is_add(source_of(working, node.args[0]))]
+    edits: list[dict[str, Any]] = []
+    like = next(working.parameters())
+    for name in chosen:
+        node = next(n for n in working.graph.nodes if n.name == name)
+        channels = shape_of(node.args[0])[channel_axis(working, node, len(shape_of(node.args[0])))]
+        edits.append({"op": "linearize", "site": name, "slope": torch.ones(channels, dtype=torch.float64),
+                      "offset": torch.zeros(channels, dtype=torch.float64), "axis": 1})
+    shrunk = driver._edited(working, edits, like)
+    for name in chosen:  # pad-first: the padded reader inside a block then merges exactly
+        readers = readers_of(shrunk, next(n for n in shrunk.graph.nodes if n.name == name))
+        if len(readers) == 1 and is_conv(shrunk, readers[0]) and any(shrunk.get_submodule(readers[0].target).padding):
+            driver._apply(shrunk, {"op": "pad_first", "conv": readers[0].name}, like)
+    _seeded_finetune(finetune, shrunk, 1, teacher=trace(model))
+    free = [n.name for n in shrunk.graph.nodes]
+    merged = merge_layers(shrunk, (data.val_x[:8],), free=free).module
+    return [{"removed": len(chosen), "layers_merged": layer_count(working) - layer_count(merged),
+             "val_accuracy": digits.accuracy(merged, data.val_x, data.val_y), "model": merged}]
 
 
 # ---- measuring ----------------------------------------------------------------------------------
 
-def ort_latency_ms(model: nn.Module, sample: torch.Tensor, repeats: int = 300) -> float:
-    """Median batch-1 latency of ``model`` exported to ONNX, in onnxruntime (ORT_ENABLE_ALL, 1 thread)."""
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        path = Path(folder) / "model.onnx"
-        torch.onnx.export(model.eval(), (sample,), str(path), dynamo=False, opset_version=17)
-        session = runtime.session(path, optimize=True, threads=1)
-        feeds = {session.get_inputs()[0].name: sample.numpy()}
-        for _ in range(20):
-            session.run(None, feeds)
-        timings = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            timings.append(time.perf_counter() - start)
-    return statistics.median(timings) * 1e3
-
-
-def measure(model: nn.Module, data: digits.Digits) -> dict[str, Any]:
+def measure(model: nn.Module, data: digits.Digits, repeats: int) -> dict[str, Any]:
     sample = data.test_x[:1]
-    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    gm = trace(model)
+    timing = cost.ort_latency(gm, (sample,), runs=100, repeats=repeats)
     return {
         "test_accuracy": digits.accuracy(model, data.test_x, data.test_y),
         "macs": cost.macs(gm, (sample,)),
         "params": cost.parameters(model),
         "activations": sum(1 for n in gm.graph.nodes if activation_of(gm, n) is not None),
-        "torch_ms": cost.latency_ms(model, (sample,), repeats=200, warmup=20),
-        "ort_ms": ort_latency_ms(model, sample),
+        "ort": timing.to_dict(),
     }
 
 
-def run_task(name: str, methods: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace) -> dict[str, Any]:
     load, build = TASKS[name]
-    data = load()
-    torch.manual_seed(args.seed)
+    data = load(seed)
+    torch.manual_seed(seed)
     model = build()
     start = time.perf_counter()
-    digits.train(model, data, epochs=args.epochs, seed=args.seed)
+    digits.train(model, data, epochs=args.epochs, lr=args.lr, seed=seed)
     result: dict[str, Any] = {"train_seconds": time.perf_counter() - start}
-    dense = measure(model, data)
+    dense = measure(model, data, args.repeats)
     dense["val_accuracy"] = digits.accuracy(model, data.val_x, data.val_y)
     result["dense"] = dense
-    # Eager torch runs BatchNorm as its own op; every collapsed model has it folded. Compare
-    # torch latency with the dense model folded the same way (onnxruntime folds it itself).
-    result["dense_folded"] = measure(merge_layers(trace(model), (data.val_x[:8],)).module, data)
-    finetune = digits.finetuner(data, epochs=args.finetune_epochs)
+    # Every collapsed model has its BatchNorms folded: compare with the dense model folded the same way.
+    result["dense_folded"] = measure(merge_layers(trace(model), (data.val_x[:8],)).module, data, args.repeats)
+    finetune = digits.finetuner(data, epochs=args.finetune_epochs, distill=args.distill)
     calibration = digits.batches(data.train_x, data.train_y, 128)
-    batches, probe = calibrate.make_batches(calibration, 512)
+    batches, probe = calibrate.make_batches(calibration, args.probe_samples)
+    floor = dense["val_accuracy"] - args.max_drop
     for method in methods:
         start = time.perf_counter()
         if method == "reference":
-            rows = reference_collapse(model, data, finetune=finetune, max_drop=args.max_drop, batches=probe)
+            rows = reference_collapse(model, data, finetune=finetune, floor=floor, batches=probe,
+                                      max_steps=args.max_steps)
+        elif method == "depthshrinker":
+            rows = depthshrinker(model, data, finetune=digits.finetuner(
+                data, epochs=args.finetune_epochs * 2, distill=args.distill))
         else:
-            rank = {"normfold": "probe", "random": random_order(args.seed), "entropy": entropy_order(probe)}[method]
+            settings: dict[str, Any] = dict(rank="probe", max_steps=args.max_steps)
+            if method == "normfold":
+                settings = dict(target_latency=args.target_latency or BUDGETS.get(name, 0.8), max_steps=3)
+            elif method == "random":
+                settings["rank"] = random_order(seed)
+            elif method == "entropy":
+                settings["rank"] = entropy_order(probe)
             outcome = collapse(
                 model, calibration, evaluate=lambda m: digits.accuracy(m, data.val_x, data.val_y),
                 finetune=finetune, example_inputs=data.val_x[:8], max_accuracy_drop=args.max_drop,
-                rank=rank, seed=args.seed, measure_latency=False, progress=False,
+                seed=seed, probe_samples=args.probe_samples, latency_runs=20, latency_repeats=3,
+                measure_latency=method == "normfold", progress=False, **settings,
             )
             rows = [{"removed": s.activations_removed, "layers_merged": s.layers_merged,
-                     "val_accuracy": s.accuracy, "model": s.model} for s in outcome.history if s.accepted]
+                     "val_accuracy": s.accuracy, "model": s.model, "candidates": s.candidates}
+                    for s in outcome.history if s.accepted]
         seconds = time.perf_counter() - start
         for row in rows:
-            row.update(measure(row.pop("model"), data))
+            row.update(measure(row.pop("model"), data, args.repeats))
         result[method] = {"seconds": seconds, "steps": rows}
+        print(f"  {name} seed {seed} {method}: {len(rows)} step(s), {seconds:.0f} s", flush=True)
     return result
 
 
-def format_task(name: str, result: dict[str, Any]) -> str:
-    dense = result["dense"]
-    header = ("method", "removed", "merged", "test acc", "MACs", "torch ms", "ORT ms")
+def best_within(result: dict[str, Any], method: str, points: float) -> dict[str, Any] | None:
+    """The fastest step (median ORT latency) within ``points`` of the dense test accuracy."""
+    dense = result["dense"]["test_accuracy"]
+    steps = [s for s in result.get(method, {}).get("steps", []) if dense - s["test_accuracy"] <= points / 100]
+    return min(steps, key=lambda s: s["ort"]["median_ms"], default=None)
+
+
+def format_seed(name: str, seed: int, result: dict[str, Any]) -> str:
+    header = ("method", "removed", "merged", "test acc", "MACs", "ORT ms (IQR)")
     rows = [header]
-    for label, row in (("dense", dense), ("dense, BN folded", result["dense_folded"])):
-        rows.append((label, "0", "0", f"{row['test_accuracy']:.4f}", f"{row['macs'] / 1e3:.1f}k",
-                     f"{row['torch_ms']:.3f}", f"{row['ort_ms']:.3f}"))
+
+    def ort(row: dict[str, Any]) -> str:
+        return f"{row['ort']['median_ms']:.3f} ({row['ort']['iqr_ms']:.3f})"
+
+    for label, row in (("dense", result["dense"]), ("dense, BN folded", result["dense_folded"])):
+        rows.append((label, "0", "0", f"{row['test_accuracy']:.4f}", f"{row['macs'] / 1e6:.2f}M", ort(row)))
     for method in METHODS:
         for step in result.get(method, {}).get("steps", []):
             rows.append((method, str(step["removed"]), str(step["layers_merged"]), f"{step['test_accuracy']:.4f}",
-                         f"{step['macs'] / 1e3:.1f}k", f"{step['torch_ms']:.3f}", f"{step['ort_ms']:.3f}"))
+                         f"{step['macs'] / 1e6:.2f}M", ort(step)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"## {name} (dense trained in {result['train_seconds']:.1f} s)"]
+    lines = [f"## {name}, seed {seed} (dense trained in {result['train_seconds']:.0f} s)"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(2, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def format_summary(results: dict[str, dict[str, Any]]) -> str:
-    """One row per (task, method): the last accepted step against the dense model (BN folded)."""
-    header = ("task", "method", "removed", "merged", "test acc drop", "MACs x", "torch x", "ORT x", "seconds")
+def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float) -> str:
+    """Per (task, method), over seeds: the speed-up at <= ``points`` accuracy drop, median [min, max]."""
+    header = ("task", "method", "seeds", f"ORT speed-up at <={points:g} pt drop", "test acc drop", "MACs x",
+              "removed", "seconds")
     rows = [header]
-    for task, result in results.items():
-        dense = result["dense_folded"]
+    for task, by_seed in results.items():
         for method in METHODS:
-            if method not in result:
+            if not any(method in r for r in by_seed.values()):
                 continue
-            steps = result[method]["steps"]
-            last = steps[-1] if steps else {**dense, "removed": 0, "layers_merged": 0}
-            rows.append((
-                task, method, str(last["removed"]), str(last["layers_merged"]),
-                f"{dense['test_accuracy'] - last['test_accuracy']:+.4f}",
-                f"{last['macs'] / dense['macs']:.2f}", f"{last['torch_ms'] / dense['torch_ms']:.2f}",
-                f"{last['ort_ms'] / dense['ort_ms']:.2f}", f"{result[method]['seconds']:.0f}",
-            ))
+            speedups, drops, macs, removed, seconds = [], [], [], [], []
+            for result in by_seed.values():
+                dense = result["dense_folded"]
+                best = best_within(result, method, points) or {**dense, "removed": 0}
+                speedups.append(dense["ort"]["median_ms"] / best["ort"]["median_ms"])
+                drops.append(100 * (result["dense"]["test_accuracy"] - best["test_accuracy"]))
+                macs.append(best["macs"] / dense["macs"])
+                removed.append(best["removed"])
+                seconds.append(result[method]["seconds"])
+            rows.append((task, method, str(len(by_seed)), _spread(speedups, "x"), _spread(drops, " pt"),
+                         _spread(macs, ""), _spread(removed, ""), f"{statistics.median(seconds):.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def _spread(values: list[float], unit: str) -> str:
+    """``median [min, max]`` over seeds."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.median(values):.2f}{unit} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
+    """Per task: test accuracy against ORT latency (median, IQR bars) of every step, every method and seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 6.5), squeeze=False)
-    for column, (task, result) in enumerate(results.items()):
-        dense = result["dense"]
-        for method in METHODS:
-            if method not in result:
-                continue
-            steps = result[method]["steps"]
-            removed = [0] + [s["removed"] for s in steps]
-            axes[0][column].plot(removed, [dense["test_accuracy"]] + [s["test_accuracy"] for s in steps],
-                                 marker="o", label=method)
-            axes[1][column].plot(removed, [dense["ort_ms"]] + [s["ort_ms"] for s in steps], marker="o", label=method)
-        axes[0][column].set_title(task)
-        axes[0][column].set_ylabel("test accuracy")
-        axes[1][column].set_ylabel("batch-1 ORT latency (ms)")
-        axes[1][column].set_xlabel("activations removed")
-    axes[0][0].legend()
+    figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    colours = dict(zip(METHODS, ("tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown")))
+    for column, (task, by_seed) in enumerate(results.items()):
+        ax = axes[0][column]
+        for seed, result in by_seed.items():
+            dense = result["dense_folded"]
+            ax.errorbar([dense["ort"]["median_ms"]], [result["dense"]["test_accuracy"]],
+                        xerr=[[dense["ort"]["median_ms"] - dense["ort"]["q1_ms"]],
+                              [dense["ort"]["q3_ms"] - dense["ort"]["median_ms"]]],
+                        marker="*", color="black", label="dense (BN folded)" if seed == min(by_seed) else None)
+            floor = result["dense"]["test_accuracy"] - 0.01
+            ax.axhline(floor, color="grey", linestyle=":", linewidth=0.8)
+            for method in METHODS:
+                steps = result.get(method, {}).get("steps", [])
+                if not steps:
+                    continue
+                ax.errorbar([s["ort"]["median_ms"] for s in steps], [s["test_accuracy"] for s in steps],
+                            xerr=[[s["ort"]["median_ms"] - s["ort"]["q1_ms"] for s in steps],
+                                  [s["ort"]["q3_ms"] - s["ort"]["median_ms"] for s in steps]],
+                            marker="o", linestyle="-", color=colours[method], alpha=0.8,
+                            label=method if seed == min(by_seed) else None)
+        ax.set_title(f"{task} (dotted: 1-point floor)")
+        ax.set_xlabel("batch-1 onnxruntime latency (ms; bars = IQR)")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -363,25 +469,34 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.collapse", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default="digits32/resnet18,digits32/mobilenet_v2")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs of the dense model")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs of the dense model")
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per step")
-    parser.add_argument("--max-drop", type=float, default=0.03, help="validation accuracy drop that stops a run")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distill", type=float, default=0.5, help="logit-distillation weight in fine-tuning")
+    parser.add_argument("--target-latency", type=float, help="normfold's budget (default: per task, 0.80/0.85)")
+    parser.add_argument("--max-drop", type=float, default=0.01, help="validation accuracy drop that stops a run")
+    parser.add_argument("--max-drop-points", type=float, default=1.0, help="test accuracy drop for the summary")
+    parser.add_argument("--max-steps", type=int, default=6, help="bound on the step-wise methods' steps")
+    parser.add_argument("--probe-samples", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="latency rounds per model (median, IQR)")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--plot", help="write the accuracy/latency plot here (PNG)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
-    results = {}
+    results: dict[str, dict[int, dict[str, Any]]] = {}
     for task in [t for t in args.tasks.split(",") if t]:
-        results[task] = run_task(task, methods, args)
-        print(format_task(task, results[task]), flush=True)
-        print(flush=True)
-    print(format_summary(results))
+        results[task] = {}
+        for seed in [int(s) for s in args.seeds.split(",") if s]:
+            results[task][seed] = run_seed(task, seed, methods, args)
+            print(format_seed(task, seed, results[task][seed]), flush=True)
+            print(flush=True)
+    print(format_summary(results, args.max_drop_points))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     if args.plot:
         plot(results, Path(args.plot))
     return 0

@@ -23,6 +23,7 @@ __all__ = [
     "ModelLike",
     "check",
     "check_model",
+    "check_target",
     "external_data_files",
     "load",
     "save",
@@ -236,12 +237,8 @@ def save(
     at a time (memory-mapped ones are copied from their file, never all held at once);
     ``progress`` is called with the bytes of each tensor written.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
-    if target.exists() and target.is_dir():
-        raise InputError(f"{target}: is a folder")
+    target = check_target(path)
+    folder = target.parent
     if external_data is None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         external_data = target.stem + ".data"
     if external_data is not None and (Path(external_data).name != external_data):
@@ -273,6 +270,21 @@ def save(
             os.replace(staging / out.name, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_target(path: str | os.PathLike) -> Path:
+    """``path`` as a file :func:`save` can write: its folder exists and it is not a folder.
+
+    Raises :class:`InputError` otherwise; callers check before any work, so a bad path costs
+    nothing.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    if target.is_dir():
+        raise InputError(f"{target}: is a folder")
     return target
 
 

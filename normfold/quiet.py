@@ -6,10 +6,12 @@ onnxscript, onnx_ir) log their own view of the same event, which would repeat or
 
 from __future__ import annotations
 
-__all__ = ["quiet_loggers"]
+__all__ = ["quiet_loggers", "silenced"]
 
 import contextlib
+import io
 import logging
+import warnings
 from collections.abc import Iterator
 
 
@@ -26,3 +28,19 @@ def quiet_loggers(*prefixes: str) -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def silenced(*prefixes: str) -> Iterator[None]:
+    """Within the block nothing reaches the user: Python warnings are ignored, what is printed
+    to ``sys.stdout`` and ``sys.stderr`` is dropped, and the loggers named ``prefix`` or
+    ``prefix.*`` log errors only (:func:`quiet_loggers`). For torch's ONNX exporters, which
+    warn, log and print their progress and graph dumps."""
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+        quiet_loggers(*prefixes),
+    ):
+        warnings.simplefilter("ignore")
+        yield

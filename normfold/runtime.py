@@ -17,7 +17,7 @@ the model written to a temporary folder first.
 
 from __future__ import annotations
 
-__all__ = ["run", "session"]
+__all__ = ["ort_reason", "run", "session"]
 
 import os
 import tempfile
@@ -61,7 +61,9 @@ def session(
     if not (optimize if prepack is None else prepack):
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    # Fatal only: a model that fails to run raises, and normfold reports that in one line;
+    # onnxruntime's own error log would print the same failure again on stderr.
+    options.log_severity_level = 4
     providers = ["CPUExecutionProvider"]
     label = str(model) if isinstance(model, (str, os.PathLike)) else "<model>"
     try:
@@ -91,6 +93,15 @@ def run(model: ModelLike | ort.InferenceSession, feeds: dict[str, np.ndarray]) -
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = [output.name for output in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
+
+
+def ort_reason(error: BaseException) -> str:
+    """onnxruntime's own words for a failure: without its error-code preamble, the temporary
+    path it loaded from, or the label :func:`session` puts before them."""
+    text = first_line(error)
+    for marker in ("failed:", "onnxruntime cannot load the model: ", "Status Message: "):
+        text = text.split(marker, 1)[-1]
+    return text.strip()
 
 
 def _external_folder(model: ir.Model) -> str | None:

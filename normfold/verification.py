@@ -17,6 +17,9 @@ The rule, per output of the reference (errors are maxima over all samples):
   4. Tolerances default by the reference output's dtype (:func:`default_tolerance`); ``rtol``
      and ``atol`` override them for floating-point outputs.
 
+:func:`compare` judges outputs computed elsewhere (a torch module's, by
+:func:`normfold.torch.export`) by the same rule, so there is one comparator.
+
 The interface is part of what is verified, so a changed one is a FAILED report, never an
 exception: every input the reference needs must be an input of the candidate with the same
 dtype (the candidate may drop inputs that were initializer-inputs of the reference: those are
@@ -24,6 +27,18 @@ never fed), the candidate may need no other input, and the output names must be 
 candidate that onnxruntime cannot load or run is FAILED too: it is the thing under test. A
 reference that cannot load or run, bad ``inputs`` or ``dims``, and a model file that cannot be
 read at all raise :class:`InputError` (``normfold verify`` exit 2).
+
+**float16/bfloat16 outputs** (the rule shared with the folds, ``normfold.low_precision``): a
+16-bit model's outputs carry its own rounding, so they are judged against a run of the
+reference converted to float32 (:func:`float64_model` with ``dtype=FLOAT``: every float tensor,
+type and Cast target widened; float64 with ``reference_precision="float64"``), and the
+candidate passes when its error against that run is at most ``FACTOR = 4`` times the reference
+model's own error against it plus ``atol + rtol * max|float32 ref|`` (default ``rtol`` 2u:
+9.8e-4 float16, 7.8e-3 bfloat16; ``atol = rtol / 10``). NaN/±Inf positions are compared with
+the reference model's (an output that overflows float16 in the reference may overflow in the
+candidate). When no float32 reference can be built, the candidate is compared with the
+reference model within ``(FACTOR + 1)`` times the tolerance. The report's ``reference`` says
+which run was the truth (``model``, ``float32`` or ``float64``).
 
 ``reference_precision="float64"`` compares the candidate with a float64 copy of the reference
 instead (built on an onnx_ir clone, see :func:`float64_model`; inputs are upcast), and reports
@@ -38,6 +53,7 @@ from __future__ import annotations
 __all__ = [
     "OutputComparison",
     "VerificationReport",
+    "compare",
     "default_tolerance",
     "float64_model",
     "verify",
@@ -54,17 +70,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 from tqdm import tqdm
 
+from normfold import low_precision
 from normfold.errors import InputError, first_line
 from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs, write_inputs
 from normfold.io import ModelLike, load
 from normfold.progress import Steps
-from normfold.runtime import session
+from normfold.runtime import ort_reason, session
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +93,14 @@ Outputs = dict[str, np.ndarray]
 # fusing do) moves a result by about sqrt(K) ulps of the scale: float32 folds of deep networks
 # measure 1e-7 to 1e-5 of the scale, and a wrong fold (lost bias, wrong axis, eps moved onto
 # the std) errs by 1e-3 or more. Each rtol leaves ~10x margin above rounding noise for its
-# precision (float32 eps 1.2e-7, float16 9.8e-4, bfloat16 7.8e-3, float64 2.2e-16); atol =
-# rtol / 10 only matters for outputs whose scale is near zero.
+# precision (float32 eps 1.2e-7, float64 2.2e-16); atol = rtol / 10 only matters for outputs
+# whose scale is near zero. float16/bfloat16 add FACTOR times the reference's own error against
+# float64 (low_precision); their rtol is the floor of that rule, one machine epsilon.
 _TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-9, 1e-10),
     "float32": (1e-4, 1e-5),
-    "float16": (1e-2, 1e-3),
-    "bfloat16": (5e-2, 5e-3),
+    "float16": (low_precision.floor("float16"), low_precision.floor("float16") / 10),
+    "bfloat16": (low_precision.floor(ml_dtypes.bfloat16), low_precision.floor(ml_dtypes.bfloat16) / 10),
 }
 # float8/float6/float4 formats: two or three mantissa bits.
 _TINY_FLOAT_TOLERANCE = (0.25, 0.025)
@@ -106,7 +125,8 @@ _OP_IN_ERROR = re.compile(r"implementation for (\w+)\(|of operator \((\w+)\)|Op 
 def default_tolerance(dtype: Any) -> tuple[float, float]:
     """``(rtol, atol)`` for outputs of ``dtype`` (numpy dtype, ``ir.DataType`` or name).
 
-    float64 (1e-9, 1e-10), float32 (1e-4, 1e-5), float16 (1e-2, 1e-3), bfloat16 (5e-2, 5e-3),
+    float64 (1e-9, 1e-10), float32 (1e-4, 1e-5), float16 (9.8e-4, 9.8e-5) and bfloat16
+    (7.8e-3, 7.8e-4) on top of 4x the reference's own error (module doc),
     8-bit and smaller floats (0.25, 0.025); integers, bools and strings (0, 0): exact.
     """
     name = _dtype_name(dtype)
@@ -183,7 +203,7 @@ class VerificationReport:
     max_abs_error: float
     max_rel_error: float
     samples: int
-    reference: Literal["model", "float64"]
+    reference: Literal["model", "float32", "float64"]
     seconds: dict[str, float]
     problems: list[str] = dataclasses.field(default_factory=list)
     input_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -214,7 +234,7 @@ class VerificationReport:
 
     def format_table(self) -> str:
         """A table for people, one row per output, ending in one PASSED:/FAILED: line."""
-        baseline = self.reference == "float64"
+        baseline = self.reference != "model"
         header = ["output", "shape", "dtype", "max abs", "max rel", "nan/inf", "tolerance"]
         header += ["ref max abs"] if baseline else []
         header += ["result"]
@@ -251,7 +271,7 @@ class VerificationReport:
                 "float64 reference ran these ops in float32 (onnxruntime's CPU provider cannot run "
                 f"them in double): {', '.join(self.float32_ops)}"
             )
-        against = "a float64 reference" if baseline else "the reference"
+        against = f"a {self.reference} reference" if baseline else "the reference"
         summary = (
             f"{len(self.outputs)} output(s) over {self.samples} sample(s) against {against}, "
             f"max abs {_number(self.max_abs_error)}, max rel {_number(self.max_rel_error)}"
@@ -316,13 +336,22 @@ def verify(
 
         f64_outputs: list[Outputs] | None = None
         float32_ops: list[str] = []
-        if reference_precision == "float64":
-            label = "verify: float64 reference"
-            with steps.step("reference_float64", label=label, total=len(feeds), unit="run") as bar:
-                f64_session, float32_ops = _float64_session(ref_model, ref_label)
-                f64_feeds = [{k: _upcast(v) for k, v in sample.items()} for sample in feeds]
-                f64_outputs = _run_reference(f64_session, f64_feeds, ref_label, "float64 ", bar)
-                del f64_session
+        # 16-bit outputs are always judged against a wider run: float32 unless float64 is asked.
+        low = _has_low_precision_output(ref_outputs[0])
+        truth = "float64" if reference_precision == "float64" else "float32"
+        if reference_precision == "float64" or low:
+            label = f"verify: {truth} reference"
+            with steps.step(f"reference_{truth}", label=label, total=len(feeds), unit="run") as bar:
+                try:
+                    wide = ir.DataType.DOUBLE if truth == "float64" else ir.DataType.FLOAT
+                    f64_session, float32_ops = _float64_session(ref_model, ref_label, wide)
+                    f64_feeds = [{k: _upcast(v, wide) for k, v in sample.items()} for sample in feeds]
+                    f64_outputs = _run_reference(f64_session, f64_feeds, ref_label, f"{truth} ", bar)
+                except InputError as error:
+                    if reference_precision == "float64":
+                        raise
+                    logger.info("no float32 reference for the 16-bit outputs: %s", error)
+                f64_session = None
                 gc.collect()
 
         input_problems, output_problems, cand_feeds = _interface_problems(ref_model, cand_model, feeds)
@@ -340,27 +369,84 @@ def verify(
         steps.close()
 
     comparisons = _compare_all(ref_outputs, f64_outputs, cand_outputs, run_problem, rtol, atol)
-    measured = [c for c in comparisons.values() if not math.isnan(c.max_abs_error)]
-    passed = not problems and all(c.passed for c in comparisons.values())
     divergence = None
-    if localize and not passed and cand_outputs is not None:
+    failed = bool(problems) or not all(c.passed for c in comparisons.values())
+    if localize and failed and cand_outputs is not None:
         started = time.perf_counter()
         divergence = _localize(ref_model, cand_model, feeds, cand_feeds, ref_outputs, cand_outputs, rtol, atol)
         steps.seconds["localize"] = time.perf_counter() - started
-    return VerificationReport(
-        passed=passed,
-        outputs=comparisons,
-        max_abs_error=max((c.max_abs_error for c in measured), default=math.nan),
-        max_rel_error=max((c.max_rel_error for c in measured), default=math.nan),
+    return _report(
+        comparisons,
+        problems,
         samples=len(feeds),
-        reference=reference_precision,
+        reference="model" if f64_outputs is None else truth,
         seconds=dict(steps.seconds),
-        problems=problems,
         input_shapes={name: tuple(array.shape) for name, array in feeds[0].items()},
         float32_ops=float32_ops,
         peak_rss_mb=dict(steps.peak_rss_mb),
         localized=localize,
         first_divergence=divergence,
+    )
+
+
+def compare(
+    reference: Sequence[Mapping[str, np.ndarray]],
+    candidate: Sequence[Mapping[str, np.ndarray]] | None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    problems: Sequence[str] = (),
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> VerificationReport:
+    """Compare outputs computed elsewhere by :func:`verify`'s rule (module doc, 1-4).
+
+    ``reference`` and ``candidate`` hold one mapping (output name -> array) per sample, in the
+    same order; the reference's first sample names the outputs compared, and a candidate output
+    the reference lacks is a problem, as in :func:`verify`. ``candidate=None`` means the
+    candidate did not run, and ``problems`` should say why. This is how outputs that no ONNX
+    model produced (a torch module's, :func:`normfold.torch.export`) are judged with the same
+    tolerances and NaN/Inf rules as a verification.
+    """
+    if not reference:
+        raise InputError("compare: no reference outputs (at least one sample is needed)")
+    problems = list(problems)
+    if candidate is not None:
+        problems += [
+            f"output {name!r} of the candidate is not an output of the reference"
+            for name in candidate[0]
+            if name not in reference[0]
+        ]
+    run_problem = "not compared: the candidate did not run" if candidate is None else None
+    comparisons = _compare_all(
+        [dict(outputs) for outputs in reference],
+        None,
+        None if candidate is None else [dict(outputs) for outputs in candidate],
+        run_problem,
+        rtol,
+        atol,
+    )
+    return _report(
+        comparisons,
+        problems,
+        samples=len(reference),
+        reference="model",
+        seconds={},
+        input_shapes=dict(input_shapes or {}),
+    )
+
+
+def _report(
+    comparisons: dict[str, OutputComparison], problems: list[str], **fields: Any
+) -> VerificationReport:
+    """The report of ``comparisons``: passed, and the maxima over the outputs that were measured."""
+    measured = [c for c in comparisons.values() if not math.isnan(c.max_abs_error)]
+    return VerificationReport(
+        passed=not problems and all(c.passed for c in comparisons.values()),
+        outputs=comparisons,
+        max_abs_error=max((c.max_abs_error for c in measured), default=math.nan),
+        max_rel_error=max((c.max_rel_error for c in measured), default=math.nan),
+        problems=problems,
+        **fields,
     )
 
 
@@ -418,7 +504,7 @@ def _run_reference(source: Any, feeds: list[dict[str, np.ndarray]], label: str, 
         try:
             source = session(source)
         except InputError as error:
-            raise InputError(f"{label}: {kind}reference model fails to load in onnxruntime: {_ort_reason(error)}") from None
+            raise InputError(f"{label}: {kind}reference model fails to load in onnxruntime: {ort_reason(error)}") from None
     outputs = []
     for k, sample in enumerate(feeds):
         try:
@@ -435,7 +521,7 @@ def _run_candidate(
     try:
         sess = session(source)
     except InputError as error:
-        return None, f"candidate fails to load in onnxruntime: {_ort_reason(error)}"
+        return None, f"candidate fails to load in onnxruntime: {ort_reason(error)}"
     outputs = []
     for k, sample in enumerate(feeds):
         try:
@@ -449,11 +535,6 @@ def _run_candidate(
 def _run(sess: Any, feeds: dict[str, np.ndarray]) -> Outputs:
     names = [output.name for output in sess.get_outputs()]
     return {name: np.asarray(array) for name, array in zip(names, sess.run(names, feeds))}
-
-
-def _ort_reason(error: InputError) -> str:
-    # runtime.session prefixes its label; keep onnxruntime's own words.
-    return str(error).split("onnxruntime cannot load the model: ", 1)[-1]
 
 
 def _interface_problems(
@@ -580,6 +661,11 @@ def _compare_all(
             continue
         cands = [outputs[name] for outputs in cand_outputs]
         errors = _measure(truth, cands)
+        low = low_precision.is_low_precision(first.dtype)
+        if low and truth is not refs:
+            # NaN/Inf where the 16-bit reference has them (it may overflow where float64 does not).
+            at_model_precision = _measure(refs, cands)
+            errors.nan_mismatch, errors.inf_mismatch = at_model_precision.nan_mismatch, at_model_precision.inf_mismatch
         cand_dtype = _dtype_name(cands[0].dtype)
         problem = errors.shape_problem
         if problem is None and cand_dtype != dtype:
@@ -591,8 +677,15 @@ def _compare_all(
         if problem is None and exact and errors.unequal:
             problem = f"{errors.unequal} value(s) differ (must be equal)"
         limit = tol_a + tol_r * errors.scale
+        rule = "atol + rtol * max|ref|"
+        if low and baseline_abs is not None:
+            limit += low_precision.FACTOR * baseline_abs
+            rule = f"{low_precision.FACTOR:g} x the reference's own error {baseline_abs:.3g} + {rule} (float64)"
+        elif low:
+            limit *= low_precision.FACTOR + 1
+            rule = f"{low_precision.FACTOR + 1:g} x ({rule})"
         if problem is None and errors.max_abs > limit:
-            problem = f"max abs error {errors.max_abs:.3g} > atol + rtol * max|ref| = {limit:.3g}"
+            problem = f"max abs error {errors.max_abs:.3g} > {rule} = {limit:.3g}"
         shape_known = errors.shape_problem is None
         comparisons[name] = OutputComparison(
             name=name,
@@ -618,8 +711,9 @@ def _compare_all(
 # --- float64 reference ---------------------------------------------------------------------
 
 
-def float64_model(model: ir.Model) -> ir.Model:
-    """A clone of ``model`` that computes in float64 wherever the model computed in a float.
+def float64_model(model: ir.Model, dtype: ir.DataType = ir.DataType.DOUBLE) -> ir.Model:
+    """A clone of ``model`` that computes in float64 (or ``dtype``, e.g. float32 for the
+    16-bit rule) wherever the model computed in a float.
 
     Every float32/float16/bfloat16 tensor becomes float64: initializers, Constant and
     ConstantOfShape values, graph input/output and intermediate value types, and the target
@@ -627,6 +721,7 @@ def float64_model(model: ir.Model) -> ir.Model:
     target. ``model`` is not changed (its tensors are shared, never written). Ops that cannot
     run in double in onnxruntime are wrapped later by :func:`_float64_session`.
     """
+    wide = np.dtype(dtype.numpy())
     clone = model.clone()
     # Exporters often leave intermediate values untyped; wrapping an op in float32 casts must
     # know which of its inputs and outputs are floats.
@@ -639,14 +734,14 @@ def float64_model(model: ir.Model) -> ir.Model:
         for value in graph.initializers.values():
             tensor = value.const_value
             if tensor is not None and tensor.dtype in _FLOAT_TYPES:
-                value.const_value = ir.tensor(tensor.numpy().astype(np.float64), name=value.name)
+                value.const_value = ir.tensor(tensor.numpy().astype(wide), name=value.name)
         for value in _graph_values(graph):
             if value.type is not None:
-                value.type = _double_type(value.type)
+                value.type = _double_type(value.type, dtype)
         for index, node in enumerate(graph):
             if not node.name:
                 node.name = f"normfold_f64_{number}_{index}"
-            _double_attributes(node)
+            _double_attributes(node, dtype)
     return clone
 
 
@@ -657,51 +752,52 @@ def _graph_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from node.outputs
 
 
-def _double_type(type_: ir.TypeProtocol) -> ir.TypeProtocol:
+def _double_type(type_: ir.TypeProtocol, dtype: ir.DataType) -> ir.TypeProtocol:
     if isinstance(type_, ir.TensorType):
-        return ir.TensorType(ir.DataType.DOUBLE) if type_.dtype in _FLOAT_TYPES else type_
+        return ir.TensorType(dtype) if type_.dtype in _FLOAT_TYPES else type_
     if isinstance(type_, ir.SequenceType):
-        return ir.SequenceType(_double_type(type_.elem_type))
+        return ir.SequenceType(_double_type(type_.elem_type, dtype))
     if isinstance(type_, ir.OptionalType):
-        return ir.OptionalType(_double_type(type_.elem_type))
+        return ir.OptionalType(_double_type(type_.elem_type, dtype))
     return type_
 
 
-def _double_attributes(node: ir.Node) -> None:
+def _double_attributes(node: ir.Node, dtype: ir.DataType) -> None:
     if node.domain not in ("", "ai.onnx"):
         return
     name = _DTYPE_ATTRIBUTES.get(node.op_type)
     attribute = node.attributes.get(name) if name else None
     if attribute is not None and ir.DataType(attribute.as_int()) in _FLOAT_TYPES:
-        node.attributes[name] = ir.AttrInt64(name, ir.DataType.DOUBLE)
+        node.attributes[name] = ir.AttrInt64(name, dtype)
     for key, attribute in list(node.attributes.items()):
         if attribute.type == ir.AttributeType.TENSOR and attribute.as_tensor().dtype in _FLOAT_TYPES:
-            node.attributes[key] = ir.AttrTensor(key, ir.tensor(attribute.as_tensor().numpy().astype(np.float64)))
+            node.attributes[key] = ir.AttrTensor(key, ir.tensor(attribute.as_tensor().numpy().astype(dtype.numpy())))
     if node.op_type == "Constant":
         for key in ("value_float", "value_floats"):
             attribute = node.attributes.pop(key, None)
             if attribute is not None:
-                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.asarray(attribute.value, np.float64)))
+                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(np.asarray(attribute.value, dtype.numpy())))
 
 
-def _float64_session(model: ir.Model, label: str) -> tuple[Any, list[str]]:
-    """A session of the float64 model; ops onnxruntime refuses in double run in float32.
+def _float64_session(model: ir.Model, label: str, dtype: ir.DataType = ir.DataType.DOUBLE) -> tuple[Any, list[str]]:
+    """A session of the float64 (or ``dtype``) model; ops onnxruntime refuses in double run in
+    float32.
 
     Each failure names a node; every node of that op type is wrapped (Cast to float32 before,
     Cast back after), so there is at most one retry per op type. A failure inside an ONNX
     function the runtime expanded (e.g. Gelu's Erf) names no node of the graph: then the
     function ops are wrapped.
     """
-    f64 = float64_model(model)
+    f64 = float64_model(model, dtype)
     wrapped: set[tuple[str, str]] = set()
     while True:
         try:
             return session(f64), sorted(op for _, op in wrapped)
         except InputError as error:
-            reason = _ort_reason(error)
+            reason = ort_reason(error)
             nodes = _nodes_to_wrap(f64, reason, wrapped)
             if not nodes:
-                raise InputError(f"{label}: cannot build a float64 reference: {reason}") from None
+                raise InputError(f"{label}: cannot build a {np.dtype(dtype.numpy()).name} reference: {reason}") from None
             logger.info("float64 reference: running %s in float32", sorted({n.op_type for n in nodes}))
             for node in nodes:
                 _compute_in_float32(node)
@@ -769,8 +865,13 @@ def _compute_in_float32(node: ir.Node) -> None:
 # --- small helpers -------------------------------------------------------------------------
 
 
-def _upcast(array: np.ndarray) -> np.ndarray:
-    return array.astype(np.float64) if array.dtype.kind == "f" or _dtype_name(array.dtype) == "bfloat16" else array
+def _has_low_precision_output(outputs: Outputs) -> bool:
+    return any(low_precision.is_low_precision(array.dtype) for array in outputs.values())
+
+
+def _upcast(array: np.ndarray, dtype: ir.DataType = ir.DataType.DOUBLE) -> np.ndarray:
+    widen = array.dtype.kind == "f" or _dtype_name(array.dtype) == "bfloat16"
+    return array.astype(dtype.numpy()) if widen else array
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -1,7 +1,8 @@
 """Graph plumbing the folding rules share: reading constants, refusals, fresh names, casts.
 
-A folding rule reads float tensors from the graph, folds them in float64 (``_fold_math``) and
-writes new initializers in the original dtype. This module holds the parts that touch the graph:
+A folding rule reads float tensors from the graph, folds them in float64
+(:mod:`normfold.math.batchnorm`) and writes new initializers in the original dtype. This module
+holds the parts that touch the graph:
 
 * :func:`read_constant` returns a value's tensor in float64, or raises :class:`Refusal` with a
   reason a user can act on: the value is a graph input (a caller could feed something else), is
@@ -14,6 +15,10 @@ writes new initializers in the original dtype. This module holds the parts that 
   never overwrite a tensor that another node may read. :func:`initializer` (and
   :func:`cast_tensor`) write float64 results cast once to the model's dtype. Every pass that
   adds initializers uses these two.
+* :func:`require_castable` and :func:`require_precise` refuse a fold whose weights the cast to
+  the model's dtype would lose (overflow to inf, underflow to 0) or that computes farther from
+  the unfolded site than its float16/bfloat16 rounding allows (``normfold.math.fold_precision``);
+  every fold rule calls them from its ``check``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ __all__ = [
     "attribute",
     "batchnorm_affine",
     "cast_tensor",
+    "conv_pads_of",
     "describe",
     "freeze",
     "initializer",
@@ -34,20 +40,25 @@ __all__ = [
     "other_reader",
     "rank_of",
     "read_constant",
+    "require_castable",
     "require_graph",
+    "require_precise",
     "tensor_dtype",
 ]
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from normfold.passes.base import PassOptions, PassRecord, RecordingRule
-from normfold.math.batchnorm import bn_scale_shift
 from onnxscript.rewriter import _pattern_ir
+
+from normfold.math import fold_precision
+from normfold.math.batchnorm import bn_scale_shift
+from normfold.math.padding import conv_pads
+from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 
 
 class Refusal(Exception):
@@ -144,6 +155,27 @@ def attribute(node: ir.Node, name: str, default: Any) -> Any:
     return default if attr is None else attr.value
 
 
+def conv_pads_of(node: ir.Node, kernel: Sequence[int]) -> tuple[int, ...] | None:
+    """A Conv node's explicit ``(begins…, ends…)`` padding (:func:`normfold.math.padding.conv_pads`),
+    None when it depends on an input size the graph does not record; Refusal for an unknown
+    ``auto_pad``."""
+    auto_pad = attribute(node, "auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+    try:
+        return conv_pads(
+            auto_pad,
+            attribute(node, "pads", None),
+            kernel,
+            strides=attribute(node, "strides", None),
+            dilations=attribute(node, "dilations", None),
+            input_size=None if shape is None else [d if isinstance(d, int) else None for d in shape[2:]],
+        )
+    except ValueError as error:
+        raise Refusal(f"{describe(node)}: {error}") from None
+
+
 def rank_of(value: ir.Value) -> int | None:
     """The rank of ``value`` when it is recorded (``cleanup``/shape inference records it)."""
     if value.const_value is not None:
@@ -180,6 +212,22 @@ def cast_tensor(array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Tensor:
     """``array`` (float64 arithmetic) cast once to ``dtype``, as a tensor named ``name``."""
     data = np.ascontiguousarray(np.asarray(array, dtype=np.float64).astype(dtype.numpy()))
     return ir.tensor(data, dtype=dtype, name=name)
+
+
+def require_castable(folded: dict[str, np.ndarray], dtype: ir.DataType) -> None:
+    """Refuse when casting any of the float64 ``folded`` arrays (keyed by what they are, e.g.
+    ``"weight"``) to ``dtype`` overflows or flushes a nonzero value to 0."""
+    for what, array in folded.items():
+        if (problem := fold_precision.cast_problem(array, dtype.numpy(), what)) is not None:
+            raise Refusal(problem)
+
+
+def require_precise(site: Callable[[], tuple[np.ndarray, np.ndarray]], dtype: ir.DataType) -> None:
+    """For float16/bfloat16 weights, refuse a fold that errs more than the precision rule allows;
+    ``site()`` gives the ``(reference, folded)`` probe outputs (only computed when needed)."""
+    if fold_precision.is_low_precision(dtype.numpy()):
+        if (problem := fold_precision.precision_problem(*site(), dtype.numpy())) is not None:
+            raise Refusal(problem)
 
 
 def initializer(op: Any, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:

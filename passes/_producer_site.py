@@ -15,7 +15,8 @@ MatMul [+ Add]  2-D ``(K, N)`` second input     ``N``                         la
 ``Add`` in either operand order, or bare). :func:`read_producer` reads a matched site and refuses
 (with a reason) when its weights are not constants, when the weight has an unsupported form, or
 when another node (or the graph output) also reads the producer's output: that reader needs the
-unscaled values. :func:`fold_into_producer` does the float64 arithmetic and
+unscaled values. :func:`fold_into_producer` does the float64 arithmetic and refuses a fold the
+weights' dtype cannot hold (overflow, underflow, float16/bfloat16 precision) and
 :func:`emit_producer` writes the folded op with new initializers in the weights' dtype, keeping
 the producer's name and attributes (a bare MatMul becomes MatMul + Add, Gemm's ``beta`` becomes 1).
 """
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern as _pattern
 
 from normfold.math import batchnorm as fm
+from normfold.math import fold_precision as fp
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
@@ -52,6 +54,8 @@ from normfold.passes._fold_graph import (
     other_reader,
     rank_of,
     read_constant,
+    require_castable,
+    require_precise,
     tensor_dtype,
 )
 
@@ -114,8 +118,16 @@ def _optional_input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
-def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) -> ProducerSite:
-    """Read the site matched as ``kind`` whose output ``produced`` only ``reader`` may read."""
+def read_producer(
+    kind: str,
+    produced: ir.Value,
+    reader: ir.Node,
+    reads: Reads,
+    *,
+    allowed: Collection[ir.Node] = (),
+) -> ProducerSite:
+    """Read the site matched as ``kind`` whose output ``produced`` only ``reader`` (and the nodes
+    in ``allowed``: readers of its shape alone) may read."""
     node = linear_node(kind, produced)
     bias_node = bias_value = None
     if kind in ("MatMul+Add", "Add+MatMul"):
@@ -125,7 +137,7 @@ def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) 
             raise Refusal(
                 f"{describe(node)} output '{node.outputs[0].name}' is also read by {seen_by}"
             )
-    if (seen_by := other_reader(produced, {reader})) is not None:
+    if (seen_by := other_reader(produced, {reader, *allowed})) is not None:
         raise Refusal(
             f"{describe(produced.producer())} output '{produced.name}' is also read by {seen_by}"
         )
@@ -182,23 +194,40 @@ def read_producer(kind: str, produced: ir.Value, reader: ir.Node, reads: Reads) 
 def fold_into_producer(
     site: ProducerSite, scale: np.ndarray, shift: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The float64 weight and bias of ``scale·site + shift`` (one value per output channel)."""
+    """The float64 weight and bias of ``scale·site + shift`` (one value per output channel).
+
+    Refuses (``Refusal``) when the weights' dtype cannot hold them: see ``require_castable`` and
+    ``require_precise``.
+    """
+    group = attribute(site.node, "group", 1)
+    trans_b = bool(attribute(site.node, "transB", 0))
+    alpha, beta = float(attribute(site.node, "alpha", 1.0)), float(attribute(site.node, "beta", 1.0))
     if site.kind == "Conv":
-        return fm.fold_after_conv(site.weight, site.bias, scale, shift)
-    if site.kind == "ConvTranspose":
-        return fm.fold_after_conv_transpose(
-            site.weight, site.bias, scale, shift, attribute(site.node, "group", 1)
+        weight, bias = fm.fold_after_conv(site.weight, site.bias, scale, shift)
+    elif site.kind == "ConvTranspose":
+        weight, bias = fm.fold_after_conv_transpose(site.weight, site.bias, scale, shift, group)
+    elif site.kind == "Gemm":
+        weight, bias = fm.fold_after_gemm(site.weight, site.bias, scale, shift, trans_b=trans_b, beta=beta)
+    else:
+        weight, bias = fm.fold_after_matmul(site.weight, site.bias, scale, shift)
+    dtype = tensor_dtype(site.weight_value)
+    require_castable({"weight": weight, "bias": bias}, dtype)
+
+    def probes() -> tuple[np.ndarray, np.ndarray]:
+        # Gemm computes alpha·A·B + beta·C: both sides carry alpha in their rows.
+        factor = alpha if site.kind == "Gemm" else 1.0
+        rows = fp.output_rows(site.kind, site.weight, group=group, trans_b=trans_b) * factor
+        folded_rows = fp.output_rows(site.kind, weight, group=group, trans_b=trans_b) * factor
+        old_bias = None if site.bias is None else fp.channel_vector(site.bias, site.channels)
+        if old_bias is not None and site.kind == "Gemm":
+            old_bias = beta * old_bias
+        return fp.site_outputs(
+            rows, old_bias, folded_rows, fp.channel_vector(bias, site.channels), dtype.numpy(),
+            after=fp.Affine(scale, shift),
         )
-    if site.kind == "Gemm":
-        return fm.fold_after_gemm(
-            site.weight,
-            site.bias,
-            scale,
-            shift,
-            trans_b=bool(attribute(site.node, "transB", 0)),
-            beta=float(attribute(site.node, "beta", 1.0)),
-        )
-    return fm.fold_after_matmul(site.weight, site.bias, scale, shift)
+
+    require_precise(probes, dtype)
+    return weight, bias
 
 
 def emit_producer(

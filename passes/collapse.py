@@ -25,7 +25,10 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
 
 The pass never claims exactness (``exact = False``: it is not in the default pass list). Its
 record holds one site per linearized activation (with mode, score and channels) and per merge,
-and a note with the measured deviation; :attr:`CollapsePass.deviation` keeps the numbers.
+and a note with the measured deviation; :attr:`CollapsePass.deviation` keeps the numbers. The
+deviation is measured once: with ``max_deviation`` it is the one selection measured for the
+chosen set; with ``remove`` and ``measure=False`` (what the ``normfold collapse`` job passes,
+since it verifies the final model itself) the pass measures nothing and ``deviation`` is None.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class CollapsePass(NormfoldPass):
         calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
         max_flops_growth: float = 1.0,
         samples: int = 3,
+        measure: bool = True,
     ) -> None:
         super().__init__(options)
         if remove is not None and max_deviation is not None:
@@ -112,6 +116,7 @@ class CollapsePass(NormfoldPass):
         self.calibration = list(calibration) if calibration is not None else None
         self.max_flops_growth = max_flops_growth
         self.samples = samples
+        self.measure = measure
         self.deviation: dict[str, Any] | None = None
 
     def apply(self, model: ir.Model) -> bool:
@@ -141,9 +146,11 @@ class CollapsePass(NormfoldPass):
                              **{k: v for k, v in site.plan.to_dict().items() if k != "score"})
         self.deviation = deviation
         self.record.notes.append(
-            f"approximate: {len(chosen)} activation(s) linearized; measured output deviation "
-            f"{deviation['max_rel_deviation']:.3g} relative, {deviation['max_abs_deviation']:.3g} absolute "
-            f"over {len(feeds)} input sample(s)"
+            f"approximate: {len(chosen)} activation(s) linearized; " + (
+                "output deviation not measured here (the caller verifies the result)" if deviation is None else
+                f"measured output deviation {deviation['max_rel_deviation']:.3g} relative, "
+                f"{deviation['max_abs_deviation']:.3g} absolute over {len(feeds)} input sample(s)"
+            )
         )
         return True
 
@@ -207,11 +214,13 @@ class CollapsePass(NormfoldPass):
     # -- selection --------------------------------------------------------------------------
     def _choose(
         self, reference: ir.Model, candidates: list[_Site], feeds: list[dict], expected: list[dict]
-    ) -> tuple[list[_Site], dict[str, Any]]:
+    ) -> tuple[list[_Site], dict[str, Any] | None]:
         if self.remove is not None:
             chosen = candidates[: self.remove]
             if len(chosen) < self.remove:
                 self.record.notes.append(f"collapse: asked to remove {self.remove}, only {len(chosen)} can merge")
+            if not self.measure:
+                return chosen, None
             trial = reference.clone()
             self._collapse(trial, chosen, PassRecord(self.name))
             return chosen, _deviation(trial, feeds, expected)

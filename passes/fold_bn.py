@@ -3,12 +3,15 @@
 Rule:
   1. A BN after a Conv, ConvTranspose, Gemm, MatMul + bias Add or bare MatMul folds into that
      producer (``fold_bn_producer``: ``W' = W·s``, ``b' = b·s + t``).
-  2. A BN that is not folded into its producer folds into the ops that read it: an unpadded
+  2. A BN after a chain of Flatten/Reshape/Transpose/Squeeze/Unsqueeze that carries such a
+     producer's output channels, unmerged, to the BN's axis 1 folds into that producer; the
+     chain stays (``fold_bn_producer_route``: LeViT's ``LinearNorm``, BN on tokens).
+  3. A BN that is not folded into its producer folds into the ops that read it: an unpadded
      Conv (any groups), a zero-padded Conv when its shift is zero, a Gemm or a rank-2 MatMul,
      directly or through a channel-ordered Flatten/Reshape (``fold_bn_consumer``).
-  3. With ``lower_standalone_bn``, every BN still left whose parameters are constants becomes
+  4. With ``lower_standalone_bn``, every BN still left whose parameters are constants becomes
      ``Add(Mul(x, s), t)`` with ``s``, ``t`` shaped ``[C, 1, …]`` for its input's rank.
-  4. Every BN still in the graph is in the record's ``refused`` list with the reason: the
+  5. Every BN still in the graph is in the record's ``refused`` list with the reason: the
      first rule's refusal, else what is wrong with the BN itself (training form, parameters
      that are graph inputs, …), else "nothing to fold into" with its producer and readers.
 
@@ -44,11 +47,13 @@ from normfold.passes._fold_graph import (
     initializer,
     opset_of,
     rank_of,
+    require_castable,
     require_graph,
     tensor_dtype,
 )
 from normfold.passes.fold_bn_consumer import FoldBnIntoConsumer
 from normfold.passes.fold_bn_producer import FoldBnIntoProducer
+from normfold.passes.fold_bn_producer_route import FoldBnThroughShapes
 from onnxscript.rewriter._basics import MatchResult
 
 
@@ -59,8 +64,36 @@ def _batchnorms(model: ir.Model) -> list[ir.Node]:
     return [n for n in nodes if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
 
 
+_ACTIVATIONS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Tanh", "Softplus", "Mish", "Clip", "Swish",
+})
+_SUMS = frozenset({"Add", "Sum", "Sub", "Concat"})
+
+
+def _no_fold_reason(node: ir.Node | None, side: str) -> str:
+    """Why the neighbour ``node`` (``side``: "input"/"reader") cannot take the BN exactly."""
+    if node is None:
+        return "its input is a graph input" if side == "input" else "it is a graph output"
+    if node.op_type in _ACTIVATIONS:
+        where = "before" if side == "input" else "after"
+        return (
+            f"{describe(node)} {where} it is a nonlinear activation"
+            + (" (a pre-activation BN): a per-channel scale and shift do not pass through it"
+               if side == "reader" else ", not a linear op with weights to absorb the scale")
+        )
+    if node.op_type in _SUMS:
+        return (
+            f"{describe(node)} combines it with other tensors"
+            + (", so no single op's weights hold its channels" if side == "input"
+               else " (fold-branches merges it only as a branch of a Conv of the same input)")
+        )
+    return f"{describe(node)} is not a Conv, Gemm or MatMul with constant weights"
+
+
 def _why_left(bn: ir.Node, model: ir.Model, freeze_inputs: bool) -> str:
-    """Why a BN no rule matched is still there: its own parameters, or its neighbours."""
+    """Why a BN no rule matched is still there: its own parameters, or its neighbours (each
+    named with the reason no exact fold goes through it)."""
     try:
         batchnorm_affine(bn, opset_of(bn, model), Reads(freeze_inputs))
     except Refusal as refusal:
@@ -72,11 +105,15 @@ def _why_left(bn: ir.Node, model: ir.Model, freeze_inputs: bool) -> str:
         if producer
         else f"its input '{source.name}' is a graph input"
     )
-    readers = [describe(user) for user, _ in bn.outputs[0].uses()]
+    users = [user for user, _ in bn.outputs[0].uses()]
+    readers = [describe(user) for user in users]
     if bn.outputs[0].is_graph_output():
         readers.append("the graph output")
+    reasons = [_no_fold_reason(producer, "input")]
+    reasons += [_no_fold_reason(user, "reader") for user in dict.fromkeys(users)]
     return (
-        f"nothing to fold into: {origin}, and its output goes to {', '.join(readers) or 'nothing'}"
+        f"nothing to fold into: {origin}, and its output goes to "
+        f"{', '.join(readers) or 'nothing'}. No exact fold exists: {'; '.join(reasons)}"
     )
 
 
@@ -98,6 +135,7 @@ class LowerBatchNorm(FoldRule):
                     "the rank of its input is unknown, so it cannot be lowered to Mul + Add"
                 )
             dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
+            require_castable({"scale": scale, "shift": shift}, dtype)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
         shape = (scale.size,) + (1,) * (rank - 2)
@@ -131,13 +169,16 @@ class FoldBatchNormPass(NormfoldPass):
         infer_shapes(model)
         common.NameFixPass()(model)
         fresh = FreshNames(model)
+        through_shapes = FoldBnThroughShapes(self.record, self.options, fresh)
         count = apply_rules(
             model,
             [
                 FoldBnIntoProducer(self.record, self.options, fresh),
+                through_shapes,
                 FoldBnIntoConsumer(self.record, self.options, fresh),
             ],
         )
+        through_shapes.redirect_shape_readers(model)
         for bn in _batchnorms(model):
             self.record.refuse(
                 bn.name, _why_left(bn, model, self.options.freeze_initializer_inputs)

@@ -6,7 +6,8 @@ with ``L`` one of:
 * **Conv** (any ``group``): ``W'[o, i, k] = W[o, i, k]·s[i']`` and
   ``b'[o] = b[o] + Σ W[o, i, k]·t[i']`` with ``i'`` the input channel ``i`` of ``o``'s group.
   Exact when every output position sums the whole kernel window over real inputs: the Conv is
-  unpadded (``pads`` all 0, ``auto_pad`` NOTSET or VALID), or the shift is zero everywhere. A
+  unpadded (:func:`normfold.math.padding.conv_pads` all 0: ``pads`` 0, ``auto_pad`` VALID, or
+  ``SAME_*`` with nothing to pad, e.g. a 1×1 kernel), or the shift is zero everywhere. A
   zero-padded Conv with a nonzero shift is refused: the padded border would see 0 where the
   original sees ``t``.
 * **Gemm** (``transA=0``): ``B'`` scaled along ``K``, ``C' = beta·C + alpha·t·B'``, ``beta = 1``.
@@ -16,6 +17,10 @@ with ``L`` one of:
   ``(N, C, d…)`` input with static ``d…`` (``P = Πd``): feature ``c·P + j`` is channel ``c``, so
   ``s`` and ``t`` are repeated ``P`` times. Other reshapes are refused (the mapping is not
   per channel, or not known).
+
+The folded weights must survive the cast to the weights' dtype (no overflow, no nonzero value
+flushed to 0) and, in float16/bfloat16, stay as close to the unfolded site as its own rounding
+(``normfold.math.fold_precision``); else the site is refused with the numbers.
 
 The BN (and the Flatten/Reshape) stay while anything else reads them; the site is refused when
 the BN's output goes anywhere but ops of these kinds (the BN would stay anyway), when the BN is
@@ -34,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from normfold.math import batchnorm as fm
+from normfold.math import fold_precision as fp
 from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._fold_graph import (
     FoldRule,
@@ -42,13 +48,16 @@ from normfold.passes._fold_graph import (
     any_op,
     attribute,
     batchnorm_affine,
+    conv_pads_of,
     describe,
     freeze,
     initializer,
     opset_of,
     rank_of,
     read_constant,
+    require_castable,
     require_graph,
+    require_precise,
     tensor_dtype,
 )
 from onnxscript.rewriter import pattern as _pattern
@@ -103,11 +112,10 @@ def _block_size(route: str, route_node: ir.Node | None, x: ir.Value, channels: i
     return block
 
 
-def _padded(conv: ir.Node) -> bool:
-    auto_pad = attribute(conv, "auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(attribute(conv, "pads", ()))
+def _padded(conv: ir.Node, kernel: tuple[int, ...]) -> bool:
+    """Whether ``conv`` zero-pads its input (taken as padded when that needs an unknown size)."""
+    pads = conv_pads_of(conv, kernel)
+    return pads is None or any(pads)
 
 
 def _check_readers(normalized: ir.Value) -> None:
@@ -130,7 +138,7 @@ def _fold_conv(
             f"{describe(conv)} reads {weight.shape[1] * group} channels, "
             f"the BatchNormalization has {scale.size}"
         )
-    if _padded(conv) and np.any(shift != 0):
+    if np.any(shift != 0) and _padded(conv, weight.shape[2:]):
         raise Refusal(
             f"{describe(conv)} zero-pads its input: the padded border would see 0 where the "
             "original sees the BatchNormalization's shift (folding is exact for an unpadded "
@@ -188,6 +196,48 @@ def _fold_matmul(
     return (*fm.fold_before_matmul(weight, scale, shift), None)
 
 
+def _require_representable(
+    consumer: ir.Node,
+    weight: np.ndarray,
+    folded: _Folded,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    reads: Reads,
+) -> None:
+    """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``)."""
+    new_weight, new_bias, bias_value = folded
+    dtype = tensor_dtype(consumer.inputs[1])
+    require_castable({"weight": new_weight, "bias": new_bias}, dtype)
+
+    def probes() -> tuple[np.ndarray, np.ndarray]:
+        kind = consumer.op_type
+        trans_b = bool(attribute(consumer, "transB", 0))
+        rows, per_channel = fp.input_rows(kind, weight, trans_b=trans_b)
+        folded_rows, _ = fp.input_rows(kind, new_weight, trans_b=trans_b)
+        old_bias = None if bias_value is None else read_constant(bias_value, "bias", reads)
+        if kind == "Gemm":  # alpha·A·B + beta·C before, alpha·A·B' + C' after
+            alpha = float(attribute(consumer, "alpha", 1.0))
+            rows, folded_rows = rows * alpha, folded_rows * alpha
+            if old_bias is not None:
+                old_bias = float(attribute(consumer, "beta", 1.0)) * old_bias
+        groups = attribute(consumer, "group", 1) if kind == "Conv" else 1
+
+        def columns(vector: np.ndarray) -> np.ndarray:
+            return np.repeat(vector.reshape(groups, -1), per_channel, axis=1)
+
+        channels = rows.shape[0]
+        return fp.site_outputs(
+            rows,
+            None if old_bias is None else fp.channel_vector(old_bias, channels),
+            folded_rows,
+            fp.channel_vector(new_bias, channels),
+            dtype.numpy(),
+            before=fp.Affine(columns(scale), columns(shift)),
+        )
+
+    require_precise(probes, dtype)
+
+
 class FoldBnIntoConsumer(FoldRule):
     """``L(BatchNormalization(x))`` → ``L'(x)`` for L in Conv, Gemm, MatMul (or after a Flatten)."""
 
@@ -238,6 +288,7 @@ class FoldBnIntoConsumer(FoldRule):
             else:  # a Flatten/Reshape output has rank 2 by the checks above
                 rank = rank_of(x) if route == "direct" else 2
                 folded = _fold_matmul(consumer, weight, scale, shift, rank)
+            _require_representable(consumer, weight, folded, scale, shift, reads)
         except Refusal as refusal:
             return MatchResult().fail(refusal.reason, bn)
         self._plan = (bn, consumer, route_node, x, weight_value, folded, reads)

@@ -16,14 +16,7 @@ from normfold.torch.layer_collapse.graph import pad_first, refusal, sites
 from normfold.torch.layer_collapse.linearize import linearize_site
 from normfold.torch.layer_collapse.rewrite import layer_count, merge_layers, record_shapes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's cores are shared: one thread each is faster than oversubscribed threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _traced(module: nn.Module, seed: int = 0) -> fx.GraphModule:

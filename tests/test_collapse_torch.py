@@ -9,24 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None, reason="the digits data ships with scikit-learn"
-)
+)]
 
 from normfold.errors import InputError  # noqa: E402
 from normfold.examples import digits  # noqa: E402
 from normfold.torch import collapse  # noqa: E402
 from normfold.torch.layer_collapse import format_report  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine's cores are shared: one thread each is faster than oversubscribed threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +57,8 @@ def test_collapse_with_finetuning_merges_layers_and_reports(trained, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
     assert [s.accepted for s in result.history] == [True, True]
     last = result.history[-1]
-    assert last.activations_removed == 2 and last.layers_merged >= 2
+    assert last.activations_removed == sum(len(s.sites) for s in result.history) >= 2
+    assert last.layers_merged >= 2
     assert last.macs < result.report["dense"]["macs"]
     assert not result.model.training
     merges = [m for step in result.report["steps"] for m in step["merges"]]
@@ -89,7 +81,8 @@ def test_checkpoints_resume_and_runs_repeat(trained, tmp_path):
     fresh = _collapse(data, model, finetune=finetune, max_steps=2)
     _collapse(data, model, finetune=finetune, max_steps=1, checkpoint_dir=tmp_path)
     state = torch.load(tmp_path / "collapse.pt", weights_only=True)  # plain tensors and strings
-    assert [entry["site"] for entry in state["removed"]] == [fresh.history[0].site]
+    linearized = [edit["site"] for edit in state["edits"] if edit["op"] == "linearize"]
+    assert linearized == fresh.history[0].sites
     resumed = _collapse(data, model, finetune=finetune, max_steps=2, checkpoint_dir=tmp_path)
     assert resumed.history[0].model is None  # restored from the checkpoint
     assert [s.site for s in resumed.history] == [s.site for s in fresh.history]

@@ -3,6 +3,7 @@
     normfold collapse IN.onnx -o OUT.onnx (--remove N | --max-deviation X) [--calibration X.npz]
                       [--report R.json] [--max-flops-growth G]
     normfold collapse --example NAME -o OUT.onnx [--report R.json] [--plot P.png] [--epochs E]
+                      [--target-latency R] [--distill A]
 
 Exit codes: 0 written; 1 the result would deviate more than ``--max-deviation`` (nothing
 written); 2 bad input or usage. The deviation printed is measured, never assumed: collapse is
@@ -49,6 +50,12 @@ def add_command(commands: Any, groups: options.Groups) -> None:
                          help="with --example: fine-tuning epochs after each removal (default 3)")
     command.add_argument("--max-accuracy-drop", type=float, default=0.01,
                          help="with --example: stop when validation accuracy drops more (default 0.01)")
+    command.add_argument("--target-latency", type=float, metavar="R",
+                         help="with --example: choose removals jointly (segment DP) until the batch-1 "
+                              "onnxruntime latency is R times the BN-folded dense model's, e.g. 0.8")
+    command.add_argument("--distill", type=float, default=0.0, metavar="A",
+                         help="with --example: fine-tune with logit distillation from the dense model, "
+                              "loss (1-A)*CE + A*KD (default 0: plain cross-entropy)")
     command.add_argument("--seed", type=int, default=0, help="with --example: seed (default 0)")
     command.set_defaults(run=run)
 
@@ -90,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
 def _example(args: argparse.Namespace) -> int:
     if args.input:
         raise InputError("collapse: give either IN.onnx or --example, not both")
+    if args.target_latency is not None and not 0 < args.target_latency <= 1:
+        raise InputError(f"--target-latency is a ratio in (0, 1], not {args.target_latency:g}")
+    if not 0 <= args.distill <= 1:
+        raise InputError(f"--distill is a weight in [0, 1], not {args.distill:g}")
     from normfold.examples.collapse_example import run
     from normfold.torch.layer_collapse import format_report
 
@@ -97,7 +108,7 @@ def _example(args: argparse.Namespace) -> int:
         args.example, args.output, report_path=args.report, plot_path=args.plot, epochs=args.epochs,
         finetune_epochs=args.finetune_epochs,
         max_accuracy_drop=args.max_accuracy_drop, max_flops_growth=args.max_flops_growth, seed=args.seed,
-        progress=not args.quiet,
+        target_latency=args.target_latency, distill=args.distill, progress=not args.quiet,
     )
     example, onnx_check = report["example"], report["onnx"]
     print(format_report(report))

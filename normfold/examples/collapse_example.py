@@ -1,13 +1,15 @@
 """``normfold collapse --example NAME``: train a digits CNN, collapse it, export and verify it.
 
 1. :mod:`normfold.examples.digits` loads the data and trains model ``NAME`` (seeded).
-2. :func:`normfold.torch.collapse` collapses it with ``finetune_epochs`` of fine-tuning per step,
-   evaluating on the validation split, checkpointing in ``checkpoint_dir`` (a rerun resumes).
+2. :func:`normfold.torch.collapse` collapses it with ``finetune_epochs`` of fine-tuning per step
+   (distilling from the dense model with weight ``distill``), one removal per step or, with
+   ``target_latency``, the removals the segment DP chooses jointly; it evaluates on the validation split, checkpointing in ``checkpoint_dir`` (a rerun resumes).
 3. The result is exported to ONNX (TorchScript exporter, opset 17, symbolic batch) and run in
    onnxruntime with optimizations off against the torch model on the test split: the export's
    deviation goes into the report with the test accuracy of the dense and collapsed models.
-4. The report (JSON) and a PNG plot of validation accuracy and batch-1 latency (merged and
-   linearized-but-unmerged) against the activations removed are written beside the model.
+4. The report (JSON) and a PNG plot are written beside the model: validation accuracy with the
+   accuracy floor and the undone step, batch-1 onnxruntime latency as median with its
+   inter-quartile range, and MACs, against the activations removed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def run(
     max_flops_growth: float = 1.0,
     checkpoint_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    target_latency: float | None = None,
+    distill: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the example end to end; returns the report that was written."""
@@ -60,23 +64,25 @@ def run(
     model = digits.build(name, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        digits.train(model, data, epochs=epochs, seed=seed)
+        digits.train(model, data, epochs=epochs, seed=seed, progress=progress)
+        finetune = digits.finetuner(data, epochs=finetune_epochs, distill=distill, progress=progress)
         result = collapse(
             model,
             digits.batches(data.train_x, data.train_y, 128),
             evaluate=lambda m: digits.accuracy(m, data.val_x, data.val_y),
-            finetune=digits.finetuner(data, epochs=finetune_epochs) if finetune_epochs else None,
+            finetune=finetune if finetune_epochs else None,
             example_inputs=data.val_x[:8],
             max_accuracy_drop=max_accuracy_drop,
             max_flops_growth=max_flops_growth,
             checkpoint_dir=checkpoint_dir,
             seed=seed,
+            target_latency=target_latency,
             progress=progress,
         )
     report = dict(result.report)
     report["example"] = {
         "model": name, "data": "scikit-learn digits (8x8, 60/20/20 train/val/test split)",
-        "epochs": epochs, "finetune_epochs": finetune_epochs, "seed": seed,
+        "epochs": epochs, "finetune_epochs": finetune_epochs, "distill": distill, "seed": seed,
         "test_accuracy_dense": digits.accuracy(model, data.test_x, data.test_y),
         "test_accuracy_collapsed": digits.accuracy(result.model, data.test_x, data.test_y),
     }
@@ -122,26 +128,37 @@ def _plot(report: dict[str, Any], path: Path, name: str) -> None:
     except ImportError:
         raise InputError("the plot needs matplotlib: pip install 'normfold[examples]'") from None
     dense = report["dense"]
-    steps = [s for s in report["steps"] if s["accepted"]]
-    removed = [0] + [s["activations_removed"] for s in steps]
-    accuracy = [dense["accuracy"]] + [s["accuracy"] for s in steps]
-    merged = [dense["latency_ms_merged"]] + [s["latency_ms"] for s in steps]
-    unmerged = [dense["latency_ms"]] + [s["latency_ms_unmerged"] for s in steps]
+    steps = report["steps"]
+    accepted = [s for s in steps if s["accepted"]]
+    undone = [s for s in steps if not s["accepted"]]
+    removed = [0] + [s["activations_removed"] for s in accepted]
     from matplotlib.ticker import MaxNLocator
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for axes in (left, right):
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axes in (left, middle, right):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    left.plot(removed, accuracy, marker="o")
-    left.set_xlabel("activations removed")
+        axes.set_xlabel("activations removed")
+    left.plot(removed, [dense["accuracy"]] + [s["accuracy"] for s in accepted], marker="o", label="accepted")
+    if undone:
+        left.plot([s["activations_removed"] for s in undone], [s["accuracy"] for s in undone], "x",
+                  color="tab:red", markersize=9, label="undone (below the floor)")
+    floor = dense["accuracy"] - report["settings"]["max_accuracy_drop"]
+    left.axhline(floor, color="grey", linestyle=":", label=f"floor ({floor:.3f})")
     left.set_ylabel("validation accuracy")
     left.set_title(f"{name}: accuracy")
-    right.plot(removed, merged, marker="o", label="merged")
-    right.plot(removed, unmerged, marker="s", linestyle="--", label="linearized, unmerged")
-    right.set_xlabel("activations removed")
-    right.set_ylabel("batch-1 CPU latency (ms, torch)")
-    right.set_title("latency")
-    right.legend()
+    left.legend(fontsize=8)
+    timings = [dense.get("latency_merged")] + [s.get("latency") for s in accepted]
+    if all(t is not None for t in timings):
+        medians = [t["median_ms"] for t in timings]
+        spread = [[t["median_ms"] - t["q1_ms"] for t in timings], [t["q3_ms"] - t["median_ms"] for t in timings]]
+        middle.errorbar(removed, medians, yerr=spread, marker="o", capsize=3)
+        middle.set_ylabel("batch-1 onnxruntime latency (ms)")
+        middle.set_title("latency: median, bars = IQR")
+    else:
+        middle.set_title("latency not measured")
+    right.plot(removed, [dense["macs_merged"] / 1e6] + [s["macs"] / 1e6 for s in accepted], marker="o")
+    right.set_ylabel("MACs per sample (M)")
+    right.set_title("work (BN folded, merged)")
     figure.tight_layout()
     handle, temporary = tempfile.mkstemp(prefix=".normfold-", suffix=".png", dir=path.parent)
     os.close(handle)

@@ -23,6 +23,7 @@ __all__ = ["MODELS", "Digits", "accuracy", "batches", "build", "finetuner", "loa
 
 import dataclasses
 import importlib.util
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,17 +161,49 @@ def batches(
 
 
 def train(
-    model: nn.Module, data: Digits, *, epochs: int, lr: float = 3e-3, batch: int = 64, seed: int = 0
+    model: nn.Module,
+    data: Digits,
+    *,
+    epochs: int,
+    lr: float = 3e-3,
+    batch: int = 64,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    distill: float = 0.0,
+    temperature: float = 4.0,
+    progress: bool = False,
 ) -> nn.Module:
-    """Adam on cross-entropy over the training split, in place; returns ``model`` in eval mode."""
+    """Adam over the training split, in place; returns ``model`` in eval mode.
+
+    The loss is cross-entropy, or with a ``teacher`` and ``distill = α > 0`` the logit
+    distillation of Hinton et al.: ``(1 − α)·CE + α·T²·KL(softmax(teacher/T) ‖ softmax(model/T))``
+    (the teacher runs in eval mode without gradients). ``progress`` shows a bar that moves on
+    every training step, with the running loss.
+    """
+    from tqdm import tqdm
+
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for _ in range(epochs):
-        for x, y in batches(data.train_x, data.train_y, batch, generator):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    if teacher is not None:
+        teacher.eval()
+    steps = epochs * math.ceil(len(data.train_x) / batch)
+    with tqdm(total=steps, desc="train", unit="step", disable=None if progress else True, leave=False) as bar:
+        for _ in range(epochs):
+            for x, y in batches(data.train_x, data.train_y, batch, generator):
+                optimizer.zero_grad()
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                if teacher is not None and distill > 0:
+                    with torch.no_grad():
+                        target = F.log_softmax(teacher(x) / temperature, dim=1)
+                    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True,
+                                    reduction="batchmean")
+                    loss = (1 - distill) * loss + distill * temperature**2 * soft
+                loss.backward()
+                optimizer.step()
+                bar.update(1)
+                bar.set_postfix_str(f"loss {float(loss.detach()):.4f}", refresh=False)
     return model.eval()
 
 
@@ -183,10 +216,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(correct)
 
 
-def finetuner(data: Digits, *, epochs: int = 1, lr: float = 1e-3, batch: int = 64) -> Callable[[nn.Module, int], None]:
-    """A ``finetune(model, step)`` callback: ``epochs`` of Adam on the training split."""
+def finetuner(
+    data: Digits, *, epochs: int = 1, lr: float = 1e-3, batch: int = 64, distill: float = 0.0,
+    progress: bool = False,
+) -> Callable[..., None]:
+    """A ``finetune(model, step, teacher=None)`` callback: ``epochs`` of Adam on the training split.
 
-    def finetune(model: nn.Module, step: int) -> None:
-        train(model, data, epochs=epochs, lr=lr, batch=batch, seed=step)
+    With ``distill = α > 0`` it distils from the ``teacher`` the collapse driver passes (the dense
+    model), see :func:`train`.
+    """
+
+    def finetune(model: nn.Module, step: int, teacher: nn.Module | None = None) -> None:
+        train(model, data, epochs=epochs, lr=lr, batch=batch, seed=step, teacher=teacher, distill=distill,
+              progress=progress)
 
     return finetune

@@ -1,5 +1,6 @@
 """normfold on torch modules: fold BatchNorm before export, in float64, with a report; fuse
-hand-written normalizations into torch's.
+hand-written normalizations into torch's; export to an optimized ONNX file verified against the
+module (:func:`export`).
 
 Needs the ``torch`` extra; ``import normfold`` alone never imports torch.
 """
@@ -23,11 +24,14 @@ from normfold.torch.fold import (
 )
 
 __all__ = [
+    "ExportResult",
+    "ExportVerificationError",
     "FoldReport",
     "FoldedSite",
     "FuseNormsReport",
     "RefusedSite",
     "UntracedModule",
+    "export",
     "fold_batchnorm",
     "fold_batchnorm_with_report",
     "fuse_norm_calls",
@@ -38,3 +42,4 @@ __all__ = [
 from normfold.torch.layer_collapse import CollapseResult, CollapseStep, collapse  # noqa: E402  (TLC, issue 5)
 from normfold.torch.fuse_norm_calls import fuse_norm_calls, fuse_norm_calls_with_report
 from normfold.torch.fuse_norms import FuseNormsReport, fuse_norms, fuse_norms_with_report
+from normfold.torch.onnx_export import ExportResult, ExportVerificationError, export  # noqa: E402

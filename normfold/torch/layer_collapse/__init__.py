@@ -14,6 +14,7 @@ __all__ = [
     "ChannelAffine",
     "CollapseResult",
     "CollapseStep",
+    "Collapsed",
     "Merge",
     "MergeResult",
     "collapse",
@@ -23,5 +24,5 @@ __all__ = [
 
 from normfold.torch.layer_collapse.driver import collapse
 from normfold.torch.layer_collapse.linearize import ChannelAffine
-from normfold.torch.layer_collapse.report import CollapseResult, CollapseStep, format_report
+from normfold.torch.layer_collapse.report import CollapseResult, CollapseStep, Collapsed, format_report
 from normfold.torch.layer_collapse.rewrite import Merge, MergeResult, merge_layers

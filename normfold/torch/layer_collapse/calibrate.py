@@ -18,7 +18,9 @@ model's outputs.
 
 from __future__ import annotations
 
-__all__ = ["Batch", "LossFn", "activation_statistics", "default_loss", "make_batches", "probe_losses"]
+__all__ = [
+    "Batch", "LossFn", "activation_statistics", "default_loss", "make_batches", "output_means", "probe_losses",
+]
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
@@ -105,6 +107,29 @@ def activation_statistics(
         variance = torch.clamp(squares / count - mean * mean, min=0.0)
         result[name] = (mean.numpy(), variance.sqrt().numpy(), (output / count).numpy())
     return result
+
+
+def output_means(gm: fx.GraphModule, batches: Sequence[Batch], names: set[str]) -> dict[str, np.ndarray]:
+    """Per node in ``names``: the mean of its output over ``batches``, per channel (axis 1)."""
+    sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if n.name in names:
+                x = result.detach().double()
+                dims = [d for d in range(x.dim()) if d != 1]
+                total, count = sums.get(n.name, (0.0, 0))
+                sums[n.name] = (total + x.sum(dims), count + x.numel() // x.shape[1])
+            return result
+
+    was_training = gm.training
+    gm.eval()
+    with torch.no_grad():
+        for batch in batches:
+            _Recorder(gm).run(*batch.inputs)
+    gm.train(was_training)
+    return {name: (total / count).numpy() for name, (total, count) in sums.items()}
 
 
 def default_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,27 @@
-"""What a model costs: parameters, multiply-accumulates per sample, batch-1 CPU latency.
+"""What a model costs: parameters, multiply-accumulates per sample, batch-1 onnxruntime latency.
 
 MACs count the Conv and Linear calls of a traced module (``C_out · C_in/g · prod(k)`` per output
 position of a conv, ``in · out`` per row of a Linear), from the shapes of one run on a single
-sample; elementwise ops are not counted. Latency is the median of ``repeats`` timed runs on one
-sample after ``warmup`` runs, in inference mode, with torch's current thread settings.
+sample; elementwise ops are not counted. Latency is the model exported to ONNX (TorchScript
+exporter, float32) and timed in onnxruntime by :func:`normfold.latency.measure`: what a deployed
+model costs, as a median with its spread (eager torch timings of these small models are noise).
 """
 
 from __future__ import annotations
 
-__all__ = ["latency_ms", "macs", "parameters"]
+__all__ = ["macs", "onnx_of", "ort_latency", "parameters"]
 
-import statistics
-import time
+import copy
+import io
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import onnx
 import torch
 from torch import fx, nn
+
+from normfold.latency import Timing, measure
 
 from normfold.torch.layer_collapse.graph import is_conv, is_linear, module_of
 from normfold.torch.layer_collapse.rewrite import record_shapes, shape_of
@@ -43,17 +48,19 @@ def macs(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> int:
     return total
 
 
-def latency_ms(module: nn.Module, inputs: Sequence[torch.Tensor], *, repeats: int = 30, warmup: int = 5) -> float:
-    """Median milliseconds of one forward pass on the first sample of ``inputs``."""
-    single = tuple(x[:1] for x in inputs)
-    was_training = module.training
-    module.eval()
-    timings = []
-    with torch.inference_mode():
-        for index in range(warmup + repeats):
-            start = time.perf_counter()
-            module(*single)
-            if index >= warmup:
-                timings.append(time.perf_counter() - start)
-    module.train(was_training)
-    return statistics.median(timings) * 1e3
+def onnx_of(module: nn.Module, inputs: Sequence[torch.Tensor]) -> onnx.ModelProto:
+    """``module`` exported by torch's TorchScript exporter, in memory (opset 17)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module.eval(), tuple(inputs), buffer, dynamo=False, opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def ort_latency(module: nn.Module, inputs: Sequence[torch.Tensor], *, runs: int = 50, repeats: int = 5) -> Timing:
+    """Batch-1 onnxruntime CPU latency (one thread) of ``module`` on the first sample of ``inputs``."""
+    single = tuple((x[:1].float() if x.is_floating_point() else x[:1]) for x in inputs)
+    model = onnx_of(copy.deepcopy(module).float(), single)
+    names = [i.name for i in model.graph.input]
+    return measure(model, {name: x.detach().cpu().numpy() for name, x in zip(names, single)},
+                   runs=runs, repeats=repeats)

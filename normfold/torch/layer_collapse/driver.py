@@ -1,38 +1,53 @@
-"""The TLC loop on a torch module: score, pick, linearize, fine-tune, merge, until a stop.
+"""The TLC loop on a torch module: find candidates, choose, linearize, fine-tune, merge, until a stop.
 
 Each step:
 
-1. Every remaining activation site is a candidate unless :func:`.graph.refusal` refuses it.
-   Its channel plan comes from the BatchNorm feeding it (``score="bn"``) or from calibration
-   statistics (``score="empirical"``, and always for sites with no BatchNorm directly before
-   them: decision (a) in :mod:`.graph`). The candidate model is the current one with that site
-   linearized and, when the next conv is padded and ``pad_first`` is on, its padding moved to
-   the head of the conv chain (kept only if that conv then merges).
-2. The merge engine (:mod:`.rewrite`) runs on the candidate; a candidate that neither merges a
-   layer nor lowers the MACs (all its merges refused, e.g. for growing the MACs) is refused with
-   the engine's reason.
-3. Ranking. ``rank="probe"`` (the paper's): the calibration loss of every candidate model, on
-   the same probe batches. Decision (b): one site per step, then fine-tune and re-score. The
-   paper's code removes several sites at once when several single removals lower the loss, and
-   measured here those gaps are within one-batch noise, so normfold does not trust them: a
-   candidate whose paired per-batch loss difference to the best one is within one standard error
-   of it ties with the best, and among ties the one leaving the fewest MACs wins (selection is
-   cost-aware: two merged 3×3 convs are a 5×5 conv, and the big wins are whole suffixes that
-   become linear). ``rank="score"`` ranks by the data-free mean channel score instead, and a
-   callable ``rank(model, sites) -> site`` picks one of the candidate site names itself (the
-   benchmark's random and entropy orders).
+1. **Candidates.** A candidate removes a run of up to ``max_segment_sites`` consecutive activation
+   sites (graph order) that :func:`.graph.refusal` allows and that lie in one segment once removed
+   (:mod:`.segments`): a single site, both activations of an inverted residual (pw→dw→pw, plus its
+   residual, becomes one dense conv), a residual block's inner activation (conv∘conv plus its
+   identity or 1×1 shortcut becomes one conv), an after-Add activation together with the next
+   block's. Each site's channel plan comes from the BatchNorm feeding it (``score="bn"``) or from
+   calibration statistics (``score="empirical"``, and always for sites with no BatchNorm directly
+   before them: decision (a) in :mod:`.graph`). When a removed site's reader conv is padded and
+   ``pad_first`` is on, its padding moves to the head of the conv chain (kept only if that conv
+   then merges), across a residual block too (the shortcut lands on the merged kernel's centre).
+   With ``prune`` on, dropping a residual branch is a candidate too (LayerMerge's conv pruning):
+   ``x + branch(x)`` becomes ``x + c`` (``c`` the branch's per-channel mean on the calibration
+   set), and every site inside the branch goes with it.
+2. **Final-form cost.** A candidate's segment is merged as it is now and as it would be after
+   the removal; it is kept only if it loses layers or MACs, and then only if its final merged
+   form costs at most ``max_flops_growth`` times the segment now (MAC selection), or, when
+   selecting by latency, if the final form's measured batch-1 onnxruntime latency is lower
+   (segments are timed in a cache keyed by structure and shapes, :class:`normfold.latency.LatencyTable`:
+   median of ``latency_repeats`` rounds, each the median of ``latency_runs`` runs; the
+   inter-quartile range is recorded). Merges inside an accepted segment may grow on the way.
+3. **Choice.** Without ``target_latency``, one candidate per step: ``rank="probe"`` (the
+   paper's) compares the calibration loss of every candidate model on the same probe batches;
+   candidates whose paired per-batch loss difference to the best is within one standard error
+   tie with it, and among ties the one leaving the fewest MACs wins (decision (b)).
+   ``rank="score"`` ranks by the data-free mean channel score, and a callable
+   ``rank(model, labels) -> label`` picks a candidate by its label (sites joined by ``+``; the
+   benchmark's random and entropy orders). With ``target_latency`` (a ratio to the BN-folded
+   dense model's latency; MACs when ``measure_latency`` is off), the removals are chosen
+   *jointly*: the dynamic program of :mod:`normfold.math.collapse_select` (Kim et al., ICML 2023)
+   picks the non-touching runs that save what the budget still needs with the least summed probe
+   loss; a step applies all of them, or the ``removals_per_step`` with the least loss.
 4. The chosen model is fine-tuned through ``finetune(model, step)`` (training mode; torch's
-   global generator is seeded with ``seed`` and the step first, so runs repeat), merged, and
-   evaluated through ``evaluate(merged) -> float`` (higher is better).
+   global generator is seeded with ``seed`` and the step first, so runs repeat); a callback with
+   a ``teacher`` parameter also receives the dense model (eval mode) to distil from. It is then
+   merged (every merge checked in float64 against the unmerged model) and evaluated through
+   ``evaluate(merged) -> float`` (higher is better).
 5. Stop when accuracy falls more than ``max_accuracy_drop`` below the dense model's (that step
    is undone and reported as such), when ``target_depth`` activation sites remain, when the
-   merged model's batch-1 latency reaches ``target_latency_ms``, after ``max_steps``, or when no
-   candidate is left.
+   merged model reaches ``target_latency`` or ``target_latency_ms``, after ``max_steps``, or
+   when no candidate is left.
 
-With ``checkpoint_dir``, the state after each step is saved there (``collapse.pt``: the removed
-sites, their plans, the state dict and the report rows, all plain tensors, lists and strings)
-and a rerun with the same arguments resumes after the last saved step; it is read with
-``torch.load(..., weights_only=True)``, which never unpickles code.
+With ``checkpoint_dir``, the state after each step is saved there (``collapse.pt``: the edits
+made — sites linearized with their plans, paddings moved, branches pruned —, the state dict and
+the report rows, all plain tensors, lists and strings) and a rerun with the same arguments
+resumes after the last saved step; it is read with ``torch.load(..., weights_only=True)``, which
+never unpickles code.
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ __all__ = ["collapse", "trace"]
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -54,14 +70,18 @@ import torch
 from torch import fx, nn
 from tqdm import tqdm
 
-from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.errors import InputError, first_line
-from normfold.torch.layer_collapse import calibrate, cost
+from normfold.latency import LatencyTable, Timing
+from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.collapse_select import Option, choose, quantize
+from normfold.math.padding import torch_conv_pads
+from normfold.torch.layer_collapse import calibrate, cost, segments
 from normfold.torch.layer_collapse.graph import (
     activation_of,
     batchnorm_before,
     channel_axis,
     describe,
+    is_add,
     is_conv,
     module_of,
     readers_of,
@@ -73,7 +93,7 @@ from normfold.torch.layer_collapse.graph import (
     pad_first as move_padding,
 )
 from normfold.torch.layer_collapse.linearize import ChannelAffine, linearize_site
-from normfold.torch.layer_collapse.report import CollapseResult, CollapseStep
+from normfold.torch.layer_collapse.report import Collapsed, CollapseResult, CollapseStep
 from normfold.torch.layer_collapse.rewrite import (
     MergeResult,
     layer_count,
@@ -83,7 +103,9 @@ from normfold.torch.layer_collapse.rewrite import (
 )
 
 _CHECKPOINT = "collapse.pt"
-_FORMAT = 1
+_FORMAT = 2
+# Latency savings are quantized for the dynamic program in this fraction of what is needed.
+_RESOLUTION = 200
 
 
 class _Tracer(fx.Tracer):
@@ -94,6 +116,8 @@ class _Tracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.GraphModule:
     """A copy of ``model`` as a torch.fx GraphModule in eval mode (InputError when fx cannot trace it)."""
     model = copy.deepcopy(model).eval()
+    if isinstance(model, Collapsed):
+        model = model.graph_module
     if isinstance(model, fx.GraphModule):
         return model
     try:
@@ -107,15 +131,25 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 @dataclasses.dataclass
 class _Candidate:
-    site: str
-    kind: str
-    mode: str
-    plan: ChannelPlan
+    """One removal: its sites, the edits that make it, the model with them, its segment's cost."""
+
+    sites: tuple[str, ...]
+    kinds: tuple[str, ...]
+    modes: tuple[str, ...]
+    plans: tuple[ChannelPlan, ...]
+    edits: list[dict[str, Any]]
     model: fx.GraphModule
-    merged: MergeResult
-    pad_first: bool
+    segment: segments.Segment
     macs: int
     losses: np.ndarray | None = None
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.sites) if self.kinds != ("prune",) else f"prune {self.edits[0]['add']}"
+
+    @property
+    def pruned(self) -> bool:
+        return self.kinds == ("prune",)
 
 
 class _Run:
@@ -127,6 +161,7 @@ class _Run:
         self.s = settings
         self.loss_fn = loss_fn
         self.inputs: tuple[torch.Tensor, ...] = settings["example_inputs"]
+        self.single = tuple(x[:1] for x in self.inputs)
         self.batches, self.probe = calibrate.make_batches(calibration, settings["probe_samples"])
         self.dense = trace(model)
         self.like = next((p for p in self.dense.parameters() if p.is_floating_point()), torch.zeros(()))
@@ -134,35 +169,53 @@ class _Run:
         if any(b.target is None for b in self.probe):
             with torch.no_grad():
                 self.references = [self.dense(*b.inputs) for b in self.probe]
+        self.table = LatencyTable(runs=settings["latency_runs"], repeats=settings["latency_repeats"])
+        self.free: set[str] = set()  # nodes of accepted segments: their merges are judged as a whole
 
-    def merge(self, gm: fx.GraphModule, *, verify: bool = True) -> MergeResult:
+    def merge(self, gm: fx.GraphModule, *, verify: bool = True, free: Iterable[str] = ()) -> MergeResult:
         return merge_layers(gm, self.inputs, max_flops_growth=self.s["max_flops_growth"],
-                            allow_border=not self.s["pad_first"], verify=verify)
+                            allow_border=not self.s["pad_first"], verify=verify, free=self.free | set(free))
 
-    def latency(self, module: nn.Module) -> float | None:
-        return cost.latency_ms(module, self.inputs) if self.s["measure_latency"] else None
+    def latency(self, module: nn.Module) -> Timing | None:
+        """Batch-1 onnxruntime latency of a whole model (None when measuring is off)."""
+        if not self.s["measure_latency"]:
+            return None
+        return cost.ort_latency(module, self.single, runs=self.s["latency_runs"],
+                                repeats=self.s["latency_repeats"])
 
     # -- candidates ---------------------------------------------------------------------------
-    def candidates(
-        self, working: fx.GraphModule, current: MergeResult
-    ) -> tuple[list[_Candidate], list[dict[str, str]]]:
-        record_shapes(working, self.inputs)
+    def candidates(self, working: fx.GraphModule) -> tuple[list[_Candidate], list[dict[str, str]]]:
+        record_shapes(working, self.single)
         remaining = sites(working)
         need_stats = {}
         for node in remaining:
             if self.s["score"] == "empirical" or batchnorm_before(working, node) is None:
                 need_stats[node.name] = channel_axis(working, node, len(shape_of(node.args[0])))
         stats = calibrate.activation_statistics(working, self.batches, need_stats) if need_stats else {}
-        self.current_macs = cost.macs(current.module, self.inputs)
-        found, refused = [], []
+        record_shapes(working, self.single)
+        found: list[_Candidate] = []
+        refused: list[dict[str, str]] = []
+        allowed: list[bool] = []
         for node in remaining:
             reason = refusal(working, node)
-            if reason is None:
-                candidate, reason = self._candidate(working, node.name, stats, current)
+            allowed.append(reason is None)
+            if reason is not None:
+                refused.append({"node": node.name, "reason": reason})
+        names = [n.name for n in remaining]
+        for start in range(len(names)):
+            for stop in range(start + 1, min(len(names), start + self.s["max_segment_sites"]) + 1):
+                if not all(allowed[start:stop]):
+                    break
+                run = tuple(names[start:stop])
+                if stop - start > 1 and not _connected(working, run):
+                    continue
+                candidate, reason = self._candidate(working, run, stats)
                 if candidate is not None:
                     found.append(candidate)
-                    continue
-            refused.append({"node": node.name, "reason": reason})
+                elif stop - start == 1:
+                    refused.append({"node": run[0], "reason": reason})
+        if self.s["prune"]:
+            found.extend(self._prunings(working, set(names)))
         return found, refused
 
     def _plan(self, working: fx.GraphModule, node: fx.Node, stats: dict) -> tuple[str, ChannelPlan, int]:
@@ -182,51 +235,174 @@ class _Run:
         return "empirical", plan, axis
 
     def _candidate(
-        self, working: fx.GraphModule, name: str, stats: dict, current: MergeResult
+        self, working: fx.GraphModule, run: tuple[str, ...], stats: dict
     ) -> tuple[_Candidate | None, str]:
-        gm, plan, mode, moved_to = self._linearized(working, name, stats, pad_first=self.s["pad_first"])
-        merged = self.merge(gm, verify=False)
-        first_reason = None
-        if moved_to is not None and not any(m.kind == "conv-conv" and m.into == moved_to for m in merged.merges):
+        nodes = [_node(working, name) for name in run]
+        kinds = tuple(activation_of(working, n).kind for n in nodes)
+        planned = [self._plan(working, n, stats) for n in nodes]
+        edits = [{"op": "linearize", "site": name, "slope": torch.from_numpy(plan.slope),
+                  "offset": torch.from_numpy(plan.offset), "axis": axis}
+                 for name, (_, plan, axis) in zip(run, planned)]
+        names = [n.name for n in segments.segment(working, run)]
+        before = self._segment_cost(working, names, free=())
+        moved = self._padded_readers(working, run) if self.s["pad_first"] else []
+        gm = _edited(working, edits + [{"op": "pad_first", "conv": c} for c in moved], self.like)
+        after, merges = self._segment_cost(gm, names, free=names, merges=True)
+        if moved and not all(any(m.kind == "conv-conv" and m.into == c for m in merges) for c in moved):
             # Pad-first only pays when the padded conv then merges; keep the original borders.
-            first_reason = _new_refusal(merged, current)
-            gm, plan, mode, moved_to = self._linearized(working, name, stats, pad_first=False)
-            merged = self.merge(gm, verify=False)
-        macs = cost.macs(merged.module, self.inputs)
-        # A candidate must buy depth or work: fewer layers, or the same layers doing less.
-        if layer_count(merged.module) >= layer_count(current.module) and macs >= self.current_macs:
-            node = next(n for n in gm.graph.nodes if n.name == name)
-            return None, first_reason or _new_refusal(merged, current) or why_no_merge(gm, node)
-        kind = activation_of(working, next(n for n in working.graph.nodes if n.name == name)).kind
-        return _Candidate(name, kind, mode, plan, gm, merged, moved_to is not None, macs), ""
+            moved = []
+            gm = _edited(working, edits, self.like)
+            after, merges = self._segment_cost(gm, names, free=names, merges=True)
+        segment = segments.Segment(names, (before[0], after[0]), (before[1], after[1]),
+                                   (before[2], after[2]) if before[2] is not None else None)
+        reason = self._judge(segment, gm, run, merges)
+        if reason:
+            return None, reason
+        macs = self.current_macs - segment.macs[0] + segment.macs[1]
+        edits += [{"op": "pad_first", "conv": c} for c in moved]
+        return _Candidate(run, kinds, tuple(m for m, _, _ in planned), tuple(p for _, p, _ in planned), edits, gm,
+                          segment, macs), ""
 
-    def _linearized(
-        self, working: fx.GraphModule, name: str, stats: dict, *, pad_first: bool
-    ) -> tuple[fx.GraphModule, ChannelPlan, str, str | None]:
-        """A copy of ``working`` with site ``name`` linearized (and the next conv's padding moved)."""
-        gm = copy.deepcopy(working)
-        node = next(n for n in gm.graph.nodes if n.name == name)
-        mode, plan, axis = self._plan(gm, node, stats)
-        linearize_site(gm, name, plan, axis, source=describe(gm, node), like=self.like)
-        node = next(n for n in gm.graph.nodes if n.name == name)
-        readers = readers_of(gm, node)
-        if pad_first and len(readers) == 1 and is_conv(gm, readers[0]) and any(_padding(module_of(gm, readers[0]))):
-            if move_padding(gm, readers[0]) is None:
-                return gm, plan, mode, readers[0].name
-        return gm, plan, mode, None
+    def _judge(self, segment: segments.Segment, gm: fx.GraphModule, run: tuple[str, ...], merges: list) -> str | None:
+        """Why a candidate's final merged form is not worth it, or None when it is."""
+        if segment.layers[1] >= segment.layers[0] and segment.macs[1] >= segment.macs[0]:
+            refusal_reason = next((m for m in merges if isinstance(m, str)), None)
+            return refusal_reason or why_no_merge(gm, _node(gm, run[0]))
+        if self.s["by_latency"] and segment.latency is not None:
+            if segment.saving_ms <= 0:
+                return (f"its segment merged into {segment.layers[1]} layer(s) runs no faster "
+                        f"({segment.latency[0].median:.4f} -> {segment.latency[1].median:.4f} ms measured)")
+        elif segment.growth > self.s["max_flops_growth"]:
+            return (f"its segment's final merged form would grow the work x{segment.growth:.2f} "
+                    f"({segment.macs[0]} -> {segment.macs[1]} MACs) > max_flops_growth {self.s['max_flops_growth']:g}")
+        return None
 
-    def choose(self, working: fx.GraphModule, found: list[_Candidate]) -> _Candidate:
-        if callable(self.s["rank"]):
-            chosen = self.s["rank"](working, [c.site for c in found])
-            return next(c for c in found if c.site == chosen)
-        if self.s["rank"] == "score":
-            return min(found, key=lambda c: (layer_score(c.plan), c.macs))
+    def _segment_cost(
+        self, gm: fx.GraphModule, names: list[str], *, free: Iterable[str], merges: bool = False
+    ) -> Any:
+        """(layers, MACs, latency) of segment ``names`` of ``gm`` once merged (and its merges or refusals)."""
+        sub, inputs = segments.extract(gm, names)
+        merged = merge_layers(sub, inputs, max_flops_growth=self.s["max_flops_growth"],
+                              allow_border=not self.s["pad_first"], verify=False, free=self.free | set(free))
+        timing = segments.timing(self.table, merged.module, inputs) if self.s["by_latency"] else None
+        result = (layer_count(merged.module), cost.macs(merged.module, inputs), timing)
+        if not merges:
+            return result
+        return result, list(merged.merges) + list(merged.refused.values())
+
+    def _padded_readers(self, working: fx.GraphModule, run: tuple[str, ...]) -> list[str]:
+        moved = []
+        for name in run:
+            readers = readers_of(working, _node(working, name))
+            if len(readers) == 1 and is_conv(working, readers[0]) and _padded(module_of(working, readers[0])):
+                moved.append(readers[0].name)
+        return moved
+
+    def _prunings(self, working: fx.GraphModule, remaining: set[str]) -> list[_Candidate]:
+        """Residual branches that can be dropped whole: ``x + branch(x)`` becomes ``x + c``."""
+        found, wanted = [], {}
+        for add in [n for n in working.graph.nodes if is_add(n)]:
+            for branch, shortcut in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+                inside = _exclusive(branch, add)
+                run = tuple(n.name for n in working.graph.nodes if n in inside and n.name in remaining)
+                if run and shape_of(shortcut) == shape_of(add):
+                    wanted[add.name] = (branch, shortcut, inside, run)
+                    break
+        if not wanted:
+            return found
+        means = calibrate.output_means(working, self.probe, {b.name for b, _, _, _ in wanted.values()})
+        for add_name, (branch, shortcut, inside, run) in wanted.items():
+            edits = [{"op": "prune", "add": add_name, "keep": shortcut.name,
+                      "offset": torch.from_numpy(means[branch.name])}]
+            gm = _edited(working, edits, self.like)
+            names = [n.name for n in working.graph.nodes if n in inside] + [add_name]
+            before = self._segment_cost(working, names, free=())
+            after = self._segment_cost(gm, [add_name], free=())
+            segment = segments.Segment(names, (before[0], after[0]), (before[1], after[1]),
+                                       (before[2], after[2]) if before[2] is not None else None)
+            if self.s["by_latency"] and segment.latency is not None and segment.saving_ms <= 0:
+                continue
+            macs = self.current_macs - segment.macs[0] + segment.macs[1]
+            found.append(_Candidate(run, ("prune",), ("mean",), (), edits, gm, segment, macs))
+        return found
+
+    # -- choosing -------------------------------------------------------------------------------
+    def measure_losses(self, working: fx.GraphModule, found: list[_Candidate]) -> None:
         base = calibrate.probe_losses(working, self.probe, self.loss_fn, self.references)
         for candidate in found:
             candidate.losses = calibrate.probe_losses(candidate.model, self.probe, self.loss_fn, self.references) - base
+
+    def choose(self, working: fx.GraphModule, found: list[_Candidate]) -> _Candidate:
+        if callable(self.s["rank"]):
+            chosen = self.s["rank"](working, [c.label for c in found])
+            return next(c for c in found if c.label == chosen)
+        if self.s["rank"] == "score":
+            return min(found, key=lambda c: (np.mean([layer_score(p) for p in c.plans]) if c.plans else 1.0, c.macs))
+        self.measure_losses(working, found)
         best = min(found, key=lambda c: float(c.losses.mean()))
         tied = [c for c in found if _within_noise(c.losses - best.losses)]
         return min(tied, key=lambda c: (c.macs, float(c.losses.mean())))
+
+    def select(self, working: fx.GraphModule, found: list[_Candidate], need: float) -> list[_Candidate]:
+        """The candidates the segment DP chooses jointly to save ``need`` (ms, or MACs)."""
+        self.measure_losses(working, found)
+        remaining = sites(working)
+        order = {node.name: index for index, node in enumerate(remaining)}
+        savings = [c.segment.saving_ms if self.s["by_latency"] else c.segment.macs[0] - c.segment.macs[1]
+                   for c in found]
+        unit = need / _RESOLUTION
+        options = [
+            Option(order[c.sites[0]], order[c.sites[-1]] + 1, saving, float(c.losses.mean()), c.label)
+            for c, saving in zip(found, quantize(savings, unit))
+            if [order[s] for s in c.sites] == list(range(order[c.sites[0]], order[c.sites[-1]] + 1))
+        ]
+        separate = [b for b in range(1, len(remaining)) if _separate(working, remaining[b - 1], remaining[b])]
+        selection = choose(options, len(order), math.ceil(need / unit), separate)
+        by_label = {c.label: c for c in found}
+        chosen = sorted((by_label[o.label] for o in selection.options), key=lambda c: float(c.losses.mean()))
+        return chosen[: self.s["removals_per_step"]] if self.s["removals_per_step"] else chosen
+
+
+def _connected(gm: fx.GraphModule, run: tuple[str, ...]) -> bool:
+    """Whether the sites of ``run``, once linear, lie in one segment."""
+    reached = {n.name for n in segments.segment(gm, run, start=run[0])}
+    return all(name in reached for name in run)
+
+
+def _separate(gm: fx.GraphModule, before: fx.Node, site: fx.Node) -> bool:
+    """Whether the layers between two consecutive sites cannot merge through each other.
+
+    Walking back from ``site``'s input through single-input linear ops, a value read by more
+    than one op (the residual stream between two inverted residuals) or an op with several
+    inputs stops any merge across; reaching ``before`` by a single-reader chain does not.
+    """
+    node = site.args[0] if site.args else None
+    while isinstance(node, fx.Node) and node is not before:
+        if len(node.users) > 1 or len(node.all_input_nodes) != 1:
+            return True
+        if not segments.merges_through(gm, node):
+            return True
+        node = node.all_input_nodes[0]
+    return False
+
+
+def _exclusive(branch: fx.Node, add: fx.Node) -> set[fx.Node]:
+    """The nodes computed only for ``add`` through ``branch`` (what dropping the branch removes)."""
+    if len(branch.users) != 1:
+        return set()
+
+    def only_inside(node: fx.Node, inside: set[fx.Node]) -> bool:
+        return node is branch or all(user in inside for user in node.users)
+
+    inside: set[fx.Node] = set()
+    stack = [branch]
+    while stack:
+        node = stack.pop()
+        if node in inside or node.op in ("placeholder", "get_attr") or not only_inside(node, inside):
+            continue
+        inside.add(node)
+        stack.extend(node.all_input_nodes)
+    return inside
 
 
 def _within_noise(difference: np.ndarray) -> bool:
@@ -236,13 +412,47 @@ def _within_noise(difference: np.ndarray) -> bool:
     return float(difference.mean()) <= float(difference.std(ddof=1)) / math.sqrt(difference.size)
 
 
-def _new_refusal(merged: MergeResult, current: MergeResult) -> str | None:
-    """The first merge refusal of a candidate that the current model does not have."""
-    return next((r for node, r in merged.refused.items() if node not in current.refused), None)
+def _padded(module: nn.Module) -> bool:
+    return any(torch_conv_pads(module.padding, module.kernel_size, module.dilation))
 
 
-def _padding(module: nn.Module) -> tuple[int, ...]:
-    return (0,) if isinstance(module.padding, str) else tuple(module.padding)
+def _edited(working: fx.GraphModule, edits: list[dict[str, Any]], like: torch.Tensor) -> fx.GraphModule:
+    """A copy of ``working`` with ``edits`` made (linearize a site, move a padding, prune a branch)."""
+    gm = copy.deepcopy(working)
+    for edit in edits:
+        _apply(gm, edit, like)
+    return gm
+
+
+def _apply(gm: fx.GraphModule, edit: dict[str, Any], like: torch.Tensor) -> None:
+    if edit["op"] == "linearize":
+        slope, offset = edit["slope"].double().numpy(), edit["offset"].double().numpy()
+        plan = ChannelPlan(slope, offset, np.zeros_like(slope), slope == 1.0)
+        node = _node(gm, edit["site"])
+        linearize_site(gm, edit["site"], plan, edit["axis"], source=describe(gm, node), like=like)
+    elif edit["op"] == "pad_first":
+        move_padding(gm, _node(gm, edit["conv"]))
+    elif edit["op"] == "prune":
+        add, keep = _node(gm, edit["add"]), _node(gm, edit["keep"])
+        offset = edit["offset"].to(like.dtype)
+        name = f"pruned_{add.name}"
+        gm.add_submodule(name, ChannelAffine(torch.ones_like(offset), offset, 1, source=f"branch of {add.name}"))
+        add.op, add.target, add.args, add.kwargs = "call_module", name, (keep,), {}
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    else:
+        raise InputError(f"not a collapse edit: {edit['op']!r}")
+
+
+def _call_finetune(finetune: Callable[..., None], model: nn.Module, step: int, teacher: nn.Module) -> None:
+    """``finetune(model, step)``, with ``teacher=`` the dense model when the callback takes it."""
+    parameters = inspect.signature(finetune).parameters
+    takes_teacher = "teacher" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    if takes_teacher:
+        finetune(model, step, teacher=teacher)
+    else:
+        finetune(model, step)
 
 
 def collapse(
@@ -251,7 +461,7 @@ def collapse(
     *,
     evaluate: Callable[[nn.Module], float],
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
-    finetune: Callable[[nn.Module, int], None] | None = None,
+    finetune: Callable[..., None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     max_accuracy_drop: float = 0.01,
     score: str = "bn",
@@ -267,81 +477,124 @@ def collapse(
     measure_latency: bool = True,
     keep_models: bool = True,
     progress: bool = True,
+    target_latency: float | None = None,
+    max_segment_sites: int = 2,
+    removals_per_step: int | None = None,
+    prune: bool = True,
+    latency_runs: int = 50,
+    latency_repeats: int = 5,
 ) -> CollapseResult:
     """Collapse ``model`` (not modified) step by step; see the module docstring for the loop.
 
     ``calibration``: input batches or ``(input, target)`` pairs. ``evaluate(model) -> float``,
-    higher is better. ``finetune(model, step)``: train the linearized model in place (optional).
-    ``example_inputs``: a batch the merges are verified on (and the first sample is timed).
-    ``target_depth``: stop when this many activation sites remain.
+    higher is better. ``finetune(model, step)`` (or ``finetune(model, step, teacher=dense)``):
+    train the linearized model in place (optional). ``example_inputs``: a batch the merges are
+    verified on (its first sample is timed). ``target_depth``: stop when this many activation
+    sites remain. ``target_latency``: the batch-1 onnxruntime latency to reach, as a ratio to the
+    BN-folded dense model's (MACs when ``measure_latency`` is off); removals are then chosen
+    jointly by the segment DP. ``max_segment_sites``: the longest run of sites one candidate
+    removes. ``prune``: also offer dropping whole residual branches.
     """
     if score not in ("bn", "empirical"):
         raise InputError(f"score must be 'bn' or 'empirical', not {score!r}")
     if not callable(rank) and rank not in ("probe", "score"):
         raise InputError(f"rank must be 'probe', 'score' or a callable, not {rank!r}")
+    if target_latency is not None and not 0 < target_latency <= 1:
+        raise InputError(f"target_latency is a ratio to the dense model's latency in (0, 1], not {target_latency}")
+    if max_segment_sites < 1 or latency_runs < 1 or latency_repeats < 3:
+        raise InputError("max_segment_sites and latency_runs must be >= 1, latency_repeats >= 3 (for a spread)")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     settings = dict(
         example_inputs=inputs, max_accuracy_drop=max_accuracy_drop, score=score, rank=rank,
         max_flops_growth=max_flops_growth, pad_first=pad_first, probe_samples=probe_samples,
-        measure_latency=measure_latency, seed=seed,
+        measure_latency=measure_latency, seed=seed, target_latency=target_latency,
+        max_segment_sites=max_segment_sites, removals_per_step=removals_per_step, prune=prune,
+        latency_runs=latency_runs, latency_repeats=latency_repeats,
+        by_latency=target_latency is not None and measure_latency,
     )
     run = _Run(model, calibration, settings, loss_fn)
     checkpoint = Path(checkpoint_dir) / _CHECKPOINT if checkpoint_dir is not None else None
 
     dense_merged = run.merge(run.dense)
     if checkpoint is not None and checkpoint.exists():
-        working, removed, history, dense_row = _resume(run, checkpoint)
+        working, edits, history, dense_row = _resume(run, checkpoint)
     else:
-        working, removed, history = copy.deepcopy(run.dense), [], []
+        working, edits, history = copy.deepcopy(run.dense), [], []
+        dense_timing = run.latency(dense_merged.module)
         dense_row = {
             "accuracy": float(evaluate(run.dense)),
             "params": cost.parameters(run.dense),
             "macs": cost.macs(run.dense, inputs),
             "macs_merged": cost.macs(dense_merged.module, inputs),
-            "latency_ms": run.latency(run.dense),
-            "latency_ms_merged": run.latency(dense_merged.module),
+            "latency_ms_merged": None if dense_timing is None else dense_timing.median,
+            "latency_merged": None if dense_timing is None else dense_timing.to_dict(),
             "activations": len(sites(run.dense)),
             "layers": layer_count(run.dense),
             "layers_after_bn_fold": layer_count(dense_merged.module),
         }
-    current = run.merge(working) if removed else dense_merged
+    current = run.merge(working) if edits else dense_merged
+    current_cost = _cost(history, dense_row, settings)
     floor = dense_row["accuracy"] - max_accuracy_drop
-    bar = tqdm(total=dense_row["activations"], initial=len(removed), desc="collapse", unit="site",
-               disable=None if progress else True, leave=False)
+    bar = tqdm(total=dense_row["activations"], initial=sum(len(h.sites) for h in history if h.accepted),
+               desc="collapse", unit="site", disable=None if progress else True, leave=False)
     stopped = "max_steps reached"
     while max_steps is None or len([h for h in history if h.accepted]) < max_steps:
         if target_depth is not None and len(sites(working)) <= target_depth:
             stopped = "target depth reached"
             break
-        bar.set_description_str(f"collapse step {len(history) + 1}: candidates")
-        found, refused = run.candidates(working, current)
+        need = None
+        if target_latency is not None:
+            dense_cost = dense_row["latency_ms_merged"] if settings["by_latency"] else dense_row["macs_merged"]
+            need = current_cost - target_latency * dense_cost
+            if need <= 0:
+                stopped = "target latency reached"
+                break
+        number = len(history) + 1
+        bar.set_description_str(f"collapse step {number}: candidates")
+        run.current_macs = cost.macs(current.module, inputs)
+        found, refused = run.candidates(working)
         if not found:
             stopped = "nothing left to remove"
             break
-        bar.set_description_str(f"collapse step {len(history) + 1}: probe {len(found)}")
-        chosen = run.choose(working, found)
-        model_step = chosen.model
+        bar.set_description_str(f"collapse step {number}: probe {len(found)}")
+        chosen = [run.choose(working, found)] if need is None else run.select(working, found, need)
+        if not chosen:
+            stopped = "no removal saves " + ("latency" if settings["by_latency"] else "MACs")
+            break
+        step_edits = [e for c in chosen for e in c.edits]
+        model_step = chosen[0].model if len(chosen) == 1 else _edited(working, step_edits, run.like)
         if finetune is not None:
-            bar.set_description_str(f"collapse step {len(history) + 1}: fine-tune")
-            _seed(seed, len(history) + 1)
+            bar.set_description_str(f"collapse step {number}: fine-tune")
+            _seed(seed, number)
             model_step.train()
-            finetune(model_step, len(history) + 1)
+            _call_finetune(finetune, model_step, number, run.dense)
             model_step.eval()
-        merged = run.merge(model_step)
+        free = {name for c in chosen for name in c.segment.nodes}
+        merged = run.merge(model_step, free=free)
         accuracy = float(evaluate(merged.module))
         accepted = accuracy >= floor
+        timing = run.latency(merged.module)
+        step_sites = [s for c in chosen for s in c.sites]
+        plans = [p for c in chosen for p in c.plans]
         step = CollapseStep(
-            step=len(history) + 1, site=chosen.site, kind=chosen.kind, mode=chosen.mode,
-            score=layer_score(chosen.plan), channels=chosen.plan.to_dict(),
-            probe_loss=None if chosen.losses is None else float(chosen.losses.mean()),
-            pad_first=chosen.pad_first, accuracy=accuracy, accepted=accepted,
-            activations_removed=len(removed) + 1,
+            step=number, site="+".join(step_sites), kind="+".join(k for c in chosen for k in c.kinds),
+            mode="+".join(sorted({m for c in chosen for m in c.modes})),
+            score=float(np.mean([layer_score(p) for p in plans])) if plans else 1.0,
+            channels=_channels(plans),
+            probe_loss=None if chosen[0].losses is None else float(sum(c.losses.mean() for c in chosen)),
+            pad_first=any(e["op"] == "pad_first" for e in step_edits), accuracy=accuracy, accepted=accepted,
+            activations_removed=sum(len(h.sites) for h in history if h.accepted) + len(step_sites),
             layers_merged=dense_row["layers"] - layer_count(merged.module),
             params=cost.parameters(merged.module), macs=cost.macs(merged.module, inputs),
-            macs_unmerged=cost.macs(model_step, inputs), latency_ms=run.latency(merged.module),
-            latency_ms_unmerged=run.latency(model_step),
+            macs_unmerged=cost.macs(model_step, inputs),
+            latency_ms=None if timing is None else timing.median,
             merges=[m.to_dict() for m in merged.merges], refused=refused,
-            model=merged.module if keep_models else None,
+            model=Collapsed(merged.module).eval() if keep_models else None,
+            sites=step_sites, candidates=[c.label for c in chosen],
+            latency=None if timing is None else timing.to_dict(),
+            segments=[{"label": c.label, "layers": list(c.segment.layers), "macs": list(c.segment.macs),
+                       "latency_ms": None if c.segment.latency is None
+                       else [t.to_dict() for t in c.segment.latency]} for c in chosen],
         )
         history.append(step)
         if not accepted:
@@ -349,14 +602,13 @@ def collapse(
                        f"(max_accuracy_drop {max_accuracy_drop:g}); step undone")
             break
         working, current = model_step, merged
-        removed.append({"site": chosen.site, "slope": torch.from_numpy(chosen.plan.slope),
-                        "offset": torch.from_numpy(chosen.plan.offset),
-                        "axis": int(module_of(working, _node(working, chosen.site)).axis),
-                        "pad_first": _padded_reader(working, chosen.site) if chosen.pad_first else ""})
-        bar.update(1)
+        run.free |= free
+        edits.extend(step_edits)
+        current_cost = _cost(history, dense_row, settings)
+        bar.update(len(step_sites))
         bar.set_postfix_str(f"acc {accuracy:.4f}, layers -{step.layers_merged}")
         if checkpoint is not None:
-            _save(checkpoint, working, removed, history, dense_row)
+            _save(checkpoint, working, edits, run.free, history, dense_row)
         if target_latency_ms is not None and step.latency_ms is not None and step.latency_ms <= target_latency_ms:
             stopped = "target latency reached"
             break
@@ -365,19 +617,31 @@ def collapse(
         "dense": dense_row,
         "steps": [h.to_dict() for h in history],
         "stopped": stopped,
+        "latency_table": {"segments_timed": len(run.table), **run.table.settings},
         "settings": {k: v if not callable(v) else getattr(v, "__name__", "callable")
                      for k, v in settings.items() if k != "example_inputs"},
     }
-    return CollapseResult(model=current.module.eval(), report=report, history=history)
+    return CollapseResult(model=Collapsed(current.module).eval(), report=report, history=history)
+
+
+def _cost(history: list[CollapseStep], dense: dict[str, Any], settings: dict[str, Any]) -> float:
+    """The current model's measured latency (or MACs) for the budget."""
+    accepted = [h for h in history if h.accepted]
+    if settings["by_latency"]:
+        return accepted[-1].latency_ms if accepted else dense["latency_ms_merged"]
+    return accepted[-1].macs if accepted else dense["macs_merged"]
+
+
+def _channels(plans: list[ChannelPlan]) -> dict[str, int]:
+    counts = {"channels": 0, "linearized": 0, "pruned": 0}
+    for plan in plans:
+        for key in counts:
+            counts[key] += int(plan.to_dict()[key])
+    return counts
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:
     return next(n for n in gm.graph.nodes if n.name == name)
-
-
-def _padded_reader(gm: fx.GraphModule, site: str) -> str:
-    readers = readers_of(gm, _node(gm, site))
-    return readers[0].name if readers else ""
 
 
 def _seed(seed: int, step: int) -> None:
@@ -387,11 +651,14 @@ def _seed(seed: int, step: int) -> None:
     np.random.seed(value % 2**32)
 
 
-def _save(path: Path, working: fx.GraphModule, removed: list[dict], history: list[CollapseStep], dense: dict) -> None:
+def _save(
+    path: Path, working: fx.GraphModule, edits: list[dict], free: set[str], history: list[CollapseStep], dense: dict
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": _FORMAT,
-        "removed": removed,
+        "edits": edits,
+        "free": sorted(free),
         "state_dict": working.state_dict(),
         "history": json.dumps([h.to_dict() for h in history if h.accepted]),
         "dense": json.dumps(dense),
@@ -410,18 +677,13 @@ def _resume(run: _Run, path: Path) -> tuple[fx.GraphModule, list[dict], list[Col
         raise InputError(f"{path}: not a normfold collapse checkpoint (format {_FORMAT})")
     working = copy.deepcopy(run.dense)
     record_shapes(working, run.inputs)
-    for entry in state["removed"]:
-        names = {n.name for n in sites(working)}
-        if entry["site"] not in names:
-            raise InputError(
-                f"{path}: site {entry['site']!r} is not in this model: the checkpoint is for another model"
-            )
-        slope, offset = entry["slope"].double().numpy(), entry["offset"].double().numpy()
-        plan = ChannelPlan(slope, offset, np.zeros_like(slope), slope == 1.0)
-        node = _node(working, entry["site"])
-        linearize_site(working, entry["site"], plan, entry["axis"], source=describe(working, node), like=run.like)
-        if entry["pad_first"]:
-            move_padding(working, _node(working, entry["pad_first"]))
+    for edit in state["edits"]:
+        names = {n.name for n in working.graph.nodes}
+        needed = edit.get("site") or edit.get("conv") or edit.get("add")
+        if needed not in names:
+            raise InputError(f"{path}: node {needed!r} is not in this model: the checkpoint is for another model")
+        _apply(working, edit, run.like)
     working.load_state_dict(state["state_dict"])
+    run.free = set(state["free"])
     history = [CollapseStep.from_dict(row) for row in json.loads(state["history"])]
-    return working.eval(), list(state["removed"]), history, json.loads(state["dense"])
+    return working.eval(), list(state["edits"]), history, json.loads(state["dense"])

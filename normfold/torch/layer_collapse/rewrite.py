@@ -21,7 +21,9 @@ applies (the arithmetic is :mod:`normfold.math.conv_merge`):
    flatten into the classifier (they commute with a per-channel affine map).
 
 Refused, with the reason: a merge whose MACs exceed ``max_flops_growth`` times the unmerged
-layers' (default 1.0: depth is never bought with more work unless asked); a Conv∘Conv merge whose
+layers' (default 1.0: depth is never bought with more work unless asked), unless every layer it
+merges belongs to a ``free`` segment (one the caller judged by the cost of its final merged form,
+see :mod:`.segments`: its pairwise merges may grow on the way to a form that shrinks); a Conv∘Conv merge whose
 second conv is padded (exact only after :func:`.graph.pad_first`), unless ``allow_border``; a
 shortcut whose stride or taps do not line up.
 
@@ -36,7 +38,7 @@ __all__ = ["Merge", "MergeResult", "conv_spec", "layer_count", "merge_layers", "
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,7 @@ import torch
 from torch import fx, nn
 
 from normfold.math import conv_merge as merge
-from normfold.math.batchnorm import bn_scale_shift
+from normfold.math import batchnorm as fm
 from normfold.torch.layer_collapse.graph import (
     describe,
     is_add,
@@ -54,6 +56,7 @@ from normfold.torch.layer_collapse.graph import (
     is_global_pool,
     is_linear,
     module_of,
+    padding_of,
 )
 from normfold.torch.layer_collapse.linearize import ChannelAffine
 
@@ -120,8 +123,7 @@ def conv_spec(module: nn.Module) -> merge.Conv:
     """A Conv module as a float64 :class:`normfold.math.conv_merge.Conv`."""
     weight = module.weight.detach().double().cpu().numpy()
     bias = module.bias.detach().double().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0])
-    padding = (0,) * (weight.ndim - 2) if isinstance(module.padding, str) else tuple(module.padding)
-    return merge.Conv(weight, bias, tuple(module.stride), padding, tuple(module.dilation), module.groups)
+    return merge.Conv(weight, bias, tuple(module.stride), padding_of(module), tuple(module.dilation), module.groups)
 
 
 def _conv_module(spec: merge.Conv, like: nn.Module) -> nn.Module:
@@ -157,6 +159,7 @@ def merge_layers(
     max_flops_growth: float = 1.0,
     allow_border: bool = False,
     verify: bool = True,
+    free: Collection[str] = (),
 ) -> MergeResult:
     """Merge every linear run of ``model`` (not modified) by the rules in the module docstring.
 
@@ -166,7 +169,8 @@ def merge_layers(
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     gm = copy.deepcopy(model).eval().double()
     inputs = tuple(x.double() if x.is_floating_point() else x for x in example_inputs)
-    engine = _Engine(gm, inputs, max_flops_growth=max_flops_growth, allow_border=allow_border, verify=verify)
+    engine = _Engine(gm, inputs, max_flops_growth=max_flops_growth, allow_border=allow_border, verify=verify,
+                     free=free)
     engine.run()
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -176,9 +180,11 @@ def merge_layers(
 
 class _Engine:
     def __init__(
-        self, gm: fx.GraphModule, inputs: tuple, *, max_flops_growth: float, allow_border: bool, verify: bool
+        self, gm: fx.GraphModule, inputs: tuple, *, max_flops_growth: float, allow_border: bool, verify: bool,
+        free: Collection[str],
     ) -> None:
         self.gm = gm
+        self.free = set(free)
         self.verify = verify
         self.inputs = inputs
         self.max_flops_growth = max_flops_growth
@@ -247,18 +253,16 @@ class _Engine:
     def _affine(self, node: fx.Node) -> tuple[np.ndarray, np.ndarray, int] | None:
         """``(scale, shift, axis)`` of a BatchNorm or ChannelAffine call, axis normalized."""
         module = module_of(self.gm, node)
-        rank = len(shape_of(node))
         if is_batchnorm(self.gm, node):
             def f64(t):
                 return None if t is None else t.detach().double().cpu().numpy()
-            channels = module.running_mean.numel()
-            gamma = f64(module.weight) if module.weight is not None else np.ones(channels)
-            beta = f64(module.bias) if module.bias is not None else np.zeros(channels)
-            scale, shift = bn_scale_shift(gamma, beta, f64(module.running_mean), f64(module.running_var), module.eps)
+            scale, shift = fm.bn_scale_shift(
+                f64(module.weight), f64(module.bias), f64(module.running_mean), f64(module.running_var), module.eps
+            )
             return scale, shift, 1
         if isinstance(module, ChannelAffine):
             return (module.slope.detach().double().cpu().numpy(), module.offset.detach().double().cpu().numpy(),
-                    module.axis % rank)
+                    module.axis % len(shape_of(node)))
         return None
 
     # 2. BatchNorm / ChannelAffine into the layer before it
@@ -276,7 +280,7 @@ class _Engine:
             new = _conv_module(merge.affine_after(conv_spec(layer), scale, shift), layer)
         elif is_linear(self.gm, source) and axis == rank - 1:
             weight, bias = _linear_weights(layer)
-            new = _linear_module(weight * scale[:, None], bias * scale + shift, layer)
+            new = _linear_module(*fm.fold_after_conv(weight, bias, scale, shift), layer)  # (out, in): axis 0
         else:
             return None
         source.target = self._install(new, source.name)
@@ -318,7 +322,7 @@ class _Engine:
             new = _conv_module(merge.affine_before(spec, scale, shift), layer)
         elif is_linear(self.gm, reader) and axis == rank - 1:
             weight, bias = _linear_weights(layer)
-            new = _linear_module(weight * scale[None, :], bias + weight @ shift, layer)
+            new = _linear_module(*fm.fold_before_conv(weight, bias, scale, shift, 1), layer)  # (out, in)
         else:
             return None
         reader.target = self._install(new, reader.name)
@@ -367,6 +371,8 @@ class _Engine:
             with self.gm.graph.inserting_before(node):
                 replacement = self.gm.graph.create_node("call_module", name, (x,), {}, name=f"{node.name}_merged")
             replacement.meta[_SHAPE] = shape_of(node)
+            if node.name in self.free:
+                self.free.add(replacement.name)
             node.replace_all_uses_with(replacement)
             self.gm.graph.erase_node(node)
             for dead in (conv, other) if len(removed) == 2 else (conv,):
@@ -374,9 +380,10 @@ class _Engine:
             return Merge("shortcut", removed + [node.name], replacement.name)
         return None
 
-    def _too_costly(self, node: fx.Node, what: str, unmerged: int, merged: int) -> bool:
-        if merged <= self.max_flops_growth * unmerged:
+    def _too_costly(self, nodes: Sequence[fx.Node], what: str, unmerged: int, merged: int) -> bool:
+        if merged <= self.max_flops_growth * unmerged or all(n.name in self.free for n in nodes):
             return False
+        node = nodes[0]
         self._refuse(
             node,
             f"merging {what} would grow the work x{merged / unmerged:.2f} "
@@ -402,7 +409,7 @@ class _Engine:
             return None
         unmerged, merged_macs = merge.compose_macs(first, second)
         what = f"{describe(self.gm, source)} and {describe(self.gm, node)}"
-        if self._too_costly(node, what, unmerged, merged_macs):
+        if self._too_costly((node, source), what, unmerged, merged_macs):
             return None
         merged = merge.compose_conv(first, second)
         node.target = self._install(_conv_module(merged, module_of(self.gm, node)), node.name)
@@ -420,7 +427,8 @@ class _Engine:
         first, second = _linear_weights(module_of(self.gm, source)), _linear_weights(module_of(self.gm, node))
         (mid, width), out = first[0].shape, second[0].shape[0]
         unmerged, merged_macs = width * mid + mid * out, width * out
-        if self._too_costly(node, f"{describe(self.gm, source)} and {describe(self.gm, node)}", unmerged, merged_macs):
+        if self._too_costly((node, source), f"{describe(self.gm, source)} and {describe(self.gm, node)}",
+                            unmerged, merged_macs):
             return None
         weight, bias = merge.compose_linear(first, second)
         node.target = self._install(_linear_module(weight, bias, module_of(self.gm, node)), node.name)
@@ -459,7 +467,7 @@ class _Engine:
                 merged[branch] = head
             merged_macs += merged[branch].macs_per_output * positions
         what = f"{describe(self.gm, node)} into {' and '.join(describe(self.gm, c) for c in branches)}"
-        if self._too_costly(node, what, unmerged_macs, merged_macs):
+        if self._too_costly((node, *convs), what, unmerged_macs, merged_macs):
             return None
         like = module_of(self.gm, convs[0])
         for branch, spec in merged.items():

@@ -1,0 +1,192 @@
+"""Whether a fold is safe in the model's precision: the rule every fold rule applies, in float64.
+
+A fold is exact in real arithmetic, but its new weights are cast once to the model's dtype.
+In float16/bfloat16 that cast can do what the unfolded graph never did:
+
+1. **overflow**: a folded value beyond the dtype's range becomes ±inf (a BN with a tiny variance
+   scales a weight past float16's 65504);
+2. **underflow**: a folded value that is not zero rounds to 0 (all of its information gone);
+3. **precision**: the folded site computes something farther from the unfolded site than the
+   unfolded site's own rounding. The classic case is cancellation: with ``b ≈ μ`` and a large
+   BN scale ``s``, the unfolded graph computes ``s·(y − μ)`` from a ``y`` already rounded
+   (onnxruntime runs float16 Conv+BN in float32), so its output moves in steps of
+   ``s·ulp(y)``, while the folded Conv computes the smooth exact value: 2–20% apart on outputs
+   where float32 and float16 runs of the unfolded graph agree to 3e-4.
+
+:func:`cast_problem` checks 1 and 2 for every dtype. :func:`precision_problem` checks 3 on
+probe data for float16/bfloat16: the *reference* is the unfolded site computed in float64 from
+float32-rounded intermediates (what the verification's float32/float64 reference run computes),
+the unfolded graph's own error is at least its output's rounding to the dtype, and the folded
+site (dtype-rounded weights, float64 arithmetic) may err by at most::
+
+    max|folded − reference| ≤ FACTOR · max|round_dtype(reference) − reference| + FLOOR·max|reference|
+
+with ``FACTOR = 4`` and ``FLOOR = 2u`` (``u`` the dtype's unit roundoff: 4.9e-4 for float16,
+3.9e-3 for bfloat16): the rule verification applies to whole models (``normfold.low_precision``). :func:`site_outputs` builds the probe outputs for a linear op
+whose output channel ``o`` is ``rows[o]·u + bias[o]``, with a per-channel affine map before it
+(consumer folds) or after it (producer folds, fold-affine); :func:`output_rows` and
+:func:`input_rows` lay a Conv/ConvTranspose/Gemm/MatMul weight out as those rows.
+
+Pure numpy: no graph, no torch; the ONNX passes and the torch side share it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Affine",
+    "cast_problem",
+    "channel_vector",
+    "input_rows",
+    "is_low_precision",
+    "output_rows",
+    "precision_problem",
+    "site_outputs",
+]
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+from normfold.low_precision import FACTOR, floor, is_low_precision, rounded
+
+Array = np.ndarray
+
+_PROBES = 8
+_SEED = 0
+
+
+def _dtype(dtype: object) -> np.dtype:
+    return np.dtype(dtype)
+
+
+def cast_problem(folded: Array, dtype: object, what: str) -> str | None:
+    """Why casting the float64 ``folded`` values to ``dtype`` loses them, or None.
+
+    Overflow: a finite value becomes ±inf. Underflow: a nonzero value becomes 0.
+    """
+    folded = np.asarray(folded, np.float64)
+    cast = rounded(folded, dtype)
+    name = _dtype(dtype).name
+    overflow = np.isfinite(folded) & ~np.isfinite(cast)
+    if overflow.any():
+        worst = float(np.abs(folded[overflow]).max())
+        return (
+            f"the folded {what} reaches {worst:.3g}, beyond {name}'s largest value "
+            f"{float(ml_dtypes.finfo(_dtype(dtype)).max):.5g}: it would become inf"
+        )
+    underflow = (folded != 0) & (cast == 0)
+    if underflow.any():
+        tiniest = float(np.abs(folded[underflow]).min())
+        return (
+            f"{int(underflow.sum())} value(s) of the folded {what} (down to {tiniest:.3g}) "
+            f"round to 0 in {name}"
+        )
+    return None
+
+
+def output_rows(kind: str, weight: Array, *, group: int = 1, trans_b: bool = False) -> Array:
+    """``(C_out, fan_in)``: row ``o`` holds the weights output channel ``o`` sums (bias aside).
+
+    ``kind`` is Conv ``(C_out, C_in/g, k…)``, ConvTranspose ``(C_in, C_out/g, k…)`` (output
+    channel ``j·C_out/g + m`` reads group ``j``'s input rows at column ``m``), Gemm (``B`` is
+    ``(N, K)`` when ``trans_b``) or MatMul ``(K, N)``. Used for the producer's weight and for
+    the folded weight alike.
+    """
+    weight = np.asarray(weight, np.float64)
+    if kind == "Conv":
+        return weight.reshape(weight.shape[0], -1)
+    if kind == "ConvTranspose":
+        c_in, per_group = weight.shape[:2]
+        grouped = weight.reshape((group, c_in // group, per_group, -1))
+        return np.moveaxis(grouped, 2, 1).reshape(group * per_group, -1)
+    if kind == "Gemm":
+        return weight if trans_b else weight.T
+    return weight.T  # MatMul
+
+
+def input_rows(kind: str, weight: Array, *, trans_b: bool = False) -> tuple[Array, int]:
+    """``(rows, per_channel)`` of a consumer: ``rows`` as :func:`output_rows`; column ``k`` of
+    a row reads input channel ``k // per_channel`` of its group (Conv: the kernel size)."""
+    weight = np.asarray(weight, np.float64)
+    if kind == "Conv":
+        return weight.reshape(weight.shape[0], -1), int(np.prod(weight.shape[2:], dtype=np.int64))
+    return output_rows(kind, weight, trans_b=trans_b), 1
+
+
+def channel_vector(bias: Array, channels: int) -> Array:
+    """A bias that broadcasts over a linear op's output as one value per output channel; a
+    Gemm ``C`` of shape ``(M, N)`` is probed at its first row."""
+    bias = np.asarray(bias, np.float64)
+    last = bias.shape[-1] if bias.ndim else 1
+    return np.broadcast_to(bias.reshape(-1, last)[0], (channels,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """A per-channel ``s·v + t``: ``(C_out,)`` arrays after a linear op; before one, ``(groups,
+    fan_in)`` arrays giving the scale/shift each weight column of a group's rows sees."""
+
+    scale: Array
+    shift: Array
+
+
+def site_outputs(
+    rows: Array,
+    bias: Array | None,
+    folded_rows: Array,
+    folded_bias: Array,
+    dtype: object,
+    *,
+    before: Affine | None = None,
+    after: Affine | None = None,
+) -> tuple[Array, Array]:
+    """``(reference, folded)`` outputs of a fold site on random probes, ``(probes, C_out)``.
+
+    The site computes output channel ``o`` as ``after(rows[o]·before(x) + bias[o])``; ``rows``
+    is ``(C_out, fan_in)`` with groups as consecutive blocks of rows. The reference rounds each
+    intermediate to float32 (the verification reference's precision); the folded site uses
+    ``folded_rows``/``folded_bias`` rounded to ``dtype``. Both run in float64.
+    """
+    rows = np.asarray(rows, np.float64)
+    x = np.random.default_rng(_SEED).standard_normal((_PROBES, rows.shape[1]))
+    if before is not None:
+        groups = before.scale.shape[0]
+        per_group = rows.shape[0] // groups
+        blocks = []
+        for j in range(groups):
+            inner = _float32(before.scale[j] * x + before.shift[j])
+            blocks.append(inner @ rows[j * per_group : (j + 1) * per_group].T)
+        linear = np.concatenate(blocks, axis=1)
+    else:
+        linear = x @ rows.T
+    if bias is not None:
+        linear = linear + np.asarray(bias, np.float64)
+    reference = _float32(linear)
+    if after is not None:
+        reference = after.scale * reference + after.shift
+    folded = x @ rounded(folded_rows, dtype).T + rounded(folded_bias, dtype)
+    return reference, folded
+
+
+def _float32(array: Array) -> Array:
+    with np.errstate(over="ignore"):
+        return array.astype(np.float32).astype(np.float64)
+
+
+def precision_problem(reference: Array, folded: Array, dtype: object) -> str | None:
+    """Why the folded site is farther from the reference than the rule allows (float16/bfloat16), or None."""
+    if not is_low_precision(dtype):
+        return None
+    reference, folded = np.asarray(reference, np.float64), np.asarray(folded, np.float64)
+    scale = float(np.abs(reference).max(initial=0.0))
+    own = float(np.abs(rounded(reference, dtype) - reference).max(initial=0.0))
+    error = float(np.abs(folded - reference).max(initial=0.0))
+    limit = FACTOR * own + floor(dtype) * scale
+    if error <= limit:
+        return None
+    return (
+        f"in {_dtype(dtype).name} the folded weights compute {error / max(scale, 1e-300):.2g} "
+        f"(relative to the output's scale) away from the unfolded site, whose own rounding is "
+        f"{own / max(scale, 1e-300):.2g}: more than {FACTOR:g}x that + {floor(dtype):.2g}"
+    )

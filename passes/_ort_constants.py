@@ -1,0 +1,209 @@
+"""Constant folding computed by onnxruntime, never by a reference implementation nobody checked.
+
+onnxscript's ``FoldConstantsPass`` evaluates the nodes it folds with ``onnx.reference``, whose
+kernels are not held to onnxruntime's numbers: its opset-9..13 ``BatchNormalization`` with the
+``momentum`` attribute written out (TorchScript writes it) normalizes with the *batch*
+statistics, so a BN on a constant input folded 8.4% off (40% on other data). ``cleanup`` keeps
+onnxscript's symbolic steps (``Shape`` of a static shape, no-op ``Reshape``/``Cast``/``Expand``,
+eval ``Dropout``; pure shape bookkeeping, no arithmetic) and evaluates every other constant
+subgraph here, with onnxruntime's CPU kernels and graph optimizations off: the constants are the
+very numbers the unfolded graph computes when onnxruntime runs it.
+
+Rule (:func:`fold_with_onnxruntime`): a node of the main graph *folds* when it is a
+default-domain op that is deterministic, has no subgraph, is not kept on purpose
+(``ConstantOfShape``, which is smaller than its output, and quantization ops), and reads only
+constants (initializers that are not graph inputs, or outputs of folding nodes). Each
+folding-node output read by a node that stays is computed — all of them in one onnxruntime
+session — and replaces its uses as a new initializer. A graph output is never replaced (its
+node stays: the interface keeps its producer), nor a tensor over ``output_size_limit`` elements
+that is larger than the constants it comes from. A node reading an initializer over
+``input_size_limit`` elements folds only when it is a ``Transpose`` that is the tensor's only
+reader (exporters' transposed weights). When onnxruntime cannot build or run the whole
+subgraph, each node is tried alone and a node that fails stays, with everything it feeds.
+"""
+
+from __future__ import annotations
+
+__all__ = ["fold_with_onnxruntime"]
+
+import logging
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from normfold import runtime
+from normfold.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_KEPT = frozenset(
+    {"ConstantOfShape", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Constant"}
+)
+_NON_DETERMINISTIC = frozenset(
+    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
+)
+_SINGLE_READER_OPS = frozenset({"Transpose"})
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    return value is None or (value.const_value is not None and not value.is_graph_input())
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(
+        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for attr in node.attributes.values()
+        if not attr.is_ref()
+    )
+
+
+def _foldable_nodes(graph: ir.Graph, input_size_limit: int) -> list[ir.Node]:
+    """The nodes that compute only from constants, in graph (topological) order."""
+    folding: list[ir.Node] = []
+    produced: set[ir.Value] = set()
+    for node in graph:
+        if (
+            node.domain not in ("", "ai.onnx")
+            or node.op_type in _KEPT | _NON_DETERMINISTIC
+            or _has_subgraph(node)
+            or not node.outputs
+        ):
+            continue
+        if not all(_is_constant(v) or v in produced for v in node.inputs):
+            continue
+        large = [
+            v for v in node.inputs
+            if v is not None and v.const_value is not None and v.const_value.size > input_size_limit
+        ]
+        if large and (node.op_type not in _SINGLE_READER_OPS or any(len(v.uses()) > 1 for v in large)):
+            continue
+        folding.append(node)
+        produced.update(node.outputs)
+    return folding
+
+
+def _frontier(nodes: list[ir.Node]) -> list[ir.Value]:
+    """Outputs of ``nodes`` that a node outside them reads (graph outputs excluded: they stay)."""
+    inside = set(nodes)
+    return [
+        value
+        for node in nodes
+        for value in node.outputs
+        if not value.is_graph_output() and any(user not in inside for user, _ in value.uses())
+    ]
+
+
+def _evaluate(model: ir.Model, nodes: list[ir.Node], wanted: list[ir.Value]) -> dict[ir.Value, np.ndarray]:
+    """``wanted`` computed by onnxruntime from a model of ``nodes`` alone (raises InputError)."""
+    mapping: dict[ir.Value, ir.Value] = {}
+    initializers: list[ir.Value] = []
+    copies: list[ir.Node] = []
+    for node in nodes:
+        inputs = []
+        for value in node.inputs:
+            if value is not None and value not in mapping:
+                # A constant from outside: the same tensor (not copied, external data stays mapped).
+                mapping[value] = ir.Value(
+                    name=value.name, type=value.type, shape=value.shape, const_value=value.const_value
+                )
+                initializers.append(mapping[value])
+            inputs.append(None if value is None else mapping[value])
+        copy = ir.Node(
+            node.domain,
+            node.op_type,
+            inputs,
+            attributes=[attr for attr in node.attributes.values()],
+            overload=node.overload,
+            num_outputs=len(node.outputs),
+            version=node.version,
+            name=node.name,
+        )
+        for original, output in zip(node.outputs, copy.outputs, strict=True):
+            output.name = original.name
+            output.type = original.type
+            mapping[original] = output
+        copies.append(copy)
+    graph = ir.Graph(
+        inputs=[],
+        outputs=[mapping[value] for value in wanted],
+        nodes=copies,
+        initializers=initializers,
+        opset_imports=dict(model.opset_imports),
+    )
+    sub = ir.Model(graph, ir_version=model.ir_version)
+    try:
+        sess = runtime.session(sub)
+        # A kernel that fails at run time is an expected outcome here, not a message for the user.
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4
+        arrays = sess.run([value.name for value in wanted], {}, quiet)
+    except InputError:
+        raise
+    except Exception as error:  # onnxruntime raises its own untyped errors
+        raise InputError(str(error)) from None
+    return dict(zip(wanted, arrays, strict=True))
+
+
+def _detached(value: ir.Value, array: np.ndarray | None) -> ir.Value:
+    """A constant value outside the graph: reading it adds no use to the graph's values."""
+    tensor = value.const_value if array is None else ir.tensor(array)
+    return ir.Value(name=value.name, type=value.type, shape=value.shape, const_value=tensor)
+
+
+def _evaluate_one_by_one(model: ir.Model, nodes: list[ir.Node]) -> dict[ir.Value, np.ndarray]:
+    """Every output of the ``nodes`` onnxruntime can run, each node in its own session."""
+    known: dict[ir.Value, np.ndarray] = {}
+    for node in nodes:
+        if not all(_is_constant(v) or v in known for v in node.inputs):
+            continue  # an input's producer failed: this node stays too
+        inputs = [None if v is None else _detached(v, known.get(v)) for v in node.inputs]
+        alone = ir.Node(
+            node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+            num_outputs=len(node.outputs), version=node.version, name=node.name,
+        )
+        for original, output in zip(node.outputs, alone.outputs, strict=True):
+            output.name, output.type = original.name, original.type
+        try:
+            values = _evaluate(model, [alone], list(alone.outputs))
+        except InputError as error:
+            logger.info("constant folding: onnxruntime cannot evaluate %s: %s", node.name, error)
+            continue
+        for original, output in zip(node.outputs, alone.outputs, strict=True):
+            known[original] = values[output]
+    return known
+
+
+def fold_with_onnxruntime(model: ir.Model, *, input_size_limit: int, output_size_limit: int) -> int:
+    """Replace the main graph's constant subgraphs by their onnxruntime values (rule above).
+
+    Returns how many values were replaced; the nodes that computed them are left for the caller
+    to remove once nothing reads them, and the values they leave behind have no name.
+    """
+    graph = model.graph
+    nodes = _foldable_nodes(graph, input_size_limit)
+    wanted = _frontier(nodes)
+    if not wanted:
+        return 0
+    try:
+        values = _evaluate(model, nodes, wanted)
+    except InputError as error:
+        logger.info("constant folding: one session failed (%s); trying node by node", error)
+        values = _evaluate_one_by_one(model, nodes)
+    replaced = 0
+    for value in wanted:
+        array = values.get(value)
+        if not isinstance(array, np.ndarray) or array.dtype == object:
+            continue  # sequences, maps and strings stay as they are
+        source_size = sum(
+            v.const_value.size for v in value.producer().inputs if v is not None and v.const_value is not None
+        )
+        if array.size > output_size_limit and array.size > source_size:
+            continue
+        name = value.name
+        value.name = None  # the constant takes the name; the dead value gives it up
+        tensor = ir.tensor(array, name=name)
+        constant = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
+        graph.register_initializer(constant)
+        ir.convenience.replace_all_uses_with(value, constant)
+        replaced += 1
+    return replaced
