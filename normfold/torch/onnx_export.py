@@ -698,7 +698,8 @@ def _failure(result: ExportResult) -> str:
         for index, (sizes, check) in enumerate(zip(result.sizes, checks)):
             if check.passed:
                 continue
-            at = f"at sizes {_sizes_text(sizes)} ({', '.join(f'{n} {_shape_text(s)}' for n, s in check.input_shapes.items())})"
+            shapes = ", ".join(f"{name} {_shape_text(shape)}" for name, shape in check.input_shapes.items())
+            at = f"at sizes {_sizes_text(sizes)} ({shapes})" if sizes else f"at the example sizes ({shapes})"
             what = _problem_text(check)
             if which == "export":
                 if index == 0 or not result.export_checks[0].passed:
