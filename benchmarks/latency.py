@@ -34,7 +34,7 @@ with its error.
 
 from __future__ import annotations
 
-__all__ = ["CASES", "Case", "main", "ort_reason"]
+__all__ = ["CASES", "Case", "main"]
 
 import argparse
 import dataclasses
@@ -147,7 +147,7 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
     from normfold.inputs import generate_inputs
     from normfold.io import load
     from normfold.models.export import cached_export
-    from normfold.runtime import session
+    from normfold.runtime import ort_reason, session
 
     print(f"latency: exporting {case.name}", file=sys.stderr)
     source = cached_export(case.model, case.variant, **case.size)
@@ -188,14 +188,6 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
         del off, on
     timings.insert(1, Timing("input", "on", baseline, baseline, nodes=nodes))
     return timings
-
-
-def ort_reason(error: Exception) -> str:
-    """onnxruntime's own words for a failure: not its error-code preamble or the temporary path."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    for marker in ("failed:", "onnxruntime cannot load the model: ", "Status Message: "):
-        text = text.split(marker, 1)[-1]
-    return text.strip()[:140]
 
 
 def table(results: dict[str, list[Timing]], threads: int) -> str:

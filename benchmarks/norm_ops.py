@@ -67,8 +67,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.latency import ort_reason
-from normfold.runtime import run
+from normfold.runtime import ort_reason, run
 
 LEVELS = ("off", "on")
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from normfold.errors import InputError
+from normfold.io import check_target
 
 # How many refusals a table shows per pass before it says "and N more (see --report)".
 _REFUSALS_SHOWN = 8
@@ -23,11 +23,8 @@ _REFUSALS_SHOWN = 8
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
-    handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".json", dir=folder)
+    target = check_target(path)
+    handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".json", dir=target.parent)
     try:
         with os.fdopen(handle, "w") as file:
             json.dump(data, file, indent=2, default=_jsonable)

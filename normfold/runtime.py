@@ -17,7 +17,7 @@ the model written to a temporary folder first.
 
 from __future__ import annotations
 
-__all__ = ["run", "session"]
+__all__ = ["ort_reason", "run", "session"]
 
 import os
 import tempfile
@@ -93,6 +93,15 @@ def run(model: ModelLike | ort.InferenceSession, feeds: dict[str, np.ndarray]) -
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = [output.name for output in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
+
+
+def ort_reason(error: BaseException) -> str:
+    """onnxruntime's own words for a failure: without its error-code preamble, the temporary
+    path it loaded from, or the label :func:`session` puts before them."""
+    text = first_line(error)
+    for marker in ("failed:", "onnxruntime cannot load the model: ", "Status Message: "):
+        text = text.split(marker, 1)[-1]
+    return text.strip()
 
 
 def _external_folder(model: ir.Model) -> str | None:

@@ -13,8 +13,9 @@ The arithmetic is :mod:`normfold.math.conv_merge` (float64, cast once to the wei
    classifier commutes with the pool and merges into the conv as a 1×1 conv after it (needs the
    conv's output size, to weigh the classifier's cost at every position against its cost once).
 
-Refused, with the reason: weights that are not constants, ``auto_pad`` other than NOTSET/VALID,
-unequal begin and end pads, ``transA=1`` on the second Gemm, another reader of the inner
+Refused, with the reason: weights that are not constants, unequal begin and end pads (after
+``auto_pad`` is resolved by :func:`normfold.math.padding.conv_pads`; ``SAME_*`` with a stride
+needs the input's size), ``transA=1`` on the second Gemm, another reader of the inner
 layer's output, a shortcut whose stride or taps do not line up, and a merge whose MACs exceed
 ``max_flops_growth`` times the unmerged layers'.
 """
@@ -33,6 +34,7 @@ from normfold.passes._fold_graph import (
     Reads,
     Refusal,
     attribute,
+    conv_pads_of,
     describe,
     initializer,
     other_reader,
@@ -42,30 +44,27 @@ from normfold.passes._fold_graph import (
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.math import conv_merge as merge
+from normfold.math.padding import symmetric
 
 
 def read_conv(node: ir.Node, reads: Reads) -> merge.Conv:
     """A Conv node as a float64 :class:`merge.Conv` (Refusal when it has no such form)."""
-    auto_pad = attribute(node, "auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
     weight = read_constant(node.inputs[1], "Conv weight", reads)
     rank = weight.ndim - 2
     if rank < 1:
         raise Refusal(f"{describe(node)} has a weight of rank {weight.ndim}")
-    pads = list(attribute(node, "pads", [0] * 2 * rank))
-    if auto_pad not in ("NOTSET", "VALID"):
-        raise Refusal(f"{describe(node)} uses auto_pad={auto_pad}")
-    if auto_pad == "VALID":
-        pads = [0] * 2 * rank
-    if pads[:rank] != pads[rank:]:
-        raise Refusal(f"{describe(node)} pads its begin and end differently ({pads})")
+    pads = conv_pads_of(node, weight.shape[2:])
+    if pads is None:
+        raise Refusal(f"{describe(node)} pads by auto_pad with a stride, on an input of unknown size")
+    padding = symmetric(pads)
+    if padding is None:
+        raise Refusal(f"{describe(node)} pads its begin and end differently ({list(pads)})")
     bias_value = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
     bias = read_constant(bias_value, "Conv bias", reads) if bias_value is not None else np.zeros(weight.shape[0])
     return merge.Conv(
         weight, bias,
         tuple(attribute(node, "strides", [1] * rank)),
-        tuple(pads[:rank]),
+        padding,
         tuple(attribute(node, "dilations", [1] * rank)),
         int(attribute(node, "group", 1)),
     )

@@ -1,7 +1,8 @@
 """Graph plumbing the folding rules share: reading constants, refusals, fresh names, casts.
 
-A folding rule reads float tensors from the graph, folds them in float64 (``_fold_math``) and
-writes new initializers in the original dtype. This module holds the parts that touch the graph:
+A folding rule reads float tensors from the graph, folds them in float64
+(:mod:`normfold.math.batchnorm`) and writes new initializers in the original dtype. This module
+holds the parts that touch the graph:
 
 * :func:`read_constant` returns a value's tensor in float64, or raises :class:`Refusal` with a
   reason a user can act on: the value is a graph input (a caller could feed something else), is
@@ -31,6 +32,7 @@ __all__ = [
     "attribute",
     "batchnorm_affine",
     "cast_tensor",
+    "conv_pads_of",
     "describe",
     "freeze",
     "initializer",
@@ -46,15 +48,17 @@ __all__ = [
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import _pattern_ir
+
 from normfold.math import fold_precision
 from normfold.math.batchnorm import bn_scale_shift
+from normfold.math.padding import conv_pads
 from normfold.passes.base import PassOptions, PassRecord, RecordingRule
-from onnxscript.rewriter import _pattern_ir
 
 
 class Refusal(Exception):
@@ -149,6 +153,27 @@ def attribute(node: ir.Node, name: str, default: Any) -> Any:
     """An attribute's Python value, or ``default`` when the node omits it."""
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
+
+
+def conv_pads_of(node: ir.Node, kernel: Sequence[int]) -> tuple[int, ...] | None:
+    """A Conv node's explicit ``(begins…, ends…)`` padding (:func:`normfold.math.padding.conv_pads`),
+    None when it depends on an input size the graph does not record; Refusal for an unknown
+    ``auto_pad``."""
+    auto_pad = attribute(node, "auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+    try:
+        return conv_pads(
+            auto_pad,
+            attribute(node, "pads", None),
+            kernel,
+            strides=attribute(node, "strides", None),
+            dilations=attribute(node, "dilations", None),
+            input_size=None if shape is None else [d if isinstance(d, int) else None for d in shape[2:]],
+        )
+    except ValueError as error:
+        raise Refusal(f"{describe(node)}: {error}") from None
 
 
 def rank_of(value: ir.Value) -> int | None:

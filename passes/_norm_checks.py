@@ -25,7 +25,6 @@ __all__ = [
     "float32_exact",
     "keepdims",
     "outside_reader",
-    "rank",
     "reduce_axes",
     "same_dim",
     "scalar",
@@ -101,10 +100,6 @@ def scalar(value: ir.Value | None) -> float | None:
 def float32_exact(number: float) -> bool:
     """Whether ``number`` survives a float attribute (ONNX stores float attributes as float32)."""
     return float(np.float32(number)) == number
-
-
-def rank(value: ir.Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
 
 
 def dims(value: ir.Value) -> list[Dim] | None:

@@ -36,6 +36,7 @@ from onnxscript.rewriter._basics import MatchResult
 from normfold.passes import _norm_checks as checks
 from normfold.passes import _norm_patterns as patterns
 from normfold.passes.base import PassOptions, PassRecord
+from normfold.passes._fold_graph import rank_of
 from normfold.passes._norm_rule import FusionState
 from normfold.passes.fuse_layer_norm import FORMS, LayerNormFusion
 
@@ -96,7 +97,7 @@ def _centred_over(value: ir.Value, axes: tuple[int, ...]) -> bool:
     source = node.inputs[0]
     if mean is None or mean.op_type != "ReduceMean" or mean.inputs[0] is not source or source is None:
         return False
-    rank = checks.rank(source)
+    rank = rank_of(source)
     return rank is not None and checks.reduce_axes(mean, rank) == axes
 
 

@@ -1,4 +1,4 @@
-"""The float64 folding arithmetic (passes/_fold_math.py) against torch and numpy in float64.
+"""The float64 folding arithmetic (normfold/math/batchnorm.py) against torch and numpy in float64.
 
 Each fold is compared with the unfolded computation done by torch's own convolutions and batch
 norm (or numpy for Gemm/MatMul), over random shapes, groups, strides, pads, dilations and BN

@@ -24,12 +24,12 @@ torch = pytest.importorskip("torch")
 from torch import fx, nn  # noqa: E402
 from torch.fx.experimental.optimization import fuse as fx_fuse  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
-from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: E402
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval  # noqa: E402
 
 from normfold import runtime  # noqa: E402
 from normfold.errors import InputError  # noqa: E402
 from normfold.torch import FoldReport, fold_batchnorm, fold_batchnorm_with_report  # noqa: E402
-from normfold.torch._fold_math import bn_scale_shift, fold_into_weights  # noqa: E402
+from normfold.math import batchnorm as fm  # noqa: E402
 
 _CONVS = {
     (1, False): nn.Conv1d, (2, False): nn.Conv2d, (3, False): nn.Conv3d,
@@ -105,28 +105,39 @@ def _bn_calls(module: nn.Module) -> list[str]:
 # -- the arithmetic ----------------------------------------------------------------------------
 
 
-def test_math_matches_torch_for_ungrouped_layers_and_needs_float64() -> None:
-    conv = _randomize(nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)), seed=1).double()
-    bn = conv[1]
-    scale, shift = bn_scale_shift(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-    weight, bias = fold_into_weights(conv[0].weight, conv[0].bias, scale, shift)
-    reference = fuse_conv_bn_eval(conv[0], bn)
-    torch.testing.assert_close(weight, reference.weight.detach(), rtol=1e-14, atol=0)
-    torch.testing.assert_close(bias, reference.bias.detach(), rtol=1e-14, atol=1e-15)
-    with pytest.raises(TypeError, match="float64"):
-        fold_into_weights(conv[0].weight.float(), None, scale, shift)
+def test_shared_math_matches_torch_for_conv_and_linear() -> None:
+    def f64(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().double().numpy()
+
+    for layer, bn in ((nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)), (nn.Linear(4, 5), nn.BatchNorm1d(5))):
+        pair = _randomize(nn.Sequential(layer, bn), seed=1).double()
+        layer, bn = pair[0], pair[1]
+        scale, shift = fm.bn_scale_shift(f64(bn.weight), f64(bn.bias), f64(bn.running_mean), f64(bn.running_var), bn.eps)
+        weight, bias = fm.fold_after_conv(f64(layer.weight), f64(layer.bias), scale, shift)
+        reference = (fuse_conv_bn_eval if isinstance(layer, nn.Conv2d) else fuse_linear_bn_eval)(layer, bn)
+        np.testing.assert_allclose(weight, f64(reference.weight), rtol=1e-14, atol=0)
+        np.testing.assert_allclose(bias, f64(reference.bias), rtol=1e-14, atol=1e-15)
+
+
+def test_batchnorm_without_affine_parameters_is_pure_normalization() -> None:
+    bn = nn.BatchNorm1d(3, affine=False).double().eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+    scale, shift = fm.bn_scale_shift(None, None, bn.running_mean.numpy(), bn.running_var.numpy(), bn.eps)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    np.testing.assert_allclose(x.numpy() * scale + shift, bn(x).numpy(), rtol=1e-14, atol=1e-15)
 
 
 def test_grouped_conv_transpose_weight_is_scaled_per_output_channel() -> None:
     # torch's fuse_conv_bn_weights(transpose=True) raises here (pytorch#180995).
     layer = nn.ConvTranspose2d(4, 6, 3, groups=2).double()
-    scale = torch.arange(1.0, 7.0, dtype=torch.float64)
-    shift = torch.zeros(6, dtype=torch.float64)
-    weight, bias = fold_into_weights(layer.weight.detach(), layer.bias.detach(), scale, shift,
-                                     transposed=True, groups=2)
+    scale = np.arange(1.0, 7.0)
+    weight, bias = fm.fold_after_conv_transpose(
+        layer.weight.detach().numpy(), layer.bias.detach().numpy(), scale, np.zeros(6), 2
+    )
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
-    expected = _run(layer, x) * scale.reshape(1, -1, 1, 1)
-    actual = nn.functional.conv_transpose2d(x, weight, bias, groups=2)
+    expected = _run(layer, x) * torch.from_numpy(scale).reshape(1, -1, 1, 1)
+    actual = nn.functional.conv_transpose2d(x, torch.from_numpy(weight), torch.from_numpy(bias), groups=2)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 

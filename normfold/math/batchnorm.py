@@ -1,16 +1,21 @@
-"""The arithmetic of folding a per-channel affine map into a linear op, in float64, no graph.
+"""Folding BatchNorm (or any per-channel affine map) into a linear op, in float64, no graph.
+
+The one BatchNorm arithmetic of normfold: the ONNX passes (``fold-bn``, ``fold-affine``, the
+collapse pass) and the torch side (:func:`normfold.torch.fold_batchnorm`, layer collapse) all
+call these functions, on numpy float64 arrays.
 
 A BatchNormalization in inference form is a per-channel affine map::
 
     BN(y)[c] = γ[c]·(y[c] − μ[c]) / sqrt(σ²[c] + ε) + β[c] = s[c]·y[c] + t[c]
-    s = γ / sqrt(σ² + ε),   t = β − μ·s
+    s = γ / sqrt(σ² + ε),   t = β − μ·s      (γ = 1, β = 0 for a BatchNorm without affine)
 
 and so is a constant ``Mul``/``Add``/``Sub``/``Div`` that broadcasts per channel. An affine map
 folds into the linear op on either side of it:
 
 * **into the producer** ``y = L(x)`` with weight ``W`` and bias ``b``, scaling output channel ``c``:
   ``W'[c-th output slice] = W[c-th output slice]·s[c]``, ``b' = b·s + t``. Where the output
-  channels sit in ``W`` depends on the op: axis 0 for Conv ``(C_out, C_in/g, k…)``; axis 1 within
+  channels sit in ``W`` depends on the op: axis 0 for Conv ``(C_out, C_in/g, k…)`` and torch's
+  Linear ``(out, in)``; axis 1 within
   each group for ConvTranspose ``(C_in, C_out/g, k…)``; for Gemm the rows of ``B`` when
   ``transB`` else its columns (``C' = beta·C·s + t``, ``beta`` becomes 1, ``alpha`` stays); for
   MatMul the columns of the 2-D weight ``(K, N)``.
@@ -50,11 +55,18 @@ def _f64(array: Array | float) -> Array:
 
 
 def bn_scale_shift(
-    gamma: Array, beta: Array, mean: Array, var: Array, eps: float
+    gamma: Array | None, beta: Array | None, mean: Array, var: Array, eps: float
 ) -> tuple[Array, Array]:
-    """The per-channel ``(s, t)`` of ``BN(y) = s·y + t``: ``s = γ/sqrt(σ²+ε)``, ``t = β − μ·s``."""
-    scale = _f64(gamma) / np.sqrt(_f64(var) + np.float64(eps))
-    return scale, _f64(beta) - _f64(mean) * scale
+    """The per-channel ``(s, t)`` of ``BN(y) = s·y + t``: ``s = γ/sqrt(σ²+ε)``, ``t = β − μ·s``.
+
+    The arguments come in the order of BatchNormalization's inputs (scale, B, mean, var);
+    ``gamma``/``beta`` None (a torch BatchNorm with ``affine=False``) mean 1 and 0.
+    """
+    scale = 1.0 / np.sqrt(_f64(var) + np.float64(eps))
+    if gamma is not None:
+        scale = _f64(gamma) * scale
+    shift = -_f64(mean) * scale
+    return scale, shift if beta is None else _f64(beta) + shift
 
 
 def _bias_after(bias: Array | None, scale: Array, shift: Array) -> Array:
@@ -64,7 +76,10 @@ def _bias_after(bias: Array | None, scale: Array, shift: Array) -> Array:
 def fold_after_conv(
     weight: Array, bias: Array | None, scale: Array, shift: Array
 ) -> tuple[Array, Array]:
-    """``s·Conv(x; W, b) + t`` as one Conv: weight ``(C_out, C_in/g, k…)`` scaled along axis 0."""
+    """``s·Conv(x; W, b) + t`` as one Conv: weight ``(C_out, C_in/g, k…)`` scaled along axis 0.
+
+    Also torch's ``Linear``, whose weight is ``(out, in)``: output channel ``c`` is row ``c``.
+    """
     weight = _f64(weight)
     expand = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
     return weight * expand, _bias_after(bias, scale, shift)

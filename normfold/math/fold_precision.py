@@ -44,7 +44,6 @@ __all__ = [
     "output_rows",
     "precision_problem",
     "site_outputs",
-    "sum_outputs",
 ]
 
 import dataclasses
@@ -170,24 +169,6 @@ def site_outputs(
     if after is not None:
         reference = after.scale * reference + after.shift
     folded = x @ rounded(folded_rows, dtype).T + rounded(folded_bias, dtype)
-    return reference, folded
-
-
-def sum_outputs(
-    branch_rows: list[Array], branch_biases: list[Array], merged_rows: Array, merged_bias: Array, dtype: object
-) -> tuple[Array, Array]:
-    """``(reference, folded)`` probe outputs of parallel branches merged into one op (fold-branches).
-
-    Branch ``b`` computes ``branch_rows[b]·x + branch_biases[b]`` (its own BN folded in), each
-    output rounded to float32 before the sum, as the unfolded graph adds them; the merged op
-    uses ``merged_rows``/``merged_bias`` rounded to ``dtype``.
-    """
-    x = np.random.default_rng(_SEED).standard_normal((_PROBES, np.shape(merged_rows)[1]))
-    reference = sum(
-        _intermediate(x @ np.asarray(rows).T + bias, dtype)
-        for rows, bias in zip(branch_rows, branch_biases, strict=True)
-    )
-    folded = x @ rounded(merged_rows, dtype).T + rounded(merged_bias, dtype)
     return reference, folded
 
 

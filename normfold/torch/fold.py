@@ -1,6 +1,7 @@
 """Fold eval-mode BatchNorm modules into the Conv, ConvTranspose or Linear module before them.
 
-The rule, for a module ``M`` (the arithmetic is in :mod:`normfold.torch._fold_math`):
+The rule, for a module ``M`` (the arithmetic is :mod:`normfold.math.batchnorm`'s, shared with
+the ONNX passes):
 
 1. ``M`` is copied (unless ``inplace``) and traced with ``torch.fx.symbolic_trace``. Every call
    of a BatchNorm module is a *site*. A site folds when its input is the output of a call of an
@@ -54,13 +55,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from normfold.errors import InputError, first_line
-from normfold.torch._fold_math import bn_scale_shift, fold_into_weights
+from normfold.math import batchnorm as fm
 
 logger = logging.getLogger(__name__)
 
@@ -521,21 +523,20 @@ def _sequential_rank(children: list[nn.Module], index: int) -> int | None:
 
 def _folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``layer`` computing ``bn(layer(x))``; folded in float64, cast once."""
-    def f64(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    def f64(tensor: torch.Tensor | None) -> np.ndarray | None:
         # On the CPU: some accelerators (MPS) have no float64.
-        return None if tensor is None else tensor.detach().to("cpu", torch.float64)
+        return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
 
-    scale, shift = bn_scale_shift(
-        f64(bn.running_mean), f64(bn.running_var), bn.eps, f64(bn.weight), f64(bn.bias)
+    scale, shift = fm.bn_scale_shift(
+        f64(bn.weight), f64(bn.bias), f64(bn.running_mean), f64(bn.running_var), bn.eps
     )
-    weight, bias = fold_into_weights(
-        f64(layer.weight),
-        f64(layer.bias),
-        scale,
-        shift,
-        transposed=isinstance(layer, _ConvTransposeNd),
-        groups=getattr(layer, "groups", 1),
-    )
+    if isinstance(layer, _ConvTransposeNd):
+        folded_weight, folded_bias = fm.fold_after_conv_transpose(
+            f64(layer.weight), f64(layer.bias), scale, shift, layer.groups
+        )
+    else:  # Conv (C_out, C_in/g, k...) and Linear (out, in): output channels on axis 0
+        folded_weight, folded_bias = fm.fold_after_conv(f64(layer.weight), f64(layer.bias), scale, shift)
+    weight, bias = torch.from_numpy(folded_weight), torch.from_numpy(folded_bias)
     old_weight, old_bias = layer.weight, layer.bias
     bias_dtype = old_weight.dtype if old_bias is None else old_bias.dtype
     folded = copy.deepcopy(layer)

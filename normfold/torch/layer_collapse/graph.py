@@ -41,6 +41,7 @@ __all__ = [
     "is_linear",
     "module_of",
     "pad_first",
+    "padding_of",
     "readers_of",
     "refusal",
     "sites",
@@ -57,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from normfold.math.padding import symmetric, torch_conv_pads
 from normfold.torch.layer_collapse.linearize import ChannelAffine
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -352,7 +354,7 @@ def pad_first(gm: fx.GraphModule, conv: fx.Node) -> str | None:
     carried = None
     for index, member in enumerate(chain):
         module = _own_module(gm, member)
-        own = _padding(module)
+        own = padding_of(module)  # is_conv refuses 'same': never None here
         if carried is None:
             carried = own
         else:
@@ -376,10 +378,10 @@ def _single_path(gm: fx.GraphModule, source: fx.Node, target: fx.Node) -> bool:
     return True
 
 
-def _padding(module: nn.Module) -> tuple[int, ...]:
-    if isinstance(module.padding, str):  # 'valid' (is_conv refuses 'same')
-        return (0,) * len(module.kernel_size)
-    return tuple(module.padding)
+def padding_of(module: nn.Module) -> tuple[int, ...] | None:
+    """A Conv module's zero padding per spatial axis (the rule of :mod:`normfold.math.padding`),
+    None when its two ends differ (``'same'`` with an even kernel)."""
+    return symmetric(torch_conv_pads(module.padding, module.kernel_size, module.dilation))
 
 
 def _own_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:

@@ -46,7 +46,7 @@ import torch
 from torch import fx, nn
 
 from normfold.math import conv_merge as merge
-from normfold.math.batchnorm import bn_scale_shift
+from normfold.math import batchnorm as fm
 from normfold.torch.layer_collapse.graph import (
     describe,
     is_add,
@@ -56,6 +56,7 @@ from normfold.torch.layer_collapse.graph import (
     is_global_pool,
     is_linear,
     module_of,
+    padding_of,
 )
 from normfold.torch.layer_collapse.linearize import ChannelAffine
 
@@ -122,8 +123,7 @@ def conv_spec(module: nn.Module) -> merge.Conv:
     """A Conv module as a float64 :class:`normfold.math.conv_merge.Conv`."""
     weight = module.weight.detach().double().cpu().numpy()
     bias = module.bias.detach().double().cpu().numpy() if module.bias is not None else np.zeros(weight.shape[0])
-    padding = (0,) * (weight.ndim - 2) if isinstance(module.padding, str) else tuple(module.padding)
-    return merge.Conv(weight, bias, tuple(module.stride), padding, tuple(module.dilation), module.groups)
+    return merge.Conv(weight, bias, tuple(module.stride), padding_of(module), tuple(module.dilation), module.groups)
 
 
 def _conv_module(spec: merge.Conv, like: nn.Module) -> nn.Module:
@@ -215,11 +215,11 @@ class _Engine:
 
     def _commit(self, outcome: Merge | bool) -> None:
         self.gm.graph.lint()
-        self.gm.recompile()
-        if not self.verify:
+        if not self.verify:  # nothing runs the graph before merge_layers recompiles it once
             if isinstance(outcome, Merge):
                 self.merges.append(outcome)
             return
+        self.gm.recompile()
         outputs = _flat(record_shapes(self.gm, self.inputs))
         if not isinstance(outcome, Merge):
             return
@@ -256,10 +256,9 @@ class _Engine:
         if is_batchnorm(self.gm, node):
             def f64(t):
                 return None if t is None else t.detach().double().cpu().numpy()
-            channels = module.running_mean.numel()
-            gamma = f64(module.weight) if module.weight is not None else np.ones(channels)
-            beta = f64(module.bias) if module.bias is not None else np.zeros(channels)
-            scale, shift = bn_scale_shift(gamma, beta, f64(module.running_mean), f64(module.running_var), module.eps)
+            scale, shift = fm.bn_scale_shift(
+                f64(module.weight), f64(module.bias), f64(module.running_mean), f64(module.running_var), module.eps
+            )
             return scale, shift, 1
         if isinstance(module, ChannelAffine):
             return (module.slope.detach().double().cpu().numpy(), module.offset.detach().double().cpu().numpy(),
@@ -281,7 +280,7 @@ class _Engine:
             new = _conv_module(merge.affine_after(conv_spec(layer), scale, shift), layer)
         elif is_linear(self.gm, source) and axis == rank - 1:
             weight, bias = _linear_weights(layer)
-            new = _linear_module(weight * scale[:, None], bias * scale + shift, layer)
+            new = _linear_module(*fm.fold_after_conv(weight, bias, scale, shift), layer)  # (out, in): axis 0
         else:
             return None
         source.target = self._install(new, source.name)
@@ -323,7 +322,7 @@ class _Engine:
             new = _conv_module(merge.affine_before(spec, scale, shift), layer)
         elif is_linear(self.gm, reader) and axis == rank - 1:
             weight, bias = _linear_weights(layer)
-            new = _linear_module(weight * scale[None, :], bias + weight @ shift, layer)
+            new = _linear_module(*fm.fold_before_conv(weight, bias, scale, shift, 1), layer)  # (out, in)
         else:
             return None
         reader.target = self._install(new, reader.name)
