@@ -9,6 +9,7 @@ modules only; the zoo's BERT through dynamo and real torchvision / transformers 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -118,6 +119,7 @@ def test_torchscript_dynamic_batch_folds_in_torch_and_verifies_every_size(tmp_pa
     assert report["checks"][1]["export_vs_torch"]["inputs"] == {"x": [1, 3, 8, 8]}
     assert report["output"] == str(out) and report["inputs"]["x"]["dynamic"] == {"0": "batch"}
     assert "PASSED" in result.format_table()
+    assert json.loads(json.dumps(report))["checks"][2]["sizes"] == {"batch": 3}
     # The module itself was neither folded nor switched.
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     model = _check_written(out, module, {"batch": 5})
@@ -203,6 +205,7 @@ def test_an_export_failure_is_one_line_naming_the_users_code(tmp_path: Path) -> 
     assert "\n" not in message and "\x1b" not in message
     assert message.startswith("cannot export DataDependent with the dynamo exporter: GuardOnDataDependentSymNode")
     assert "test_torch_export.py" in message and "if x.sum() > 0:" in message
+    assert "exporter='torchscript' may succeed" in message
     assert os.listdir(tmp_path) == []
 
 
@@ -264,6 +267,14 @@ def test_given_sizes_and_no_torch_fold(tmp_path: Path) -> None:
     assert result.report["torch"] is None
     # TorchScript's eval-mode export folds a Conv's BatchNorm itself.
     assert not any(node.op_type == "BatchNormalization" for node in result.model.graph)
+
+
+def test_without_verification_the_file_is_written_unverified(tmp_path: Path) -> None:
+    result = export(BakedBatch().eval(), torch.randn(2, 3, 4), tmp_path / "baked.onnx",
+                    dynamic_axes={"x": {0: "batch"}}, exporter="torchscript", verify=False)
+    assert result.path == tmp_path / "baked.onnx" and result.path.is_file()
+    assert not result.verified and result.report["checks"] == [] and result.report["verified"] is False
+    assert "not verified (verify=False)" in result.format_table()
 
 
 @pytest.mark.parametrize(
