@@ -32,6 +32,7 @@ from __future__ import annotations
 
 __all__ = ["FoldBnIntoConsumer"]
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -41,10 +42,10 @@ import onnx_ir as ir
 from normfold.math import batchnorm as fm
 from normfold.math import fold_precision as fp
 from normfold.passes.base import PassOptions, PassRecord
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
-    Refusal,
     any_op,
     attribute,
     batchnorm_affine,
@@ -64,9 +65,30 @@ from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 _CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
-# The folded weight, the folded bias, and the bias input they replace (None: the op had none).
-_Folded = tuple[np.ndarray, np.ndarray, ir.Value | None]
 _ROUTES = frozenset({"Flatten", "Reshape"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Folded:
+    """The float64 folded weight and bias, and the bias input they replace (None: none)."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    bias_value: ir.Value | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConsumerFold:
+    """What the check hands the rewrite: ``bn`` folds into ``consumer`` (through the Flatten or
+    Reshape ``route_node``, if any), which then reads ``x`` with the ``folded`` weights."""
+
+    bn: ir.Node
+    consumer: ir.Node
+    route_node: ir.Node | None
+    x: ir.Value
+    weight_value: ir.Value
+    folded: _Folded
+    reads: Reads
 
 
 def _block_size(route: str, route_node: ir.Node | None, x: ir.Value, channels: int) -> int:
@@ -146,7 +168,7 @@ def _fold_conv(
         )
     bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
     bias = None if bias_value is None else read_constant(bias_value, "Conv bias", reads)
-    return (*fm.fold_before_conv(weight, bias, scale, shift, group), bias_value)
+    return _Folded(*fm.fold_before_conv(weight, bias, scale, shift, group), bias_value)
 
 
 def _fold_gemm(
@@ -171,7 +193,7 @@ def _fold_gemm(
         alpha=float(attribute(gemm, "alpha", 1.0)),
         beta=float(attribute(gemm, "beta", 1.0)),
     )
-    return new_b, new_c, c_value
+    return _Folded(new_b, new_c, c_value)
 
 
 def _fold_matmul(
@@ -193,7 +215,7 @@ def _fold_matmul(
             f"{describe(matmul)}'s weight of shape {list(weight.shape)} "
             f"does not read {scale.size} features"
         )
-    return (*fm.fold_before_matmul(weight, scale, shift), None)
+    return _Folded(*fm.fold_before_matmul(weight, scale, shift), None)
 
 
 def _require_representable(
@@ -205,7 +227,7 @@ def _require_representable(
     reads: Reads,
 ) -> None:
     """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``)."""
-    new_weight, new_bias, bias_value = folded
+    new_weight, new_bias, bias_value = folded.weight, folded.bias, folded.bias_value
     dtype = tensor_dtype(consumer.inputs[1])
     require_castable({"weight": new_weight, "bias": new_bias}, dtype)
 
@@ -247,6 +269,10 @@ class FoldBnIntoConsumer(FoldRule):
         # The BN stays while other consumers read it: it must not count as consumed by the match.
         super().__init__(record, options, fresh, remove_nodes=False)
 
+    def refused_node(self, context: Any, normalized: ir.Value, **_: Any) -> ir.Node:
+        # The match is rooted at the consumer; the site refused is the BatchNormalization.
+        return normalized.producer()
+
     def pattern(self, op: Any, x: Any) -> Any:
         normalized = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["normalized"])
         features = _pattern.OrValue(
@@ -271,32 +297,32 @@ class FoldBnIntoConsumer(FoldRule):
         bn, consumer = normalized.producer(), consumed.producer()
         route_node = None if route == "direct" else features.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            require_graph(context)
-            scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
-            _check_readers(normalized)
-            if route_node is not None and consumer.op_type == "Conv":
-                raise Refusal(f"{describe(route_node)} feeds {describe(consumer)}")
-            block = _block_size(route, route_node, x, scale.size)
-            scale, shift = fm.repeat_channels(scale, block), fm.repeat_channels(shift, block)
-            weight_value = consumer.inputs[1]
-            weight = read_constant(weight_value, f"{consumer.op_type} weight", reads)
-            if consumer.op_type == "Conv":
-                folded = _fold_conv(consumer, weight, scale, shift, reads)
-            elif consumer.op_type == "Gemm":
-                folded = _fold_gemm(consumer, weight, scale, shift, reads)
-            else:  # a Flatten/Reshape output has rank 2 by the checks above
-                rank = rank_of(x) if route == "direct" else 2
-                folded = _fold_matmul(consumer, weight, scale, shift, rank)
-            _require_representable(consumer, weight, folded, scale, shift, reads)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, bn)
-        self._plan = (bn, consumer, route_node, x, weight_value, folded, reads)
+        require_graph(context)
+        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        _check_readers(normalized)
+        if route_node is not None and consumer.op_type == "Conv":
+            raise Refusal(f"{describe(route_node)} feeds {describe(consumer)}")
+        block = _block_size(route, route_node, x, scale.size)
+        scale, shift = fm.repeat_channels(scale, block), fm.repeat_channels(shift, block)
+        weight_value = consumer.inputs[1]
+        weight = read_constant(weight_value, f"{consumer.op_type} weight", reads)
+        if consumer.op_type == "Conv":
+            folded = _fold_conv(consumer, weight, scale, shift, reads)
+        elif consumer.op_type == "Gemm":
+            folded = _fold_gemm(consumer, weight, scale, shift, reads)
+        else:  # a Flatten/Reshape output has rank 2 by the checks above
+            rank = rank_of(x) if route == "direct" else 2
+            folded = _fold_matmul(consumer, weight, scale, shift, rank)
+        _require_representable(consumer, weight, folded, scale, shift, reads)
+        self._plan = _ConsumerFold(bn, consumer, route_node, x, weight_value, folded, reads)
         return MatchResult()
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        bn, consumer, route_node, x, weight_value, (weight, bias, bias_value), reads = self._plan
-        freeze(reads, self.record)
+        plan: _ConsumerFold = self._plan
+        bn, consumer, route_node, x = plan.bn, plan.consumer, plan.route_node, plan.x
+        weight_value = plan.weight_value
+        weight, bias, bias_value = plan.folded.weight, plan.folded.bias, plan.folded.bias_value
+        freeze(plan.reads, self.record)
         self.record.site(bn.name, op=consumer.op_type, into=consumer.name, how="consumer")
         features = x
         if route_node is not None:

@@ -63,10 +63,10 @@ from normfold.catalog import pass_info
 from normfold.math import branches as bm
 from normfold.math import batchnorm as fm
 from normfold.passes.base import NormfoldPass
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
-    Refusal,
     attribute,
     batchnorm_affine,
     cast_tensor,
@@ -356,7 +356,7 @@ class FoldBranchesPass(NormfoldPass):
     def _refuse_leaf(self, leaf: ir.Value, reason: str) -> None:
         producer = leaf.producer()
         if producer is not None:
-            self.record.refuse(producer.name, f"not merged with the other branches: {reason}")
+            self.record.refuse(Refusal(f"not merged with the other branches: {reason}"), producer)
 
     def _merge(self, branches: list[_Branch], tree: set[ir.Node], source: ir.Value
                ) -> tuple[ir.Node, list[_Branch]] | None:
@@ -392,7 +392,7 @@ class FoldBranchesPass(NormfoldPass):
             if not np.all(np.isfinite(tensor.numpy())):
                 reason = (f"the merged kernel or bias overflows {dtype}: the branches are "
                           f"left as they are")
-                self.record.refuse(reference.end.name, reason)
+                self.record.refuse(Refusal(reason), reference.end)
                 return None
         values = []
         for tensor in (weight_tensor, bias_tensor):
