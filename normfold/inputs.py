@@ -31,20 +31,24 @@ Values (sample ``k`` of a run uses ``seed + k``)
   Strings, sequences and inputs without a known rank cannot be generated (``InputError``:
   give them in an ``.npz``).
 
-Files (:func:`load_inputs`)
+Files (:func:`load_inputs`, :func:`write_inputs`)
   One ``.npz`` holds one sample: one array per model input, keyed by the input's name, with
   the input's rank, static dims and dtype (bfloat16 arrays, which numpy stores as raw 2-byte
   void, are read back as bfloat16). Symbolic dims must agree across inputs. Every mismatch is
-  an :class:`InputError` that names the file and the input.
+  an :class:`InputError` that names the file and the input. Several samples (what
+  ``verify --save-inputs`` writes after three random draws) are keyed ``sample_K/NAME``, K
+  from 0, every key so prefixed; each sample is checked on its own.
 """
 
 from __future__ import annotations
 
-__all__ = ["check_inputs", "generate_inputs", "load_inputs", "model_inputs", "resolve_dims"]
+__all__ = ["check_inputs", "generate_inputs", "load_inputs", "model_inputs", "resolve_dims", "write_inputs"]
 
+import os
 import re
+import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +119,7 @@ def generate_inputs(
 
 
 def load_inputs(path: str | Path, model: ir.Model) -> list[dict[str, np.ndarray]]:
-    """The one sample held in the ``.npz`` at ``path``, checked against ``model``'s inputs."""
+    """The samples held in the ``.npz`` at ``path``, each checked against ``model``'s inputs."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
@@ -131,7 +135,51 @@ def load_inputs(path: str | Path, model: ir.Model) -> list[dict[str, np.ndarray]
         raise InputError(f"{path}: cannot read the arrays ({first_line(error)})") from None
     finally:
         archive.close()
-    return [check_inputs(feeds, model, str(path))]
+    samples = _split_samples(feeds)
+    if samples is None:
+        return [check_inputs(feeds, model, str(path))]
+    return [check_inputs(sample, model, f"{path} sample {k}") for k, sample in enumerate(samples)]
+
+
+def write_inputs(path: str | os.PathLike, samples: Sequence[Mapping[str, np.ndarray]]) -> Path:
+    """Write ``samples`` to an ``.npz`` :func:`load_inputs` reads back, atomically.
+
+    One sample is written as it is (one array per input); several are keyed ``sample_K/NAME``.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"{target}: folder {folder} does not exist")
+    if len(samples) == 1:
+        arrays = dict(samples[0])
+    else:
+        arrays = {f"{_SAMPLE_PREFIX}{k}/{name}": array for k, sample in enumerate(samples) for name, array in sample.items()}
+    handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+_SAMPLE_PREFIX = "sample_"
+_SAMPLE_KEY = re.compile(r"^sample_(\d+)/(.+)$")
+
+
+def _split_samples(arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]] | None:
+    """The samples of a several-sample archive (keys ``sample_K/NAME``), None for one sample."""
+    matches = [_SAMPLE_KEY.match(key) for key in arrays]
+    if not arrays or not all(matches):
+        return None
+    count = 1 + max(int(m.group(1)) for m in matches if m)
+    samples: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+    for key, match in zip(arrays, matches):
+        if match:
+            samples[int(match.group(1))][match.group(2)] = arrays[key]
+    return samples
 
 
 def check_inputs(feeds: Mapping[str, np.ndarray], model: ir.Model, label: str) -> dict[str, np.ndarray]:

@@ -33,8 +33,8 @@ read at all raise :class:`InputError` (``normfold verify`` exit 2).
 reference converted to float32 (:func:`float64_model` with ``dtype=FLOAT``: every float tensor,
 type and Cast target widened; float64 with ``reference_precision="float64"``), and the
 candidate passes when its error against that run is at most ``FACTOR = 4`` times the reference
-model's own error against it plus ``atol + rtol * max|float32 ref|`` (default ``rtol`` 2u:
-9.8e-4 float16, 7.8e-3 bfloat16; ``atol = rtol / 10``). NaN/±Inf positions are compared with
+model's own error against it plus ``atol + rtol * max|float32 ref|`` (default ``rtol`` 4u:
+2.0e-3 float16, 1.6e-2 bfloat16; ``atol = rtol / 10``). NaN/±Inf positions are compared with
 the reference model's (an output that overflows float16 in the reference may overflow in the
 candidate). When no float32 reference can be built, the candidate is compared with the
 reference model within ``(FACTOR + 1)`` times the tolerance. The report's ``reference`` says
@@ -65,6 +65,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -78,7 +79,7 @@ from tqdm import tqdm
 
 from normfold import low_precision
 from normfold.errors import InputError, first_line
-from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs
+from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs, write_inputs
 from normfold.io import ModelLike, load
 from normfold.progress import Steps
 from normfold.runtime import ort_reason, session
@@ -94,7 +95,7 @@ Outputs = dict[str, np.ndarray]
 # the std) errs by 1e-3 or more. Each rtol leaves ~10x margin above rounding noise for its
 # precision (float32 eps 1.2e-7, float64 2.2e-16); atol = rtol / 10 only matters for outputs
 # whose scale is near zero. float16/bfloat16 add FACTOR times the reference's own error against
-# float64 (low_precision); their rtol is the floor of that rule, one machine epsilon.
+# float64 (low_precision); their rtol is the floor of that rule, two machine epsilons.
 _TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-9, 1e-10),
     "float32": (1e-4, 1e-5),
@@ -124,8 +125,8 @@ _OP_IN_ERROR = re.compile(r"implementation for (\w+)\(|of operator \((\w+)\)|Op 
 def default_tolerance(dtype: Any) -> tuple[float, float]:
     """``(rtol, atol)`` for outputs of ``dtype`` (numpy dtype, ``ir.DataType`` or name).
 
-    float64 (1e-9, 1e-10), float32 (1e-4, 1e-5), float16 (9.8e-4, 9.8e-5) and bfloat16
-    (7.8e-3, 7.8e-4) on top of 4x the reference's own error (module doc),
+    float64 (1e-9, 1e-10), float32 (1e-4, 1e-5), float16 (2.0e-3, 2.0e-4) and bfloat16
+    (1.6e-2, 1.6e-3) on top of 4x the reference's own error (module doc),
     8-bit and smaller floats (0.25, 0.025); integers, bools and strings (0, 0): exact.
     """
     name = _dtype_name(dtype)
@@ -159,6 +160,8 @@ class OutputComparison:
     problem: str | None = None
     baseline_abs_error: float | None = None
     baseline_rel_error: float | None = None
+    # Percentiles (p50, p90, p99) of |cand - ref| over every finite position of every sample.
+    abs_error_percentiles: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: NaN (not measured) becomes null, ±inf the strings "inf"/"-inf"."""
@@ -176,6 +179,8 @@ class OutputComparison:
             "passed": self.passed,
             "problem": self.problem,
         }
+        if self.abs_error_percentiles is not None:
+            result["abs_error_percentiles"] = {k: _json_float(v) for k, v in self.abs_error_percentiles.items()}
         if self.baseline_abs_error is not None:
             result["baseline_abs_error"] = _json_float(self.baseline_abs_error)
             result["baseline_rel_error"] = _json_float(self.baseline_rel_error)
@@ -204,9 +209,14 @@ class VerificationReport:
     input_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     float32_ops: list[str] = dataclasses.field(default_factory=list)
     peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)
+    # With ``localize``: where the graphs start to differ (:mod:`normfold.localize`), None when
+    # the outputs agree or no shared intermediate differs.
+    localized: bool = False
+    first_divergence: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (what ``normfold verify --report`` writes)."""
+        localized = {"first_divergence": self.first_divergence} if self.localized else {}
         return {
             "passed": self.passed,
             "max_abs_error": _json_float(self.max_abs_error),
@@ -219,6 +229,7 @@ class VerificationReport:
             "float32_ops": list(self.float32_ops),
             "seconds": {key: round(value, 4) for key, value in self.seconds.items()},
             "peak_rss_mb": dict(self.peak_rss_mb),
+            **localized,
         }
 
     def format_table(self) -> str:
@@ -246,6 +257,15 @@ class VerificationReport:
             if c.problem:
                 lines.append(f"{c.name}: {c.problem}")
         lines.extend(self.problems)
+        if self.first_divergence is not None:
+            d = self.first_divergence
+            lines.append(
+                f"first divergence: tensor {d['tensor']!r} (reference node {d['reference_node']!r}, candidate node "
+                f"{d['candidate_node']!r}): max abs {_number(_float(d['max_abs_error']))}, "
+                f"max rel {_number(_float(d['max_rel_error']))}"
+            )
+        elif self.localized and not self.passed:
+            lines.append("first divergence: no intermediate tensor the graphs share by name differs; only the outputs do")
         if self.float32_ops:
             lines.append(
                 "float64 reference ran these ops in float32 (onnxruntime's CPU provider cannot run "
@@ -278,6 +298,8 @@ def verify(
     seed: int = 0,
     progress: bool = False,
     reference_model: ir.Model | None = None,
+    localize: bool = False,
+    save_inputs: str | os.PathLike | None = None,
 ) -> VerificationReport:
     """Run both models on the same inputs and compare every output (rules in the module doc).
 
@@ -286,6 +308,10 @@ def verify(
     given as paths are loaded by onnxruntime from the path (external data stays on disk).
     ``reference_model`` is the reference's graph when the caller holds it already (an
     unchanged copy of what ``reference`` names): the file is then not parsed a second time.
+    ``localize``: when outputs differ, find the first intermediate tensor the two graphs share
+    by name that differs (:func:`normfold.localize.first_divergence`). ``save_inputs``: write
+    the samples used to this ``.npz`` (:func:`normfold.inputs.write_inputs`; ``inputs`` reads it
+    back).
     """
     if reference_precision not in ("model", "float64"):
         raise InputError(f"reference precision {reference_precision!r}: expected 'model' or 'float64'")
@@ -299,6 +325,8 @@ def verify(
             ref_model = reference_model if reference_model is not None else load(reference, check=False)
             cand_model = load(candidate, check=False)
             feeds = _samples(ref_model, inputs, dims, samples, seed)
+            if save_inputs is not None:
+                write_inputs(save_inputs, feeds)
 
         # One session at a time: each is dropped (and its memory-mapped weights unmapped)
         # before the next is built, so the peak stays near one session of the larger model.
@@ -341,6 +369,12 @@ def verify(
         steps.close()
 
     comparisons = _compare_all(ref_outputs, f64_outputs, cand_outputs, run_problem, rtol, atol)
+    divergence = None
+    failed = bool(problems) or not all(c.passed for c in comparisons.values())
+    if localize and failed and cand_outputs is not None:
+        started = time.perf_counter()
+        divergence = _localize(ref_model, cand_model, feeds, cand_feeds, ref_outputs, cand_outputs, rtol, atol)
+        steps.seconds["localize"] = time.perf_counter() - started
     return _report(
         comparisons,
         problems,
@@ -350,6 +384,8 @@ def verify(
         input_shapes={name: tuple(array.shape) for name, array in feeds[0].items()},
         float32_ops=float32_ops,
         peak_rss_mb=dict(steps.peak_rss_mb),
+        localized=localize,
+        first_divergence=divergence,
     )
 
 
@@ -361,8 +397,14 @@ def compare(
     atol: float | None = None,
     problems: Sequence[str] = (),
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    truth: Sequence[Mapping[str, np.ndarray]] | None = None,
+    truth_precision: Literal["float32", "float64"] = "float32",
 ) -> VerificationReport:
     """Compare outputs computed elsewhere by :func:`verify`'s rule (module doc, 1-4).
+
+    ``truth`` (one mapping per sample) is the reference computed at a wider precision
+    (``truth_precision``: the model converted by :func:`float64_model`); float16/bfloat16
+    outputs are then judged by the low-precision rule against it, as :func:`verify` does.
 
     ``reference`` and ``candidate`` hold one mapping (output name -> array) per sample, in the
     same order; the reference's first sample names the outputs compared, and a candidate output
@@ -383,7 +425,7 @@ def compare(
     run_problem = "not compared: the candidate did not run" if candidate is None else None
     comparisons = _compare_all(
         [dict(outputs) for outputs in reference],
-        None,
+        None if truth is None else [dict(outputs) for outputs in truth],
         None if candidate is None else [dict(outputs) for outputs in candidate],
         run_problem,
         rtol,
@@ -393,7 +435,7 @@ def compare(
         comparisons,
         problems,
         samples=len(reference),
-        reference="model",
+        reference="model" if truth is None else truth_precision,
         seconds={},
         input_shapes=dict(input_shapes or {}),
     )
@@ -412,6 +454,26 @@ def _report(
         problems=problems,
         **fields,
     )
+
+
+def _localize(
+    ref_model: ir.Model,
+    cand_model: ir.Model,
+    feeds: list[dict[str, np.ndarray]],
+    cand_feeds: list[dict[str, np.ndarray]],
+    ref_outputs: list[Outputs],
+    cand_outputs: list[Outputs],
+    rtol: float | None,
+    atol: float | None,
+) -> dict[str, Any] | None:
+    """The first shared tensor beyond tolerance, on the sample where the outputs differ most."""
+    from normfold.localize import first_divergence, worst_sample
+
+    def compare(refs: list[Outputs], cands: list[Outputs]) -> dict[str, OutputComparison]:
+        return _compare_all(refs, None, cands, None, rtol, atol)
+
+    k = worst_sample(ref_outputs, cand_outputs, compare)
+    return first_divergence(ref_model, cand_model, feeds[k], compare, candidate_sample=cand_feeds[k])
 
 
 # --- inputs and runs -----------------------------------------------------------------------
@@ -521,6 +583,15 @@ class _Errors:
     nan_mismatch: int = 0
     inf_mismatch: int = 0
     unequal: int = 0
+    # |cand - ref| at the positions finite in both, one array per sample (for the percentiles).
+    differences: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    @property
+    def percentiles(self) -> dict[str, float] | None:
+        if not self.differences:
+            return None
+        values = np.percentile(np.concatenate(self.differences), [50, 90, 99])
+        return {"p50": float(values[0]), "p90": float(values[1]), "p99": float(values[2])}
 
     @property
     def shape_problem(self) -> str | None:
@@ -552,7 +623,9 @@ def _measure(refs: Sequence[np.ndarray], cands: Sequence[np.ndarray]) -> _Errors
         errors.inf_mismatch += int(np.sum((np.isposinf(r) != np.isposinf(c)) | (np.isneginf(r) != np.isneginf(c))))
         finite = np.isfinite(r) & np.isfinite(c)
         if finite.any():
-            errors.max_abs = max(errors.max_abs, float(np.max(np.abs(c[finite] - r[finite]))))
+            difference = np.abs(c[finite] - r[finite])
+            errors.differences.append(difference)
+            errors.max_abs = max(errors.max_abs, float(np.max(difference)))
         finite_ref = np.abs(r[np.isfinite(r)])
         if finite_ref.size:
             errors.scale = max(errors.scale, float(finite_ref.max()))
@@ -636,6 +709,7 @@ def _compare_all(
             problem=problem,
             baseline_abs_error=baseline_abs,
             baseline_rel_error=baseline_rel,
+            abs_error_percentiles=errors.percentiles if shape_known else None,
         )
     return comparisons
 
@@ -830,6 +904,11 @@ def _number(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.3g}"
+
+
+def _float(value: float | str | None) -> float:
+    """A JSON-ready number back as a float (null is NaN)."""
+    return math.nan if value is None else float(value)
 
 
 def _json_float(value: float | None) -> float | str | None:

@@ -212,11 +212,10 @@ def require_castable(folded: dict[str, np.ndarray], dtype: ir.DataType) -> None:
 
 
 def require_precise(site: Callable[[], tuple[np.ndarray, np.ndarray]], dtype: ir.DataType) -> None:
-    """For float16/bfloat16 weights, refuse a fold that errs more than the precision rule allows;
-    ``site()`` gives the ``(reference, folded)`` probe outputs (only computed when needed)."""
-    if fold_precision.is_low_precision(dtype.numpy()):
-        if (problem := fold_precision.precision_problem(*site(), dtype.numpy())) is not None:
-            raise Refusal(problem)
+    """Refuse a fold that errs more than the precision rule allows; ``site()`` gives the
+    ``(reference, folded)`` probe outputs."""
+    if (problem := fold_precision.precision_problem(*site(), dtype.numpy())) is not None:
+        raise Refusal(problem)
 
 
 def initializer(op: Any, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:

@@ -13,16 +13,19 @@ with ``L`` one of:
 * **Gemm** (``transA=0``): ``B'`` scaled along ``K``, ``C' = beta·C + alpha·t·B'``, ``beta = 1``.
 * **MatMul** with a constant 2-D weight: ``X·W' + t·W`` (MatMul + Add). The BN's axis 1 is the
   MatMul's reduction axis only for a rank-2 input, so higher ranks are refused.
-* Gemm or MatMul reached through ``Flatten(axis=1)`` or a ``Reshape`` to ``(N, C·P)`` of an
-  ``(N, C, d…)`` input with static ``d…`` (``P = Πd``): feature ``c·P + j`` is channel ``c``, so
-  ``s`` and ``t`` are repeated ``P`` times. Other reshapes are refused (the mapping is not
-  per channel, or not known).
+* any of these reached through one or two Flatten/Reshape/Transpose/Squeeze/Unsqueeze nodes
+  that carry the BN's channels onto the axis the op reduces (axis 1 of a Conv or Gemm input,
+  the last axis of a MatMul input), each channel ``c`` as the features ``c·P … c·P + P − 1``
+  (``P`` = 1, or the static sizes flattened after it: ``Flatten(axis=1)`` or a ``Reshape`` to
+  ``(N, C·P)`` of ``(N, C, d…)``): ``s`` and ``t`` are repeated ``P`` times. Where the channels
+  end up is worked out from the static shapes (``_channel_route``); other chains are refused
+  (the channels are split or merged with another axis, or the sizes are unknown).
 
 The folded weights must survive the cast to the weights' dtype (no overflow, no nonzero value
 flushed to 0) and, in float16/bfloat16, stay as close to the unfolded site as its own rounding
 (``normfold.math.fold_precision``); else the site is refused with the numbers.
 
-The BN (and the Flatten/Reshape) stay while anything else reads them; the site is refused when
+The BN (and the shape ops) stay while anything else reads them; the site is refused when
 the BN's output goes anywhere but ops of these kinds (the BN would stay anyway), when the BN is
 not the inference form or its parameters or the consumer's weights are not constants (graph
 inputs count as not constant unless ``freeze_initializer_inputs``). Refusals name the BN.
@@ -33,7 +36,6 @@ from __future__ import annotations
 __all__ = ["FoldBnIntoConsumer"]
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,8 +43,9 @@ import numpy as np
 import onnx_ir as ir
 from normfold.math import batchnorm as fm
 from normfold.math import fold_precision as fp
-from normfold.passes.base import PassOptions, PassRecord
 from normfold.errors import Refusal
+from normfold.passes.base import PassOptions, PassRecord
+from normfold.passes._channel_route import ROUTE_OPS, Route, follow
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
@@ -65,7 +68,6 @@ from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 _CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
-_ROUTES = frozenset({"Flatten", "Reshape"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,59 +81,16 @@ class _Folded:
 
 @dataclasses.dataclass(frozen=True)
 class _ConsumerFold:
-    """What the check hands the rewrite: ``bn`` folds into ``consumer`` (through the Flatten or
-    Reshape ``route_node``, if any), which then reads ``x`` with the ``folded`` weights."""
+    """What the check hands the rewrite: ``bn`` folds into ``consumer``, which then reads ``x``
+    through the shape ops ``chain`` (written again) with the ``folded`` weights."""
 
     bn: ir.Node
     consumer: ir.Node
-    route_node: ir.Node | None
+    chain: list[ir.Node]
     x: ir.Value
     weight_value: ir.Value
     folded: _Folded
     reads: Reads
-
-
-def _block_size(route: str, route_node: ir.Node | None, x: ir.Value, channels: int) -> int:
-    """How many consecutive features of the flattened ``x`` each channel becomes (``P``)."""
-    if route == "direct":
-        return 1
-    dims = None if x.shape is None else tuple(x.shape)
-    if dims is None:
-        raise Refusal(
-            f"the shape of the BatchNormalization input '{x.name}' is unknown, so the feature "
-            f"order after {describe(route_node)} is unknown"
-        )
-    spatial = dims[2:]
-    if not all(isinstance(d, int) for d in spatial):
-        raise Refusal(
-            f"{describe(route_node)} flattens dims {list(map(str, spatial))} that are not static"
-        )
-    block = math.prod(spatial)
-    if route == "Flatten":
-        axis = attribute(route_node, "axis", 1)
-        if axis + (len(dims) if axis < 0 else 0) != 1:
-            raise Refusal(
-                f"{describe(route_node)} flattens from axis {axis}, not from the channel axis 1"
-            )
-        return block
-    target = route_node.inputs[1]
-    if target is None or target.const_value is None:
-        raise Refusal(f"the target shape of {describe(route_node)} is not a constant")
-    shape = [int(d) for d in target.const_value.numpy().reshape(-1)]
-    allowzero = attribute(route_node, "allowzero", 0)
-    batch = dims[0]
-    exact = len(shape) == 2 and (
-        # (-1, C·P) and (0, C·P) keep N; (N, -1) and (0, -1) make the rest one axis.
-        (shape[0] == -1 and shape[1] == channels * block)
-        or (shape[0] == 0 and not allowzero and shape[1] in (-1, channels * block))
-        or (isinstance(batch, int) and shape[0] == batch and shape[1] in (-1, channels * block))
-    )
-    if not exact:
-        raise Refusal(
-            f"{describe(route_node)} reshapes {list(map(str, dims))} to {shape}, which is not "
-            f"(N, C·{block}) with each sample's channels kept in order"
-        )
-    return block
 
 
 def _padded(conv: ir.Node, kernel: tuple[int, ...]) -> bool:
@@ -144,7 +103,7 @@ def _check_readers(normalized: ir.Value) -> None:
     if normalized.is_graph_output():
         raise Refusal("the BatchNormalization output is also a graph output")
     for user, _ in normalized.uses():
-        if user.op_type not in _CONSUMERS | _ROUTES:
+        if user.op_type not in _CONSUMERS | ROUTE_OPS:
             raise Refusal(
                 f"the BatchNormalization output is also read by {describe(user)}, "
                 "which nothing folds into"
@@ -196,20 +155,25 @@ def _fold_gemm(
     return _Folded(new_b, new_c, c_value)
 
 
-def _fold_matmul(
-    matmul: ir.Node,
-    weight: np.ndarray,
-    scale: np.ndarray,
-    shift: np.ndarray,
-    input_rank: int | None,
-) -> _Folded:
-    if input_rank != 2:
+def _check_reduced_axis(consumer: ir.Node, features: ir.Value, where: Route) -> None:
+    """The consumer must sum over the axis the BN's channels are on (see ``follow``)."""
+    rank = rank_of(features)
+    if consumer.op_type == "MatMul":
+        if rank is None:
+            raise Refusal(f"the rank of {describe(consumer)}'s input is unknown")
+        reduced = rank - 1
+    else:
+        reduced = 1  # Conv's input channels; Gemm's K (transA is checked with its weights)
+    if where.axis != reduced:
         raise Refusal(
-            f"{describe(matmul)} reduces the last axis of a rank-{input_rank} input, "
-            "not the BatchNormalization's axis 1"
-            if input_rank is not None
-            else f"the rank of {describe(matmul)}'s input is unknown"
+            f"{describe(consumer)} reduces axis {reduced} of its rank-{rank} input, but the "
+            f"BatchNormalization's channels are on axis {where.axis} there"
         )
+
+
+def _fold_matmul(
+    matmul: ir.Node, weight: np.ndarray, scale: np.ndarray, shift: np.ndarray
+) -> _Folded:
     if weight.ndim != 2 or weight.shape[0] != scale.size:
         raise Refusal(
             f"{describe(matmul)}'s weight of shape {list(weight.shape)} "
@@ -275,11 +239,15 @@ class FoldBnIntoConsumer(FoldRule):
 
     def pattern(self, op: Any, x: Any) -> Any:
         normalized = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["normalized"])
+
+        def shape_op(value: Any) -> Any:
+            return any_op(op, ROUTE_OPS)(value, _allow_other_inputs=True)
+
         features = _pattern.OrValue(
-            [normalized, op.Flatten(normalized), op.Reshape(normalized, _pattern.ANY_VALUE)],
+            [normalized, shape_op(normalized), shape_op(shape_op(normalized))],
             name="features",
             tag_var="route",
-            tag_values=["direct", "Flatten", "Reshape"],
+            tag_values=[0, 1, 2],
         )
         consumer = any_op(op, _CONSUMERS)
         return consumer(features, _allow_other_inputs=True, _outputs=["consumed"])
@@ -290,48 +258,45 @@ class FoldBnIntoConsumer(FoldRule):
         x: ir.Value,
         normalized: ir.Value,
         features: ir.Value,
-        route: str,
+        route: int,
         consumed: ir.Value,
         **_: Any,
     ) -> MatchResult:
         bn, consumer = normalized.producer(), consumed.producer()
-        route_node = None if route == "direct" else features.producer()
+        chain: list[ir.Node] = []
+        for _hop in range(route):
+            chain.insert(0, (chain[0].inputs[0] if chain else features).producer())
         reads = Reads(self.options.freeze_initializer_inputs)
         require_graph(context)
         scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
         _check_readers(normalized)
-        if route_node is not None and consumer.op_type == "Conv":
-            raise Refusal(f"{describe(route_node)} feeds {describe(consumer)}")
-        block = _block_size(route, route_node, x, scale.size)
-        scale, shift = fm.repeat_channels(scale, block), fm.repeat_channels(shift, block)
+        where = follow(chain, Route(1, 1), scale.size)
+        _check_reduced_axis(consumer, features if chain else x, where)
+        scale = fm.repeat_channels(scale, where.block)
+        shift = fm.repeat_channels(shift, where.block)
         weight_value = consumer.inputs[1]
         weight = read_constant(weight_value, f"{consumer.op_type} weight", reads)
         if consumer.op_type == "Conv":
             folded = _fold_conv(consumer, weight, scale, shift, reads)
         elif consumer.op_type == "Gemm":
             folded = _fold_gemm(consumer, weight, scale, shift, reads)
-        else:  # a Flatten/Reshape output has rank 2 by the checks above
-            rank = rank_of(x) if route == "direct" else 2
-            folded = _fold_matmul(consumer, weight, scale, shift, rank)
+        else:
+            folded = _fold_matmul(consumer, weight, scale, shift)
         _require_representable(consumer, weight, folded, scale, shift, reads)
-        self._plan = _ConsumerFold(bn, consumer, route_node, x, weight_value, folded, reads)
+        self._plan = _ConsumerFold(bn, consumer, chain, x, weight_value, folded, reads)
         return MatchResult()
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
         plan: _ConsumerFold = self._plan
-        bn, consumer, route_node, x = plan.bn, plan.consumer, plan.route_node, plan.x
+        bn, consumer, chain, x = plan.bn, plan.consumer, plan.chain, plan.x
         weight_value = plan.weight_value
         weight, bias, bias_value = plan.folded.weight, plan.folded.bias, plan.folded.bias_value
         freeze(plan.reads, self.record)
         self.record.site(bn.name, op=consumer.op_type, into=consumer.name, how="consumer")
         features = x
-        if route_node is not None:
+        for node in chain:  # the shape ops again, on the BN's input
             features = op.op(
-                route_node.op_type,
-                x,
-                *route_node.inputs[1:],
-                _name=route_node.name,
-                **dict(route_node.attributes),
+                node.op_type, features, *node.inputs[1:], _name=node.name, **dict(node.attributes)
             )
         weight_dtype = tensor_dtype(weight_value)
         base = weight_value.name or consumer.name

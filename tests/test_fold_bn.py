@@ -463,9 +463,12 @@ def test_bn_folds_into_gemm_or_matmul_consumer(linear: dict) -> None:
     [
         (dict(trans_a=1, x_shape=(3, 4)), "transA=1"),
         (dict(op="MatMul", x_shape=(2, 4, 4)), "rank-3 input"),
-        (dict(route="Flatten", x_shape=("N", 3, 2, 2), flatten_axis=2, features=4), "from axis 2"),
-        (dict(route="Reshape", x_shape=(2, 3, 2, 2), shape=[6, -1], features=4), "not (N, C·4)"),
-        (dict(route="Reshape", x_shape=("N", 3, 2, 2), shape=[-1, 4], features=4), "not (N, C·4)"),
+        (dict(route="Flatten", x_shape=("N", 3, 2, 2), flatten_axis=2, features=4),
+         "merged with an axis before them"),
+        (dict(route="Reshape", x_shape=(2, 3, 2, 2), shape=[6, -1], features=4),
+         "merged with an axis before them"),
+        (dict(route="Reshape", x_shape=("N", 3, 2, 2), shape=[-1, 4], features=4),
+         "merged with an axis before them"),
         (dict(route="Reshape", x_shape=("N", 3, 2, "W"), shape=[0, -1], features=12), "not static"),
     ],
     ids=[

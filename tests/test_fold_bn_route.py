@@ -200,3 +200,34 @@ def test_densenet_pre_activation_bn_says_why_no_fold_exists() -> None:
     assert "No exact fold exists" in refusal["reason"]
     assert "Concat concat combines it with other tensors" in refusal["reason"]
     assert "pre-activation" in refusal["reason"]
+
+
+# --- the mirror: a BN before shape ops folds into the op that reads them -------------------
+
+
+def test_bn_then_flatten_transpose_folds_into_the_matmul() -> None:
+    """``linear(bn(x).flatten(2).transpose(1, 2))``: the channels become the MatMul's K."""
+    rng = np.random.default_rng(8)
+    bn, bi = bn_node("x", "n", 4, rng)
+    nodes = [bn,
+             helper.make_node("Reshape", ["n", "to_tokens"], ["tokens"], name="flat"),
+             helper.make_node("Transpose", ["tokens"], ["t"], name="tr", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t", "w"], ["y"], name="linear")]
+    inits = [array("to_tokens", np.array([0, 0, -1]), np.int64),
+             array("w", rng.normal(size=(4, 6))), *bi]
+    model, record = fold(make(nodes, inits, {"x": ("N", 4, 3, 3)}, ["y"]))
+    assert "BatchNormalization" not in op_types(model)
+    assert record["sites"] == [{"node": "bn", "into": "linear", "how": "consumer"}]
+
+
+def test_bn_then_transpose_onto_tokens_is_refused() -> None:
+    """BN on ``(A, C, B)`` transposed to ``(B, C, A)`` with ``A == C``: the channels stay on axis
+    1 while the MatMul sums over the last axis, so the scale does not fold into its weight."""
+    rng = np.random.default_rng(9)
+    bn, bi = bn_node("x", "n", 4, rng)
+    nodes = [bn, helper.make_node("Transpose", ["n"], ["t"], name="tr", perm=[2, 1, 0]),
+             helper.make_node("MatMul", ["t", "w"], ["y"], name="linear")]
+    proto = make(nodes, [array("w", rng.normal(size=(4, 5))), *bi], {"x": (4, 4, 3)}, ["y"])
+    model, record = fold(proto, tol=0)
+    assert "BatchNormalization" in op_types(model)
+    assert "channels are on axis 1 there" in record["refused"][0]["reason"]

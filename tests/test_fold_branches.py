@@ -180,6 +180,21 @@ def test_float16_merge_is_judged_against_float32() -> None:
 # --- refused -----------------------------------------------------------------------------
 
 
+def test_float16_overflow_is_refused() -> None:
+    """An identity BN with a tiny variance scales its diagonal past float16's range."""
+    rng = np.random.default_rng(12)
+    n3, i3 = conv("x", "a", rng, (3, 3), name="main", dtype=np.float16)
+    ident, ii = bn_node("x", "b", C, rng, name="ident", var="zero", dtype=np.float16,
+                        epsilon=1e-12)
+    nodes = n3 + [ident, helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    proto = block_model(nodes, i3 + ii, elem=TensorProto.FLOAT16)
+    feeds = {k: v.astype(np.float16) for k, v in feeds_for(proto).items()}
+    model, record = fold(proto, tol=0, feeds=feeds)
+    assert "BatchNormalization" in op_types(model)
+    assert "beyond float16's largest value" in record["refused"][0]["reason"]
+
+
+
 def test_mismatched_padding_is_refused_with_the_reason() -> None:
     """A second 3×3 branch padded [2, 1, 0, 1] (same output size, window moved) differs at the
     border from the reference's [1, 1, 1, 1]."""

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples,
         rtol=args.rtol,
         atol=args.atol,
+        save_inputs=args.save_inputs,
         show_progress=not args.quiet,
     )
     table = result.verification.format_table() if result.verification else None

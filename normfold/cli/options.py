@@ -33,6 +33,8 @@ class Groups:
         common.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
         compare = argparse.ArgumentParser(add_help=False)
         compare.add_argument("--inputs", help="inputs as an .npz whose keys are the model's input names")
+        compare.add_argument("--save-inputs", metavar="X.npz",
+                             help="write the inputs verification used to this .npz (--inputs reads it back)")
         compare.add_argument("--dims", help="bind symbolic dims, e.g. batch=2,seq=16")
         compare.add_argument("--samples", type=int, default=3, help="random input draws (default 3)")
         compare.add_argument("--rtol", type=float, help="relative tolerance (to the output's max |value|)")

@@ -18,10 +18,14 @@ def add_command(commands: Any, groups: options.Groups) -> None:
     ver.add_argument("--reference", dest="reference_precision", choices=["model", "float64"], default="model",
                      help="run the reference as it is, or converted to float64")
     ver.add_argument("--report", help="write the JSON report here")
+    ver.add_argument("--localize", action="store_true",
+                     help="when outputs differ, name the first intermediate tensor (shared by name) that differs")
     ver.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    dims = options.dims(args.dims)  # a usage error answers before onnx and onnxruntime load
+
     from normfold.report import write_json
     from normfold.verification import verify
 
@@ -29,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
         args.reference,
         args.candidate,
         inputs=args.inputs,
-        dims=options.dims(args.dims),
+        dims=dims,
         samples=args.samples,
         rtol=args.rtol,
         atol=args.atol,
         reference_precision=args.reference_precision,
         progress=not args.quiet,
+        localize=args.localize,
+        save_inputs=args.save_inputs,
     )
     if args.report:
         write_json(args.report, report.to_dict())

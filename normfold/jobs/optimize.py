@@ -82,10 +82,12 @@ def optimize(
     samples: int = 3,
     rtol: float | None = None,
     atol: float | None = None,
+    save_inputs: str | os.PathLike | None = None,
     show_progress: bool = False,
 ) -> OptimizeResult:
     """Run the exact passes (default: all) on ``source`` and verify the result against it.
 
+    ``save_inputs`` writes the inputs verification used to an ``.npz`` (``inputs`` reads it).
     ``show_progress`` shows each step that takes longer than a second on stderr (also the
     result's :meth:`~OptimizeResult.save`).
     """
@@ -128,7 +130,7 @@ def optimize(
         with bar.step("verify", show=False):
             verification = run_verification(
                 reference, model, inputs=inputs, dims=dims, samples=samples, rtol=rtol, atol=atol,
-                progress=show_progress, reference_model=unchanged,
+                progress=show_progress, reference_model=unchanged, save_inputs=save_inputs,
             )
         report["verification"] = verification.to_dict()
     bar.close()

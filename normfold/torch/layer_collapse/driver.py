@@ -32,7 +32,8 @@ Each step:
    dense model's latency; MACs when ``measure_latency`` is off), the removals are chosen
    *jointly*: the dynamic program of :mod:`normfold.math.collapse_select` (Kim et al., ICML 2023)
    picks the non-touching runs that save what the budget still needs with the least summed probe
-   loss; a step applies all of them, or the ``removals_per_step`` with the least loss.
+   loss; a step applies all of them, or the ``removals_per_step`` with the least loss. When a
+   joint step falls below the accuracy floor it is undone and its less lossy half is tried.
 4. The chosen model is fine-tuned through ``finetune(model, step)`` (training mode; torch's
    global generator is seeded with ``seed`` and the step first, so runs repeat); a callback with
    a ``teacher`` parameter also receives the dense model (eval mode) to distil from. It is then
@@ -538,6 +539,7 @@ def collapse(
     bar = tqdm(total=dense_row["activations"], initial=sum(len(h.sites) for h in history if h.accepted),
                desc="collapse", unit="site", disable=None if progress else True, leave=False)
     stopped = "max_steps reached"
+    pending: list[_Candidate] = []
     while max_steps is None or len([h for h in history if h.accepted]) < max_steps:
         if target_depth is not None and len(sites(working)) <= target_depth:
             stopped = "target depth reached"
@@ -550,17 +552,21 @@ def collapse(
                 stopped = "target latency reached"
                 break
         number = len(history) + 1
-        bar.set_description_str(f"collapse step {number}: candidates")
-        run.current_macs = cost.macs(current.module, inputs)
-        found, refused = run.candidates(working)
-        if not found:
-            stopped = "nothing left to remove"
-            break
-        bar.set_description_str(f"collapse step {number}: probe {len(found)}")
-        chosen = [run.choose(working, found)] if need is None else run.select(working, found, need)
-        if not chosen:
-            stopped = "no removal saves " + ("latency" if settings["by_latency"] else "MACs")
-            break
+        if pending:
+            # The joint choice fell below the floor: try its less lossy half (refusals as before).
+            chosen, pending = pending, []
+        else:
+            bar.set_description_str(f"collapse step {number}: candidates")
+            run.current_macs = cost.macs(current.module, inputs)
+            found, refused = run.candidates(working)
+            if not found:
+                stopped = "nothing left to remove"
+                break
+            bar.set_description_str(f"collapse step {number}: probe {len(found)}")
+            chosen = [run.choose(working, found)] if need is None else run.select(working, found, need)
+            if not chosen:
+                stopped = "no removal saves " + ("latency" if settings["by_latency"] else "MACs")
+                break
         step_edits = [e for c in chosen for e in c.edits]
         model_step = chosen[0].model if len(chosen) == 1 else _edited(working, step_edits, run.like)
         if finetune is not None:
@@ -597,6 +603,9 @@ def collapse(
                        else [t.to_dict() for t in c.segment.latency]} for c in chosen],
         )
         history.append(step)
+        if not accepted and len(chosen) > 1:
+            pending = chosen[: len(chosen) // 2]  # chosen is ordered by predicted loss
+            continue
         if not accepted:
             stopped = (f"accuracy {accuracy:.4f} fell below {floor:.4f} "
                        f"(max_accuracy_drop {max_accuracy_drop:g}); step undone")

@@ -216,11 +216,11 @@ class _Engine:
 
     def _commit(self, outcome: Merge | bool) -> None:
         self.gm.graph.lint()
-        self.gm.recompile()
-        if not self.verify:
+        if not self.verify:  # nothing runs the graph before merge_layers recompiles it once
             if isinstance(outcome, Merge):
                 self.merges.append(outcome)
             return
+        self.gm.recompile()
         outputs = _flat(record_shapes(self.gm, self.inputs))
         if not isinstance(outcome, Merge):
             return
