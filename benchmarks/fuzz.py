@@ -23,7 +23,7 @@ one pass and the traps around it:
   Transpose/Cast/Reshape/Expand/Concat of constants, Shape→Gather chains, Identity, Dropout).
 
 Every case draws its dtype (float32, float16), opset (13–23) and target (``onnx``,
-``onnxruntime``), and a quarter of them draw *extreme* parameters (BN variances of 1e-6, scales
+``onnxruntime``), a quarter of them ``lower_standalone_bn``, and a quarter *extreme* parameters (BN variances of 1e-6, scales
 of 1e3, a Conv bias equal to the BN mean, weights of 1e-4) that stress float16 folds.
 ``normfold.optimize(..., verify=False)`` runs the case's pass (``cleanup`` first, as always);
 onnxruntime runs the input and the result with optimizations off on the same random input, and
@@ -84,11 +84,12 @@ class Case:
     opset: int
     target: str
     extreme: bool
+    lower_standalone_bn: bool = False
 
     def describe(self) -> str:
         ops = " ".join(node.op_type for node in self.model.graph.node)
         return (f"{self.family} {self.dtype} opset {self.opset} target {self.target}"
-                f"{' extreme' if self.extreme else ''}: {ops}")
+                f"{' extreme' if self.extreme else ''}{' lower-bn' if self.lower_standalone_bn else ''}: {ops}")
 
 
 @dataclasses.dataclass
@@ -460,7 +461,9 @@ def cases(draw: Callable) -> Case:
     g = _Graph(rng, DTYPES[dtype], opset)
     inputs, outputs = draw(builder(g, extreme))
     feeds = {name: rng.normal(size=shape).astype(DTYPES[dtype]) for name, shape in inputs.items()}
-    return Case(family, passes, g.model(inputs, outputs), feeds, dtype, opset, draw(st.sampled_from(TARGETS)), extreme)
+    target = draw(st.sampled_from(TARGETS))
+    lower = draw(st.integers(0, 3)) == 0  # --lower-standalone-bn: a BN nothing folds becomes Mul+Add
+    return Case(family, passes, g.model(inputs, outputs), feeds, dtype, opset, target, extreme, lower)
 
 
 def _truth(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -480,7 +483,8 @@ def judge(case: Case) -> Outcome:
     if truth is not None and not all(np.isfinite(a).all() for a in truth.values()):
         return Outcome(case, "skipped", "the float32 run overflows")
     try:
-        result = normfold.optimize(case.model, passes=case.passes, target=case.target, verify=False)
+        result = normfold.optimize(case.model, passes=case.passes, target=case.target, verify=False,
+                                   lower_standalone_bn=case.lower_standalone_bn)
     except InputError as error:
         return Outcome(case, "refused-valid-input", str(error))
     except NormfoldError as error:

@@ -20,6 +20,9 @@ scale); a run-time operand is not (DiT's LayerNorm without affine keeps its modu
    of a normalization that has none yet.
 3. **Bias**: ``norm(x) + b`` (either order) adds ``b`` to the bias, under the same conditions;
    RMSNormalization (SimplifiedLayerNormalization) has no bias input, so a bias after it stays an Add.
+
+A scale or bias whose cast to the input's dtype would overflow (or flush a nonzero value to 0)
+is not absorbed: the operand stays apart, with the reason (``fold_precision.cast_problem``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.errors import Refusal
+from normfold.math import fold_precision
 from normfold.passes import _norm_checks as checks
 from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
@@ -139,6 +143,8 @@ class AbsorbScale(_AbsorbOperand):
         factor = laid_out.astype(np.float64)
         scale = factor if spec.scale is None else spec.scale * factor
         bias = None if spec.bias is None else spec.bias * factor
+        if (problem := _cast_problem(spec, scale=scale, bias=bias)) is not None:
+            raise Refusal(f"the constant multiplier after the {spec.op_type} stays apart: {problem}")
         return self.accept(context, dataclasses.replace(spec, scale=scale, bias=bias), kept=context.root.outputs)
 
 
@@ -168,7 +174,19 @@ class AbsorbBias(_AbsorbOperand):
             raise Refusal("the bias is computed at run time")
         added = laid_out.astype(np.float64)
         bias = added if spec.bias is None else spec.bias + added
+        if (problem := _cast_problem(spec, bias=bias)) is not None:
+            raise Refusal(f"the constant added after the {spec.op_type} stays apart: {problem}")
         return self.accept(context, dataclasses.replace(spec, bias=bias), kept=context.root.outputs)
+
+
+def _cast_problem(spec: FusedNorm, **arrays: np.ndarray | None) -> str | None:
+    """Why the absorbed scale/bias would not survive the cast to the input's dtype, or None."""
+    if spec.x.dtype is None:
+        return None
+    for what, array in arrays.items():
+        if array is not None and (problem := fold_precision.cast_problem(array, spec.x.dtype.numpy(), what)):
+            return problem
+    return None
 
 
 def _as(array: np.ndarray, like: ir.Value) -> np.ndarray:

@@ -72,6 +72,10 @@ def test_compose_conv_matches_the_two_convs(case):
     size = 12 + rng.integers(0, 4)
     x = torch.from_numpy(rng.normal(size=(2, c_in) + (size,) * rank))
     merged = merge.compose_conv(first, second)
+    planned = merge.compose_conv(first, second, weights=False)  # the same conv without its arithmetic
+    assert planned.weight.shape == merged.weight.shape and not planned.weight.any()
+    assert (planned.stride, planned.padding, planned.dilation, planned.groups) == (
+        merged.stride, merged.padding, merged.dilation, merged.groups)
 
     # pad-first model: the first conv takes the second's padding (times its stride).
     moved = tuple(p1 + s1 * p2 for p1, s1, p2 in zip(first.padding, first.stride, second.padding))

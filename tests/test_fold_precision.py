@@ -229,3 +229,35 @@ def test_fold_branches_refuses_a_merged_kernel_that_overflows() -> None:
     assert sorted(node.op_type for node in result.model.graph) == ["Add", "Conv", "Conv"]
     refused = next(p for p in result.report["passes"] if p["name"] == "fold-branches")["refused"]
     assert any("65504" in r["reason"] for r in refused)
+
+
+def test_fuse_norm_keeps_a_multiplier_whose_absorbed_scale_would_overflow() -> None:
+    """LayerNorm(x)·γ then ·k in float16 with γ·k = 1e5: absorbing k would make the scale inf."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["x", "mean"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["std"]),
+        helper.make_node("Div", ["d", "std"], ["n"]),
+        helper.make_node("Mul", ["n", "gamma"], ["scaled"]),
+        helper.make_node("Mul", ["scaled", "k"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ln",
+        [helper.make_tensor_value_info("x", F16, [2, 4])],
+        [helper.make_tensor_value_info("y", F16, [2, 4])],
+        [
+            numpy_helper.from_array(np.array(1e-5, np.float16), "eps"),
+            numpy_helper.from_array(np.full(4, 400.0, np.float16), "gamma"),
+            numpy_helper.from_array(np.full(4, 250.0, np.float16), "k"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = normfold.optimize(proto, passes=["fuse-norm"], verify=False)
+    ops = [node.op_type for node in result.model.graph]
+    assert "LayerNormalization" in ops and ops[-1] == "Mul"
+    refused = next(p for p in result.report["passes"] if p["name"] == "fuse-norm")["refused"]
+    assert any("65504" in r["reason"] for r in refused)
