@@ -568,9 +568,10 @@ def _run_exporter(
             with silenced(*_QUIET_LOGGERS):
                 torch.onnx.export(model, args, str(path), **arguments)
     except Exception as error:  # the exporters raise many untyped errors
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
         raise InputError(
-            f"cannot export {type(module).__name__} with the {exporter} exporter: {_export_reason(error)}"
-            + ("" if debug else "; export(debug=True) shows the exporter's log")
+            f"cannot export {type(module).__name__} with the {exporter} exporter: {_export_reason(error)}; "
+            f"exporter={other!r} may succeed" + ("" if debug else ", and export(debug=True) shows the exporter's log")
         ) from error
     if not path.is_file():
         raise InputError(f"the {exporter} exporter wrote no file for {type(module).__name__}")
@@ -600,7 +601,10 @@ def _export_reason(error: BaseException) -> str:
     # "Found the following conflicts ...:" says what follows; the next line is the conflict.
     summary = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
     reason = f"{type(cause).__name__}: {summary[:300]}"
-    where = _USER_LINE.search(text)
+    # The traceback torch.export quotes runs outermost first: the last frame raised. Code
+    # without a source file (<string>, <stdin>) has no line to quote.
+    frames = [match for match in _USER_LINE.finditer(text) if not match.group(1).startswith("<")]
+    where = frames[-1] if frames else None
     if where:
         reason += f" (at {Path(where.group(1)).name}:{where.group(2)}: {where.group(3).strip()})"
     return reason
