@@ -6,7 +6,7 @@ onnxscript, onnx_ir) log their own view of the same event, which would repeat or
 
 from __future__ import annotations
 
-__all__ = ["quiet_loggers", "silenced"]
+__all__ = ["quiet_command", "quiet_loggers", "silenced"]
 
 import contextlib
 import io
@@ -69,3 +69,27 @@ def _native_output_dropped() -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def quiet_command(debug: bool) -> Iterator[None]:
+    """The command line's rule: normfold's one line is all stderr shows, unless ``debug``.
+
+    Within the block, Python warnings are ignored and no logger (normfold's, onnx_ir's,
+    onnxscript's, torch's) prints below CRITICAL; onnxruntime's C++ logger is set in
+    :mod:`normfold.runtime`. With ``debug``, everything prints, onnxruntime's warnings too.
+    """
+    if debug:
+        from normfold import runtime
+
+        runtime.LOG_SEVERITY = 2
+        yield
+        return
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.disable(previous)

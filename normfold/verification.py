@@ -24,9 +24,11 @@ The interface is part of what is verified, so a changed one is a FAILED report, 
 exception: every input the reference needs must be an input of the candidate with the same
 dtype (the candidate may drop inputs that were initializer-inputs of the reference: those are
 never fed), the candidate may need no other input, and the output names must be the same. A
-candidate that onnxruntime cannot load or run is FAILED too: it is the thing under test. A
-reference that cannot load or run, bad ``inputs`` or ``dims``, and a model file that cannot be
-read at all raise :class:`InputError` (``normfold verify`` exit 2).
+candidate that fails ``onnx.checker`` (full check, onnxruntime's ONNX-domain contrib ops
+opaque) or that onnxruntime cannot load or run is FAILED too, with the reason in ``problems``:
+it is the thing under test. A reference that fails the checker or cannot load or run, bad
+``inputs`` or ``dims``, and a model file that cannot be read at all raise :class:`InputError`
+(``normfold verify`` exit 2).
 
 **float16/bfloat16 outputs** (the rule shared with the folds, ``normfold.low_precision``): a
 16-bit model's outputs carry its own rounding, so they are judged against a run of the
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 __all__ = [
     "OutputComparison",
+    "check_runs",
     "VerificationReport",
     "compare",
     "default_tolerance",
@@ -80,7 +83,7 @@ from tqdm import tqdm
 from normfold import low_precision
 from normfold.errors import InputError, first_line
 from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs, write_inputs
-from normfold.io import ModelLike, load
+from normfold.io import ModelLike, check, load
 from normfold.progress import Steps
 from normfold.runtime import ort_reason, session
 
@@ -322,8 +325,9 @@ def verify(
     steps = Steps(enabled=progress)
     try:
         with steps.step("inputs", show=False):
-            ref_model = reference_model if reference_model is not None else load(reference, check=False)
+            ref_model = reference_model if reference_model is not None else _checked(reference, ref_label)
             cand_model = load(candidate, check=False)
+            checker_problems = _checker_problems(candidate, cand_label)
             feeds = _samples(ref_model, inputs, dims, samples, seed)
             if save_inputs is not None:
                 write_inputs(save_inputs, feeds)
@@ -355,7 +359,7 @@ def verify(
                 gc.collect()
 
         input_problems, output_problems, cand_feeds = _interface_problems(ref_model, cand_model, feeds)
-        problems = input_problems + output_problems
+        problems = checker_problems + input_problems + output_problems
         with steps.step("candidate", label="verify: candidate", total=len(cand_feeds), unit="run") as bar:
             if input_problems:
                 cand_outputs, run_problem = None, "not compared: the candidate's inputs differ from the reference's"
@@ -498,6 +502,34 @@ def _samples(
     if not given:
         raise InputError("inputs: an empty list of samples")
     return [check_inputs(sample, model, f"inputs[{k}]") for k, sample in enumerate(given)]
+
+
+def _checked(source: ModelLike, label: str) -> ir.Model:
+    """``source`` loaded as ``optimize`` loads its input: ``onnx.checker``'s full check on the
+    file or proto (so what onnx_ir would silently repair, like an initializer given twice, is
+    seen), known op domains."""
+    model = load(source)
+    if isinstance(source, ir.Model):
+        check(model, label, full_check=True)
+    return model
+
+
+def _checker_problems(source: ModelLike, label: str) -> list[str]:
+    """The candidate is what is under test: failing ``onnx.checker`` makes it FAILED, not bad input."""
+    try:
+        _checked(source, label)
+    except InputError as error:
+        return [str(error)]
+    return []
+
+
+def check_runs(source: ModelLike, label: str | None = None) -> None:
+    """Raise :class:`InputError` when onnxruntime cannot load ``source`` or run it on one random
+    sample: what ``verify`` and ``optimize`` would say of it as a reference (named ``label``)."""
+    model = load(source, check=False)
+    feeds = _samples(model, None, None, 1, 0)
+    with tqdm(disable=True) as bar:
+        _run_reference(_runnable(source, model), feeds, label or _label(source, "<model>"), "", bar)
 
 
 def _runnable(source: ModelLike, model: ir.Model) -> ModelLike:

@@ -34,6 +34,7 @@ import dataclasses
 import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
 from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
@@ -72,30 +73,29 @@ class SkipNormFusion(NormRule):
         return (normalized, total) if self.keep_sum else normalized
 
     def check(self, context, a, b, total, normalized, **_) -> MatchResult:
-        fail = MatchResult().fail
         node = normalized.producer()
         read_elsewhere = total.is_graph_output() or len(total.consumers()) > 1
         if read_elsewhere != self.keep_sum:
-            return self.mismatch("the other variant of this rule handles this site")
+            return MatchResult().fail("the other variant of this rule handles this site")
         if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-            return fail(f"{node.op_type}'s mean/inv-std outputs are read")
+            raise Refusal(f"{node.op_type}'s mean/inv-std outputs are read")
         if node.attributes.get_int("stash_type", 1) != 1:
-            return fail("stash_type is not float32")
+            raise Refusal("stash_type is not float32")
         if total.dtype not in _SKIP_TYPES:
-            return fail(f"onnxruntime's Skip ops take float or float16, not {total.dtype}")
+            raise Refusal(f"onnxruntime's Skip ops take float or float16, not {total.dtype}")
         shape_a, shape_b = checks.dims(a), checks.dims(b)
         if shape_a is None or shape_b is None or len(shape_a) not in (2, 3):
-            return fail(f"the residual input has shape {shape_a}; the Skip ops take 2-D or 3-D inputs")
+            raise Refusal(f"the residual input has shape {shape_a}; the Skip ops take 2-D or 3-D inputs")
         if len(shape_a) != len(shape_b) or not all(checks.same_dim(p, q) for p, q in zip(shape_a, shape_b)):
-            return fail(f"the residual operands have shapes {shape_a} and {shape_b}, not provably the same")
+            raise Refusal(f"the residual operands have shapes {shape_a} and {shape_b}, not provably the same")
         hidden = shape_a[-1]
         axis = node.attributes.get_int("axis", -1)
         if not isinstance(hidden, int) or axis not in (-1, len(shape_a) - 1):
-            return fail(f"normalizes from axis {axis} of {shape_a}; the Skip ops normalize the last, static axis")
+            raise Refusal(f"normalizes from axis {axis} of {shape_a}; the Skip ops normalize the last, static axis")
         params = [v for v in node.inputs[1:] if v is not None]
         for value in params:
             if checks.dims(value) != [hidden]:
-                return fail(f"scale/bias {value.name!r} has shape {checks.dims(value)}, not ({hidden},)")
+                raise Refusal(f"scale/bias {value.name!r} has shape {checks.dims(value)}, not ({hidden},)")
         spec = fused_of(normalized) or FusedNorm(
             op_type=self.norm, x=total, axes=(len(shape_a) - 1,), affine_axes=(len(shape_a) - 1,),
             affine_shape=(hidden,), epsilon=node.attributes.get_float("epsilon", 1e-5),
@@ -106,7 +106,7 @@ class SkipNormFusion(NormRule):
         result = self.accept(context, spec, kept=kept)
         if result and not self.enabled:
             skip_op = _SKIP_OP[self.norm]
-            return fail(f"residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]}")
+            raise Refusal(f"residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]}")
         return result
 
     def rewrite(self, op, a, b, normalized, **_):

@@ -350,25 +350,31 @@ def test_real_torchvision_models(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_real_transformers_bert(tmp_path: Path, exporter: str) -> None:
+@pytest.mark.parametrize(("family", "exporter"), [("bert", "torchscript"), ("bert", "dynamo"), ("llama", "dynamo")])
+def test_real_transformers_models(tmp_path: Path, family: str, exporter: str) -> None:
     _torchvision()  # transformers imports torchvision when it is installed
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64)
-    module = transformers.BertModel(config).eval()
+    if family == "bert":
+        config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64)
+        module, outputs = transformers.BertModel(config).eval(), ["last_hidden_state", "pooler_output"]
+    else:
+        # use_cache=False: a DynamicCache in the output is no tensor either exporter can write.
+        config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, use_cache=False)
+        module, outputs = transformers.LlamaModel(config).eval(), ["last_hidden_state"]
     ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 8, dtype=torch.int64)
     mask[1, 5:] = 0
     examples = {"input_ids": ids, "attention_mask": mask}
-    out = tmp_path / "bert.onnx"
+    out = tmp_path / f"{family}.onnx"
     result = export(module, examples, out, dynamic_axes={name: {0: "batch", 1: "seq"} for name in examples},
                     exporter=exporter)
-    assert result.verified and result.report["outputs"] == ["last_hidden_state", "pooler_output"]
+    assert result.verified and result.report["outputs"] == outputs
     model = normfold.load(out)
     feeds = generate_inputs(model, dims={"batch": 4, "seq": 5}, seed=99)
     with torch.inference_mode():
         expected = module(**{name: torch.from_numpy(array) for name, array in feeds.items()})
-    reference = {"last_hidden_state": expected.last_hidden_state.numpy(), "pooler_output": expected.pooler_output.numpy()}
+    reference = {name: expected[name].numpy() for name in outputs}
     check = compare([reference], [runtime.run(out, feeds)])
     assert check.passed, check.format_table()

@@ -26,6 +26,11 @@ from normfold.verification import default_tolerance, float64_model, verify
 def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
     graph = h.make_graph(nodes, "g", inputs, outputs, list(initializers))
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    # onnx.checker (which verify runs on both models) wants every graph output's shape.
+    inferred = onnx.shape_inference.infer_shapes(model).graph.output
+    for output, known in zip(model.graph.output, inferred):
+        if not output.type.tensor_type.HasField("shape"):
+            output.CopyFrom(known)
     return model
 
 
