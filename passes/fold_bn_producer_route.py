@@ -18,7 +18,7 @@ axis 1 exactly (they are merged with other axes, split, or the sizes after them 
 static), the BN is not the inference form or a parameter is not a constant, or a value of the
 chain is read by another node. A ``Shape`` (or ``Size``) node may read ``y`` and the chain's
 values — TorchScript's ``reshape_as(y)`` does — since the fold keeps every shape; after the
-rules run, :meth:`FoldBnThroughShapes.redirect_shape_readers` points those readers at the new
+rules run, :meth:`FoldBnThroughShapes.after_sweep` points those readers at the new
 values, so the original ``L`` is not kept alive just for its shape.
 """
 
@@ -161,7 +161,7 @@ class FoldBnThroughShapes(ProducerFoldRule):
             self._moved.append((old, value))
         return value
 
-    def redirect_shape_readers(self, model: ir.Model) -> None:
+    def after_sweep(self, model: ir.Model) -> None:
         """Point the Shape/Size readers of replaced values at their replacements, drop the
         originals nobody reads any more, and re-sort (a Shape node may come before the new
         nodes)."""
