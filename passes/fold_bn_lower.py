@@ -25,13 +25,10 @@ from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
-    batchnorm_affine,
     freeze,
     initializer,
-    opset_of,
     rank_of,
     require_castable,
-    require_graph,
     tensor_dtype,
 )
 
@@ -56,9 +53,7 @@ class LowerBatchNorm(FoldRule):
 
     def check(self, context: Any, x: ir.Value, normalized: ir.Value, **_: Any) -> MatchResult:
         bn = normalized.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        require_graph(context)
-        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        scale, shift, reads = self.read_batchnorm(context, bn)
         rank = rank_of(x) or rank_of(normalized)
         if rank is None:
             raise Refusal(

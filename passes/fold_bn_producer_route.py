@@ -37,13 +37,9 @@ from onnxscript.rewriter._basics import MatchResult
 from normfold.passes._channel_route import ROUTE_OPS, Route, follow
 from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
-    Reads,
     any_op,
-    batchnorm_affine,
     describe,
     freeze,
-    opset_of,
-    require_graph,
 )
 from normfold.passes._producer_site import (
     ProducerFold,
@@ -100,9 +96,7 @@ class FoldBnThroughShapes(ProducerFoldRule):
 
     def check(self, context: Any, normalized: ir.Value, routed: ir.Value, **_: Any) -> MatchResult:
         bn = normalized.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        require_graph(context)
-        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        scale, shift, reads = self.read_batchnorm(context, bn)
         chain, produced = self._chain(routed, bn)
         kind = _kind(produced.producer())
         if kind is None:
