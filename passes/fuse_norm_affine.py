@@ -20,6 +20,9 @@ scale); a run-time operand is not (DiT's LayerNorm without affine keeps its modu
    of a normalization that has none yet.
 3. **Bias**: ``norm(x) + b`` (either order) adds ``b`` to the bias, under the same conditions;
    RMSNormalization (SimplifiedLayerNormalization) has no bias input, so a bias after it stays an Add.
+4. A constant scale or bias after a **Cast that stayed** (``Cast(norm(x), to=float16) * w``, where
+   rule 1 could not take the Cast in) cannot reach the op either: it stays apart, and is recorded
+   as refused with that reason, like any other constant that cannot be taken in.
 """
 
 from __future__ import annotations
@@ -114,6 +117,20 @@ class _AbsorbOperand(_AbsorbRule):
         combine = getattr(op, self.op_type)
         return combine(n, operand) if self.order.startswith("n") else combine(operand, n)
 
+    def not_fused(self, n: ir.Value, c: ir.Value, reason: str) -> MatchResult:
+        """The failure for an ``n`` this pass did not fuse: recorded (rule 4) when ``n`` is a Cast
+        of a fused normalization, or a constant affine of one, and ``c`` a constant; a mere
+        mismatch otherwise."""
+        spec = _behind_kept_cast(n)
+        if spec is None or checks.constant(c) is None:
+            return MatchResult().fail(reason)
+        what = "multiplier" if self.op_type == "Mul" else "addend"
+        target = n.dtype.name if n.dtype is not None else "another type"
+        return MatchResult().fail(
+            f"the constant {what} after the {spec.op_type} stays apart: the Cast to {target} between "
+            f"them stays (see that Cast's refusal), so it cannot enter the op's {'scale' if what == 'multiplier' else 'bias'}"
+        )
+
 
 class AbsorbScale(_AbsorbOperand):
     """``norm(x) * w`` (``order`` "nw") or ``w * norm(x)`` ("wn")."""
@@ -123,7 +140,7 @@ class AbsorbScale(_AbsorbOperand):
     def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
         if isinstance(spec, str):
-            return MatchResult().fail(spec)
+            return self.not_fused(n, c, spec)
         array = checks.constant(c)
         if array is None:
             if spec.scale is None and spec.bias is None and _runtime_fits(c, spec):
@@ -150,7 +167,7 @@ class AbsorbBias(_AbsorbOperand):
     def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
         if isinstance(spec, str):
-            return MatchResult().fail(spec)
+            return self.not_fused(n, c, spec)
         array = checks.constant(c)
         if spec.op_type in RMS_OPS:
             if array is None:
@@ -168,6 +185,19 @@ class AbsorbBias(_AbsorbOperand):
         added = laid_out.astype(np.float64)
         bias = added if spec.bias is None else spec.bias + added
         return self.accept(context, dataclasses.replace(spec, bias=bias), kept=context.root.outputs)
+
+
+def _behind_kept_cast(value: ir.Value) -> FusedNorm | None:
+    """The fused normalization ``value`` is a Cast of, through constant Mul/Add steps, if any."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Mul", "Add") and len(node.inputs) == 2:
+        operands = [v for v in node.inputs if v is not None and checks.constant(v) is None]
+        if len(operands) != 1:
+            return None
+        node = operands[0].producer()
+    if node is None or node.op_type != "Cast" or not node.inputs or node.inputs[0] is None:
+        return None
+    return fused_of(node.inputs[0])
 
 
 def _as(array: np.ndarray, like: ir.Value) -> np.ndarray:
