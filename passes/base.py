@@ -14,6 +14,7 @@ refusals of nodes that a later rule (or another pass) rewrote after all.
 from __future__ import annotations
 
 __all__ = [
+    "BY_DESIGN",
     "NormfoldPass",
     "PassOptions",
     "PassRecord",
@@ -30,6 +31,9 @@ from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 Target = Literal["onnx", "onnxruntime"]
+
+# Prefix of a refusal reason for a site kept on purpose (see PassRecord.refuse).
+BY_DESIGN = "by design: "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +69,16 @@ class PassRecord:
             self.by_op[op] = self.by_op.get(op, 0) + 1
 
     def refuse(self, node: str, reason: str, **details: Any) -> None:
-        """Record that ``node`` was left alone, and why (the first reason given wins)."""
+        """Record that ``node`` was left alone, and why (the first reason given wins).
+
+        A reason that starts with :data:`BY_DESIGN` is a site normfold could rewrite exactly but
+        keeps on purpose (onnxruntime's Skip ops, measured slower): it is recorded without the
+        prefix and with ``"by_design": true``, so reports tell it from the graph's reasons.
+        """
         if node not in self._refused_nodes:
             self._refused_nodes.add(node)
+            if reason.startswith(BY_DESIGN):
+                reason, details = reason[len(BY_DESIGN):], {**details, "by_design": True}
             self.refused.append({"node": node, "reason": reason, **details})
 
     def keep_refusals_of(self, remaining: set[str]) -> None:

@@ -43,7 +43,7 @@ import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes import _norm_checks as checks
-from normfold.passes.base import PassOptions, PassRecord
+from normfold.passes.base import BY_DESIGN, PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import META_KEY, FusedNorm, fused_of
 
@@ -129,7 +129,8 @@ class SkipNormFusion(NormRule):
         result = self.accept(context, spec, kept=kept)
         if result and not self.enabled:
             skip_op = _SKIP_OP[self.norm]
-            return fail(f"residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]}")
+            return fail(f"{BY_DESIGN}residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]} "
+                        "(--skip-ops emits it)")
         return result
 
     def rewrite(self, op, a, b, normalized, **_):
