@@ -58,7 +58,7 @@ from normfold.torch import collapse
 from normfold.torch.layer_collapse import calibrate, cost, driver, segments
 from normfold.torch.layer_collapse.driver import trace
 from normfold.torch.layer_collapse.graph import (
-    activation_of, channel_axis, is_add, is_conv, readers_of, sites, source_of,
+    activation_of, channel_axis, is_add, is_conv, padding_of, readers_of, sites, source_of,
 )
 from normfold.torch.layer_collapse.rewrite import layer_count, merge_layers, record_shapes, shape_of
 
@@ -296,7 +296,7 @@ def depthshrinker(model: nn.Module, data: digits.Digits, *, finetune) -> list[di
     shrunk = driver._edited(working, edits, like)
     for name in chosen:  # pad-first: the padded reader inside a block then merges exactly
         readers = readers_of(shrunk, next(n for n in shrunk.graph.nodes if n.name == name))
-        if len(readers) == 1 and is_conv(shrunk, readers[0]) and any(shrunk.get_submodule(readers[0].target).padding):
+        if len(readers) == 1 and is_conv(shrunk, readers[0]) and any(padding_of(shrunk.get_submodule(readers[0].target))):
             driver._apply(shrunk, {"op": "pad_first", "conv": readers[0].name}, like)
     _seeded_finetune(finetune, shrunk, 1, teacher=trace(model))
     free = [n.name for n in shrunk.graph.nodes]

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 __all__ = ["check_inputs", "generate_inputs", "load_inputs", "model_inputs", "resolve_dims", "write_inputs"]
 
+import math
 import os
 import re
 import tempfile
@@ -55,6 +56,9 @@ import numpy as np
 import onnx_ir as ir
 
 from normfold.errors import InputError, first_line
+
+# The machine's physical memory: no generated input may need more.
+_MAX_INPUT_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 _BATCH = re.compile(r"batch|^(n|b|bs|bsz)$", re.IGNORECASE)
 _SEQUENCE = re.compile(r"seq|len|token|time|^(s|t|l)$", re.IGNORECASE)
@@ -114,8 +118,22 @@ def generate_inputs(
         if value.shape is None:
             raise InputError(f"input {value.name!r} has no known rank; give its values with --inputs")
         shape = tuple(_dim_size(dim, axis, sizes) for axis, dim in enumerate(value.shape))
+        _check_size(value.name, shape, dtype)
         feeds[value.name] = _sample(value, dtype, shape, rng)
     return feeds
+
+
+def _check_size(name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse a declared shape no machine could hold, instead of a ``MemoryError`` halfway."""
+    if any(size < 0 for size in shape):
+        raise InputError(f"input {name!r} declares a negative dim {shape}")
+    # Random floats are drawn in float64 before the cast: 8 bytes an element at the peak.
+    needed = math.prod(shape) * max(dtype.itemsize, 8)
+    if needed > _MAX_INPUT_BYTES:
+        raise InputError(
+            f"input {name!r} of shape {shape} would need {needed / 2**30:.3g} GiB, more than this "
+            f"machine's memory ({_MAX_INPUT_BYTES / 2**30:.3g} GiB); give smaller sizes with --dims or --inputs"
+        )
 
 
 def load_inputs(path: str | Path, model: ir.Model) -> list[dict[str, np.ndarray]]:

@@ -22,10 +22,12 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "ModelLike",
     "check",
-    "check_model",
     "check_target",
     "external_data_files",
+    "input_files",
     "load",
+    "nbytes",
+    "read_proto",
     "save",
     "standalone_proto",
     "tensor_bytes",
@@ -37,10 +39,11 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -58,23 +61,35 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _INLINE_BYTES = 1 << 16
 
 # Op domains onnxruntime's CPU provider knows; anything else must be defined as a model function.
+_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
 _KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"})
 
 
 def load(source: ModelLike, *, check: bool = True) -> ir.Model:
     """Return ``source`` as an ``onnx_ir.Model``.
 
-    An ``ir.Model`` is returned as it is (not copied). With ``check``, the model must pass
-    ``onnx.checker`` and use only op domains the runtime knows; every problem raises
-    :class:`InputError` with a one-line message naming the file.
+    An ``ir.Model`` is returned as it is (not copied). Every tensor is checked before anything
+    reads it (:func:`_check_tensors`) and sparse tensors become dense ones. With ``check``, the
+    model must pass ``onnx.checker`` and use only op domains the runtime knows; every problem
+    raises :class:`InputError` with a one-line message naming the file.
     """
     if isinstance(source, ir.Model):
         if check:
             _check_domains(source, "<model>")
         return source
     if isinstance(source, onnx.ModelProto):
-        return _deserialize(source, source, "<ModelProto>", check)
+        return _deserialize(_prepared(source, None), source, "<ModelProto>", check)
     path = Path(source)
+    proto = read_proto(path)
+    model = _deserialize(_prepared(proto, path), path, str(path), check)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    return model
+
+
+def read_proto(path: Path) -> onnx.ModelProto:
+    """The model file at ``path`` parsed, its external data not read (``InputError`` if it is
+    no ONNX model)."""
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if not path.is_file():
@@ -85,10 +100,26 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
         raise InputError(f"{path}: not a readable ONNX model ({first_line(error)})") from None
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version in the file)")
-    _check_external_locations(proto, path)
-    model = _deserialize(proto, path, str(path), check)
-    ir.external_data.set_base_dir(model.graph, str(path.parent))
-    return model
+    return proto
+
+
+def input_files(path: str | os.PathLike) -> set[Path]:
+    """The files loading the model at ``path`` reads: the model and its external data
+    (resolved), every location checked as :func:`load` checks it."""
+    path = Path(path)
+    return {path.resolve(), *_check_tensors(read_proto(path), path)}
+
+
+def _prepared(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
+    """``proto`` checked tensor by tensor, with sparse tensors made dense (on a copy: a caller's
+    proto is never changed)."""
+    label = str(path) if path is not None else "<ModelProto>"
+    _check_tensors(proto, path)
+    _check_graphs(proto, label)
+    if _has_sparse(proto):
+        proto = onnx.ModelProto.FromString(proto.SerializeToString()) if path is None else proto
+        _densify_sparse(proto, path.parent if path is not None else None, label)
+    return proto
 
 
 def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: str, check: bool) -> ir.Model:
@@ -97,53 +128,47 @@ def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: 
     The checker runs on the graph without its large weights (:func:`weightless_proto`): handed
     the file, it would parse the whole model a second time (for a 440 MB BERT, 0.5 s and as much
     memory again). What it would have checked of those weights, that each holds as much data as
-    its shape says, :func:`_check_tensor_data` checks here. A graph that fails the checker is
+    its shape says, :func:`_check_tensors` checks before (with what onnx_ir would silently
+    repair, :func:`_check_graphs`). The check is the full one (strict shape inference). A graph that fails the checker is
     checked again with onnxruntime's ONNX-domain contrib ops opaque, if it has any (else the
     first failure stands).
     """
     if not check:
-        return ir.serde.deserialize_model(proto)
-    _check_tensor_data(proto, label)
+        return _to_ir(proto, label)
     # onnx_ir's warnings about what is wrong with a graph that fails the checker would repeat
     # the one-line error.
     with quiet_loggers("onnx_ir"):
-        model = ir.serde.deserialize_model(proto)
+        model = _to_ir(proto, label)
     try:
-        _run_checker(weightless_proto(model), label)
+        _run_checker(weightless_proto(model), label, full_check=True)
     except InputError:
         with ort_contrib.checkable(model) as opaque:
             if not opaque:
                 raise
-            _run_checker(weightless_proto(model), label)
+            _run_checker(weightless_proto(model), label, full_check=True)
     _check_domains(model, label)
     return model
 
 
-def _check_tensor_data(proto: onnx.ModelProto, label: str) -> None:
-    """Every tensor stored in the file holds as much data as its shape says (raw bytes, or one
-    typed value per element; sub-byte types pack several into a typed value and are left to
-    the checker or to the read)."""
-    for tensor in _all_tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        try:
-            itemsize = ir.DataType(tensor.data_type).itemsize
-        except (ValueError, TypeError):
-            continue  # strings, undefined: the checker's, or the reader's, to refuse
-        elements = math.prod(tensor.dims)
-        if tensor.HasField("raw_data"):
-            held, wanted, unit = len(tensor.raw_data), math.ceil(elements * itemsize), "bytes"
-        elif itemsize >= 1:
-            field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
-            complex_ = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
-            held, wanted, unit = len(getattr(tensor, field)), elements * (2 if complex_ else 1), "values"
-        else:
-            continue
-        if held != wanted:
-            raise InputError(
-                f"{label}: fails onnx.checker: tensor {tensor.name!r} of shape {list(tensor.dims)} "
-                f"holds {held} {unit}, not {wanted}"
-            )
+def _to_ir(proto: onnx.ModelProto, label: str) -> ir.Model:
+    """Deserialize; what onnx_ir cannot (two writers of a value, unknown types) is bad input."""
+    try:
+        return ir.serde.deserialize_model(proto)
+    except (ir.serde.SerdeError, ValueError, TypeError) as error:
+        cause: BaseException = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise InputError(f"{label}: not a valid ONNX graph: {first_line(cause)}") from None
+
+
+def _has_sparse(proto: onnx.ModelProto) -> bool:
+    return any(
+        attribute.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
+        for graph in _graphs(proto) for node in graph.node for attribute in node.attribute
+    ) or any(graph.sparse_initializer for graph in _graphs(proto)) or any(
+        attribute.type == onnx.AttributeProto.SPARSE_TENSOR
+        for function in proto.functions for node in function.node for attribute in node.attribute
+    )
 
 
 def check(model: ir.Model, label: str, *, full_check: bool = False) -> None:
@@ -185,7 +210,7 @@ def weightless_proto(model: ir.Model) -> onnx.ModelProto:
             for value in values:
                 tensor = value.const_value
                 if tensor is None or (
-                    not isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= _INLINE_BYTES
+                    not isinstance(tensor, ir.ExternalTensor) and nbytes(tensor) <= _INLINE_BYTES
                 ):
                     continue
                 value.dtype = value.dtype or tensor.dtype
@@ -255,8 +280,8 @@ def save(
 
         def count(tensor: ir.TensorProtocol, _: object) -> None:
             nonlocal written
-            written += tensor.nbytes
-            progress(tensor.nbytes)
+            written += nbytes(tensor)
+            progress(nbytes(tensor))
 
         if external_data:
             ir.save(model, staged, external_data=external_data, callback=None if progress is None else count)
@@ -309,43 +334,197 @@ def tensor_bytes(model: ir.Model) -> int:
     for graph in model.graphs():
         for value in graph.initializers.values():
             if value.const_value is not None:
-                total += value.const_value.nbytes
+                total += nbytes(value.const_value)
     return total
 
 
-def _check_external_locations(proto: onnx.ModelProto, path: Path) -> None:
-    folder = path.parent.resolve()
-    for tensor in _all_tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entries = {e.key: e.value for e in tensor.external_data}
-        location = entries.get("location", "")
-        where = f"{path}: tensor {tensor.name!r} external data {location!r}"
-        if not location:
-            raise InputError(f"{where}: no location given")
-        if os.path.isabs(location) or ".." in Path(location).parts:
-            raise InputError(f"{where}: points outside the model's folder (refused, not read)")
-        data = folder / location
-        if data.is_symlink() or not data.resolve().is_relative_to(folder):
-            raise InputError(f"{where}: is a link or leaves the model's folder (refused, not read)")
-        if not data.is_file():
-            raise InputError(f"{where}: missing external data file {data}")
-        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
-        if end > data.stat().st_size:
-            raise InputError(f"{where}: needs {end} bytes but the file holds {data.stat().st_size}")
+def nbytes(tensor: ir.TensorProtocol) -> int:
+    """The tensor's size in bytes; a string tensor counts its strings' bytes (onnx_ir's
+    ``nbytes`` has no answer for strings)."""
+    if tensor.dtype == ir.DataType.STRING:
+        return sum(len(item) for item in tensor.numpy().ravel())
+    return tensor.nbytes
 
 
-def _all_tensors(graph: onnx.GraphProto):
+def _check_tensors(proto: onnx.ModelProto, path: Path | None) -> set[Path]:
+    """Check every tensor the model holds before anything reads one; return the data files.
+
+    Every tensor counts, wherever it sits: initializers and sparse initializers, TENSOR, TENSORS
+    and SPARSE_TENSOR(S) attributes, in the main graph, its subgraphs and model-local functions.
+    Dims must be non-negative, the data type known, inline ``raw_data`` exactly as long as the
+    shape says. External data must name a regular file inside the model's folder (no ``..``, no
+    absolute path, no link out of it) with numeric offset and length that the file covers.
+    """
+    label = str(path) if path is not None else "<ModelProto>"
+    folder = path.parent.resolve() if path is not None else None
+    files: set[Path] = set()
+    for tensor in _all_tensors(proto):
+        where = f"{label}: tensor {tensor.name!r}"
+        if any(dim < 0 for dim in tensor.dims):
+            raise InputError(f"{where}: negative dim in shape {list(tensor.dims)}")
+        if tensor.data_type not in _DATA_TYPES or tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise InputError(f"{where}: unknown data type {tensor.data_type}")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if folder is None:
+                raise InputError(f"{where}: external data in a model given without its path")
+            files.add(_check_location(tensor, folder, where))
+        else:
+            _check_data_size(tensor, where)
+    return files
+
+
+def _check_data_size(tensor: onnx.TensorProto, where: str) -> None:
+    """The tensor holds as much data as its shape says: raw bytes, or one typed value per
+    element (sub-byte types pack several into a typed value and are left to the reader)."""
+    elements = math.prod(tensor.dims)
+    kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        held, wanted, unit = len(tensor.string_data), elements, "strings"
+    elif tensor.HasField("raw_data"):
+        bits = ir.DataType(tensor.data_type).bitwidth
+        held, wanted, unit = len(tensor.raw_data), (elements * bits + 7) // 8, "bytes"
+    elif ir.DataType(tensor.data_type).bitwidth >= 8:
+        field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+        complex_ = tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+        held, wanted, unit = len(getattr(tensor, field)), elements * (2 if complex_ else 1), "values"
+    else:
+        return
+    if held != wanted:
+        raise InputError(f"{where}: shape {list(tensor.dims)} of {kind} needs {wanted} {unit} but the tensor holds {held}")
+
+
+def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    where = f"{where} external data {location!r}"
+    if not location:
+        raise InputError(f"{where}: no location given")
+    if os.path.isabs(location) or ".." in Path(location).parts:
+        raise InputError(f"{where}: points outside the model's folder (refused, not read)")
+    data = folder / location
+    if data.is_symlink() or not data.resolve().is_relative_to(folder):
+        raise InputError(f"{where}: is a link or leaves the model's folder (refused, not read)")
+    if not data.is_file():
+        raise InputError(f"{where}: missing external data file {data}")
+    numbers = {}
+    for key in ("offset", "length"):
+        text = entries.get(key, "0")
+        if not text.isascii() or not text.isdigit():
+            raise InputError(f"{where}: {key} {text!r} is not a non-negative integer")
+        numbers[key] = int(text)
+    end, size = numbers["offset"] + numbers["length"], data.stat().st_size
+    if end > size:
+        raise InputError(f"{where}: needs {end} bytes but the file holds {size}")
+    return data.resolve()
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            yield from _node_tensors(node)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
     for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                yield attribute.t
-            elif attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attribute.g)
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for attribute in node.attribute:
+        kind = attribute.type
+        if kind == onnx.AttributeProto.TENSOR:
+            yield attribute.t
+        elif kind == onnx.AttributeProto.TENSORS:
+            yield from attribute.tensors
+        elif kind == onnx.AttributeProto.SPARSE_TENSOR:
+            yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+        elif kind == onnx.AttributeProto.SPARSE_TENSORS:
+            for sparse in attribute.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+        elif kind == onnx.AttributeProto.GRAPH:
+            yield from _graph_tensors(attribute.g)
+        elif kind == onnx.AttributeProto.GRAPHS:
+            for subgraph in attribute.graphs:
+                yield from _graph_tensors(subgraph)
+
+
+def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph and every subgraph, in model-local functions too."""
+    pending = [proto.graph]
+    nodes = [node for function in proto.functions for node in function.node]
+    while pending or nodes:
+        if pending:
+            graph = pending.pop()
+            yield graph
+            nodes.extend(graph.node)
+            continue
+        for attribute in nodes.pop().attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                pending.append(attribute.g)
             elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from _all_tensors(subgraph)
+                pending.extend(attribute.graphs)
+
+
+def _check_graphs(proto: onnx.ModelProto, label: str) -> None:
+    """What onnx_ir would repair or choke on without a word: an initializer name given twice in
+    one graph (the last would win), a negative dim declared for a graph input, output or value."""
+    for graph in _graphs(proto):
+        names = [tensor.name for tensor in graph.initializer]
+        names += [sparse.values.name for sparse in graph.sparse_initializer]
+        if len(names) != len(set(names)):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise InputError(f"{label}: fails onnx.checker: initializer {twice[0]!r} is given twice in graph {graph.name!r}")
+        for info in (*graph.input, *graph.output, *graph.value_info):
+            if not info.type.HasField("tensor_type"):
+                continue
+            dims = info.type.tensor_type.shape.dim
+            if any(dim.HasField("dim_value") and dim.dim_value < 0 for dim in dims):
+                shape = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param or "?" for dim in dims]
+                raise InputError(f"{label}: value {info.name!r} declares a negative dim in shape {shape}")
+
+
+def _densify_sparse(proto: onnx.ModelProto, folder: Path | None, label: str) -> None:
+    """Replace sparse initializers and ``Constant(sparse_value=…)`` by their dense tensors.
+
+    onnx_ir holds neither; a sparse tensor means exactly its dense form, so the model computes
+    the same. A dense form over ``EXTERNAL_DATA_THRESHOLD`` bytes is refused with its size.
+    """
+    for graph in _graphs(proto):
+        for sparse in graph.sparse_initializer:
+            graph.initializer.append(_dense(sparse, folder, label))
+        del graph.sparse_initializer[:]
+    nodes = [node for graph in _graphs(proto) for node in graph.node]
+    nodes += [node for function in proto.functions for node in function.node]
+    for node in nodes:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "sparse_value":
+                dense = _dense(attribute.sparse_tensor, folder, label)
+                attribute.CopyFrom(onnx.helper.make_attribute("value", dense))
+
+
+def _dense(sparse: onnx.SparseTensorProto, folder: Path | None, label: str) -> onnx.TensorProto:
+    name = sparse.values.name
+    shape = tuple(sparse.dims)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(sparse.values.data_type)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > EXTERNAL_DATA_THRESHOLD:
+        raise InputError(f"{label}: sparse tensor {name!r} of shape {list(shape)} densifies to {nbytes} bytes (refused)")
+    base = str(folder) if folder is not None else ""
+    try:
+        values = onnx.numpy_helper.to_array(sparse.values, base)
+        indices = onnx.numpy_helper.to_array(sparse.indices, base).astype(np.int64)
+        dense = np.zeros(math.prod(shape), dtype=dtype)
+        flat = indices if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), shape)
+        dense[flat] = values.reshape(-1)
+    except (ValueError, IndexError, TypeError) as error:
+        raise InputError(f"{label}: sparse tensor {name!r} is inconsistent: {first_line(error)}") from None
+    return onnx.numpy_helper.from_array(dense.reshape(shape), name)
 
 
 def _check_domains(model: ir.Model, label: str) -> None:

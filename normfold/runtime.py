@@ -17,7 +17,7 @@ the model written to a temporary folder first.
 
 from __future__ import annotations
 
-__all__ = ["ort_reason", "run", "session"]
+__all__ = ["LOG_SEVERITY", "ort_reason", "run", "session"]
 
 import os
 import tempfile
@@ -29,7 +29,12 @@ import onnx
 import onnx_ir as ir
 
 from normfold.errors import InputError, first_line
-from normfold.io import EXTERNAL_DATA_THRESHOLD, ModelLike
+from normfold.io import EXTERNAL_DATA_THRESHOLD, ModelLike, nbytes
+
+# onnxruntime's own log lines: 4 is fatal only. Every error it raises reaches the user as
+# normfold's one-line message; its C++ logger would print the same error again on stderr.
+# ``normfold --debug`` lowers it to 2 (warnings).
+LOG_SEVERITY = 4
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -61,9 +66,9 @@ def session(
     if not (optimize if prepack is None else prepack):
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads
-    # Fatal only: a model that fails to run raises, and normfold reports that in one line;
-    # onnxruntime's own error log would print the same failure again on stderr.
-    options.log_severity_level = 4
+    options.log_severity_level = LOG_SEVERITY
+    # Errors while a model is loaded go to the default logger, not the session's.
+    ort.set_default_logger_severity(LOG_SEVERITY)
     providers = ["CPUExecutionProvider"]
     label = str(model) if isinstance(model, (str, os.PathLike)) else "<model>"
     try:
@@ -115,7 +120,7 @@ def _external_folder(model: ir.Model) -> str | None:
             if isinstance(tensor, ir.ExternalTensor):
                 folders.add(os.path.abspath(tensor.base_dir or "."))
             elif tensor is not None:
-                in_memory += tensor.nbytes
+                in_memory += nbytes(tensor)
     if len(folders) > 1 or in_memory > EXTERNAL_DATA_THRESHOLD or (folders and not _has_folder_key()):
         return None
     return folders.pop() if folders else ""

@@ -24,17 +24,19 @@ The interface is part of what is verified, so a changed one is a FAILED report, 
 exception: every input the reference needs must be an input of the candidate with the same
 dtype (the candidate may drop inputs that were initializer-inputs of the reference: those are
 never fed), the candidate may need no other input, and the output names must be the same. A
-candidate that onnxruntime cannot load or run is FAILED too: it is the thing under test. A
-reference that cannot load or run, bad ``inputs`` or ``dims``, and a model file that cannot be
-read at all raise :class:`InputError` (``normfold verify`` exit 2).
+candidate that fails ``onnx.checker`` (full check, onnxruntime's ONNX-domain contrib ops
+opaque) or that onnxruntime cannot load or run is FAILED too, with the reason in ``problems``:
+it is the thing under test. A reference that fails the checker or cannot load or run, bad
+``inputs`` or ``dims``, and a model file that cannot be read at all raise :class:`InputError`
+(``normfold verify`` exit 2).
 
 **float16/bfloat16 outputs** (the rule shared with the folds, ``normfold.low_precision``): a
 16-bit model's outputs carry its own rounding, so they are judged against a run of the
 reference converted to float32 (:func:`float64_model` with ``dtype=FLOAT``: every float tensor,
 type and Cast target widened; float64 with ``reference_precision="float64"``), and the
 candidate passes when its error against that run is at most ``FACTOR = 4`` times the reference
-model's own error against it plus ``atol + rtol * max|float32 ref|`` (default ``rtol`` 2u:
-9.8e-4 float16, 7.8e-3 bfloat16; ``atol = rtol / 10``). NaN/±Inf positions are compared with
+model's own error against it plus ``atol + rtol * max|float32 ref|`` (default ``rtol`` 4u:
+2.0e-3 float16, 1.6e-2 bfloat16; ``atol = rtol / 10``). NaN/±Inf positions are compared with
 the reference model's (an output that overflows float16 in the reference may overflow in the
 candidate). When no float32 reference can be built, the candidate is compared with the
 reference model within ``(FACTOR + 1)`` times the tolerance. The report's ``reference`` says
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 __all__ = [
     "OutputComparison",
+    "check_runs",
     "VerificationReport",
     "compare",
     "default_tolerance",
@@ -80,7 +83,7 @@ from tqdm import tqdm
 from normfold import low_precision
 from normfold.errors import InputError, first_line
 from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs, write_inputs
-from normfold.io import ModelLike, load
+from normfold.io import ModelLike, check, load
 from normfold.progress import Steps
 from normfold.runtime import ort_reason, session
 
@@ -95,7 +98,7 @@ Outputs = dict[str, np.ndarray]
 # the std) errs by 1e-3 or more. Each rtol leaves ~10x margin above rounding noise for its
 # precision (float32 eps 1.2e-7, float64 2.2e-16); atol = rtol / 10 only matters for outputs
 # whose scale is near zero. float16/bfloat16 add FACTOR times the reference's own error against
-# float64 (low_precision); their rtol is the floor of that rule, one machine epsilon.
+# float64 (low_precision); their rtol is the floor of that rule, two machine epsilons.
 _TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-9, 1e-10),
     "float32": (1e-4, 1e-5),
@@ -125,8 +128,8 @@ _OP_IN_ERROR = re.compile(r"implementation for (\w+)\(|of operator \((\w+)\)|Op 
 def default_tolerance(dtype: Any) -> tuple[float, float]:
     """``(rtol, atol)`` for outputs of ``dtype`` (numpy dtype, ``ir.DataType`` or name).
 
-    float64 (1e-9, 1e-10), float32 (1e-4, 1e-5), float16 (9.8e-4, 9.8e-5) and bfloat16
-    (7.8e-3, 7.8e-4) on top of 4x the reference's own error (module doc),
+    float64 (1e-9, 1e-10), float32 (1e-4, 1e-5), float16 (2.0e-3, 2.0e-4) and bfloat16
+    (1.6e-2, 1.6e-3) on top of 4x the reference's own error (module doc),
     8-bit and smaller floats (0.25, 0.025); integers, bools and strings (0, 0): exact.
     """
     name = _dtype_name(dtype)
@@ -322,8 +325,9 @@ def verify(
     steps = Steps(enabled=progress)
     try:
         with steps.step("inputs", show=False):
-            ref_model = reference_model if reference_model is not None else load(reference, check=False)
+            ref_model = reference_model if reference_model is not None else _checked(reference, ref_label)
             cand_model = load(candidate, check=False)
+            checker_problems = _checker_problems(candidate, cand_label)
             feeds = _samples(ref_model, inputs, dims, samples, seed)
             if save_inputs is not None:
                 write_inputs(save_inputs, feeds)
@@ -355,7 +359,7 @@ def verify(
                 gc.collect()
 
         input_problems, output_problems, cand_feeds = _interface_problems(ref_model, cand_model, feeds)
-        problems = input_problems + output_problems
+        problems = checker_problems + input_problems + output_problems
         with steps.step("candidate", label="verify: candidate", total=len(cand_feeds), unit="run") as bar:
             if input_problems:
                 cand_outputs, run_problem = None, "not compared: the candidate's inputs differ from the reference's"
@@ -397,8 +401,14 @@ def compare(
     atol: float | None = None,
     problems: Sequence[str] = (),
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    truth: Sequence[Mapping[str, np.ndarray]] | None = None,
+    truth_precision: Literal["float32", "float64"] = "float32",
 ) -> VerificationReport:
     """Compare outputs computed elsewhere by :func:`verify`'s rule (module doc, 1-4).
+
+    ``truth`` (one mapping per sample) is the reference computed at a wider precision
+    (``truth_precision``: the model converted by :func:`float64_model`); float16/bfloat16
+    outputs are then judged by the low-precision rule against it, as :func:`verify` does.
 
     ``reference`` and ``candidate`` hold one mapping (output name -> array) per sample, in the
     same order; the reference's first sample names the outputs compared, and a candidate output
@@ -419,7 +429,7 @@ def compare(
     run_problem = "not compared: the candidate did not run" if candidate is None else None
     comparisons = _compare_all(
         [dict(outputs) for outputs in reference],
-        None,
+        None if truth is None else [dict(outputs) for outputs in truth],
         None if candidate is None else [dict(outputs) for outputs in candidate],
         run_problem,
         rtol,
@@ -429,7 +439,7 @@ def compare(
         comparisons,
         problems,
         samples=len(reference),
-        reference="model",
+        reference="model" if truth is None else truth_precision,
         seconds={},
         input_shapes=dict(input_shapes or {}),
     )
@@ -492,6 +502,34 @@ def _samples(
     if not given:
         raise InputError("inputs: an empty list of samples")
     return [check_inputs(sample, model, f"inputs[{k}]") for k, sample in enumerate(given)]
+
+
+def _checked(source: ModelLike, label: str) -> ir.Model:
+    """``source`` loaded as ``optimize`` loads its input: ``onnx.checker``'s full check on the
+    file or proto (so what onnx_ir would silently repair, like an initializer given twice, is
+    seen), known op domains."""
+    model = load(source)
+    if isinstance(source, ir.Model):
+        check(model, label, full_check=True)
+    return model
+
+
+def _checker_problems(source: ModelLike, label: str) -> list[str]:
+    """The candidate is what is under test: failing ``onnx.checker`` makes it FAILED, not bad input."""
+    try:
+        _checked(source, label)
+    except InputError as error:
+        return [str(error)]
+    return []
+
+
+def check_runs(source: ModelLike, label: str | None = None) -> None:
+    """Raise :class:`InputError` when onnxruntime cannot load ``source`` or run it on one random
+    sample: what ``verify`` and ``optimize`` would say of it as a reference (named ``label``)."""
+    model = load(source, check=False)
+    feeds = _samples(model, None, None, 1, 0)
+    with tqdm(disable=True) as bar:
+        _run_reference(_runnable(source, model), feeds, label or _label(source, "<model>"), "", bar)
 
 
 def _runnable(source: ModelLike, model: ir.Model) -> ModelLike:

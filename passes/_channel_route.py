@@ -30,7 +30,8 @@ import math
 
 import onnx_ir as ir
 
-from normfold.passes._fold_graph import Refusal, attribute, describe
+from normfold.errors import Refusal
+from normfold.passes._fold_graph import attribute, describe
 
 ROUTE_OPS = frozenset({"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"})
 

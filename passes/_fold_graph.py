@@ -27,7 +27,6 @@ __all__ = [
     "FoldRule",
     "FreshNames",
     "Reads",
-    "Refusal",
     "any_op",
     "attribute",
     "batchnorm_affine",
@@ -55,18 +54,11 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _pattern_ir
 
+from normfold.errors import Refusal
 from normfold.math import fold_precision
 from normfold.math.batchnorm import bn_scale_shift
 from normfold.math.padding import conv_pads
 from normfold.passes.base import PassOptions, PassRecord, RecordingRule
-
-
-class Refusal(Exception):
-    """A site cannot be folded exactly; ``reason`` says why, for the report."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def describe(node: ir.Node) -> str:
@@ -163,17 +155,14 @@ def conv_pads_of(node: ir.Node, kernel: Sequence[int]) -> tuple[int, ...] | None
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
     shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
-    try:
-        return conv_pads(
-            auto_pad,
-            attribute(node, "pads", None),
-            kernel,
-            strides=attribute(node, "strides", None),
-            dilations=attribute(node, "dilations", None),
-            input_size=None if shape is None else [d if isinstance(d, int) else None for d in shape[2:]],
-        )
-    except ValueError as error:
-        raise Refusal(f"{describe(node)}: {error}") from None
+    return conv_pads(
+        auto_pad,
+        attribute(node, "pads", None),
+        kernel,
+        strides=attribute(node, "strides", None),
+        dilations=attribute(node, "dilations", None),
+        input_size=None if shape is None else [d if isinstance(d, int) else None for d in shape[2:]],
+    )
 
 
 def rank_of(value: ir.Value) -> int | None:
@@ -223,11 +212,10 @@ def require_castable(folded: dict[str, np.ndarray], dtype: ir.DataType) -> None:
 
 
 def require_precise(site: Callable[[], tuple[np.ndarray, np.ndarray]], dtype: ir.DataType) -> None:
-    """For float16/bfloat16 weights, refuse a fold that errs more than the precision rule allows;
-    ``site()`` gives the ``(reference, folded)`` probe outputs (only computed when needed)."""
-    if fold_precision.is_low_precision(dtype.numpy()):
-        if (problem := fold_precision.precision_problem(*site(), dtype.numpy())) is not None:
-            raise Refusal(problem)
+    """Refuse a fold that errs more than the precision rule allows; ``site()`` gives the
+    ``(reference, folded)`` probe outputs."""
+    if (problem := fold_precision.precision_problem(*site(), dtype.numpy())) is not None:
+        raise Refusal(problem)
 
 
 def initializer(op: Any, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
@@ -308,9 +296,10 @@ def any_op(op: Any, names: frozenset[str]) -> Any:
 
 
 class FoldRule(RecordingRule):
-    """A BN fold rule: ``fresh`` names its new initializers; ``check`` leaves in ``_plan`` what
-    ``rewrite`` emits. ``remove_nodes=False`` where a matched node may stay (the rule's check
-    then names the other readers itself instead of the matcher refusing silently)."""
+    """A BN fold rule: ``fresh`` names its new initializers; ``check`` leaves in ``_plan`` (a
+    dataclass of the rule's) what ``rewrite`` emits. ``remove_nodes=False`` where a matched node
+    may stay (the rule's check then names the other readers itself instead of the matcher
+    refusing silently)."""
 
     def __init__(
         self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str], *, remove_nodes: bool = True
@@ -318,4 +307,4 @@ class FoldRule(RecordingRule):
         super().__init__(record, options)
         self.remove_nodes = remove_nodes
         self._fresh = fresh
-        self._plan: tuple[Any, ...] | None = None
+        self._plan: Any = None

@@ -16,6 +16,10 @@ Rule:
   4. Nodes and functions whose outputs nobody reads are removed; the graph is put in
      topological order.
 
+An ``Identity`` whose input is itself an output of the graph stays too: onnx_ir 1.1's
+``IdentityEliminationPass`` would merge the two outputs into one value (a Scan body's carried
+state and its scan output then collapse into one, a wrong graph).
+
 Preconditions: none. A node that reads a graph input is never folded, even when that input
 has an initializer (old exporters' ``keep_initializers_as_inputs``): the user may feed it.
 """
@@ -69,7 +73,7 @@ class CleanupPass(NormfoldPass):
             modified = True
         result = ir.passes.Sequential(
             common.NameFixPass(),
-            common.IdentityEliminationPass(),
+            _IdentityElimination(),
             common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
@@ -81,3 +85,14 @@ class CleanupPass(NormfoldPass):
             self.record.by_op[op_type] = count
             self.record.applied += count
         return modified or result.modified
+
+
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx_ir's pass, keeping ``y = Identity(x)`` when both ``x`` and ``y`` are graph outputs."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if node.inputs else None
+        both_outputs = source is not None and source.is_graph_output() and node.outputs[0].is_graph_output()
+        if node.op_type == "Identity" and both_outputs:
+            return False
+        return super()._try_eliminate_identity_node(node)

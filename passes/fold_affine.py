@@ -37,16 +37,17 @@ from onnxscript.rewriter._basics import MatchResult
 from normfold.catalog import pass_info
 from normfold.math import batchnorm as fm
 from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
-    Refusal,
     any_op,
     other_reader,
     read_constant,
     require_graph,
 )
 from normfold.passes._producer_site import (
+    ProducerFold,
     ProducerFoldRule,
     fold_into_producer,
     linear_node,
@@ -83,49 +84,37 @@ class FoldAffineIntoProducer(ProducerFoldRule):
         )
         return any_op(op, self._ops)(*operands, _outputs=["affine"])
 
-    def applies(
-        self, context: Any, affine: ir.Value, produced: ir.Value, producer: str, **_: Any
-    ) -> bool:
-        # A site is a constant applied to the only use of a linear op with a constant weight.
-        # Attention's MatMul(q, k)/sqrt(d), a gate Mul(conv, x) or GELU's Div(x, √2) beside its
-        # Mul(x, …) are other computations, not post-scales worth a refusal.
-        node = affine.producer()
-        constant = node.inputs[0 if self._constant_first else 1]
-        linear = linear_node(producer, produced)
-        weight = linear.inputs[1]
-        return (
-            constant.const_value is not None
-            and weight is not None
-            and weight.const_value is not None
-            and other_reader(produced, {node}) is None
-            and other_reader(linear.outputs[0], {produced.producer(), node}) is None
-        )
-
     def check(
         self, context: Any, affine: ir.Value, produced: ir.Value, producer: str, **_: Any
     ) -> MatchResult:
         node = affine.producer()
+        constant_value = node.inputs[0 if self._constant_first else 1]
+        linear = linear_node(producer, produced)
+        weight_value = linear.inputs[1]
+        # A site is a constant applied to the only use of a linear op with a constant weight.
+        # Attention's MatMul(q, k)/sqrt(d), a gate Mul(conv, x) or GELU's Div(x, √2) beside its
+        # Mul(x, …) are other computations, not post-scales worth a refusal: no site at all.
+        if not (
+            constant_value.const_value is not None
+            and weight_value is not None
+            and weight_value.const_value is not None
+            and other_reader(produced, {node}) is None
+            and other_reader(linear.outputs[0], {produced.producer(), node}) is None
+        ):
+            return MatchResult().fail("not a constant per-channel map of a linear op's only output")
         reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            require_graph(context)
-            constant = read_constant(
-                node.inputs[0 if self._constant_first else 1], f"{node.op_type} constant", reads
-            )
-            site = read_producer(producer, produced, node, reads)
-            rank, axis = site.rank, site.channel_axis
-            if rank is None:
-                if constant.ndim > 1:
-                    raise Refusal(f"the rank of {site.label}'s output is unknown")
-                rank, axis = 1, 0  # a scalar or [N] lies on the last axis, MatMul's feature axis
-            try:
-                vector = fm.per_channel(constant, rank, axis, site.channels)
-                scale, shift = fm.affine_of_binary(node.op_type, vector, self._constant_first)
-            except ValueError as error:
-                raise Refusal(f"{error} of {site.label}") from None
-            weight, bias = fold_into_producer(site, scale, shift)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, node)
-        self._plan = (node, site, weight, bias, reads, node.op_type)
+        require_graph(context)
+        constant = read_constant(constant_value, f"{node.op_type} constant", reads)
+        site = read_producer(producer, produced, node, reads)
+        rank, axis = site.rank, site.channel_axis
+        if rank is None:
+            if constant.ndim > 1:
+                raise Refusal(f"the rank of {site.label}'s output is unknown")
+            rank, axis = 1, 0  # a scalar or [N] lies on the last axis, MatMul's feature axis
+        vector = fm.per_channel(constant, rank, axis, site.channels, of=site.label)
+        scale, shift = fm.affine_of_binary(node.op_type, vector, self._constant_first)
+        weight, bias = fold_into_producer(site, scale, shift)
+        self._plan = ProducerFold(node, site, weight, bias, reads, how=node.op_type)
         return MatchResult()
 
 

@@ -29,18 +29,20 @@ from __future__ import annotations
 
 __all__ = ["FoldBatchNormPass", "LowerBatchNorm"]
 
+import dataclasses
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from normfold.catalog import pass_info
 from normfold.passes.base import NormfoldPass, apply_rules
 from normfold.passes._shapes import infer_shapes
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FoldRule,
     FreshNames,
     Reads,
-    Refusal,
     batchnorm_affine,
     describe,
     freeze,
@@ -117,6 +119,18 @@ def _why_left(bn: ir.Node, model: ir.Model, freeze_inputs: bool) -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lowering:
+    """What the check hands the rewrite: ``bn`` becomes ``x·scale + shift`` (float64 constants
+    shaped ``[C, 1, …]``, cast to ``dtype``)."""
+
+    bn: ir.Node
+    scale: np.ndarray
+    shift: np.ndarray
+    dtype: ir.DataType
+    reads: Reads
+
+
 class LowerBatchNorm(FoldRule):
     """``BatchNormalization(x)`` → ``Add(Mul(x, s), t)`` with constants shaped ``[C, 1, …]``."""
 
@@ -126,25 +140,23 @@ class LowerBatchNorm(FoldRule):
     def check(self, context: Any, x: ir.Value, normalized: ir.Value, **_: Any) -> MatchResult:
         bn = normalized.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            require_graph(context)
-            scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
-            rank = rank_of(x) or rank_of(normalized)
-            if rank is None:
-                raise Refusal(
-                    "the rank of its input is unknown, so it cannot be lowered to Mul + Add"
-                )
-            dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
-            require_castable({"scale": scale, "shift": shift}, dtype)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, bn)
+        require_graph(context)
+        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        rank = rank_of(x) or rank_of(normalized)
+        if rank is None:
+            raise Refusal(
+                "the rank of its input is unknown, so it cannot be lowered to Mul + Add"
+            )
+        dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
+        require_castable({"scale": scale, "shift": shift}, dtype)
         shape = (scale.size,) + (1,) * (rank - 2)
-        self._plan = (bn, scale.reshape(shape), shift.reshape(shape), dtype, reads)
+        self._plan = _Lowering(bn, scale.reshape(shape), shift.reshape(shape), dtype, reads)
         return MatchResult()
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        bn, scale, shift, dtype, reads = self._plan
-        freeze(reads, self.record)
+        plan: _Lowering = self._plan
+        bn, scale, shift, dtype = plan.bn, plan.scale, plan.shift, plan.dtype
+        freeze(plan.reads, self.record)
         name = bn.name  # the pass names every node first
         self.record.site(bn.name, op="Mul+Add", into=f"{name}/Mul", how="lowered")
         scaled = op.Mul(
@@ -180,9 +192,7 @@ class FoldBatchNormPass(NormfoldPass):
         )
         through_shapes.redirect_shape_readers(model)
         for bn in _batchnorms(model):
-            self.record.refuse(
-                bn.name, _why_left(bn, model, self.options.freeze_initializer_inputs)
-            )
+            self.record.refuse(Refusal(_why_left(bn, model, self.options.freeze_initializer_inputs)), bn)
         if self.options.lower_standalone_bn:
             count += apply_rules(model, [LowerBatchNorm(self.record, self.options, fresh)])
         self.record.keep_refusals_of({bn.name for bn in _batchnorms(model)})

@@ -26,7 +26,9 @@ re-parameterization"), done on the exported graph. Rule:
    reference's ``group`` (a diagonal kernel of that group layout).
 4. The merged Conv has the reference's attributes, the sum of the branches' kernels (each
    zero-padded to the reference's size, centred) and of their biases, computed in float64 from
-   the stored tensors and cast once to the reference weight's dtype. It replaces the merged
+   the stored tensors and cast once to the reference weight's dtype — refused when that cast
+   overflows, flushes a nonzero value to 0, or computes farther from the sum of the branches
+   than the precision rule allows (``normfold.math.fold_precision``). It replaces the merged
    leaves in the sum; other leaves stay, added to it in their order.
 
 A branch that does not fit (mismatched padding or stride, other groups, an intermediate value
@@ -61,19 +63,23 @@ import onnx_ir.passes.common as common
 
 from normfold.catalog import pass_info
 from normfold.math import branches as bm
+from normfold.math import fold_precision as fp
 from normfold.math import batchnorm as fm
 from normfold.passes.base import NormfoldPass
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
-    Refusal,
     attribute,
+    conv_pads_of,
     batchnorm_affine,
     cast_tensor,
     describe,
     freeze,
     opset_of,
     read_constant,
+    require_castable,
+    require_precise,
     tensor_dtype,
 )
 
@@ -115,20 +121,15 @@ def _ints(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]
     return default if value is None else tuple(int(v) for v in value)
 
 
-def _auto_pad(node: ir.Node) -> str:
-    value = attribute(node, "auto_pad", "NOTSET")
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _geometry(node: ir.Node, window: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """``(strides, pads, dilations)`` of a Conv/AveragePool, refusing ``auto_pad`` SAME_*."""
+    """``(strides, pads, dilations)`` of a Conv/AveragePool, its pads by the one padding rule."""
     rank = len(window)
-    auto_pad = _auto_pad(node)
-    if auto_pad not in ("NOTSET", "VALID"):
+    pads = conv_pads_of(node, window)
+    if pads is None:
         raise Refusal(
-            f"{describe(node)} has auto_pad={auto_pad}: its pads depend on the input size"
+            f"{describe(node)} has auto_pad={attribute(node, 'auto_pad', 'NOTSET')!s} with a stride above 1: "
+            "its pads depend on an input size that is not known"
         )
-    pads = (0,) * (2 * rank) if auto_pad == "VALID" else _ints(node, "pads", (0,) * (2 * rank))
     return _ints(node, "strides", (1,) * rank), pads, _ints(node, "dilations", (1,) * rank)
 
 
@@ -356,7 +357,7 @@ class FoldBranchesPass(NormfoldPass):
     def _refuse_leaf(self, leaf: ir.Value, reason: str) -> None:
         producer = leaf.producer()
         if producer is not None:
-            self.record.refuse(producer.name, f"not merged with the other branches: {reason}")
+            self.record.refuse(Refusal(f"not merged with the other branches: {reason}"), producer)
 
     def _merge(self, branches: list[_Branch], tree: set[ir.Node], source: ir.Value
                ) -> tuple[ir.Node, list[_Branch]] | None:
@@ -375,25 +376,27 @@ class FoldBranchesPass(NormfoldPass):
         largest = max(int(np.prod(b.window)) for b in convs)
         attempts = [self._fit(ready, candidate) for candidate in convs
                     if int(np.prod(candidate.window)) == largest]
-        reference, kernels, biases, used, refusals = max(attempts, key=lambda a: len(a[3]))
+        reference, parts, used, refusals = max(attempts, key=lambda a: len(a[2]))
         for branch, reason in refusals:
             self._refuse_leaf(branch.leaf, reason)
         group = reference.group
         if len(used) < 2:
             return None
-        weight = np.sum(kernels, axis=0)
-        bias = np.sum(biases, axis=0)
+        folded = [fm.fold_after_conv(k, b, *affine) if affine else (k, b) for k, b, affine in parts]
+        weight = np.sum([k for k, _ in folded], axis=0)
+        bias = np.sum([b for _, b in folded], axis=0)
         dtype = tensor_dtype(reference.weight_value)
+        bias_dtype = dtype if reference.bias_value is None else tensor_dtype(reference.bias_value)
+        try:
+            require_castable({"kernel": weight}, dtype)
+            require_castable({"bias": bias}, bias_dtype)
+            require_precise(lambda: _probe_outputs(parts, weight, bias, dtype), dtype)
+        except Refusal as refusal:
+            self.record.refuse(Refusal(f"the branches stay: {refusal.reason}"), reference.end)
+            return None
         base = reference.weight_value.name or reference.conv.name
         weight_tensor = cast_tensor(weight, dtype, self._fresh(f"{base}_branches"))
-        bias_dtype = dtype if reference.bias_value is None else tensor_dtype(reference.bias_value)
         bias_tensor = cast_tensor(bias, bias_dtype, self._fresh(f"{base}_branches_bias"))
-        for tensor in (weight_tensor, bias_tensor):
-            if not np.all(np.isfinite(tensor.numpy())):
-                reason = (f"the merged kernel or bias overflows {dtype}: the branches are "
-                          f"left as they are")
-                self.record.refuse(reference.end.name, reason)
-                return None
         values = []
         for tensor in (weight_tensor, bias_tensor):
             value = ir.Value(name=tensor.name, shape=ir.Shape(tensor.shape),
@@ -423,62 +426,74 @@ class FoldBranchesPass(NormfoldPass):
         return node, used
 
     def _fit(self, branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
-        """``(reference, kernels, biases, used, refusals)``: the branches that fit in it."""
+        """``(reference, parts, used, refusals)``: the branches that fit in it, each part its
+        ``(kernel, bias, affine)`` with the kernel padded to the reference's size."""
         out_channels, in_per_group = reference.kernel.shape[:2]
-        kernels, biases, used, refusals = [], [], [], []
+        parts, used, refusals = [], [], []
         for branch in branches:
             try:
-                kernel, bias = self._branch_kernel(branch, reference, out_channels,
-                                                   in_per_group, reference.group,
-                                                   len(reference.window))
+                kernel, bias = _branch_kernel(branch, reference, out_channels, in_per_group,
+                                              reference.group, len(reference.window))
             except Refusal as refusal:
                 refusals.append((branch, refusal.reason))
                 continue
-            kernels.append(kernel)
-            biases.append(bias)
+            parts.append((kernel, bias, branch.affine))
             used.append(branch)
-        return reference, kernels, biases, used, refusals
+        return reference, parts, used, refusals
 
-    def _branch_kernel(self, branch: _Branch, reference: _Branch, out_channels: int,
-                       in_per_group: int, group: int, spatial: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
-        """``branch``'s kernel padded to the reference's, and its bias (float64)."""
-        if branch.kind == "identity":
-            window, strides = (1,) * spatial, (1,) * spatial
-            pads, dilations = (0,) * (2 * spatial), (1,) * spatial
-        else:
-            window, strides, pads, dilations = (branch.window, branch.strides, branch.pads,
-                                                branch.dilations)
-        if strides != reference.strides:
+
+def _branch_kernel(branch: _Branch, reference: _Branch, out_channels: int, in_per_group: int,
+                   group: int, spatial: int) -> tuple[np.ndarray, np.ndarray]:
+    """``branch``'s kernel padded to the reference's, and its bias (float64; before the
+    branch's BN)."""
+    if branch.kind == "identity":
+        window, strides = (1,) * spatial, (1,) * spatial
+        pads, dilations = (0,) * (2 * spatial), (1,) * spatial
+    else:
+        window, strides, pads, dilations = (branch.window, branch.strides, branch.pads,
+                                            branch.dilations)
+    if strides != reference.strides:
+        raise Refusal(
+            f"{branch.label} has strides {list(strides)}, {reference.label} "
+            f"{list(reference.strides)}"
+        )
+    if branch.kind in ("identity", "pool"):
+        if out_channels != in_per_group * group:
             raise Refusal(
-                f"{branch.label} has strides {list(strides)}, {reference.label} "
-                f"{list(reference.strides)}"
+                f"{branch.label} keeps {in_per_group * group} channels, {reference.label} "
+                f"makes {out_channels}"
             )
-        if branch.kind in ("identity", "pool"):
-            if out_channels != in_per_group * group:
-                raise Refusal(
-                    f"{branch.label} keeps {in_per_group * group} channels, {reference.label} "
-                    f"makes {out_channels}"
-                )
-            if branch.kind == "identity":
-                kernel = bm.identity_kernel(out_channels, group, spatial)
-            else:
-                kernel = bm.average_pool_kernel(out_channels, group, window)
-            bias = np.zeros(out_channels)
+        if branch.kind == "identity":
+            kernel = bm.identity_kernel(out_channels, group, spatial)
         else:
-            if branch.group != group or branch.kernel.shape[:2] != (out_channels, in_per_group):
-                raise Refusal(
-                    f"{branch.label} has a {list(branch.kernel.shape)} weight in "
-                    f"{branch.group} group(s), {reference.label} a "
-                    f"{list(reference.kernel.shape)} one in {group}"
-                )
-            kernel = branch.kernel
-            bias = np.zeros(out_channels) if branch.bias is None else branch.bias
-        try:
-            offsets = bm.sub_kernel_offsets(window, pads, dilations, reference.window,
-                                            reference.pads, reference.dilations)
-        except ValueError as error:
-            raise Refusal(f"{branch.label} does not fit in {reference.label}: {error}") from None
-        if branch.affine is not None:
-            kernel, bias = fm.fold_after_conv(kernel, bias, *branch.affine)
-        return bm.pad_kernel(kernel, offsets, reference.window), np.asarray(bias, np.float64)
+            kernel = bm.average_pool_kernel(out_channels, group, window)
+        bias = np.zeros(out_channels)
+    else:
+        if branch.group != group or branch.kernel.shape[:2] != (out_channels, in_per_group):
+            raise Refusal(
+                f"{branch.label} has a {list(branch.kernel.shape)} weight in "
+                f"{branch.group} group(s), {reference.label} a "
+                f"{list(reference.kernel.shape)} one in {group}"
+            )
+        kernel = branch.kernel
+        bias = np.zeros(out_channels) if branch.bias is None else branch.bias
+    try:
+        offsets = bm.sub_kernel_offsets(window, pads, dilations, reference.window,
+                                        reference.pads, reference.dilations)
+    except Refusal as refusal:  # the offsets' reason, said of these two branches
+        raise Refusal(f"{branch.label} does not fit in {reference.label}: {refusal.reason}") from None
+    return bm.pad_kernel(kernel, offsets, reference.window), np.asarray(bias, np.float64)
+
+
+def _probe_outputs(parts: list[tuple[np.ndarray, np.ndarray, Any]], weight: np.ndarray,
+                   bias: np.ndarray, dtype: ir.DataType) -> tuple[np.ndarray, np.ndarray]:
+    """``(reference, merged)`` probe outputs: the branches summed, each rounded to float32 before
+    its BN (``fold_precision.site_outputs``, same probes for all), and the merged Conv."""
+    merged_rows = weight.reshape(weight.shape[0], -1)
+    reference, merged = 0.0, None
+    for kernel, raw_bias, affine in parts:
+        after = None if affine is None else fp.Affine(*affine)
+        branch, merged = fp.site_outputs(kernel.reshape(kernel.shape[0], -1), raw_bias,
+                                         merged_rows, bias, dtype.numpy(), after=after)
+        reference = reference + branch
+    return reference, merged

@@ -23,12 +23,13 @@ __all__ = ["near_miss_rules"]
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 
 _ANY = dict(_allow_other_inputs=True, _allow_other_attributes=True)
 
 
-class _Refusal(RecordingRule):
+class _NearMiss(RecordingRule):
     """Matches a look-alike wherever it is, even when its intermediates have other readers."""
 
     def __init__(self, record: PassRecord, options: PassOptions) -> None:
@@ -39,7 +40,7 @@ class _Refusal(RecordingRule):
         return None  # unreachable: check always refuses
 
 
-class L2Normalize(_Refusal):
+class L2Normalize(_NearMiss):
     """``x / max(||x||_2, eps)`` in its spellings: refused."""
 
     def pattern(self, op, x):
@@ -54,13 +55,13 @@ class L2Normalize(_Refusal):
         return op.Div(x, pattern.OrValue([op.Expand(clamped, **_ANY), clamped]))
 
     def check(self, context, **_) -> MatchResult:
-        return MatchResult().fail(
+        raise Refusal(
             "L2 normalization x / max(||x||, eps) (F.normalize, cosine normalization): eps clamps the norm "
             "instead of being added to the mean square, so it is no RMSNorm, and no standard op fuses it"
         )
 
 
-class LocalResponseNorm(_Refusal):
+class LocalResponseNorm(_NearMiss):
     """``x / (k + alpha * pooled(x^2))^beta``: refused."""
 
     def pattern(self, op, x):
@@ -73,11 +74,11 @@ class LocalResponseNorm(_Refusal):
         return op.Div(x, op.Pow(base, pattern.Var("beta")))
 
     def check(self, context, **_) -> MatchResult:
-        return MatchResult().fail(
+        raise Refusal(
             "local response normalization (LRN-like): x / (k + alpha * mean of x^2 over neighbouring "
             "channels)^beta is a windowed normalization, not a LayerNorm/RMSNorm/GroupNorm"
         )
 
 
-def near_miss_rules(record: PassRecord, options: PassOptions) -> list[_Refusal]:
+def near_miss_rules(record: PassRecord, options: PassOptions) -> list[_NearMiss]:
     return [L2Normalize(record, options), LocalResponseNorm(record, options)]

@@ -26,6 +26,9 @@ fourth output is then ``(a + b) + bias``. The inner sum ``a + b`` must have no o
 op does not output it). ``(a + bias) + b``, the order a MatMul's bias and a residual usually
 come in, is another sum in floating point and is not rewritten this way.
 
+Sites kept because the ops are slower are refused with ``by_design=True`` in their report line,
+so reports count them apart from sites the graph rules out.
+
 Preconditions, from onnxruntime's kernel (checked; each refused with its reason): the input is
 2-D (tokens, hidden) or 3-D (batch, seq, hidden) float or float16; ``a`` and ``b`` have the
 same shape, dim by dim (symbolic dims by name); gamma (and beta) have shape (hidden,) with a
@@ -42,8 +45,9 @@ import dataclasses
 import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
-from normfold.passes.base import BY_DESIGN, PassOptions, PassRecord
+from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import META_KEY, FusedNorm, fused_of
 
@@ -86,37 +90,36 @@ class SkipNormFusion(NormRule):
         return self._check(context, a, b, total, normalized, None)
 
     def _check(self, context, a, b, total, normalized, bias: ir.Value | None) -> MatchResult:
-        fail = MatchResult().fail
         if bias is not None and checks.constant(bias) is None:
-            return self.mismatch("the last addend is no constant: a plain residual sum")
+            return MatchResult().fail("the last addend is no constant: a plain residual sum")
         node = normalized.producer()
         read_elsewhere = total.is_graph_output() or len(total.consumers()) > 1
         if read_elsewhere != self.keep_sum:
-            return self.mismatch("the other variant of this rule handles this site")
+            return MatchResult().fail("the other variant of this rule handles this site")
         if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-            return fail(f"{node.op_type}'s mean/inv-std outputs are read")
+            raise Refusal(f"{node.op_type}'s mean/inv-std outputs are read")
         if node.attributes.get_int("stash_type", 1) != 1:
-            return fail("stash_type is not float32")
+            raise Refusal("stash_type is not float32")
         if total.dtype not in _SKIP_TYPES:
-            return fail(f"onnxruntime's Skip ops take float or float16, not {total.dtype}")
+            raise Refusal(f"onnxruntime's Skip ops take float or float16, not {total.dtype}")
         shape_a, shape_b = checks.dims(a), checks.dims(b)
         if shape_a is None or shape_b is None or len(shape_a) not in (2, 3):
-            return fail(f"the residual input has shape {shape_a}; the Skip ops take 2-D or 3-D inputs")
+            raise Refusal(f"the residual input has shape {shape_a}; the Skip ops take 2-D or 3-D inputs")
         if len(shape_a) != len(shape_b) or not all(checks.same_dim(p, q) for p, q in zip(shape_a, shape_b)):
-            return fail(f"the residual operands have shapes {shape_a} and {shape_b}, not provably the same")
+            raise Refusal(f"the residual operands have shapes {shape_a} and {shape_b}, not provably the same")
         hidden = shape_a[-1]
         axis = node.attributes.get_int("axis", -1)
         if not isinstance(hidden, int) or axis not in (-1, len(shape_a) - 1):
-            return fail(f"normalizes from axis {axis} of {shape_a}; the Skip ops normalize the last, static axis")
+            raise Refusal(f"normalizes from axis {axis} of {shape_a}; the Skip ops normalize the last, static axis")
         params = list(node.inputs[1:3]) if self.norm == "LayerNormalization" else list(node.inputs[1:2])
         if bias is not None:
             if bias.dtype != total.dtype:
-                return fail(f"the added bias {bias.name!r} is {bias.dtype}, not the sum's {total.dtype}")
+                raise Refusal(f"the added bias {bias.name!r} is {bias.dtype}, not the sum's {total.dtype}")
             params += [None] * (2 - len(params)) if self.norm == "LayerNormalization" else []
             params.append(bias)
         for value in params:
             if value is not None and checks.dims(value) != [hidden]:
-                return fail(f"scale/bias {value.name!r} has shape {checks.dims(value)}, not ({hidden},)")
+                raise Refusal(f"scale/bias {value.name!r} has shape {checks.dims(value)}, not ({hidden},)")
         while params and params[-1] is None:
             params.pop()
         spec = fused_of(normalized) or FusedNorm(
@@ -129,8 +132,10 @@ class SkipNormFusion(NormRule):
         result = self.accept(context, spec, kept=kept)
         if result and not self.enabled:
             skip_op = _SKIP_OP[self.norm]
-            return fail(f"{BY_DESIGN}residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]} "
-                        "(--skip-ops emits it)")
+            raise Refusal(
+                f"residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]} (--skip-ops emits it)",
+                by_design=True,
+            )
         return result
 
     def rewrite(self, op, a, b, normalized, **_):

@@ -90,3 +90,22 @@ def test_norm_ops_lists_a_failing_or_disagreeing_spelling() -> None:
     assert "NoSuchNormalization" in rows["unknown-op", "off"].error
     assert not rows["unknown-op", "on"].times_us
     assert "fails: " in norm_ops.table(results, {"broken": size})
+
+
+@pytest.mark.slow
+def test_the_collapse_benchmark_runs_every_method_on_a_small_task(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from benchmarks import collapse as bench
+
+    out = tmp_path / "collapse.json"
+    assert bench.main(["--tasks", "digits/resnet18", "--seeds", "0", "--epochs", "1", "--finetune-epochs", "1",
+                       "--max-steps", "1", "--repeats", "3", "--json", str(out), "--plot",
+                       str(tmp_path / "collapse.png")]) == 0
+    result = json.loads(out.read_text())["digits/resnet18"]["0"]
+    for method in bench.METHODS:
+        for step in result[method]["steps"]:
+            timing = step["ort"]
+            assert timing["rounds"] == 3 and timing["q1_ms"] <= timing["median_ms"] <= timing["q3_ms"]
+    # DepthShrinker's fixed choice: the inner ReLU of each of the 8 BasicBlocks, merged
+    (shrunk,) = result["depthshrinker"]["steps"]
+    assert shrunk["removed"] == 8 and shrunk["layers_merged"] >= 8

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from normfold.errors import Refusal
 from normfold.math import conv_merge as merge
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -71,6 +72,10 @@ def test_compose_conv_matches_the_two_convs(case):
     size = 12 + rng.integers(0, 4)
     x = torch.from_numpy(rng.normal(size=(2, c_in) + (size,) * rank))
     merged = merge.compose_conv(first, second)
+    planned = merge.compose_conv(first, second, weights=False)  # the same conv without its arithmetic
+    assert planned.weight.shape == merged.weight.shape and not planned.weight.any()
+    assert (planned.stride, planned.padding, planned.dilation, planned.groups) == (
+        merged.stride, merged.padding, merged.dilation, merged.groups)
 
     # pad-first model: the first conv takes the second's padding (times its stride).
     moved = tuple(p1 + s1 * p2 for p1, s1, p2 in zip(first.padding, first.stride, second.padding))
@@ -124,7 +129,7 @@ def test_identity_shortcut_goes_to_the_centre_tap(groups, kernel, dilation, seed
 def test_identity_shortcut_refuses_a_stride():
     rng = np.random.default_rng(0)
     conv = _random_conv(rng, 2, 4, 4, 1, (3, 3), (2, 2), (1, 1), (1, 1))
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(Refusal, match="stride"):
         merge.add_identity(conv)
 
 

@@ -246,3 +246,40 @@ def test_every_docs_page_is_on_the_map() -> None:
     missing = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.name != "index.md" and p.name not in linked)
     assert not missing, f"docs/index.md does not link: {missing}"
     assert "docs/index.md" in (ROOT / "README.md").read_text()
+
+
+# ---- the reference pages name everything there is ---------------------------------------------
+
+
+def _help_flags(verb: str, capsys: pytest.CaptureFixture[str]) -> set[str]:
+    from normfold.cli import main
+
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out)) - {"--help"}
+
+
+@pytest.mark.parametrize("verb", ["optimize", "verify", "inspect", "collapse", "passes"])
+def test_commands_page_names_every_flag(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each flag of each command is in docs/commands.md (collapse's may be in docs/collapse.md)."""
+    text = (ROOT / "docs" / "commands.md").read_text()
+    if verb == "collapse":
+        text += (ROOT / "docs" / "collapse.md").read_text()
+    missing = sorted(flag for flag in _help_flags(verb, capsys) if f"`{flag}" not in text)
+    assert not missing, f"normfold {verb}: flags not documented: {missing}"
+
+
+def test_passes_page_names_every_pass() -> None:
+    from normfold.catalog import PASSES
+
+    text = (ROOT / "docs" / "passes.md").read_text()
+    missing = [info.name for info in PASSES if f"`{info.name}`" not in text]
+    assert not missing, f"docs/passes.md does not describe: {missing}"
+
+
+def test_zoo_page_names_every_model() -> None:
+    from normfold.models import NAMES
+
+    text = (ROOT / "docs" / "zoo.md").read_text()
+    missing = [name for name in NAMES if f"`{name}`" not in text]
+    assert not missing, f"docs/zoo.md does not name: {missing}"

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from normfold import io, runtime
+from normfold.errors import Refusal
 from normfold.math import branches as bm
 from normfold.passes import PassOptions, create_passes
 from normfold.passes.fold_branches import FoldBranchesPass
@@ -179,6 +180,21 @@ def test_float16_merge_is_judged_against_float32() -> None:
 # --- refused -----------------------------------------------------------------------------
 
 
+def test_float16_overflow_is_refused() -> None:
+    """An identity BN with a tiny variance scales its diagonal past float16's range."""
+    rng = np.random.default_rng(12)
+    n3, i3 = conv("x", "a", rng, (3, 3), name="main", dtype=np.float16)
+    ident, ii = bn_node("x", "b", C, rng, name="ident", var="zero", dtype=np.float16,
+                        epsilon=1e-12)
+    nodes = n3 + [ident, helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    proto = block_model(nodes, i3 + ii, elem=TensorProto.FLOAT16)
+    feeds = {k: v.astype(np.float16) for k, v in feeds_for(proto).items()}
+    model, record = fold(proto, tol=0, feeds=feeds)
+    assert "BatchNormalization" in op_types(model)
+    assert "beyond float16's largest value" in record["refused"][0]["reason"]
+
+
+
 def test_mismatched_padding_is_refused_with_the_reason() -> None:
     """A second 3×3 branch padded [2, 1, 0, 1] (same output size, window moved) differs at the
     border from the reference's [1, 1, 1, 1]."""
@@ -327,11 +343,11 @@ def test_compose_pointwise_matches_two_convs(group: int) -> None:
 
 def test_sub_kernel_offsets_reasons() -> None:
     assert bm.sub_kernel_offsets((1, 3), (0, 1, 0, 1), (1, 1), (3, 3), (1, 1, 1, 1), (1, 1)) == (1, 0)
-    with pytest.raises(ValueError, match="border would change"):
+    with pytest.raises(Refusal, match="border would change"):
         bm.sub_kernel_offsets((1, 1), (1, 0, 0, 1), (1, 1), (3, 3), (1, 1, 1, 1), (1, 1))
-    with pytest.raises(ValueError, match="cannot be centred"):
+    with pytest.raises(Refusal, match="cannot be centred"):
         bm.sub_kernel_offsets((2, 2), (0, 0, 1, 1), (1, 1), (3, 3), (1, 1, 1, 1), (1, 1))
-    with pytest.raises(ValueError, match="dilation"):
+    with pytest.raises(Refusal, match="dilation"):
         bm.sub_kernel_offsets((3, 3), (2, 2, 2, 2), (2, 2), (5, 5), (2, 2, 2, 2), (1, 1))
 
 

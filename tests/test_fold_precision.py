@@ -190,7 +190,9 @@ def test_precision_rule_allows_one_rounding_and_refuses_more() -> None:
     limit = low_precision.FACTOR * np.abs(low_precision.rounded(reference, dtype) - reference).max()
     off = reference + (limit + 2 * low_precision.floor(dtype))
     assert "away from the unfolded site" in fp.precision_problem(reference, off, dtype)
-    assert fp.precision_problem(reference, off, np.float32) is None  # float32 folds: no probe rule
+    # float32 folds: a tenth of verification's rtol over the reference's own rounding.
+    assert fp.precision_problem(reference, reference * (1 + 1e-7), np.float32) is None
+    assert "float32" in fp.precision_problem(reference, reference + 1e-4, np.float32)
 
 
 def test_output_rows_lay_out_each_output_channel() -> None:
@@ -202,3 +204,75 @@ def test_output_rows_lay_out_each_output_channel() -> None:
     b = rng.normal(size=(5, 3))
     np.testing.assert_array_equal(fp.output_rows("Gemm", b, trans_b=True), b)
     np.testing.assert_array_equal(fp.output_rows("MatMul", b), b.T)
+
+
+def test_fold_branches_refuses_a_merged_kernel_that_overflows() -> None:
+    """RepVGG's 3×3 + 1×1 branches, each within float16, whose merged centre tap (8e4) is not."""
+    w3 = np.zeros((2, 2, 3, 3))
+    w3[:, :, 1, 1] = 4e4
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w3"], ["a"], pads=[1, 1, 1, 1], name="conv3"),
+            helper.make_node("Conv", ["x", "w1"], ["b"], name="conv1"),
+            helper.make_node("Add", ["a", "b"], ["y"], name="add"),
+        ],
+        "repvgg",
+        [helper.make_tensor_value_info("x", F16, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", F16, [1, 2, 4, 4])],
+        [
+            numpy_helper.from_array(w3.astype(np.float16), "w3"),
+            numpy_helper.from_array(np.full((2, 2, 1, 1), 4e4, np.float16), "w1"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    result = normfold.optimize(proto, passes=["fold-branches"], verify=False)
+    assert sorted(node.op_type for node in result.model.graph) == ["Add", "Conv", "Conv"]
+    refused = next(p for p in result.report["passes"] if p["name"] == "fold-branches")["refused"]
+    assert any("65504" in r["reason"] for r in refused)
+
+
+def test_fuse_norm_keeps_a_multiplier_whose_absorbed_scale_would_overflow() -> None:
+    """LayerNorm(x)·γ then ·k in float16 with γ·k = 1e5: absorbing k would make the scale inf."""
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]),
+        helper.make_node("Sub", ["x", "mean"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["std"]),
+        helper.make_node("Div", ["d", "std"], ["n"]),
+        helper.make_node("Mul", ["n", "gamma"], ["scaled"]),
+        helper.make_node("Mul", ["scaled", "k"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ln",
+        [helper.make_tensor_value_info("x", F16, [2, 4])],
+        [helper.make_tensor_value_info("y", F16, [2, 4])],
+        [
+            numpy_helper.from_array(np.array(1e-5, np.float16), "eps"),
+            numpy_helper.from_array(np.full(4, 400.0, np.float16), "gamma"),
+            numpy_helper.from_array(np.full(4, 250.0, np.float16), "k"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = normfold.optimize(proto, passes=["fuse-norm"], verify=False)
+    ops = [node.op_type for node in result.model.graph]
+    assert "LayerNormalization" in ops and ops[-1] == "Mul"
+    refused = next(p for p in result.report["passes"] if p["name"] == "fuse-norm")["refused"]
+    assert any("65504" in r["reason"] for r in refused)
+
+
+def test_torch_fold_refuses_what_float16_cannot_hold() -> None:
+    """normfold.torch.fold_batchnorm applies the same rule: the overflowing float16 site stays."""
+    torch = pytest.importorskip("torch")
+    from normfold.torch.fold import fold_batchnorm_with_report
+
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        conv.weight.fill_(100.0)
+        bn.weight.fill_(10.0)
+        bn.running_var.fill_(1e-4)
+    module = torch.nn.Sequential(conv, bn).eval().half()
+    folded, report = fold_batchnorm_with_report(module)
+    assert not report.folded and "65504" in report.refused[0].reason

@@ -9,7 +9,9 @@ modules only; the zoo's BERT through dynamo and real torchvision / transformers 
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,7 @@ def test_torchscript_dynamic_batch_folds_in_torch_and_verifies_every_size(tmp_pa
     assert report["checks"][1]["export_vs_torch"]["inputs"] == {"x": [1, 3, 8, 8]}
     assert report["output"] == str(out) and report["inputs"]["x"]["dynamic"] == {"0": "batch"}
     assert "PASSED" in result.format_table()
+    assert json.loads(json.dumps(report))["checks"][2]["sizes"] == {"batch": 3}
     # The module itself was neither folded nor switched.
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
     model = _check_written(out, module, {"batch": 5})
@@ -124,10 +127,14 @@ def test_torchscript_dynamic_batch_folds_in_torch_and_verifies_every_size(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["net.onnx"]
 
 
-def test_dynamo_with_dynamic_shapes(tmp_path: Path) -> None:
+def test_dynamo_with_dynamic_shapes_says_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     module = ConvNet().eval()
     out = tmp_path / "net.onnx"
-    result = export(module, (torch.randn(2, 3, 8, 8),), out, dynamic_shapes={"x": {0: "batch"}}, target="onnxruntime")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = export(module, (torch.randn(2, 3, 8, 8),), out, dynamic_shapes={"x": {0: "batch"}},
+                        target="onnxruntime")
+    assert [str(w.message) for w in caught] == [] and capfd.readouterr() == ("", "")
     assert result.verified and result.report["exporter"] == "dynamo"
     model = _check_written(out, module, {"batch": 4})
     assert [str(dim) for dim in model.graph.inputs[0].shape] == ["batch", "3", "8", "8"]
@@ -171,17 +178,22 @@ def test_training_mode_is_refused_not_switched(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_a_batch_size_baked_into_the_export_is_refused_and_nothing_written(tmp_path: Path) -> None:
+def test_a_batch_size_baked_into_the_export_is_refused_and_nothing_written(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     module = BakedBatch().eval()
-    with pytest.raises(ExportVerificationError) as raised:
+    with pytest.raises(ExportVerificationError) as raised, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # TorchScript's TracerWarning stays inside
         export(module, torch.randn(2, 3, 4), tmp_path / "baked.onnx", dynamic_axes={"x": {0: "batch"}},
                exporter="torchscript")
+    # onnxruntime's own log of the failed run stays quiet: the error says it once.
+    assert caught == [] and capfd.readouterr() == ("", "")
     message = str(raised.value)
     assert "\n" not in message
     assert "not written" in message and "at sizes batch=1 (x (1, 3, 4))" in message
     assert "output 'output': shape (1, 12) vs (2, 6)" in message and "baked a size" in message
     result = raised.value.result
-    assert result.path is None and result.export_checks[0].passed and not result.export_checks[1].passed
+    assert result.path is None and result.model is None and result.export_checks[0].passed and not result.export_checks[1].passed
     assert "FAILED" in result.format_table()
     assert os.listdir(tmp_path) == []
 
@@ -193,6 +205,7 @@ def test_an_export_failure_is_one_line_naming_the_users_code(tmp_path: Path) -> 
     assert "\n" not in message and "\x1b" not in message
     assert message.startswith("cannot export DataDependent with the dynamo exporter: GuardOnDataDependentSymNode")
     assert "test_torch_export.py" in message and "if x.sum() > 0:" in message
+    assert "exporter='torchscript' may succeed" in message
     assert os.listdir(tmp_path) == []
 
 
@@ -239,7 +252,7 @@ def test_a_pass_that_loses_accuracy_is_told_from_the_exporter(tmp_path: Path, mo
     with pytest.raises(ExportVerificationError) as raised:
         export(ConvNet().eval(), torch.randn(2, 3, 8, 8), tmp_path / "net.onnx", exporter="torchscript")
     message = str(raised.value)
-    assert "the optimized model differs from the torch module at sizes static" in message
+    assert "the optimized model differs from the torch module at the example sizes (x (2, 3, 8, 8))" in message
     assert "though the export matches it" in message and "normfold's passes lost it" in message
     result = raised.value.result
     assert all(c.passed for c in result.export_checks) and not any(c.passed for c in result.optimized_checks)
@@ -254,6 +267,14 @@ def test_given_sizes_and_no_torch_fold(tmp_path: Path) -> None:
     assert result.report["torch"] is None
     # TorchScript's eval-mode export folds a Conv's BatchNorm itself.
     assert not any(node.op_type == "BatchNormalization" for node in result.model.graph)
+
+
+def test_without_verification_the_file_is_written_unverified(tmp_path: Path) -> None:
+    result = export(BakedBatch().eval(), torch.randn(2, 3, 4), tmp_path / "baked.onnx",
+                    dynamic_axes={"x": {0: "batch"}}, exporter="torchscript", verify=False)
+    assert result.path == tmp_path / "baked.onnx" and result.path.is_file()
+    assert not result.verified and result.report["checks"] == [] and result.report["verified"] is False
+    assert "not verified (verify=False)" in result.format_table()
 
 
 @pytest.mark.parametrize(
@@ -271,6 +292,11 @@ def test_bad_arguments_raise_input_error(tmp_path: Path, arguments: dict, match:
     with pytest.raises(InputError, match=match):
         export(ConvNet().eval(), torch.randn(2, 3, 8, 8), tmp_path / "net.onnx", **{"exporter": "torchscript", **arguments})
     assert os.listdir(tmp_path) == []
+
+
+def test_a_module_that_fails_on_its_examples(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"Linear fails on the example inputs \(RuntimeError: mat1 and mat2"):
+        export(nn.Linear(3, 2).eval(), torch.randn(2, 4), tmp_path / "l.onnx")
 
 
 def test_a_missing_folder_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -324,25 +350,31 @@ def test_real_torchvision_models(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_real_transformers_bert(tmp_path: Path, exporter: str) -> None:
+@pytest.mark.parametrize(("family", "exporter"), [("bert", "torchscript"), ("bert", "dynamo"), ("llama", "dynamo")])
+def test_real_transformers_models(tmp_path: Path, family: str, exporter: str) -> None:
     _torchvision()  # transformers imports torchvision when it is installed
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64)
-    module = transformers.BertModel(config).eval()
+    if family == "bert":
+        config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64)
+        module, outputs = transformers.BertModel(config).eval(), ["last_hidden_state", "pooler_output"]
+    else:
+        # use_cache=False: a DynamicCache in the output is no tensor either exporter can write.
+        config = transformers.LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, use_cache=False)
+        module, outputs = transformers.LlamaModel(config).eval(), ["last_hidden_state"]
     ids = torch.randint(0, 99, (2, 8), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 8, dtype=torch.int64)
     mask[1, 5:] = 0
     examples = {"input_ids": ids, "attention_mask": mask}
-    out = tmp_path / "bert.onnx"
+    out = tmp_path / f"{family}.onnx"
     result = export(module, examples, out, dynamic_axes={name: {0: "batch", 1: "seq"} for name in examples},
                     exporter=exporter)
-    assert result.verified and result.report["outputs"] == ["last_hidden_state", "pooler_output"]
+    assert result.verified and result.report["outputs"] == outputs
     model = normfold.load(out)
     feeds = generate_inputs(model, dims={"batch": 4, "seq": 5}, seed=99)
     with torch.inference_mode():
         expected = module(**{name: torch.from_numpy(array) for name, array in feeds.items()})
-    reference = {"last_hidden_state": expected.last_hidden_state.numpy(), "pooler_output": expected.pooler_output.numpy()}
+    reference = {name: expected[name].numpy() for name in outputs}
     check = compare([reference], [runtime.run(out, feeds)])
     assert check.passed, check.format_table()

@@ -26,6 +26,11 @@ from normfold.verification import default_tolerance, float64_model, verify
 def _model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelProto:
     graph = h.make_graph(nodes, "g", inputs, outputs, list(initializers))
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    # onnx.checker (which verify runs on both models) wants every graph output's shape.
+    inferred = onnx.shape_inference.infer_shapes(model).graph.output
+    for output, known in zip(model.graph.output, inferred):
+        if not output.type.tensor_type.HasField("shape"):
+            output.CopyFrom(known)
     return model
 
 
@@ -244,7 +249,7 @@ def test_integer_outputs_must_be_equal():
 
 def test_fp16_model_gets_fp16_tolerance():
     """float16 outputs: against float64, within 4x the reference's own error + 2u (low_precision)."""
-    assert default_tolerance(np.float16) == (2**-10, 2**-10 / 10)
+    assert default_tolerance(np.float16) == (2**-9, 2**-9 / 10)
     assert default_tolerance(ir.DataType.FLOAT) == (1e-4, 1e-5)
     assert default_tolerance(ml_dtypes.bfloat16)[0] > default_tolerance(np.float16)[0]
     assert default_tolerance(np.float64)[0] < 1e-8 and default_tolerance(np.int64) == (0.0, 0.0)
@@ -262,7 +267,7 @@ def test_fp16_model_gets_fp16_tolerance():
     nudged = (w.astype(np.float64) * (1 + 1e-3)).astype(np.float16)  # ~1 fp16 ulp: fine for fp16
     report = verify(fp16(w), fp16(nudged))
     c = report.outputs["y"]
-    assert c.dtype == "float16" and (c.rtol, c.atol) == (2**-10, 2**-10 / 10)
+    assert c.dtype == "float16" and (c.rtol, c.atol) == (2**-9, 2**-9 / 10)
     assert report.passed and c.max_abs_error > 0 and report.reference == "float32"
     assert c.baseline_abs_error > 0  # the float16 reference's own error against float32
     assert not verify(fp16(w), fp16(w * np.float16(1.1))).passed

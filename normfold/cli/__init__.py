@@ -2,7 +2,9 @@
 
 Exit codes scripts can trust: 0 done (and verified, or equivalent), 1 verification failed
 (nothing written), 2 bad input or usage (one line on stderr naming the file and the problem,
-nothing written), 3 an internal error (a normfold bug: please report it with ``--debug``).
+nothing written; also for a full disk, a folder that cannot be written, no memory), 3 an
+internal error (a normfold bug: please report it with ``--debug``). Unless ``--debug``, that
+one line is all stderr shows (:func:`normfold.quiet.quiet_command`).
 
 Each verb module (:mod:`.optimize`, :mod:`.verify`, :mod:`.inspect`, :mod:`.collapse`,
 :mod:`.passes`) has ``add_command(commands, groups)``, registering its subcommand with the shared
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from normfold import __version__
 from normfold.cli import collapse, inspect, optimize, options, passes, verify
 from normfold.errors import NormfoldError, first_line
+from normfold.quiet import quiet_command
 
 EXIT_INTERNAL = 3
 
@@ -31,12 +34,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return options.EXIT_BAD_INPUT
     try:
-        return args.run(args)
+        with quiet_command(args.debug):
+            return args.run(args)
     except NormfoldError as error:
         if args.debug:
             raise
         print(f"normfold: error: {error}", file=sys.stderr)
         return error.exit_code
+    except (OSError, MemoryError) as error:
+        # The environment, not normfold: a full disk, a read-only or vanished folder, no memory.
+        if args.debug:
+            raise
+        print(f"normfold: error: {_environment_problem(error)}", file=sys.stderr)
+        return options.EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("normfold: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -49,6 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def _environment_problem(error: OSError | MemoryError) -> str:
+    if isinstance(error, MemoryError):
+        return f"out of memory ({first_line(error)})"
+    where = error.filename or "normfold"
+    return f"{where}: {error.strerror or first_line(error)}"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ from normfold.opset import model_opset
 from normfold.passes import PassOptions, create_passes
 from normfold.passes.base import Target
 from normfold.verification import VerificationReport
+from normfold.verification import check_runs
 from normfold.verification import verify as run_verification
 
 

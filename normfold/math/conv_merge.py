@@ -51,6 +51,7 @@ import math
 
 import numpy as np
 
+from normfold.errors import Refusal
 from normfold.math.batchnorm import fold_after_conv, fold_before_conv
 
 Array = np.ndarray
@@ -111,18 +112,56 @@ def regroup(weight: Array, groups: int, new_groups: int) -> Array:
     return dense
 
 
-def compose_conv(first: Conv, second: Conv) -> Conv:
-    """``second∘first`` as one conv; exact when ``second`` is unpadded (else the pad-first model)."""
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Where ``second∘first``'s taps fall (rule 1 of the module docstring)."""
+
+    groups: int
+    span: tuple[int, ...]  # taps before keeping only the multiples of ``dilation``
+    dilation: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple((span - 1) // d + 1 for span, d in zip(self.span, self.dilation))
+
+
+def _geometry(first: Conv, second: Conv) -> _Geometry:
     if first.out_channels != second.in_channels:
         raise ValueError(f"{first.out_channels} channels out of the first conv, {second.in_channels} into the second")
     if len(first.stride) != len(second.stride):
         raise ValueError("the convs have different spatial ranks")
-    groups = math.gcd(first.groups, second.groups)
     k1, k2 = first.kernel, second.kernel
     s1, d1, d2 = first.stride, first.dilation, second.dilation
-    span = tuple(d1[i] * (k1[i] - 1) + s1[i] * d2[i] * (k2[i] - 1) + 1 for i in range(len(k1)))
-    out_per, mid_per = second.out_channels // groups, first.out_channels // groups
+    dilation = []
+    for i in range(len(k1)):
+        steps = [step for step, taps in ((d1[i], k1[i]), (s1[i] * d2[i], k2[i])) if taps > 1]
+        dilation.append(math.gcd(*steps) if steps else 1)
+    return _Geometry(
+        groups=math.gcd(first.groups, second.groups),
+        span=tuple(d1[i] * (k1[i] - 1) + s1[i] * d2[i] * (k2[i] - 1) + 1 for i in range(len(k1))),
+        dilation=tuple(dilation),
+        stride=tuple(s1[i] * second.stride[i] for i in range(len(k1))),
+        padding=tuple(first.padding[i] + s1[i] * second.padding[i] for i in range(len(k1))),
+    )
+
+
+def compose_conv(first: Conv, second: Conv, *, weights: bool = True) -> Conv:
+    """``second∘first`` as one conv; exact when ``second`` is unpadded (else the pad-first model).
+
+    ``weights=False`` gives the merged conv's shape and settings with zero weights, without the
+    arithmetic (for planning: counting and timing merged layers, whose values do not matter).
+    """
+    geometry = _geometry(first, second)
+    groups, span = geometry.groups, geometry.span
     in_per = first.in_channels // groups
+    if not weights:
+        return Conv(np.zeros((second.out_channels, in_per) + geometry.kernel), np.zeros(second.out_channels),
+                    geometry.stride, geometry.padding, geometry.dilation, groups)
+    k1, k2 = first.kernel, second.kernel
+    s1, d1, d2 = first.stride, first.dilation, second.dilation
+    out_per, mid_per = second.out_channels // groups, first.out_channels // groups
     weight = np.zeros((second.out_channels, in_per) + span, dtype=np.float64)
     bias = second.bias.astype(np.float64).copy()
     for block in range(groups):
@@ -137,19 +176,8 @@ def compose_conv(first: Conv, second: Conv) -> Conv:
                 for i in range(len(k1))
             )
             weight[(rows, slice(None)) + where] += np.tensordot(outer[(Ellipsis,) + tap], inner, axes=([1], [0]))
-    dilation = []
-    for i in range(len(k1)):
-        steps = [step for step, taps in ((d1[i], k1[i]), (s1[i] * d2[i], k2[i])) if taps > 1]
-        dilation.append(math.gcd(*steps) if steps else 1)
-    keep = (slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilation)
-    return Conv(
-        weight=weight[keep].copy(),
-        bias=bias,
-        stride=tuple(s1[i] * second.stride[i] for i in range(len(k1))),
-        padding=tuple(first.padding[i] + s1[i] * second.padding[i] for i in range(len(k1))),
-        dilation=tuple(dilation),
-        groups=groups,
-    )
+    keep = (slice(None), slice(None)) + tuple(slice(None, None, d) for d in geometry.dilation)
+    return Conv(weight[keep].copy(), bias, geometry.stride, geometry.padding, geometry.dilation, groups)
 
 
 def compose_macs(first: Conv, second: Conv) -> tuple[int, int]:
@@ -164,15 +192,8 @@ def compose_macs(first: Conv, second: Conv) -> tuple[int, int]:
 
 def compose_conv_shape(first: Conv, second: Conv) -> int:
     """MACs per output position of the merged conv, without building its weight."""
-    groups = math.gcd(first.groups, second.groups)
-    k1, k2 = first.kernel, second.kernel
-    s1, d1, d2 = first.stride, first.dilation, second.dilation
-    taps = 1
-    for i in range(len(k1)):
-        steps = [step for step, count in ((d1[i], k1[i]), (s1[i] * d2[i], k2[i])) if count > 1]
-        dilation = math.gcd(*steps) if steps else 1
-        taps *= (d1[i] * (k1[i] - 1) + s1[i] * d2[i] * (k2[i] - 1)) // dilation + 1
-    return second.out_channels * (first.in_channels // groups) * taps
+    geometry = _geometry(first, second)
+    return second.out_channels * (first.in_channels // geometry.groups) * int(np.prod(geometry.kernel))
 
 
 def _tap_of(offset: int, dilation: int, size: int) -> int | None:
@@ -185,12 +206,12 @@ def _tap_of(offset: int, dilation: int, size: int) -> int | None:
 def add_identity(conv: Conv) -> Conv:
     """``conv(x) + x`` as one conv: needs stride 1, ``C_out = C_in``, ``P/D`` a tap of the kernel."""
     if any(s != 1 for s in conv.stride):
-        raise ValueError(f"an identity shortcut needs stride 1 (the conv has stride {conv.stride})")
+        raise Refusal(f"an identity shortcut needs stride 1 (the conv has stride {conv.stride})")
     if conv.out_channels != conv.in_channels:
-        raise ValueError(f"an identity shortcut needs C_out = C_in ({conv.out_channels} != {conv.in_channels})")
+        raise Refusal(f"an identity shortcut needs C_out = C_in ({conv.out_channels} != {conv.in_channels})")
     centre = tuple(_tap_of(p, d, k) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel))
     if any(tap is None for tap in centre):
-        raise ValueError(
+        raise Refusal(
             f"input position o is not a tap of the conv (padding {conv.padding}, dilation {conv.dilation})"
         )
     weight = conv.weight.copy()
@@ -203,9 +224,9 @@ def add_identity(conv: Conv) -> Conv:
 def add_shortcut(conv: Conv, shortcut: Conv) -> Conv:
     """``conv(x) + shortcut(x)`` as one conv; ``shortcut``'s taps must fall on ``conv``'s."""
     if conv.stride != shortcut.stride:
-        raise ValueError(f"the shortcut's stride {shortcut.stride} differs from the conv's {conv.stride}")
+        raise Refusal(f"the shortcut's stride {shortcut.stride} differs from the conv's {conv.stride}")
     if (conv.out_channels, conv.in_channels) != (shortcut.out_channels, shortcut.in_channels):
-        raise ValueError("the shortcut and the conv map different channel counts")
+        raise Refusal("the shortcut and the conv map different channel counts")
     starts = []
     for i, size in enumerate(conv.kernel):
         step = shortcut.dilation[i] * (shortcut.kernel[i] - 1)
@@ -214,7 +235,7 @@ def add_shortcut(conv: Conv, shortcut: Conv) -> Conv:
             _tap_of(conv.padding[i] - shortcut.padding[i] + step, conv.dilation[i], size),
         )
         if first is None or last is None or (shortcut.kernel[i] > 1 and shortcut.dilation[i] % conv.dilation[i]):
-            raise ValueError("the shortcut's taps do not fall on the conv's kernel")
+            raise Refusal("the shortcut's taps do not fall on the conv's kernel")
         starts.append(slice(first, last + 1, max(shortcut.dilation[i] // conv.dilation[i], 1)))
     groups = math.gcd(conv.groups, shortcut.groups)
     weight = regroup(conv.weight, conv.groups, groups)

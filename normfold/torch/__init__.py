@@ -38,8 +38,20 @@ __all__ = [
     "fuse_norm_calls_with_report",
     "fuse_norms",
     "fuse_norms_with_report",
+    "MergedSum",
+    "RefusedBranch",
+    "ReparamReport",
+    "reparameterize",
+    "reparameterize_with_report",
 ]
 from normfold.torch.layer_collapse import CollapseResult, CollapseStep, collapse  # noqa: E402  (TLC, issue 5)
 from normfold.torch.fuse_norm_calls import fuse_norm_calls, fuse_norm_calls_with_report
 from normfold.torch.fuse_norms import FuseNormsReport, fuse_norms, fuse_norms_with_report
 from normfold.torch.onnx_export import ExportResult, ExportVerificationError, export  # noqa: E402
+from normfold.torch.reparameterize import (  # noqa: E402  (issue 14)
+    MergedSum,
+    RefusedBranch,
+    ReparamReport,
+    reparameterize,
+    reparameterize_with_report,
+)

@@ -23,6 +23,9 @@ the ONNX passes):
    else from the graph (``flatten(x, 1)``, ``nn.Flatten``, ``view(n, -1)`` before the Linear,
    through rank-preserving modules), else from what the BatchNorm class accepts; a Conv's input
    is taken to be batched. A Linear + BatchNorm1d site whose rank stays unknown is refused.
+   A site whose folded weights the layer's dtype cannot hold (overflow, a nonzero value flushed
+   to 0, more error than the unfolded pair in float16/bfloat16) is refused by the rule the ONNX
+   folds apply (:mod:`normfold.math.fold_precision`).
 4. A module torch.fx cannot trace (data-dependent control flow, ...) is not traced: its children
    are folded one by one (each traced on its own), and if it is exactly ``nn.Sequential`` its
    adjacent (layer, BatchNorm) children fold as in 1 (the BatchNorm becomes ``nn.Identity``).
@@ -55,6 +58,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 from torch import fx, nn
@@ -63,6 +67,7 @@ from torch.nn.modules.conv import _ConvTransposeNd
 
 from normfold.errors import InputError, first_line
 from normfold.math import batchnorm as fm
+from normfold.math import fold_precision
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +428,34 @@ def _pair_refusal(
         seen = "/".join(str(r) for r in sorted(ranks))
         return (f"{bn_kind} sees a {seen}-d {kind} output ({source}) and normalizes its axis 1, "
                 f"which is not the {kind}'s output channel")
-    return None
+    return _dtype_refusal(layer, bn)
+
+
+def _dtype_refusal(layer: nn.Module, bn: nn.Module) -> str | None:
+    """Why the folded weights would not survive the cast to the layer's dtype, or None: overflow,
+    a nonzero value flushed to 0, or more error than the unfolded pair (``fold_precision``, the
+    rule the ONNX folds apply)."""
+    weight, bias = _folded_arrays(layer, bn)
+    dtype = _numpy_dtype(layer.weight.dtype)
+    for what, array in (("weight", weight), ("bias", bias)):
+        if (problem := fold_precision.cast_problem(array, dtype, what)) is not None:
+            return problem
+    kind = "ConvTranspose" if isinstance(layer, _ConvTransposeNd) else "Gemm" if isinstance(layer, nn.Linear) else "Conv"
+    groups = getattr(layer, "groups", 1)
+    # A Linear's weight (out, in) is a Gemm B with transB.
+    rows = fold_precision.output_rows(kind, _f64(layer.weight), group=groups, trans_b=True)
+    folded_rows = fold_precision.output_rows(kind, weight, group=groups, trans_b=True)
+    old_bias = None if layer.bias is None else _f64(layer.bias)
+    scale, shift = _bn_affine(bn)
+    reference, folded = fold_precision.site_outputs(
+        rows, old_bias, folded_rows, bias, dtype, after=fold_precision.Affine(scale, shift)
+    )
+    return fold_precision.precision_problem(reference, folded, dtype)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    # numpy has no bfloat16: ml_dtypes' is what the ONNX side uses too.
+    return np.dtype(ml_dtypes.bfloat16) if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -521,21 +553,27 @@ def _sequential_rank(children: list[nn.Module], index: int) -> int | None:
 # -- module plumbing -------------------------------------------------------------------------
 
 
+def _f64(tensor: torch.Tensor | None) -> np.ndarray | None:
+    # On the CPU: some accelerators (MPS) have no float64.
+    return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def _bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    return fm.bn_scale_shift(_f64(bn.weight), _f64(bn.bias), _f64(bn.running_mean), _f64(bn.running_var), bn.eps)
+
+
+def _folded_arrays(layer: nn.Module, bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 weight and bias of ``bn(layer(x))``."""
+    scale, shift = _bn_affine(bn)
+    if isinstance(layer, _ConvTransposeNd):
+        return fm.fold_after_conv_transpose(_f64(layer.weight), _f64(layer.bias), scale, shift, layer.groups)
+    # Conv (C_out, C_in/g, k...) and Linear (out, in): output channels on axis 0
+    return fm.fold_after_conv(_f64(layer.weight), _f64(layer.bias), scale, shift)
+
+
 def _folded_layer(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``layer`` computing ``bn(layer(x))``; folded in float64, cast once."""
-    def f64(tensor: torch.Tensor | None) -> np.ndarray | None:
-        # On the CPU: some accelerators (MPS) have no float64.
-        return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
-
-    scale, shift = fm.bn_scale_shift(
-        f64(bn.weight), f64(bn.bias), f64(bn.running_mean), f64(bn.running_var), bn.eps
-    )
-    if isinstance(layer, _ConvTransposeNd):
-        folded_weight, folded_bias = fm.fold_after_conv_transpose(
-            f64(layer.weight), f64(layer.bias), scale, shift, layer.groups
-        )
-    else:  # Conv (C_out, C_in/g, k...) and Linear (out, in): output channels on axis 0
-        folded_weight, folded_bias = fm.fold_after_conv(f64(layer.weight), f64(layer.bias), scale, shift)
+    folded_weight, folded_bias = _folded_arrays(layer, bn)
     weight, bias = torch.from_numpy(folded_weight), torch.from_numpy(folded_bias)
     old_weight, old_bias = layer.weight, layer.bias
     bias_dtype = old_weight.dtype if old_bias is None else old_bias.dtype

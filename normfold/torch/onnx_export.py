@@ -100,13 +100,15 @@ class ExportVerificationError(VerificationError):
 class ExportResult:
     """What :func:`export` wrote and how it compares with the module.
 
+    ``model`` is the written model (loaded from ``path``; its weights memory-mapped).
     ``export_checks`` and ``optimized_checks`` hold, per set of ``sizes``, the comparison of
-    the exported and of the optimized model with the module (empty when not verified).
+    the exported and of the optimized model with the module (empty when not verified). From
+    :class:`ExportVerificationError`, ``path`` and ``model`` are None: nothing was written.
     """
 
     path: Path | None
     report: dict[str, Any]
-    model: ir.Model
+    model: ir.Model | None
     sizes: list[Sizes]
     export_checks: list[VerificationReport]
     optimized_checks: list[VerificationReport]
@@ -213,8 +215,13 @@ def export(
     target_path = io.check_target(path)
     _refuse_training(module)
     inputs = _Inputs.of(module, example_inputs, input_names)
-    with torch.inference_mode():
-        example_outputs = _leaves(module(*inputs.args, **inputs.kwargs), "output")
+    try:
+        with torch.inference_mode():
+            example_outputs = _leaves(module(*inputs.args, **inputs.kwargs), "output")
+    except Exception as error:  # any error of the user's module
+        raise InputError(
+            f"{type(module).__name__} fails on the example inputs ({type(error).__name__}: {first_line(error)})"
+        ) from error
     outputs = list(output_names) if output_names is not None else [name for name, _ in example_outputs]
     if len(outputs) != len(example_outputs):
         raise InputError(f"output_names: {len(outputs)} name(s) for the module's {len(example_outputs)} output tensor(s)")
@@ -275,7 +282,7 @@ def export(
             "verified": False,
         }
         result = ExportResult(
-            path=None, report=report, model=optimized.model, sizes=size_sets,
+            path=None, report=report, model=None, sizes=size_sets,
             export_checks=export_checks, optimized_checks=optimized_checks,
         )
         report["verified"] = result.verified
@@ -284,6 +291,9 @@ def export(
         mark = time.perf_counter()
         result.path = optimized.save(target_path, external_data=external_data)
         seconds["save"] = time.perf_counter() - mark
+    # From the written file: weights the optimized model still read from the export went with
+    # the temporary folder.
+    result.model = io.load(result.path)
     report["output"] = str(result.path)
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = {name: round(value, 3) for name, value in seconds.items()}
@@ -411,8 +421,7 @@ def _axis_entries(name: str, spec: Any) -> dict[int, str | None]:
         # dynamic_axes' list of axes, or dynamic_shapes' per-axis list (None: static).
         if all(isinstance(item, int) and not isinstance(item, bool) for item in spec):
             return {_axis(name, axis): None for axis in spec}
-        else:
-            items = [(axis, item) for axis, item in enumerate(spec) if item is not None]
+        items = [(axis, item) for axis, item in enumerate(spec) if item is not None]
     else:
         raise InputError(f"dynamic axes of input {name!r}: expected a dict axis -> name or a list of axes")
     entries: dict[int, str | None] = {}
@@ -422,9 +431,9 @@ def _axis_entries(name: str, spec: Any) -> dict[int, str | None]:
             entries[axis] = item
         elif isinstance(item, torch.export.Dim):
             entries[axis] = item.__name__
-        elif item is not None and _is_dim_hint(item):
-            if str(item).endswith("STATIC"):
-                continue
+        elif item is torch.export.Dim.STATIC:
+            continue
+        elif item is torch.export.Dim.AUTO or item is torch.export.Dim.DYNAMIC:
             entries[axis] = None
         else:
             raise InputError(f"dynamic axes of input {name!r}: axis {axis} has {item!r}; give a name or a torch Dim")
@@ -435,11 +444,6 @@ def _axis(name: str, axis: Any) -> int:
     if isinstance(axis, bool) or not isinstance(axis, int):
         raise InputError(f"dynamic axes of input {name!r}: axis {axis!r} is not an integer")
     return axis
-
-
-def _is_dim_hint(item: Any) -> bool:
-    # Dim.AUTO / Dim.DYNAMIC / Dim.STATIC are instances of a private hint class.
-    return any(item is getattr(torch.export.Dim, hint, None) for hint in ("AUTO", "DYNAMIC", "STATIC"))
 
 
 def _refuse_training(module: nn.Module) -> None:
@@ -564,9 +568,10 @@ def _run_exporter(
             with silenced(*_QUIET_LOGGERS):
                 torch.onnx.export(model, args, str(path), **arguments)
     except Exception as error:  # the exporters raise many untyped errors
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
         raise InputError(
-            f"cannot export {type(module).__name__} with the {exporter} exporter: {_export_reason(error)}"
-            + ("" if debug else "; export(debug=True) shows the exporter's log")
+            f"cannot export {type(module).__name__} with the {exporter} exporter: {_export_reason(error)}; "
+            f"exporter={other!r} may succeed" + ("" if debug else ", and export(debug=True) shows the exporter's log")
         ) from error
     if not path.is_file():
         raise InputError(f"the {exporter} exporter wrote no file for {type(module).__name__}")
@@ -596,7 +601,10 @@ def _export_reason(error: BaseException) -> str:
     # "Found the following conflicts ...:" says what follows; the next line is the conflict.
     summary = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
     reason = f"{type(cause).__name__}: {summary[:300]}"
-    where = _USER_LINE.search(text)
+    # The traceback torch.export quotes runs outermost first: the last frame raised. Code
+    # without a source file (<string>, <stdin>) has no line to quote.
+    frames = [match for match in _USER_LINE.finditer(text) if not match.group(1).startswith("<")]
+    where = frames[-1] if frames else None
     if where:
         reason += f" (at {Path(where.group(1)).name}:{where.group(2)}: {where.group(3).strip()})"
     return reason
@@ -694,7 +702,8 @@ def _failure(result: ExportResult) -> str:
         for index, (sizes, check) in enumerate(zip(result.sizes, checks)):
             if check.passed:
                 continue
-            at = f"at sizes {_sizes_text(sizes)} ({', '.join(f'{n} {_shape_text(s)}' for n, s in check.input_shapes.items())})"
+            shapes = ", ".join(f"{name} {_shape_text(shape)}" for name, shape in check.input_shapes.items())
+            at = f"at sizes {_sizes_text(sizes)} ({shapes})" if sizes else f"at the example sizes ({shapes})"
             what = _problem_text(check)
             if which == "export":
                 if index == 0 or not result.export_checks[0].passed:

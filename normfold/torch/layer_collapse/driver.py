@@ -284,7 +284,8 @@ class _Run:
         """(layers, MACs, latency) of segment ``names`` of ``gm`` once merged (and its merges or refusals)."""
         sub, inputs = segments.extract(gm, names)
         merged = merge_layers(sub, inputs, max_flops_growth=self.s["max_flops_growth"],
-                              allow_border=not self.s["pad_first"], verify=False, free=self.free | set(free))
+                              allow_border=not self.s["pad_first"], verify=False, weights=False,
+                              free=self.free | set(free))
         timing = segments.timing(self.table, merged.module, inputs) if self.s["by_latency"] else None
         result = (layer_count(merged.module), cost.macs(merged.module, inputs), timing)
         if not merges:

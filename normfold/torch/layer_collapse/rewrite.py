@@ -46,6 +46,7 @@ import torch
 from torch import fx, nn
 
 from normfold.math import conv_merge as merge
+from normfold.errors import Refusal
 from normfold.math import batchnorm as fm
 from normfold.torch.layer_collapse.graph import (
     describe,
@@ -160,17 +161,22 @@ def merge_layers(
     allow_border: bool = False,
     verify: bool = True,
     free: Collection[str] = (),
+    weights: bool = True,
 ) -> MergeResult:
     """Merge every linear run of ``model`` (not modified) by the rules in the module docstring.
 
-    ``verify=False`` skips running the model after each merge (``max_error`` stays 0): for
-    planning, when the merged model is only counted, never returned to a user.
+    ``verify=False`` skips running the model after each merge (``max_error`` stays 0), and
+    ``weights=False`` (only without verifying) gives merged convs zero weights of the right shape
+    instead of composing them: both for planning, when the merged model is only counted and timed,
+    never returned to a user.
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     gm = copy.deepcopy(model).eval().double()
     inputs = tuple(x.double() if x.is_floating_point() else x for x in example_inputs)
+    if verify and not weights:
+        raise ValueError("merge_layers: weights=False is for planning and cannot be verified")
     engine = _Engine(gm, inputs, max_flops_growth=max_flops_growth, allow_border=allow_border, verify=verify,
-                     free=free)
+                     free=free, weights=weights)
     engine.run()
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -181,10 +187,11 @@ def merge_layers(
 class _Engine:
     def __init__(
         self, gm: fx.GraphModule, inputs: tuple, *, max_flops_growth: float, allow_border: bool, verify: bool,
-        free: Collection[str],
+        free: Collection[str], weights: bool,
     ) -> None:
         self.gm = gm
         self.free = set(free)
+        self.weights = weights
         self.verify = verify
         self.inputs = inputs
         self.max_flops_growth = max_flops_growth
@@ -364,8 +371,8 @@ class _Engine:
                     removed = [conv.name, other.name]
                 else:
                     continue
-            except ValueError as error:
-                self._refuse(node, f"the shortcut cannot fold into {describe(self.gm, conv)}: {error}")
+            except Refusal as refusal:
+                self._refuse(node, f"the shortcut cannot fold into {describe(self.gm, conv)}: {refusal.reason}")
                 continue
             name = self._install(_conv_module(merged, module_of(self.gm, conv)), node.name)
             with self.gm.graph.inserting_before(node):
@@ -411,7 +418,7 @@ class _Engine:
         what = f"{describe(self.gm, source)} and {describe(self.gm, node)}"
         if self._too_costly((node, source), what, unmerged, merged_macs):
             return None
-        merged = merge.compose_conv(first, second)
+        merged = merge.compose_conv(first, second, weights=self.weights)
         node.target = self._install(_conv_module(merged, module_of(self.gm, node)), node.name)
         node.args = (source.args[0],) + tuple(node.args[1:])
         self.gm.graph.erase_node(source)
@@ -461,7 +468,7 @@ class _Engine:
             head = merge.linear_as_conv(weight, bias if branch is convs[0] else np.zeros_like(bias), rank)
             if branch in convs:
                 spec = conv_spec(module_of(self.gm, branch))
-                merged[branch] = merge.compose_conv(spec, head)
+                merged[branch] = merge.compose_conv(spec, head, weights=self.weights)
                 unmerged_macs += spec.macs_per_output * positions
             else:
                 merged[branch] = head

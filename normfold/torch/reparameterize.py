@@ -1,0 +1,463 @@
+"""Structural re-parameterization of torch modules: parallel branches summed into one Conv.
+
+The torch counterpart of the ``fold-branches`` pass (same rule, same float64 math in
+:mod:`normfold.math.branches`), for modules written in the training-time multi-branch form of
+RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
+
+1. ``module`` is copied (unless ``inplace``) and traced with ``torch.fx.symbolic_trace`` (a
+   module that cannot be traced is left as it is, and the report says why). A *sum* is a tree
+   of ``+`` / ``torch.add`` calls whose inner results nothing else reads; its leaves are the
+   values it adds (a constant 0 — MobileOne's ``identity_out = 0`` — is dropped).
+2. A leaf is a *branch* of the tensor ``x`` it reads when it is, optionally followed by a
+   ``BatchNorm1d/2d/3d`` in eval mode with running statistics: a call of an
+   ``nn.Conv1d/2d/3d`` (exactly those classes, ``padding_mode='zeros'``) on ``x``; a k×k Conv
+   of a 1×1 Conv of ``x`` (DBB; exact when the k×k Conv does not pad or the 1×1 branch gives 0
+   on a zero input); an ``nn.AvgPool1d/2d/3d`` counting padded zeros; or ``x`` itself.
+3. The branches of one ``x`` merge when one of them is a Conv of ``x`` and every other one reads
+   the same windows centred in its kernel (strides, groups, channels, dilations, pads:
+   :func:`normfold.math.branches.sub_kernel_offsets`). The merged Conv is a new module (a
+   per-site clone named ``<conv>_reparam``; the original modules are never changed), with the
+   summed kernel and bias computed in float64 and cast once to the reference Conv's dtype.
+4. Every merge is probe-verified: on a seeded float64 probe, the merged Conv and the original
+   branches (run as they are, their parameters in float64) agree within a tolerance set by the
+   model's dtype; a site that does not is refused. Every refusal has its reason in a
+   :class:`ReparamReport`.
+
+Run :func:`normfold.torch.fold_batchnorm` before or after it for Conv + BN pairs outside sums.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MergedSum", "RefusedBranch", "ReparamReport", "reparameterize", "reparameterize_with_report"]
+
+import copy
+import dataclasses
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from normfold.errors import first_line
+from normfold.math import batchnorm as bnm
+from normfold.math import branches as bm
+from normfold.math import padding
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ADDS = (operator.add, operator.iadd, torch.add)
+# Agreement on the probe, relative to its largest output, per parameter dtype's epsilon.
+_PROBE_ULPS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class MergedSum:
+    """One sum whose branches of one tensor became the Conv module ``into``."""
+
+    node: str
+    into: str
+    branches: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusedBranch:
+    """A branch (or a whole sum: ``node`` is then the sum) left as it was, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ReparamReport:
+    """What :func:`reparameterize` merged and refused, with reasons."""
+
+    merged: list[MergedSum] = dataclasses.field(default_factory=list)
+    refused: list[RefusedBranch] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "applied": len(self.merged),
+            "merged": [dataclasses.asdict(site) for site in self.merged],
+            "refused": [dataclasses.asdict(site) for site in self.refused],
+        }
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class _Branch:
+    leaf: fx.Node
+    source: fx.Node
+    label: str
+    kind: str  # conv | pointwise+conv | pool | identity
+    nodes: list[fx.Node]  # the calls in the branch, in order
+    modules: list[nn.Module]  # what they call, for the probe
+    kernel: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    window: tuple[int, ...] | None = None
+    strides: tuple[int, ...] | None = None
+    pads: tuple[int, ...] | None = None
+    dilations: tuple[int, ...] | None = None
+    group: int = 1
+    affine: tuple[np.ndarray, np.ndarray] | None = None
+    conv: nn.Module | None = None
+    conv_target: str | None = None
+
+
+def reparameterize(module: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """``module`` with every exactly mergeable sum of parallel branches as one Conv.
+
+    Returns a new module (a ``torch.fx.GraphModule`` when something merged) and leaves
+    ``module`` untouched, unless ``inplace``. See :func:`reparameterize_with_report`.
+    """
+    return reparameterize_with_report(module, inplace=inplace)[0]
+
+
+def reparameterize_with_report(
+    module: nn.Module, *, inplace: bool = False
+) -> tuple[nn.Module, ReparamReport]:
+    """:func:`reparameterize`, and the :class:`ReparamReport` of every sum it looked at."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"reparameterize takes a torch.nn.Module, not {type(module).__name__}")
+    report = ReparamReport()
+    work = module if inplace else copy.deepcopy(module)
+    try:
+        traced = fx.symbolic_trace(work)
+    except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
+        report.refused.append(RefusedBranch(type(module).__name__,
+                                            f"torch.fx cannot trace it: {first_line(error)}"))
+        return work, report
+    modules = dict(traced.named_modules())
+    merged = 0
+    for root in [n for n in traced.graph.nodes if _is_root(n)]:
+        merged += _fold_sum(traced, root, modules, report)
+    if not merged:
+        return work, report
+    traced.graph.eliminate_dead_code()
+    traced.graph.lint()
+    traced.delete_all_unused_submodules()
+    traced.recompile()
+    return traced, report
+
+
+def _is_add(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ADDS \
+        and len(node.args) == 2 and not node.kwargs
+
+
+def _is_root(node: fx.Node) -> bool:
+    if not _is_add(node):
+        return False
+    users = list(node.users)
+    return len(users) != 1 or not _is_add(users[0])
+
+
+def _sum_tree(root: fx.Node) -> tuple[set[fx.Node], list[Any]]:
+    nodes, leaves = {root}, []
+
+    def visit(node: fx.Node) -> None:
+        for arg in node.args:
+            if _is_add(arg) and len(arg.users) == 1:
+                nodes.add(arg)
+                visit(arg)
+            else:
+                leaves.append(arg)
+
+    visit(root)
+    return nodes, leaves
+
+
+def _call(node: Any, modules: dict[str, nn.Module], kinds: tuple[type, ...]) -> nn.Module | None:
+    """The module ``node`` calls when it is exactly one of ``kinds`` (a subclass may differ)."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = modules[node.target]
+        if type(module) in kinds:
+            return module
+    return None
+
+
+def _f64(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def _bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    if bn.training:
+        raise _Refused("its BatchNorm is in training mode (call .eval())")
+    if bn.running_mean is None or bn.running_var is None:
+        raise _Refused("its BatchNorm has no running statistics")
+    channels = bn.num_features
+    gamma = _f64(bn.weight) if bn.weight is not None else np.ones(channels)
+    beta = _f64(bn.bias) if bn.bias is not None else np.zeros(channels)
+    return bnm.bn_scale_shift(gamma, beta, _f64(bn.running_mean), _f64(bn.running_var), bn.eps)
+
+
+def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], ...]:
+    if conv.padding_mode != "zeros":
+        raise _Refused(f"it pads with '{conv.padding_mode}', not zeros")
+    window = tuple(conv.kernel_size)
+    pads = padding.torch_conv_pads(conv.padding, window, conv.dilation)
+    return window, tuple(conv.stride), pads, tuple(conv.dilation)
+
+
+def _read_branch(leaf: fx.Node, modules: dict[str, nn.Module]) -> _Branch:
+    nodes: list[fx.Node] = []
+    mods: list[nn.Module] = []
+    inner, affine = leaf, None
+    # timm's ConvNormAct(apply_act=False) ends in an nn.Identity call.
+    while (identity := _call(inner, modules, (nn.Identity,))) is not None:
+        nodes.insert(0, inner)
+        mods.insert(0, identity)
+        inner = inner.args[0]
+    bn = _call(inner, modules, _BATCHNORMS)
+    if bn is not None:
+        affine = _bn_affine(bn)
+        nodes.insert(0, inner)
+        mods.insert(0, bn)
+        inner = inner.args[0]
+    conv = _call(inner, modules, _CONVS)
+    pool = _call(inner, modules, _POOLS)
+    if conv is None and pool is None:
+        return _Branch(leaf, inner, f"identity {leaf.name}", "identity", nodes, mods, affine=affine)
+    if len(inner.users) != 1:
+        raise _Refused(f"`{inner.name}` is also read by {sorted(u.name for u in inner.users)}")
+    nodes.insert(0, inner)
+    mods.insert(0, conv if conv is not None else pool)
+    if pool is not None:
+        window = _tuple(pool.kernel_size, pool)
+        strides = _tuple(pool.stride, pool)
+        pads = _tuple(pool.padding, pool)
+        if pool.ceil_mode:
+            raise _Refused(f"{inner.name} has ceil_mode=True: its last window may be partial")
+        if any(pads) and not pool.count_include_pad:
+            raise _Refused(f"{inner.name} pads without count_include_pad")
+        if getattr(pool, "divisor_override", None):
+            raise _Refused(f"{inner.name} has a divisor_override")
+        return _Branch(leaf, inner.args[0], inner.name, "pool", nodes, mods, window=window,
+                       strides=strides, pads=(*pads, *pads), dilations=(1,) * len(window),
+                       affine=affine)
+    window, strides, pads, dilations = _conv_geometry(conv)
+    branch = _Branch(leaf, inner.args[0], inner.target, "conv", nodes, mods,
+                     kernel=_f64(conv.weight), bias=_f64(conv.bias), window=window,
+                     strides=strides, pads=pads, dilations=dilations, group=conv.groups,
+                     affine=affine, conv=conv, conv_target=inner.target)
+    _compose_pointwise(branch, modules)
+    return branch
+
+
+def _tuple(value: Any, pool: nn.Module) -> tuple[int, ...]:
+    rank = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(pool)]
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
+
+
+def _compose_pointwise(branch: _Branch, modules: dict[str, nn.Module]) -> None:
+    """A k×k Conv reading a 1×1 Conv (through a BN, maybe) becomes a branch of the 1×1's input."""
+    middle = branch.nodes[0].args[0]
+    extra, mid_affine = [], None
+    bn = _call(middle, modules, _BATCHNORMS)
+    if bn is not None:
+        try:
+            mid_affine = _bn_affine(bn)
+        except _Refused:
+            return
+        extra.append(middle)
+        middle = middle.args[0]
+    first = _call(middle, modules, _CONVS)
+    if first is None or first.groups != branch.group or first.padding_mode != "zeros":
+        return
+    window, strides, pads, _ = _conv_geometry(first)
+    if any(w != 1 for w in window) or any(s != 1 for s in strides) or any(pads):
+        return
+    chain = [middle, *extra, branch.nodes[0]]
+    if any(len(node.users) != 1 for node in chain[:-1]):
+        return  # the 1×1 result is needed elsewhere: the k×k Conv is the branch on its own
+    weight, bias = _f64(first.weight), _f64(first.bias)
+    if mid_affine is not None:
+        weight, bias = bnm.fold_after_conv(weight, bias, *mid_affine)
+    if any(branch.pads) and bias is not None and np.any(bias):
+        raise _Refused(
+            f"{branch.label} zero-pads the output of the 1×1 {middle.target}, which is its bias "
+            "(nonzero) on a zero input: the merged Conv's border would differ"
+        )
+    branch.kernel, branch.bias = bm.compose_pointwise(weight, bias, branch.kernel, branch.bias,
+                                                      branch.group)
+    branch.nodes[:0] = [middle, *extra]
+    branch.modules[:0] = [first, *(modules[node.target] for node in extra)]
+    branch.source = middle.args[0]
+    branch.label = f"{middle.target} → {branch.label}"
+    branch.kind = "pointwise+conv"
+
+
+def _check_readers(branch: _Branch, tree: set[fx.Node]) -> None:
+    for node in branch.nodes[:-1]:
+        if len(node.users) != 1:
+            raise _Refused(f"`{node.name}` is also read by {sorted(u.name for u in node.users)}")
+    if branch.nodes and any(user not in tree for user in branch.leaf.users):
+        raise _Refused(f"`{branch.leaf.name}` is also read outside the sum: merging would keep it")
+
+
+def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.ndarray]:
+    """``branch``'s kernel padded to the reference's and its bias, float64, before its BN."""
+    out_channels, in_per_group = reference.kernel.shape[:2]
+    group, spatial = reference.group, len(reference.window)
+    if branch.kind == "identity":
+        window, strides = (1,) * spatial, (1,) * spatial
+        pads, dilations = (0,) * (2 * spatial), (1,) * spatial
+    else:
+        window, strides, pads, dilations = branch.window, branch.strides, branch.pads, branch.dilations
+    if strides != reference.strides:
+        raise _Refused(f"{branch.label} has strides {list(strides)}, {reference.label} {list(reference.strides)}")
+    if branch.kind in ("identity", "pool"):
+        if out_channels != in_per_group * group:
+            raise _Refused(f"{branch.label} keeps {in_per_group * group} channels, "
+                           f"{reference.label} makes {out_channels}")
+        kernel = (bm.identity_kernel(out_channels, group, spatial) if branch.kind == "identity"
+                  else bm.average_pool_kernel(out_channels, group, window))
+        bias = np.zeros(out_channels)
+    else:
+        if branch.group != group or branch.kernel.shape[:2] != (out_channels, in_per_group):
+            raise _Refused(f"{branch.label} has a {list(branch.kernel.shape)} weight in "
+                           f"{branch.group} group(s), {reference.label} a "
+                           f"{list(reference.kernel.shape)} one in {group}")
+        kernel = branch.kernel
+        bias = np.zeros(out_channels) if branch.bias is None else branch.bias
+    try:
+        offsets = bm.sub_kernel_offsets(window, pads, dilations, reference.window,
+                                        reference.pads, reference.dilations)
+    except ValueError as error:
+        raise _Refused(f"{branch.label} does not fit in {reference.label}: {error}") from None
+    return bm.pad_kernel(kernel, offsets, reference.window), bias
+
+
+def _fit(branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
+    parts, used, refusals = [], [], []
+    for branch in branches:
+        try:
+            kernel, bias = _branch_kernel(branch, reference)
+        except _Refused as refusal:
+            refusals.append((branch, refusal.reason))
+            continue
+        if branch.affine is not None:
+            kernel, bias = bnm.fold_after_conv(kernel, bias, *branch.affine)
+        parts.append((kernel, bias))
+        used.append(branch)
+    return reference, parts, used, refusals
+
+
+def _merged_conv(reference: _Branch, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
+    conv = reference.conv
+    merged = type(conv)(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        merged.weight.copy_(torch.from_numpy(weight))
+        merged.bias.copy_(torch.from_numpy(bias))
+    merged.train(conv.training)
+    return merged
+
+
+def _run_branch(branch: _Branch, x: torch.Tensor) -> torch.Tensor:
+    for module in branch.modules:
+        x = copy.deepcopy(module).to(torch.float64)(x)
+    return x
+
+
+def _probe_mismatch(used: list[_Branch], merged: nn.Module, reference: _Branch) -> str | None:
+    """Why the merged Conv does not compute the branches' sum on a seeded float64 probe."""
+    conv = reference.conv
+    spatial = tuple(2 * k * d + 3 for k, d in zip(conv.kernel_size, conv.dilation))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, conv.in_channels, *spatial), generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        expected = sum(_run_branch(branch, x) for branch in used)
+        actual = copy.deepcopy(merged).to(torch.float64)(x)
+    if actual.shape != expected.shape:
+        return f"the merged Conv gives shape {list(actual.shape)}, the branches {list(expected.shape)}"
+    scale = float(expected.abs().max())
+    error = float((actual - expected).abs().max())
+    limit = _PROBE_ULPS * torch.finfo(conv.weight.dtype).eps * max(scale, 1.0)
+    if not error <= limit:
+        return f"on a probe the merged Conv is {error:.3g} away from the branches (limit {limit:.3g})"
+    return None
+
+
+def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
+              report: ReparamReport) -> int:
+    tree, leaves = _sum_tree(root)
+    leaves = [leaf for leaf in leaves if not (isinstance(leaf, (int, float)) and leaf == 0)]
+    groups: dict[fx.Node, list[_Branch]] = {}
+    for leaf in leaves:
+        if not isinstance(leaf, fx.Node):
+            continue
+        try:
+            branch = _read_branch(leaf, modules)
+        except _Refused as refusal:
+            report.refused.append(RefusedBranch(leaf.name, refusal.reason))
+            continue
+        groups.setdefault(branch.source, []).append(branch)
+    replacements: dict[fx.Node, tuple[fx.Node, list[_Branch]]] = {}
+    for source, branches in groups.items():
+        if len(branches) < 2 or not any(b.kind == "conv" for b in branches):
+            continue
+        ready = []
+        for branch in branches:
+            try:
+                _check_readers(branch, tree)
+            except _Refused as refusal:
+                report.refused.append(RefusedBranch(branch.leaf.name, refusal.reason))
+                continue
+            ready.append(branch)
+        convs = [b for b in ready if b.kind == "conv"]
+        if not convs:
+            continue
+        largest = max(int(np.prod(b.window)) for b in convs)
+        attempts = [_fit(ready, c) for c in convs if int(np.prod(c.window)) == largest]
+        reference, parts, used, refusals = max(attempts, key=lambda a: len(a[2]))
+        for branch, reason in refusals:
+            report.refused.append(RefusedBranch(branch.leaf.name, reason))
+        if len(used) < 2:
+            continue
+        weight = np.sum([k for k, _ in parts], axis=0)
+        bias = np.sum([b for _, b in parts], axis=0)
+        merged = _merged_conv(reference, weight, bias)
+        if (problem := _probe_mismatch(used, merged, reference)) is not None:
+            report.refused.append(RefusedBranch(root.name, problem))
+            continue
+        name = _fresh_name(gm, f"{reference.conv_target}_reparam")
+        gm.add_submodule(name, merged)
+        with gm.graph.inserting_before(root):
+            node = gm.graph.call_module(name, (source,))
+        replacements[source] = (node, used)
+        report.merged.append(MergedSum(root.name, name, tuple(b.label for b in used)))
+    if not replacements:
+        return 0
+    merged_leaves = {id(b.leaf) for _, used in replacements.values() for b in used}
+    first = {id(used[0].leaf): node for node, used in replacements.values()}
+    terms = []
+    for leaf in leaves:
+        if id(leaf) in first:
+            terms.append(first.pop(id(leaf)))
+        elif id(leaf) not in merged_leaves:
+            terms.append(leaf)
+    total = terms[0]
+    with gm.graph.inserting_before(root):
+        for term in terms[1:]:
+            total = gm.graph.call_function(operator.add, (total, term))
+    root.replace_all_uses_with(total)
+    return len(replacements)
+
+
+def _fresh_name(gm: fx.GraphModule, base: str) -> str:
+    stem = base.replace(".", "_")
+    name, count = stem, 1
+    while hasattr(gm, name):
+        count += 1
+        name = f"{stem}_{count}"
+    return name
