@@ -54,7 +54,6 @@ from __future__ import annotations
 __all__ = ["FoldBranchesPass"]
 
 import dataclasses
-import logging
 from typing import Any
 
 import numpy as np
@@ -82,8 +81,6 @@ from normfold.passes._fold_graph import (
     require_precise,
     tensor_dtype,
 )
-
-logger = logging.getLogger(__name__)
 
 _SUMS = frozenset({"Add", "Sum"})
 

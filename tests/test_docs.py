@@ -239,13 +239,22 @@ def test_relative_links_resolve(page: Path) -> None:
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 
-def test_every_docs_page_is_on_the_map() -> None:
-    """docs/index.md links every page of docs/, and the README links the map."""
-    index = ROOT / "docs" / "index.md"
-    linked = {Path(target.partition("#")[0]).name for groups in _LINK.findall(_prose(index)) for target in groups if target}
-    missing = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.name != "index.md" and p.name not in linked)
-    assert not missing, f"docs/index.md does not link: {missing}"
-    assert "docs/index.md" in (ROOT / "README.md").read_text()
+def _linked_files(page: Path) -> set[Path]:
+    return {
+        (page.parent / target.partition("#")[0]).resolve()
+        for groups in _LINK.findall(_prose(page))
+        for target in groups
+        if target and not target.startswith("#")
+    }
+
+
+@pytest.mark.parametrize("front", ["docs/index.md", "README.md"])
+def test_every_docs_page_is_on_the_map(front: str) -> None:
+    """docs/index.md and the README each link every page of docs/."""
+    linked = _linked_files(ROOT / front)
+    missing = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.resolve() not in linked and p.name != "index.md")
+    assert not missing, f"{front} does not link: {missing}"
+    assert (ROOT / "docs" / "index.md").resolve() in _linked_files(ROOT / "README.md")
 
 
 # ---- the reference pages name everything there is ---------------------------------------------

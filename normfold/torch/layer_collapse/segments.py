@@ -20,7 +20,7 @@ the same structure and shapes are timed once.
 
 from __future__ import annotations
 
-__all__ = ["Segment", "extract", "merges_through", "segment", "signature", "timing"]
+__all__ = ["Form", "Segment", "extract", "merges_through", "segment", "signature", "timing"]
 
 import copy
 import dataclasses
@@ -45,22 +45,44 @@ from normfold.torch.layer_collapse.graph import (
 from normfold.torch.layer_collapse.rewrite import shape_of
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """A segment merged as far as the rules go: its Conv/Linear calls, MACs per sample, latency."""
+
+    layers: int
+    macs: int
+    latency: Timing | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"layers": self.layers, "macs": self.macs,
+                "latency": None if self.latency is None else self.latency.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
 class Segment:
-    """A segment's nodes (graph order) and its cost before and after the removal."""
+    """A segment's nodes (graph order), merged as it is now (``before``) and after the removal."""
 
     nodes: list[str]
-    layers: tuple[int, int] = (0, 0)  # Conv/Linear calls (before, after)
-    macs: tuple[int, int] = (0, 0)  # per sample
-    latency: tuple[Timing, Timing] | None = None
+    before: Form
+    after: Form
 
     @property
     def growth(self) -> float:
-        return self.macs[1] / self.macs[0] if self.macs[0] else float("inf")
+        return self.after.macs / self.before.macs if self.before.macs else float("inf")
 
     @property
     def saving_ms(self) -> float | None:
-        return None if self.latency is None else self.latency[0].median - self.latency[1].median
+        if self.before.latency is None or self.after.latency is None:
+            return None
+        return self.before.latency.median - self.after.latency.median
+
+    @property
+    def shrinks(self) -> bool:
+        """Whether the removal loses layers or MACs."""
+        return self.after.layers < self.before.layers or self.after.macs < self.before.macs
+
+    def to_dict(self) -> dict[str, object]:
+        return {"before": self.before.to_dict(), "after": self.after.to_dict()}
 
 
 def merges_through(gm: fx.GraphModule, node: fx.Node) -> bool:
