@@ -18,13 +18,14 @@ b, gamma, epsilon)``). When the sum ``a + b`` is also read elsewhere or is a gra
 residual stream of a pre-norm transformer), those readers get the op's fourth output,
 ``input_skip_bias_sum``, which is exactly ``a + b``.
 
-With a bias. For ``y = Norm((a + b) + bias)`` (or ``Norm(bias + (a + b))``) where ``bias`` is a
-constant of shape (hidden,), the op's ``bias`` input takes it: ``Skip…(a, b, gamma, beta, bias)``
-(``Skip…Simplified…(a, b, gamma, bias)``). onnxruntime's kernel adds in that order, input plus
-skip, then bias, so the result is the graph's, as exact as the fusion without a bias; its
-fourth output is then ``(a + b) + bias``. The inner sum ``a + b`` must have no other reader (the
-op does not output it). ``(a + bias) + b``, the order a MatMul's bias and a residual usually
-come in, is another sum in floating point and is not rewritten this way.
+With a bias (:class:`SkipBiasNormFusion`). For ``y = Norm((a + b) + bias)`` (or
+``Norm(bias + (a + b))``) where ``bias`` is a constant of shape (hidden,), the op's ``bias``
+input takes it: ``Skip…(a, b, gamma, beta, bias)`` (``Skip…Simplified…(a, b, gamma, bias)``).
+onnxruntime's kernel adds in that order, input plus skip, then bias, so the result is the
+graph's, as exact as the fusion without a bias; its fourth output is then ``(a + b) + bias``.
+The inner sum ``a + b`` must have no other reader (the op does not output it). ``(a + bias) +
+b``, the order a MatMul's bias and a residual usually come in, is another sum in floating point
+and is not rewritten this way.
 
 Sites kept because the ops are slower are refused with ``by_design=True`` in their report line,
 so reports count them apart from sites the graph rules out.
@@ -38,7 +39,7 @@ mean/inv-std outputs are unused.
 
 from __future__ import annotations
 
-__all__ = ["skip_rules"]
+__all__ = ["SkipBiasNormFusion", "SkipNormFusion"]
 
 import dataclasses
 
@@ -67,13 +68,12 @@ _SLOWER = {
 class SkipNormFusion(NormRule):
     """``norm(Add(a, b))`` -> Skip op; ``keep_sum`` variants also hand the sum to its readers."""
 
-    def __init__(
-        self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool, enabled: bool
-    ) -> None:
+    def __init__(self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool) -> None:
         super().__init__(record, options, state)
         self.norm = norm
         self.keep_sum = keep_sum
-        self.enabled = enabled
+        # Off by default: the Skip ops were measured slower, so the sites are only refused.
+        self.enabled = options.skip_ops
         self.name = f"SkipNormFusion[{norm}{', sum read' if keep_sum else ''}]"
 
     def pattern(self, op, a, b):
@@ -166,10 +166,10 @@ class SkipBiasNormFusion(SkipNormFusion):
     """``norm((a + b) + bias)`` -> Skip op with its bias input; ``bias_first``: ``bias + (a + b)``."""
 
     def __init__(
-        self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool, enabled: bool,
+        self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool,
         bias_first: bool,
     ) -> None:
-        super().__init__(record, options, state, norm, keep_sum, enabled)
+        super().__init__(record, options, state, norm, keep_sum)
         self.bias_first = bias_first
         self.name = f"SkipNormFusion[{norm}, bias{' first' if bias_first else ''}{', sum read' if keep_sum else ''}]"
 
@@ -180,19 +180,3 @@ class SkipBiasNormFusion(SkipNormFusion):
 
     def check(self, context, a, b, bias, total, normalized, **_) -> MatchResult:
         return self._check(context, a, b, total, normalized, bias)
-
-
-def skip_rules(record: PassRecord, options: PassOptions, state: FusionState, enabled: bool) -> list[NormRule]:
-    """The Skip rules, those that take a bias first; with ``enabled`` False they only refuse the
-    sites (measured slower)."""
-    with_bias: list[NormRule] = [
-        SkipBiasNormFusion(record, options, state, norm, keep_sum, enabled, bias_first)
-        for norm in _SKIP_OP
-        for keep_sum in (False, True)
-        for bias_first in (False, True)
-    ]
-    return with_bias + [
-        SkipNormFusion(record, options, state, norm, keep_sum, enabled)
-        for norm in _SKIP_OP
-        for keep_sum in (False, True)
-    ]
