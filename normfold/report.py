@@ -11,29 +11,20 @@ __all__ = ["format_inspect", "format_optimize", "format_passes_table", "write_js
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from normfold.io import check_target
+from normfold.files import write_atomic
 
 # How many refusals a table shows per pass before it says "and N more (see --report)".
 _REFUSALS_SHOWN = 8
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
-    target = check_target(path)
-    handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".json", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2, default=_jsonable)
-            file.write("\n")
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``data`` as JSON atomically, with a new file's usual permissions
+    (:func:`normfold.files.write_atomic`)."""
+    text = json.dumps(data, indent=2, default=_jsonable) + "\n"
+    return write_atomic(path, lambda file: file.write(text.encode()))
 
 
 def format_passes_table(passes: list[dict[str, Any]]) -> str:

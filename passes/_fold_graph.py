@@ -308,3 +308,12 @@ class FoldRule(RecordingRule):
         self.remove_nodes = remove_nodes
         self._fresh = fresh
         self._plan: Any = None
+
+    def read_batchnorm(self, context: Any, bn: ir.Node) -> tuple[np.ndarray, np.ndarray, Reads]:
+        """What every BN rule checks first: the site is in a graph (not a model function) and
+        ``bn`` is an inference-form BatchNormalization with constant parameters. Returns its
+        float64 ``(s, t)`` and the graph inputs it read (see :func:`batchnorm_affine`)."""
+        reads = Reads(self.options.freeze_initializer_inputs)
+        require_graph(context)
+        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        return scale, shift, reads

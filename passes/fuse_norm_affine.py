@@ -27,7 +27,7 @@ is not absorbed: the operand stays apart, with the reason (``fold_precision.cast
 
 from __future__ import annotations
 
-__all__ = ["affine_rules"]
+__all__ = ["AbsorbBias", "AbsorbCast", "AbsorbScale"]
 
 import dataclasses
 
@@ -203,13 +203,3 @@ def _runtime_fits(value: ir.Value, spec: FusedNorm) -> bool:
         and value.dtype == spec.x.dtype
         and checks.dims(value) == list(spec.affine_shape)
     )
-
-
-def affine_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    return [
-        AbsorbCast(record, options, state),
-        AbsorbScale(record, options, state, "nw"),
-        AbsorbScale(record, options, state, "wn"),
-        AbsorbBias(record, options, state, "nb"),
-        AbsorbBias(record, options, state, "bn"),
-    ]

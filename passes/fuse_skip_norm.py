@@ -27,7 +27,7 @@ mean/inv-std outputs are unused.
 
 from __future__ import annotations
 
-__all__ = ["skip_rules"]
+__all__ = ["SkipNormFusion"]
 
 import dataclasses
 
@@ -56,13 +56,12 @@ _SLOWER = {
 class SkipNormFusion(NormRule):
     """``norm(Add(a, b))`` -> Skip op; ``keep_sum`` variants also hand the sum to its readers."""
 
-    def __init__(
-        self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool, enabled: bool
-    ) -> None:
+    def __init__(self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool) -> None:
         super().__init__(record, options, state)
         self.norm = norm
         self.keep_sum = keep_sum
-        self.enabled = enabled
+        # Off by default: the Skip ops were measured slower, so the sites are only refused.
+        self.enabled = options.skip_ops
         self.name = f"SkipNormFusion[{norm}{', sum read' if keep_sum else ''}]"
 
     def pattern(self, op, a, b):
@@ -131,12 +130,3 @@ class SkipNormFusion(NormRule):
             return y
         outputs[3].type, outputs[3].shape = normalized.type, normalized.shape
         return y, outputs[3]
-
-
-def skip_rules(record: PassRecord, options: PassOptions, state: FusionState, enabled: bool) -> list[NormRule]:
-    """The Skip rules; with ``enabled`` False they only refuse the sites (measured slower)."""
-    return [
-        SkipNormFusion(record, options, state, norm, keep_sum, enabled)
-        for norm in _SKIP_OP
-        for keep_sum in (False, True)
-    ]

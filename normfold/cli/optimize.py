@@ -24,8 +24,9 @@ def add_command(commands: Any, groups: options.Groups) -> None:
     opt.add_argument("--report", help="write the JSON report here")
     opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     opt.add_argument("--external-data", metavar="NAME",
-                     help="write weights to this data file next to OUT (default: OUT's stem + .data for "
-                          "models over 1.8 GB; smaller models stay one file)")
+                     help="write weights to a data file next to OUT named after NAME with a fresh token per "
+                          "save (w.data -> w.nf-1a2b3c4d.data; default: OUT's stem + .data for models over "
+                          "1.8 GB; smaller models stay one file)")
     opt.add_argument("--freeze-initializer-inputs", action="store_true",
                      help="treat initializers listed as graph inputs as constants (removes those inputs)")
     opt.add_argument("--lower-standalone-bn", action="store_true",
@@ -47,12 +48,13 @@ def run(args: argparse.Namespace) -> int:
     if args.example and args.input:
         raise InputError("optimize: give either IN.onnx or --example, not both")
 
+    from normfold.jobs.common import check_paths
     from normfold.jobs.optimize import optimize
     from normfold.report import format_optimize, write_json
 
     source = _example_path(args.example) if args.example else args.input
-    if Path(args.output).resolve() == Path(source).resolve():
-        raise InputError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    check_paths({"-o": args.output, "--report": args.report, "--save-inputs": args.save_inputs},
+                models=[source], inputs=[args.inputs], external_data=args.external_data)
     result = optimize(
         source,
         passes=passes,
