@@ -101,7 +101,10 @@ def source_label(source: io.ModelLike) -> str:
 
 
 def summary(model: ir.Model, when: str) -> dict[str, Any]:
-    """``opset_<when>``, ``nodes_<when>`` and ``ops_<when>`` (op histogram, most common first)."""
+    """``opset_<when>``, ``nodes_<when>``, ``ops_<when>`` (op histogram, most common first),
+    ``weight_bytes_<when>`` (the initializers' bytes, counted from their shapes) and
+    ``signature_<when>`` (each graph input, initializer-inputs included, and output as
+    ``dtype[dims]``)."""
     ops = Counter(
         f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         for node in model.graph.all_nodes()
@@ -110,4 +113,17 @@ def summary(model: ir.Model, when: str) -> dict[str, Any]:
         f"opset_{when}": model_opset(model),
         f"nodes_{when}": sum(ops.values()),
         f"ops_{when}": dict(ops.most_common()),
+        f"weight_bytes_{when}": io.tensor_bytes(model),
+        f"signature_{when}": {
+            "inputs": {value.name: _signature(value) for value in model.graph.inputs},
+            "outputs": {value.name: _signature(value) for value in model.graph.outputs},
+        },
     }
+
+
+def _signature(value: ir.Value) -> str:
+    dtype = value.dtype.name.lower() if value.dtype is not None else "?"
+    dims = "?" if value.shape is None else ",".join(
+        "?" if isinstance(dim, ir.SymbolicDim) and dim.value is None else str(dim) for dim in value.shape
+    )
+    return f"{dtype}[{dims}]"
