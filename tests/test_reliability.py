@@ -101,6 +101,16 @@ def test_batchnorms_inside_subgraphs_are_folded(tmp_path: Path) -> None:
         assert "BatchNormalization" not in result.report["ops_after"]
 
 
+def test_function_bodies_are_left_with_a_reason(tmp_path: Path) -> None:
+    import normfold
+
+    result = normfold.optimize(UNUSUAL["function"](tmp_path))
+    assert result.verified
+    cleanup = result.report["passes"][0]
+    assert cleanup["name"] == "cleanup"
+    assert any("function local::Shift" in note and "left as it is" in note for note in cleanup["notes"])
+
+
 # --- 6: verify checks both models -------------------------------------------------------------
 
 
