@@ -99,6 +99,7 @@ class Outcome:
     case: Case
     category: str
     detail: str = ""
+    rewrites: int = 0  # sites the passes rewrote (cleanup's folds included)
 
     @property
     def violation(self) -> bool:
@@ -496,11 +497,12 @@ def judge(case: Case) -> Outcome:
     except Exception as error:  # onnxruntime's own errors
         return Outcome(case, "invalid-output", str(error).splitlines()[0][:300])
     report = compare([expected], [actual], truth=None if truth is None else [truth])
+    rewrites = sum(p["applied"] for p in result.report["passes"])
     if not report.passed:
         problems = [f"{c.name}: {c.problem}" for c in report.outputs.values() if not c.passed] + report.problems
         passes = [(p["name"], p["applied"]) for p in result.report["passes"]]
-        return Outcome(case, "wrong-output", f"{'; '.join(problems)} (passes {passes})")
-    return Outcome(case, "ok")
+        return Outcome(case, "wrong-output", f"{'; '.join(problems)} (passes {passes})", rewrites)
+    return Outcome(case, "ok", rewrites=rewrites)
 
 
 def run(count: int, seed: int, *, on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
@@ -532,6 +534,8 @@ def summary(outcomes: list[Outcome], seconds: float) -> str:
         lines.append(f"  by {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     opsets = collections.Counter(o.case.opset for o in outcomes)
     lines.append("  by opset: " + ", ".join(f"{k} {v}" for k, v in sorted(opsets.items())))
+    rewritten = collections.Counter(o.case.family for o in outcomes if o.rewrites)
+    lines.append("  rewritten (some site changed): " + ", ".join(f"{k} {v}" for k, v in sorted(rewritten.items())))
     violations = [o for o in outcomes if o.violation]
     by_category = collections.Counter(o.category for o in violations)
     lines.append(f"violations: {len(violations)}" + (

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 __all__ = ["ClassifierIntoConv", "ConvShortcut", "MergeConvConv", "MergeGemmGemm"]
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from normfold.passes.base import PassOptions, PassRecord, RecordingRule
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     Reads,
-    Refusal,
     attribute,
     conv_pads_of,
     describe,
@@ -98,6 +99,35 @@ def _emit_conv(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _ChainMerge:
+    """``second(first(x))`` and what the rule's ``_merge`` read from them for the rewrite."""
+
+    first: ir.Node
+    second: ir.Node
+    merged: tuple[Any, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShortcutMerge:
+    """``add = conv(x) + shortcut(x)`` (or ``+ x``) as the one conv ``merged``."""
+
+    add: ir.Node
+    conv: ir.Node
+    merged: merge.Conv
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassifierMerge:
+    """``gemm(flatten(pool(conv(x))))`` with the classifier merged into the conv: ``merged``."""
+
+    conv: ir.Node
+    pool: ir.Node
+    flatten: ir.Node
+    gemm: ir.Node
+    merged: merge.Conv
+
+
 class _CollapseRule(RecordingRule):
     def __init__(
         self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str], max_flops_growth: float
@@ -105,7 +135,7 @@ class _CollapseRule(RecordingRule):
         super().__init__(record, options)
         self._fresh = fresh
         self._growth = max_flops_growth
-        self._plan: tuple[Any, ...] | None = None
+        self._plan: Any = None
 
     def _check_cost(self, what: str, unmerged: int, merged: int) -> None:
         if merged > self._growth * unmerged:
@@ -128,13 +158,10 @@ class _ChainRule(_CollapseRule):
 
     def check(self, context: Any, x: ir.Value, mid: ir.Value, out: ir.Value, **_: Any) -> MatchResult:
         first, second = mid.producer(), out.producer()
-        try:
-            if (seen := other_reader(mid, {second})) is not None:
-                raise Refusal(f"{describe(first)} output is also read by {seen}")
-            merged = self._merge(first, second, Reads(self.options.freeze_initializer_inputs))
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, second)
-        self._plan = (first, second, *merged)
+        if (seen := other_reader(mid, {second})) is not None:
+            raise Refusal(f"{describe(first)} output is also read by {seen}")
+        merged = self._merge(first, second, Reads(self.options.freeze_initializer_inputs))
+        self._plan = _ChainMerge(first, second, merged)
         return MatchResult()
 
     def _merge(self, first: ir.Node, second: ir.Node, reads: Reads) -> tuple[Any, ...]:
@@ -154,7 +181,8 @@ class MergeConvConv(_ChainRule):
         return a, b
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        first, second, a, b = self._plan
+        plan: _ChainMerge = self._plan
+        first, second, (a, b) = plan.first, plan.second, plan.merged
         merged = merge.compose_conv(a, b)
         self.record.site(second.name, op="Conv∘Conv", into=second.name, removed=first.name,
                          pad_first=any(b.padding), kernel=list(merged.kernel))
@@ -182,27 +210,24 @@ class ConvShortcut(_CollapseRule):
               **_: Any) -> MatchResult:
         add = out.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            for value in (branch, shortcut):
-                if value is not None and (seen := other_reader(value, {add})) is not None:
-                    raise Refusal(f"{describe(value.producer())} output is also read by {seen}")
-            conv = read_conv(branch.producer(), reads)
-            if shortcut is None:
-                merged = merge.add_identity(conv)
-            else:
-                other = read_conv(shortcut.producer(), reads)
-                try:
-                    merged = merge.add_shortcut(conv, other)
-                except ValueError:
-                    merged = merge.add_shortcut(other, conv)
-        except (Refusal, ValueError) as problem:
-            reason = problem.reason if isinstance(problem, Refusal) else f"the shortcut cannot fold: {problem}"
-            return MatchResult().fail(reason, add)
-        self._plan = (add, branch.producer(), merged)
+        for value in (branch, shortcut):
+            if value is not None and (seen := other_reader(value, {add})) is not None:
+                raise Refusal(f"{describe(value.producer())} output is also read by {seen}")
+        conv = read_conv(branch.producer(), reads)
+        if shortcut is None:
+            merged = merge.add_identity(conv)
+        else:
+            other = read_conv(shortcut.producer(), reads)
+            try:
+                merged = merge.add_shortcut(conv, other)
+            except Refusal:  # the taps may fall the other way round
+                merged = merge.add_shortcut(other, conv)
+        self._plan = _ShortcutMerge(add, branch.producer(), merged)
         return MatchResult()
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        add, conv, merged = self._plan
+        plan: _ShortcutMerge = self._plan
+        add, conv, merged = plan.add, plan.conv, plan.merged
         self.record.site(add.name, op="shortcut", into=conv.name)
         return _typed(_emit_conv(op, x, merged, conv, self._fresh, conv.name), add.outputs[0])
 
@@ -227,7 +252,8 @@ class MergeGemmGemm(_ChainRule):
         return weight, bias
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        first, second, weight, bias = self._plan
+        plan: _ChainMerge = self._plan
+        first, second, (weight, bias) = plan.first, plan.second, plan.merged
         dtype = tensor_dtype(second.inputs[1])
         base = second.inputs[1].name or second.name
         self.record.site(second.name, op="Gemm∘Gemm", into=second.name, removed=first.name)
@@ -253,31 +279,29 @@ class ClassifierIntoConv(_CollapseRule):
               out: ir.Value, **_: Any) -> MatchResult:
         conv_node, gemm = features.producer(), out.producer()
         reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            for value, reader in ((features, pooled.producer()), (pooled, flat.producer()), (flat, gemm)):
-                if (seen := other_reader(value, {reader})) is not None:
-                    raise Refusal(f"{describe(value.producer())} output is also read by {seen}")
-            if int(attribute(flat.producer(), "axis", 1)) != 1 or attribute(gemm, "transA", 0):
-                raise Refusal(f"{describe(gemm)} does not read the pooled channels as its features")
-            conv = read_conv(conv_node, reads)
-            b, c, alpha, beta = _gemm_terms(gemm, reads)
-            if c.ndim > 1 and c.shape[0] != 1:
-                raise Refusal(f"{describe(gemm)} has a per-row C of shape {list(c.shape)}")
-            dims = features.shape.dims[2:] if features.shape is not None else None
-            if dims is None or not all(isinstance(d, int) for d in dims):
-                raise Refusal(f"the output size of {describe(conv_node)} is unknown, so its cost cannot be weighed")
-            positions = int(np.prod(dims))
-            head = merge.linear_as_conv(alpha * b.T, beta * c.reshape(-1), len(conv.kernel))
-            merged = merge.compose_conv(conv, head)
-            self._check_cost(f"{describe(gemm)} into {describe(conv_node)}",
-                             conv.macs_per_output * positions + b.size, merged.macs_per_output * positions)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, gemm)
-        self._plan = (conv_node, pooled.producer(), flat.producer(), gemm, merged)
+        for value, reader in ((features, pooled.producer()), (pooled, flat.producer()), (flat, gemm)):
+            if (seen := other_reader(value, {reader})) is not None:
+                raise Refusal(f"{describe(value.producer())} output is also read by {seen}")
+        if int(attribute(flat.producer(), "axis", 1)) != 1 or attribute(gemm, "transA", 0):
+            raise Refusal(f"{describe(gemm)} does not read the pooled channels as its features")
+        conv = read_conv(conv_node, reads)
+        b, c, alpha, beta = _gemm_terms(gemm, reads)
+        if c.ndim > 1 and c.shape[0] != 1:
+            raise Refusal(f"{describe(gemm)} has a per-row C of shape {list(c.shape)}")
+        dims = features.shape.dims[2:] if features.shape is not None else None
+        if dims is None or not all(isinstance(d, int) for d in dims):
+            raise Refusal(f"the output size of {describe(conv_node)} is unknown, so its cost cannot be weighed")
+        positions = int(np.prod(dims))
+        head = merge.linear_as_conv(alpha * b.T, beta * c.reshape(-1), len(conv.kernel))
+        merged = merge.compose_conv(conv, head)
+        self._check_cost(f"{describe(gemm)} into {describe(conv_node)}",
+                         conv.macs_per_output * positions + b.size, merged.macs_per_output * positions)
+        self._plan = _ClassifierMerge(conv_node, pooled.producer(), flat.producer(), gemm, merged)
         return MatchResult()
 
     def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        conv_node, pool, flatten, gemm, merged = self._plan
+        plan: _ClassifierMerge = self._plan
+        conv_node, pool, flatten, gemm, merged = plan.conv, plan.pool, plan.flatten, plan.gemm, plan.merged
         self.record.site(gemm.name, op="classifier-into-conv", into=conv_node.name)
         classes = merged.out_channels
         features = _emit_conv(op, x, merged, conv_node, self._fresh, conv_node.name)

@@ -27,7 +27,6 @@ __all__ = [
     "FoldRule",
     "FreshNames",
     "Reads",
-    "Refusal",
     "any_op",
     "attribute",
     "batchnorm_affine",
@@ -55,18 +54,11 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _pattern_ir
 
+from normfold.errors import Refusal
 from normfold.math import fold_precision
 from normfold.math.batchnorm import bn_scale_shift
 from normfold.math.padding import conv_pads
 from normfold.passes.base import PassOptions, PassRecord, RecordingRule
-
-
-class Refusal(Exception):
-    """A site cannot be folded exactly; ``reason`` says why, for the report."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def describe(node: ir.Node) -> str:
@@ -163,17 +155,14 @@ def conv_pads_of(node: ir.Node, kernel: Sequence[int]) -> tuple[int, ...] | None
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
     shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
-    try:
-        return conv_pads(
-            auto_pad,
-            attribute(node, "pads", None),
-            kernel,
-            strides=attribute(node, "strides", None),
-            dilations=attribute(node, "dilations", None),
-            input_size=None if shape is None else [d if isinstance(d, int) else None for d in shape[2:]],
-        )
-    except ValueError as error:
-        raise Refusal(f"{describe(node)}: {error}") from None
+    return conv_pads(
+        auto_pad,
+        attribute(node, "pads", None),
+        kernel,
+        strides=attribute(node, "strides", None),
+        dilations=attribute(node, "dilations", None),
+        input_size=None if shape is None else [d if isinstance(d, int) else None for d in shape[2:]],
+    )
 
 
 def rank_of(value: ir.Value) -> int | None:
@@ -307,9 +296,10 @@ def any_op(op: Any, names: frozenset[str]) -> Any:
 
 
 class FoldRule(RecordingRule):
-    """A BN fold rule: ``fresh`` names its new initializers; ``check`` leaves in ``_plan`` what
-    ``rewrite`` emits. ``remove_nodes=False`` where a matched node may stay (the rule's check
-    then names the other readers itself instead of the matcher refusing silently)."""
+    """A BN fold rule: ``fresh`` names its new initializers; ``check`` leaves in ``_plan`` (a
+    dataclass of the rule's) what ``rewrite`` emits. ``remove_nodes=False`` where a matched node
+    may stay (the rule's check then names the other readers itself instead of the matcher
+    refusing silently)."""
 
     def __init__(
         self, record: PassRecord, options: PassOptions, fresh: Callable[[str], str], *, remove_nodes: bool = True
@@ -317,4 +307,13 @@ class FoldRule(RecordingRule):
         super().__init__(record, options)
         self.remove_nodes = remove_nodes
         self._fresh = fresh
-        self._plan: tuple[Any, ...] | None = None
+        self._plan: Any = None
+
+    def read_batchnorm(self, context: Any, bn: ir.Node) -> tuple[np.ndarray, np.ndarray, Reads]:
+        """What every BN rule checks first: the site is in a graph (not a model function) and
+        ``bn`` is an inference-form BatchNormalization with constant parameters. Returns its
+        float64 ``(s, t)`` and the graph inputs it read (see :func:`batchnorm_affine`)."""
+        reads = Reads(self.options.freeze_initializer_inputs)
+        require_graph(context)
+        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        return scale, shift, reads

@@ -1,7 +1,8 @@
 """The exactness checks every normalization fusion runs before it rewrites anything.
 
 Each helper answers one question about a matched site and, when the answer is "no", says why
-in words a user can read (the string becomes the refusal reason in the pass record):
+in words a user can read: it raises :class:`~normfold.errors.Refusal` (or returns the reason,
+for the caller to raise, where "no" is an answer and not yet a refusal):
 
 - :func:`reduce_axes`: which axes a ReduceMean/ReduceSum reduces, whether they are given as an
   attribute (opset <= 17) or an input (>= 18), with the ONNX defaults for omitted attributes
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 __all__ = [
     "FLOAT_TYPES",
-    "MISMATCH",
     "affine_operand",
     "constant",
     "dims",
@@ -38,8 +38,7 @@ from typing import Union
 import numpy as np
 import onnx_ir as ir
 
-# Prefix of a failure that means a pattern matched something else by accident (not recorded).
-MISMATCH = "not this pattern: "
+from normfold.errors import Refusal
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
@@ -133,25 +132,25 @@ def keepdims(node: ir.Node) -> int:
     return node.attributes.get_int("keepdims", 1)
 
 
-def reduce_axes(node: ir.Node, input_rank: int) -> tuple[int, ...] | str:
-    """The sorted non-negative axes ``node`` reduces, or the reason they cannot be known."""
+def reduce_axes(node: ir.Node, input_rank: int) -> tuple[int, ...]:
+    """The sorted non-negative axes ``node`` reduces; :class:`Refusal` when they cannot be known."""
     attribute = node.attributes.get("axes")
     if attribute is not None:
         raw: Sequence[int] | None = list(attribute.as_ints())
     elif len(node.inputs) > 1 and node.inputs[1] is not None:
         array = constant(node.inputs[1])
         if array is None:
-            return f"{node.op_type} {node.name!r} takes its axes at run time"
+            raise Refusal(f"{node.op_type} {node.name!r} takes its axes at run time")
         raw = [int(a) for a in array.reshape(-1)]
     else:
         raw = None
     if not raw:
         if node.attributes.get_int("noop_with_empty_axes", 0):
-            return f"{node.op_type} {node.name!r} reduces nothing (noop_with_empty_axes=1)"
+            raise Refusal(f"{node.op_type} {node.name!r} reduces nothing (noop_with_empty_axes=1)")
         return tuple(range(input_rank))
     axes = sorted({a + input_rank if a < 0 else a for a in raw})
     if axes[0] < 0 or axes[-1] >= input_rank or len(axes) != len(raw):
-        return f"{node.op_type} {node.name!r} has invalid axes {list(raw)} for rank {input_rank}"
+        raise Refusal(f"{node.op_type} {node.name!r} has invalid axes {list(raw)} for rank {input_rank}")
     return tuple(axes)
 
 
@@ -207,33 +206,34 @@ def outside_reader(nodes: Sequence[ir.Node], kept: Iterable[ir.Value]) -> str | 
 
 
 def affine_operand(
-    array: np.ndarray, x_dims: Sequence[Dim], axes: Sequence[int]
-) -> np.ndarray | str:
+    array: np.ndarray, x_dims: Sequence[Dim], axes: Sequence[int], what: str
+) -> np.ndarray:
     """``array`` (a Mul/Add operand of a tensor shaped ``x_dims``) laid out along ``axes``.
 
     The operand must broadcast into the tensor without enlarging it and be constant along
     every axis not in ``axes``; then its values, broadcast to the tensor's sizes along
-    ``axes``, are returned (shape ``[x_dims[a] for a in axes]``). Otherwise the reason.
+    ``axes``, are returned (shape ``[x_dims[a] for a in axes]``). Otherwise :class:`Refusal`,
+    its reason starting with ``what`` (the operand's role).
     """
     x_rank = len(x_dims)
     if array.ndim > x_rank:
-        return f"operand of shape {list(array.shape)} has a higher rank than the normalized tensor"
+        raise Refusal(f"{what}: operand of shape {list(array.shape)} has a higher rank than the normalized tensor")
     full = array.reshape((1,) * (x_rank - array.ndim) + array.shape)
     target: list[int] = []
     for axis in range(x_rank):
         size = full.shape[axis]
         if axis not in axes:
             if size != 1:
-                return (
-                    f"operand of shape {list(array.shape)} varies along axis {axis}, "
+                raise Refusal(
+                    f"{what}: operand of shape {list(array.shape)} varies along axis {axis}, "
                     f"which the fused op's scale and bias do not cover"
                 )
             continue
         dim = x_dims[axis]
         if not isinstance(dim, int):
-            return f"normalized axis {axis} has no static size"
+            raise Refusal(f"{what}: normalized axis {axis} has no static size")
         if size not in (1, dim):
-            return f"operand of shape {list(array.shape)} does not broadcast to axis {axis} of size {dim}"
+            raise Refusal(f"{what}: operand of shape {list(array.shape)} does not broadcast to axis {axis} of size {dim}")
         target.append(dim)
     squeezed = full.reshape([full.shape[a] for a in axes])
     return np.broadcast_to(squeezed, target)

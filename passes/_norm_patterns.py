@@ -18,7 +18,8 @@ written once:
   is the centred (or raw) input, possibly already multiplied by a constant scale.
 
 Matched values are bound under names that start with a tag, and :func:`read_site` turns the
-bindings into a :class:`Site` (axes, eps, scale) or the reason the match is not exact.
+bindings into a :class:`Site` (axes, eps, scale), or raises :class:`~normfold.errors.Refusal`
+with the reason the match is not exact.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
 
 _ANY = dict(_allow_other_inputs=True, _allow_other_attributes=True)
@@ -140,8 +142,9 @@ class Site:
 _REDUCE_TAGS = ("mn", "mv", "var")
 
 
-def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | str:
-    """Check a match of :func:`normalized` over ``x`` and describe it, or say why it is refused.
+def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | None:
+    """Check a match of :func:`normalized` over ``x`` and describe it; :class:`Refusal` with the
+    reason when it is refused, None when the match is no normalization at all.
 
     ``kind`` is "LayerNorm" or "RMSNorm" (for the messages). Checks: x is a float tensor of
     known rank; every reduction has the same axes and keeps its dims (or is re-expanded to the
@@ -150,21 +153,21 @@ def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | str
     the rsqrt exponent is -0.5; no unbiased variance and no eps on the standard deviation.
     """
     if x.dtype not in checks.FLOAT_TYPES:
-        return f"input {x.name!r} is not a float tensor (dtype {x.dtype})"
+        raise Refusal(f"input {x.name!r} is not a float tensor (dtype {x.dtype})")
     x_dims = checks.dims(x)
     if x_dims is None:
-        return f"the rank of input {x.name!r} is unknown"
+        raise Refusal(f"the rank of input {x.name!r} is unknown")
     rank = len(x_dims)
     if bindings.get("unbiased") is not None:
         n, d = checks.scalar(bindings.get("unbiased_n")), checks.scalar(bindings.get("unbiased_d"))
-        return (
+        raise Refusal(
             f"unbiased variance (rescaled by {n:g}/{d:g}, as x.var() and x.std() compute): "
             f"{kind} divides by N, not N - 1"
             if n is not None and d is not None
             else f"the variance is rescaled by a non-constant factor: not a {kind}"
         )
     if bindings.get("eps_std") is not None:
-        return f"eps is added to the standard deviation, not to the variance: not a {kind}"
+        raise Refusal(f"eps is added to the standard deviation, not to the variance: not a {kind}")
     axes: tuple[int, ...] | None = None
     dropped: set[ir.Node] = set()
     restores: set[ir.Value] = set()
@@ -175,63 +178,59 @@ def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | str
                 continue
             node = value.producer()
             found = checks.reduce_axes(node, rank)
-            if isinstance(found, str):
-                return found
             if axes is None:
                 axes = found
             elif found != axes:
-                return f"the mean and the variance reduce different axes ({list(axes)} and {list(found)})"
+                raise Refusal(f"the mean and the variance reduce different axes ({list(axes)} and {list(found)})")
             if checks.keepdims(node) == 0:
                 dropped.add(node)
             if suffix == "rs":
                 count = checks.static_dims(x, found)
                 divisor = checks.scalar(bindings.get(f"{tag}_n"))
                 if count is None:
-                    return "a ReduceSum divides by a count, but the reduced dims are not static"
+                    raise Refusal("a ReduceSum divides by a count, but the reduced dims are not static")
                 if divisor != math.prod(count):
-                    return f"a ReduceSum is divided by {divisor}, not by the {math.prod(count)} reduced elements"
+                    raise Refusal(f"a ReduceSum is divided by {divisor}, not by the {math.prod(count)} reduced elements")
         for suffix in ("rmx", "rsx"):
             if bindings.get(f"{tag}_{suffix}") is not None:
                 restores.add(bindings[f"{tag}_{suffix}"])
     if axes is None:
-        return "no reduction found"
+        raise Refusal("no reduction found")
     if len(restores) != len(dropped):
-        return "a ReduceMean with keepdims=0 is broadcast back against the input without its axis"
+        raise Refusal("a ReduceMean with keepdims=0 is broadcast back against the input without its axis")
     for value in restores:
         got = checks.dims(value)
         wanted = [1 if i in axes else d for i, d in enumerate(x_dims)]
         if got is None or len(got) != rank or not all(
             (w == 1 and g == 1) or checks.same_dim(g, w) for g, w in zip(got, wanted)
         ):
-            return f"cannot prove that {value.name!r} re-expands the reduction to the input's shape"
+            raise Refusal(f"cannot prove that {value.name!r} re-expands the reduction to the input's shape")
     for name, wanted, what in (("two", 2.0, "power"), ("one", 1.0, "numerator"), ("mhalf", -0.5, "power")):
         if bindings.get(name) is None:
             continue
         found = checks.scalar(bindings[name])
         if found is None:
-            return f"{checks.MISMATCH}the {what} {bindings[name].name!r} is not a constant"
+            return None  # a power or numerator computed at run time: another computation
         if found != wanted:
-            return f"the {what} is {found!r} where {kind} has {wanted!r}"
+            raise Refusal(f"the {what} is {found!r} where {kind} has {wanted!r}")
     eps_value = bindings.get("eps")
     epsilon = 0.0
     if eps_value is not None:
         array = checks.constant(eps_value)
         if array is None:
-            return f"eps {eps_value.name!r} is computed at run time, not a constant"
+            raise Refusal(f"eps {eps_value.name!r} is computed at run time, not a constant")
         if array.size != 1 or array.ndim > rank:
-            return f"eps {eps_value.name!r} has shape {list(array.shape)}, not a scalar"
+            raise Refusal(f"eps {eps_value.name!r} has shape {list(array.shape)}, not a scalar")
         epsilon = float(array.reshape(()))
         if not checks.float32_exact(epsilon):
-            return f"eps {epsilon!r} is not exactly representable in the float attribute epsilon"
+            raise Refusal(f"eps {epsilon!r} is not exactly representable in the float attribute epsilon")
     pre = bindings.get("pre")
     pre_scale = None
     if pre is not None:
         array = checks.constant(pre)
         if array is None:
-            return "the numerator is scaled by a value computed at run time before the division"
-        laid_out = checks.affine_operand(array, x_dims, axes)
-        if isinstance(laid_out, str):
-            return f"the scale applied before the division: {laid_out}"
+            raise Refusal("the numerator is scaled by a value computed at run time before the division")
+        laid_out = checks.affine_operand(array, x_dims, axes, "the scale applied before the division")
         pre_scale = laid_out.astype(np.float64)
     parts = []
     if bindings.get("var_rs") is not None or bindings.get("mn_rs") is not None:

@@ -24,6 +24,7 @@ the producer's name and attributes (a bare MatMul becomes MatMul + Add, Gemm's `
 from __future__ import annotations
 
 __all__ = [
+    "ProducerFold",
     "ProducerFoldRule",
     "ProducerSite",
     "emit_producer",
@@ -43,10 +44,10 @@ from onnxscript.rewriter import pattern as _pattern
 
 from normfold.math import batchnorm as fm
 from normfold.math import fold_precision as fp
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
-    Refusal,
     attribute,
     describe,
     freeze,
@@ -257,13 +258,29 @@ def emit_producer(
     return op.op(site.kind, *inputs, _name=site.node.name, **attributes)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProducerFold:
+    """What a producer fold's check hands its rewrite: the affine ``node`` that disappears into
+    ``site`` with the float64 ``weight`` and ``bias``, the graph inputs it ``reads`` (frozen on
+    rewrite), and ``how`` the report names the fold."""
+
+    node: ir.Node
+    site: ProducerSite
+    weight: np.ndarray
+    bias: np.ndarray
+    reads: Reads
+    how: str
+
+
 class ProducerFoldRule(FoldRule):
-    """A fold into the producer of the matched node: ``check`` leaves ``(node, site, weight, bias,
-    reads, how)`` in ``_plan``; ``rewrite`` freezes what was read, records the site and writes
-    the folded producer."""
+    """A fold into the producer of the matched node: ``check`` leaves a :class:`ProducerFold` in
+    ``_plan``; ``rewrite`` freezes what was read, records the site and writes the folded
+    producer."""
+
+    _plan: ProducerFold
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        node, site, weight, bias, reads, how = self._plan
-        freeze(reads, self.record)
-        self.record.site(node.name, op=site.kind, into=site.node.name, how=how)
-        return emit_producer(op, site, weight, bias, self._fresh)
+        plan = self._plan
+        freeze(plan.reads, self.record)
+        self.record.site(plan.node.name, op=plan.site.kind, into=plan.site.node.name, how=plan.how)
+        return emit_producer(op, plan.site, plan.weight, plan.bias, self._fresh)

@@ -2,13 +2,20 @@
 
 A normfold pass is an ``onnx_ir`` in-place pass (so users can put it in their own
 ``PassManager``) that also keeps a :class:`PassRecord`: the sites it rewrote and the sites it
-refused, each refusal with a reason a user can read. The pipeline turns records into the report
-and ``normfold inspect`` prints them.
+refused, each refusal with a reason a user can read. The optimize job turns records into the
+report and ``normfold inspect`` prints them.
+
+Refusing, the one idiom: anything a site's check calls raises
+:class:`~normfold.errors.Refusal` (reason, optionally the node to report it against);
+:meth:`PassRecord.refuse` is the one place that turns it into a report line. A rule's ``check``
+raises it (:class:`RecordingRule` catches it); a pass that walks sites itself wraps each site in
+``with record.refusing(node):``. A match that is no site at all (the pattern matched something
+else by accident) is not refused: ``check`` returns a failed ``MatchResult`` (or False), and
+nothing is recorded.
 
 Pattern fusions are onnxscript rewriter rules. :func:`apply_rules` runs a list of
-:class:`RecordingRule` instances and counts their rewrites; a rule's ``check`` failures are
-recorded as refusals of the rule's root node, and :meth:`PassRecord.keep_refusals_of` drops
-refusals of nodes that a later rule (or another pass) rewrote after all.
+:class:`RecordingRule` instances and counts their rewrites; :meth:`PassRecord.keep_refusals_of`
+drops refusals of nodes that a later rule (or another pass) rewrote after all.
 """
 
 from __future__ import annotations
@@ -22,12 +29,16 @@ __all__ = [
 ]
 
 import abc
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
+
+from normfold.errors import Refusal
 
 Target = Literal["onnx", "onnxruntime"]
 
@@ -64,11 +75,23 @@ class PassRecord:
         if op is not None:
             self.by_op[op] = self.by_op.get(op, 0) + 1
 
-    def refuse(self, node: str, reason: str, **details: Any) -> None:
-        """Record that ``node`` was left alone, and why (the first reason given wins)."""
-        if node not in self._refused_nodes:
-            self._refused_nodes.add(node)
-            self.refused.append({"node": node, "reason": reason, **details})
+    def refuse(self, refusal: Refusal, where: ir.Node | str) -> None:
+        """Record a refused site: the report line ``{"node", "reason", **details}``, against
+        ``refusal.node``, else ``where`` (the first reason given for a node wins)."""
+        node = refusal.node if refusal.node is not None else where
+        name = node if isinstance(node, str) else (node.name or node.op_type)
+        if name not in self._refused_nodes:
+            self._refused_nodes.add(name)
+            self.refused.append({"node": name, "reason": refusal.reason, **refusal.details})
+
+    @contextlib.contextmanager
+    def refusing(self, where: ir.Node | str) -> Iterator[None]:
+        """Check one site: a :class:`Refusal` raised in the block is recorded (against ``where``
+        unless it names its node) and ends the block; the caller goes on with the next site."""
+        try:
+            yield
+        except Refusal as refusal:
+            self.refuse(refusal, where)
 
     def keep_refusals_of(self, remaining: set[str]) -> None:
         """Forget refusals of nodes that no longer exist: something rewrote them after all."""
@@ -119,11 +142,17 @@ class NormfoldPass(ir.passes.InPlacePass, abc.ABC):
 class RecordingRule(_pattern.RewriteRuleClassBase):
     """A rewriter rule that reports to a :class:`PassRecord`.
 
-    ``check`` implementations return ``MatchResult().fail(reason)``; the failure is recorded as a
-    refusal of the match's root node, or of the node passed as ``fail(reason, node)``; matches
-    that ``applies`` rejects are not recorded. ``rewrite`` implementations call
-    ``self.record.site``.
+    ``check`` returns a failed ``MatchResult`` (or False) when the match is no site at all, and
+    raises :class:`~normfold.errors.Refusal` when it is a site that cannot be rewritten exactly:
+    the refusal is recorded against its node, else :meth:`refused_node`. State that ``rewrite``
+    needs is handed over in a named dataclass, never a positional tuple. ``rewrite``
+    implementations call ``self.record.site``.
+
+    ``opset`` is the default-domain opset the rule's output needs on target ``onnx``; the rule
+    table (:mod:`normfold.passes.rules`) sets it.
     """
+
+    opset: int = 1
 
     def __init__(self, record: PassRecord, options: PassOptions) -> None:
         super().__init__(name=type(self).__name__)
@@ -143,28 +172,30 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
         )
 
     def _recording_check(self, context, **bindings: Any) -> MatchResult | bool:
-        if not self.applies(context, **bindings):
-            return False
-        result = self.check(context, **bindings)
-        if not result:
-            reason = getattr(result, "reason", "") or f"{self.name} does not apply"
-            # A rule rooted at one node may refuse on behalf of another (a BN folded into the
-            # Conv that reads it): MatchResult.fail(reason, node) names that node.
-            sources = getattr(result, "failure_nodes_and_values", ())
-            node = next((item for item in sources if isinstance(item, ir.Node)), context.root)
-            self.record.refuse(node.name or node.op_type, reason)
-        return result
+        try:
+            return self.check(context, **bindings)
+        except Refusal as refusal:
+            self.record.refuse(refusal, self.refused_node(context, **bindings))
+            return MatchResult().fail(refusal.reason)
 
-    def applies(self, context, **bindings: Any) -> bool:
-        """A filter run before ``check``: False means the match is no site at all, so nothing is
-        recorded (a Mul of two activations is no per-channel affine worth a refusal)."""
-        return True
+    def refused_node(self, context, **bindings: Any) -> ir.Node:
+        """The site a refusal that names no node is reported against: the match's root. A rule
+        rooted at one node that refuses on behalf of another (a BN folded into the Conv that
+        reads it) overrides this."""
+        return context.root
 
     def check(self, context, **bindings: Any) -> MatchResult | bool:
         return MatchResult()
 
+    def after_sweep(self, model: ir.Model) -> None:
+        """Called once the sweep that ran this rule is over (tidy-ups a rewrite defers)."""
+
 
 def apply_rules(model: ir.Model, rules: list[RecordingRule]) -> int:
-    """Apply ``rules`` to every graph and function of ``model``; return the rewrite count."""
+    """Apply ``rules`` to every graph and function of ``model`` in one sweep; return the
+    rewrite count."""
     rule_set = _pattern.RewriteRuleSet([rule.as_rule() for rule in rules])
-    return rule_set.apply_to_model(model)
+    count = rule_set.apply_to_model(model)
+    for rule in rules:
+        rule.after_sweep(model)
+    return count

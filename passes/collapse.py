@@ -51,10 +51,10 @@ from normfold.passes._collapse_merge import (
     MergeConvConv,
     MergeGemmGemm,
 )
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
-    Refusal,
     attribute,
     cast_tensor,
     rank_of,
@@ -134,7 +134,7 @@ class CollapsePass(NormfoldPass):
                 candidates.append(site)
             else:
                 reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
-                self.record.refuse(site.node, reason)
+                self.record.refuse(Refusal(reason), site.node)
         chosen, deviation = self._choose(reference, candidates, feeds, expected)
         if not chosen:
             self.record.notes.append("collapse: no activation removed")
@@ -160,7 +160,7 @@ class CollapsePass(NormfoldPass):
         for node in model.graph:
             if node.op_type not in COLLAPSE_SITES or node.domain not in ("", "ai.onnx"):
                 continue
-            try:
+            with self.record.refusing(node):
                 kind, slope, upper = _activation(node)
                 rank = rank_of(node.inputs[0])
                 if rank is None:
@@ -181,8 +181,6 @@ class CollapsePass(NormfoldPass):
                     )
                 else:
                     empirical.append((node, kind, slope, upper, rank))
-            except Refusal as refusal:
-                self.record.refuse(node.name, refusal.reason)
         if empirical:
             found.extend(self._empirical(model, empirical, feeds))
         return found
@@ -230,11 +228,10 @@ class CollapsePass(NormfoldPass):
             self._collapse(trial, chosen + [site], PassRecord(self.name))
             measured = _deviation(trial, feeds, expected)
             if measured["max_rel_deviation"] > self.max_deviation:
-                self.record.refuse(
-                    site.node,
+                self.record.refuse(Refusal(
                     f"with it the output deviation would be {measured['max_rel_deviation']:.3g} "
-                    f"> max_deviation {self.max_deviation:g}",
-                )
+                    f"> max_deviation {self.max_deviation:g}"
+                ), site.node)
                 continue
             chosen, deviation = chosen + [site], measured
         return chosen, deviation

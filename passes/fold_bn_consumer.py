@@ -35,6 +35,7 @@ from __future__ import annotations
 
 __all__ = ["FoldBnIntoConsumer"]
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -42,24 +43,21 @@ import numpy as np
 import onnx_ir as ir
 from normfold.math import batchnorm as fm
 from normfold.math import fold_precision as fp
+from normfold.errors import Refusal
 from normfold.passes.base import PassOptions, PassRecord
 from normfold.passes._channel_route import ROUTE_OPS, Route, follow
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
-    Refusal,
     any_op,
     attribute,
-    batchnorm_affine,
     conv_pads_of,
     describe,
     freeze,
     initializer,
-    opset_of,
     rank_of,
     read_constant,
     require_castable,
-    require_graph,
     require_precise,
     tensor_dtype,
 )
@@ -67,8 +65,29 @@ from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 _CONSUMERS = frozenset({"Conv", "Gemm", "MatMul"})
-# The folded weight, the folded bias, and the bias input they replace (None: the op had none).
-_Folded = tuple[np.ndarray, np.ndarray, ir.Value | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Folded:
+    """The float64 folded weight and bias, and the bias input they replace (None: none)."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    bias_value: ir.Value | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConsumerFold:
+    """What the check hands the rewrite: ``bn`` folds into ``consumer``, which then reads ``x``
+    through the shape ops ``chain`` (written again) with the ``folded`` weights."""
+
+    bn: ir.Node
+    consumer: ir.Node
+    chain: list[ir.Node]
+    x: ir.Value
+    weight_value: ir.Value
+    folded: _Folded
+    reads: Reads
 
 
 def _padded(conv: ir.Node, kernel: tuple[int, ...]) -> bool:
@@ -105,7 +124,7 @@ def _fold_conv(
         )
     bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
     bias = None if bias_value is None else read_constant(bias_value, "Conv bias", reads)
-    return (*fm.fold_before_conv(weight, bias, scale, shift, group), bias_value)
+    return _Folded(*fm.fold_before_conv(weight, bias, scale, shift, group), bias_value)
 
 
 def _fold_gemm(
@@ -130,7 +149,7 @@ def _fold_gemm(
         alpha=float(attribute(gemm, "alpha", 1.0)),
         beta=float(attribute(gemm, "beta", 1.0)),
     )
-    return new_b, new_c, c_value
+    return _Folded(new_b, new_c, c_value)
 
 
 def _check_reduced_axis(consumer: ir.Node, features: ir.Value, where: Route) -> None:
@@ -157,7 +176,7 @@ def _fold_matmul(
             f"{describe(matmul)}'s weight of shape {list(weight.shape)} "
             f"does not read {scale.size} features"
         )
-    return (*fm.fold_before_matmul(weight, scale, shift), None)
+    return _Folded(*fm.fold_before_matmul(weight, scale, shift), None)
 
 
 def _require_representable(
@@ -169,7 +188,7 @@ def _require_representable(
     reads: Reads,
 ) -> None:
     """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``)."""
-    new_weight, new_bias, bias_value = folded
+    new_weight, new_bias, bias_value = folded.weight, folded.bias, folded.bias_value
     dtype = tensor_dtype(consumer.inputs[1])
     require_castable({"weight": new_weight, "bias": new_bias}, dtype)
 
@@ -211,8 +230,13 @@ class FoldBnIntoConsumer(FoldRule):
         # The BN stays while other consumers read it: it must not count as consumed by the match.
         super().__init__(record, options, fresh, remove_nodes=False)
 
+    def refused_node(self, context: Any, normalized: ir.Value, **_: Any) -> ir.Node:
+        # The match is rooted at the consumer; the site refused is the BatchNormalization.
+        return normalized.producer()
+
     def pattern(self, op: Any, x: Any) -> Any:
         normalized = op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["normalized"])
+
         def shape_op(value: Any) -> Any:
             return any_op(op, ROUTE_OPS)(value, _allow_other_inputs=True)
 
@@ -239,32 +263,30 @@ class FoldBnIntoConsumer(FoldRule):
         chain: list[ir.Node] = []
         for _hop in range(route):
             chain.insert(0, (chain[0].inputs[0] if chain else features).producer())
-        reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            require_graph(context)
-            scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
-            _check_readers(normalized)
-            where = follow(chain, Route(1, 1), scale.size)
-            _check_reduced_axis(consumer, features if chain else x, where)
-            scale = fm.repeat_channels(scale, where.block)
-            shift = fm.repeat_channels(shift, where.block)
-            weight_value = consumer.inputs[1]
-            weight = read_constant(weight_value, f"{consumer.op_type} weight", reads)
-            if consumer.op_type == "Conv":
-                folded = _fold_conv(consumer, weight, scale, shift, reads)
-            elif consumer.op_type == "Gemm":
-                folded = _fold_gemm(consumer, weight, scale, shift, reads)
-            else:
-                folded = _fold_matmul(consumer, weight, scale, shift)
-            _require_representable(consumer, weight, folded, scale, shift, reads)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, bn)
-        self._plan = (bn, consumer, chain, x, weight_value, folded, reads)
+        scale, shift, reads = self.read_batchnorm(context, bn)
+        _check_readers(normalized)
+        where = follow(chain, Route(1, 1), scale.size)
+        _check_reduced_axis(consumer, features if chain else x, where)
+        scale = fm.repeat_channels(scale, where.block)
+        shift = fm.repeat_channels(shift, where.block)
+        weight_value = consumer.inputs[1]
+        weight = read_constant(weight_value, f"{consumer.op_type} weight", reads)
+        if consumer.op_type == "Conv":
+            folded = _fold_conv(consumer, weight, scale, shift, reads)
+        elif consumer.op_type == "Gemm":
+            folded = _fold_gemm(consumer, weight, scale, shift, reads)
+        else:
+            folded = _fold_matmul(consumer, weight, scale, shift)
+        _require_representable(consumer, weight, folded, scale, shift, reads)
+        self._plan = _ConsumerFold(bn, consumer, chain, x, weight_value, folded, reads)
         return MatchResult()
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        bn, consumer, chain, x, weight_value, (weight, bias, bias_value), reads = self._plan
-        freeze(reads, self.record)
+        plan: _ConsumerFold = self._plan
+        bn, consumer, chain, x = plan.bn, plan.consumer, plan.chain, plan.x
+        weight_value = plan.weight_value
+        weight, bias, bias_value = plan.folded.weight, plan.folded.bias, plan.folded.bias_value
+        freeze(plan.reads, self.record)
         self.record.site(bn.name, op=consumer.op_type, into=consumer.name, how="consumer")
         features = x
         for node in chain:  # the shape ops again, on the BN's input

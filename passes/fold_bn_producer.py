@@ -28,14 +28,9 @@ from typing import Any
 
 import onnx_ir as ir
 from normfold.passes.base import PassOptions, PassRecord
-from normfold.passes._fold_graph import (
-    Reads,
-    Refusal,
-    batchnorm_affine,
-    opset_of,
-    require_graph,
-)
+from normfold.errors import Refusal
 from normfold.passes._producer_site import (
+    ProducerFold,
     ProducerFoldRule,
     fold_into_producer,
     producer_pattern,
@@ -63,25 +58,20 @@ class FoldBnIntoProducer(ProducerFoldRule):
         self, context: Any, normalized: ir.Value, produced: ir.Value, producer: str, **_: Any
     ) -> MatchResult:
         bn = normalized.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            require_graph(context)
-            scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
-            site = read_producer(producer, produced, bn, reads)
-            if site.channel_axis != 1:
-                raise Refusal(
-                    f"{site.label} output has its features on axis {site.channel_axis} "
-                    f"(rank {site.rank}), but BatchNormalization normalizes axis 1"
-                    if site.rank is not None
-                    else f"the rank of {site.label}'s output is unknown"
-                )
-            if site.channels != scale.size:
-                raise Refusal(
-                    f"the BatchNormalization has {scale.size} channels, "
-                    f"{site.label} produces {site.channels}"
-                )
-            weight, bias = fold_into_producer(site, scale, shift)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, bn)
-        self._plan = (bn, site, weight, bias, reads, "producer")
+        scale, shift, reads = self.read_batchnorm(context, bn)
+        site = read_producer(producer, produced, bn, reads)
+        if site.channel_axis != 1:
+            raise Refusal(
+                f"{site.label} output has its features on axis {site.channel_axis} "
+                f"(rank {site.rank}), but BatchNormalization normalizes axis 1"
+                if site.rank is not None
+                else f"the rank of {site.label}'s output is unknown"
+            )
+        if site.channels != scale.size:
+            raise Refusal(
+                f"the BatchNormalization has {scale.size} channels, "
+                f"{site.label} produces {site.channels}"
+            )
+        weight, bias = fold_into_producer(site, scale, shift)
+        self._plan = ProducerFold(bn, site, weight, bias, reads, how="producer")
         return MatchResult()

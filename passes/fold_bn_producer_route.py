@@ -18,7 +18,7 @@ axis 1 exactly (they are merged with other axes, split, or the sizes after them 
 static), the BN is not the inference form or a parameter is not a constant, or a value of the
 chain is read by another node. A ``Shape`` (or ``Size``) node may read ``y`` and the chain's
 values — TorchScript's ``reshape_as(y)`` does — since the fold keeps every shape; after the
-rules run, :meth:`FoldBnThroughShapes.redirect_shape_readers` points those readers at the new
+rules run, :meth:`FoldBnThroughShapes.after_sweep` points those readers at the new
 values, so the original ``L`` is not kept alive just for its shape.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 __all__ = ["FoldBnThroughShapes"]
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -34,17 +35,14 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.passes._channel_route import ROUTE_OPS, Route, follow
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
-    Reads,
-    Refusal,
     any_op,
-    batchnorm_affine,
     describe,
     freeze,
-    opset_of,
-    require_graph,
 )
 from normfold.passes._producer_site import (
+    ProducerFold,
     ProducerFoldRule,
     emit_producer,
     fold_into_producer,
@@ -74,6 +72,14 @@ def _kind(node: ir.Node | None) -> str | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _RoutedFold(ProducerFold):
+    """A producer fold through the shape ops ``chain``, which read the producer's ``produced``."""
+
+    chain: list[ir.Node]
+    produced: ir.Value
+
+
 class FoldBnThroughShapes(ProducerFoldRule):
     """``BatchNormalization(R(L(x)))`` → ``R(L'(x))`` for a channel-keeping shape chain ``R``."""
 
@@ -90,38 +96,33 @@ class FoldBnThroughShapes(ProducerFoldRule):
 
     def check(self, context: Any, normalized: ir.Value, routed: ir.Value, **_: Any) -> MatchResult:
         bn = normalized.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        try:
-            require_graph(context)
-            scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
-            chain, produced = self._chain(routed, bn)
-            kind = _kind(produced.producer())
-            if kind is None:
-                raise Refusal(
-                    f"nothing to fold into: the shape ops {', '.join(describe(n) for n in chain)} "
-                    f"read {describe(produced.producer()) if produced.producer() else 'a graph input'}, "
-                    "not a Conv, ConvTranspose, Gemm or MatMul"
-                )
-            site = read_producer(kind, produced, chain[0], reads,
-                                 allowed=_shape_readers(produced))
-            if site.channel_axis is None:
-                raise Refusal(f"the rank of {site.label}'s output is unknown")
-            route = follow(chain, Route(site.channel_axis, 1), site.channels)
-            if route != Route(1, 1):
-                raise Refusal(
-                    f"the shape ops carry {site.label}'s channels to axis {route.axis}"
-                    + (f" (each repeated over {route.block} features)" if route.block != 1 else "")
-                    + ", but BatchNormalization normalizes axis 1"
-                )
-            if site.channels != scale.size:
-                raise Refusal(
-                    f"the BatchNormalization has {scale.size} channels, "
-                    f"{site.label} produces {site.channels}"
-                )
-            weight, bias = fold_into_producer(site, scale, shift)
-        except Refusal as refusal:
-            return MatchResult().fail(refusal.reason, bn)
-        self._plan = (bn, site, weight, bias, reads, chain, produced)
+        scale, shift, reads = self.read_batchnorm(context, bn)
+        chain, produced = self._chain(routed, bn)
+        kind = _kind(produced.producer())
+        if kind is None:
+            raise Refusal(
+                f"nothing to fold into: the shape ops {', '.join(describe(n) for n in chain)} "
+                f"read {describe(produced.producer()) if produced.producer() else 'a graph input'}, "
+                "not a Conv, ConvTranspose, Gemm or MatMul"
+            )
+        site = read_producer(kind, produced, chain[0], reads,
+                             allowed=_shape_readers(produced))
+        if site.channel_axis is None:
+            raise Refusal(f"the rank of {site.label}'s output is unknown")
+        route = follow(chain, Route(site.channel_axis, 1), site.channels)
+        if route != Route(1, 1):
+            raise Refusal(
+                f"the shape ops carry {site.label}'s channels to axis {route.axis}"
+                + (f" (each repeated over {route.block} features)" if route.block != 1 else "")
+                + ", but BatchNormalization normalizes axis 1"
+            )
+        if site.channels != scale.size:
+            raise Refusal(
+                f"the BatchNormalization has {scale.size} channels, "
+                f"{site.label} produces {site.channels}"
+            )
+        weight, bias = fold_into_producer(site, scale, shift)
+        self._plan = _RoutedFold(bn, site, weight, bias, reads, "producer-route", chain, produced)
         return MatchResult()
 
     @staticmethod
@@ -141,20 +142,20 @@ class FoldBnThroughShapes(ProducerFoldRule):
         return chain, value
 
     def rewrite(self, op: Any, **_: Any) -> ir.Value:
-        bn, site, weight, bias, reads, chain, produced = self._plan
-        freeze(reads, self.record)
-        self.record.site(bn.name, op=site.kind, into=site.node.name, how="producer-route",
-                         through=[n.op_type for n in chain])
-        value = emit_producer(op, site, weight, bias, self._fresh)
-        self._moved.append((produced, value))
-        for node in chain:
+        plan = self._plan
+        freeze(plan.reads, self.record)
+        self.record.site(plan.node.name, op=plan.site.kind, into=plan.site.node.name, how=plan.how,
+                         through=[n.op_type for n in plan.chain])
+        value = emit_producer(op, plan.site, plan.weight, plan.bias, self._fresh)
+        self._moved.append((plan.produced, value))
+        for node in plan.chain:
             old = node.outputs[0]
             value = op.op(node.op_type, value, *node.inputs[1:], _name=node.name,
                           **dict(node.attributes))
             self._moved.append((old, value))
         return value
 
-    def redirect_shape_readers(self, model: ir.Model) -> None:
+    def after_sweep(self, model: ir.Model) -> None:
         """Point the Shape/Size readers of replaced values at their replacements, drop the
         originals nobody reads any more, and re-sort (a Shape node may come before the new
         nodes)."""

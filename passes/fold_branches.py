@@ -54,7 +54,6 @@ from __future__ import annotations
 __all__ = ["FoldBranchesPass"]
 
 import dataclasses
-import logging
 from typing import Any
 
 import numpy as np
@@ -64,14 +63,14 @@ import onnx_ir.passes.common as common
 from normfold.catalog import pass_info
 from normfold.math import branches as bm
 from normfold.math import fold_precision as fp
-from normfold.math import padding
 from normfold.math import batchnorm as fm
 from normfold.passes.base import NormfoldPass
+from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
-    Refusal,
     attribute,
+    conv_pads_of,
     batchnorm_affine,
     cast_tensor,
     describe,
@@ -82,8 +81,6 @@ from normfold.passes._fold_graph import (
     require_precise,
     tensor_dtype,
 )
-
-logger = logging.getLogger(__name__)
 
 _SUMS = frozenset({"Add", "Sum"})
 
@@ -121,34 +118,16 @@ def _ints(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]
     return default if value is None else tuple(int(v) for v in value)
 
 
-def _auto_pad(node: ir.Node) -> str:
-    value = attribute(node, "auto_pad", "NOTSET")
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _geometry(node: ir.Node, window: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """``(strides, pads, dilations)`` of a Conv/AveragePool, its pads by the one padding rule."""
     rank = len(window)
-    strides = _ints(node, "strides", (1,) * rank)
-    dilations = _ints(node, "dilations", (1,) * rank)
-    try:
-        pads = padding.conv_pads(_auto_pad(node), _ints(node, "pads", ()), window,
-                                 strides=strides, dilations=dilations,
-                                 input_size=_spatial_size(node.inputs[0], rank))
-    except ValueError as error:
-        raise Refusal(f"{describe(node)}: {error}") from None
+    pads = conv_pads_of(node, window)
     if pads is None:
         raise Refusal(
-            f"{describe(node)} has auto_pad={_auto_pad(node)} with a stride above 1: its pads "
-            "depend on an input size that is not known"
+            f"{describe(node)} has auto_pad={attribute(node, 'auto_pad', 'NOTSET')!s} with a stride above 1: "
+            "its pads depend on an input size that is not known"
         )
-    return strides, pads, dilations
-
-
-def _spatial_size(value: ir.Value, rank: int) -> list[int | None] | None:
-    if value.shape is None or len(value.shape) != rank + 2:
-        return None
-    return [d if isinstance(d, int) else None for d in list(value.shape)[2:]]
+    return _ints(node, "strides", (1,) * rank), pads, _ints(node, "dilations", (1,) * rank)
 
 
 def _only_reader(value: ir.Value, reader: ir.Node) -> None:
@@ -375,7 +354,7 @@ class FoldBranchesPass(NormfoldPass):
     def _refuse_leaf(self, leaf: ir.Value, reason: str) -> None:
         producer = leaf.producer()
         if producer is not None:
-            self.record.refuse(producer.name, f"not merged with the other branches: {reason}")
+            self.record.refuse(Refusal(f"not merged with the other branches: {reason}"), producer)
 
     def _merge(self, branches: list[_Branch], tree: set[ir.Node], source: ir.Value
                ) -> tuple[ir.Node, list[_Branch]] | None:
@@ -410,7 +389,7 @@ class FoldBranchesPass(NormfoldPass):
             require_castable({"bias": bias}, bias_dtype)
             require_precise(lambda: _probe_outputs(parts, weight, bias, dtype), dtype)
         except Refusal as refusal:
-            self.record.refuse(reference.end.name, f"the branches stay: {refusal.reason}")
+            self.record.refuse(Refusal(f"the branches stay: {refusal.reason}"), reference.end)
             return None
         base = reference.weight_value.name or reference.conv.name
         weight_tensor = cast_tensor(weight, dtype, self._fresh(f"{base}_branches"))
@@ -498,8 +477,8 @@ def _branch_kernel(branch: _Branch, reference: _Branch, out_channels: int, in_pe
     try:
         offsets = bm.sub_kernel_offsets(window, pads, dilations, reference.window,
                                         reference.pads, reference.dilations)
-    except ValueError as error:
-        raise Refusal(f"{branch.label} does not fit in {reference.label}: {error}") from None
+    except Refusal as refusal:  # the offsets' reason, said of these two branches
+        raise Refusal(f"{branch.label} does not fit in {reference.label}: {refusal.reason}") from None
     return bm.pad_kernel(kernel, offsets, reference.window), np.asarray(bias, np.float64)
 
 

@@ -27,13 +27,14 @@ eps is an exact scalar constant; intermediates have no outside readers; opset 21
 
 from __future__ import annotations
 
-__all__ = ["GroupNormFusion", "GroupNormToInstanceForm", "group_norm_rules"]
+__all__ = ["GroupNormFusion", "GroupNormToInstanceForm"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
 from normfold.passes import _norm_patterns as patterns
 from normfold.passes.base import PassOptions, PassRecord
@@ -42,7 +43,7 @@ from normfold.passes._norm_rule import FusionState, NormRule
 from normfold.passes._norm_spec import FusedNorm, emit
 
 
-def _groups(view: ir.Value, x_dims: list) -> tuple[int, int] | str:
+def _groups(view: ir.Value, x_dims: list) -> tuple[int, int]:
     """(G, rank of the view) when ``view = Reshape(x)`` is ``(N, G, ...)``, x's N, C divisible by G."""
     node = view.producer()
     target = checks.constant(node.inputs[1]) if len(node.inputs) > 1 else None
@@ -58,11 +59,11 @@ def _groups(view: ir.Value, x_dims: list) -> tuple[int, int] | str:
         keeps_batch = keeps_batch or bool(copies) or target[0] == x_dims[0]
         groups, rank = int(target[1]), len(target)
     if not rank:
-        return f"cannot tell what the Reshape of {x_dims} gives: its shape is unknown"
+        raise Refusal(f"cannot tell what the Reshape of {x_dims} gives: its shape is unknown")
     if not keeps_batch:
-        return f"cannot prove that the Reshape to {view_dims} keeps the batch dim of {x_dims}"
+        raise Refusal(f"cannot prove that the Reshape to {view_dims} keeps the batch dim of {x_dims}")
     if groups < 1 or channels % groups:
-        return f"the Reshape to {view_dims} does not split {channels} channels into groups"
+        raise Refusal(f"the Reshape to {view_dims} does not split {channels} channels into groups")
     return groups, rank
 
 
@@ -96,31 +97,27 @@ class GroupNormFusion(NormRule):
         return op.Reshape(normed, _allow_other_inputs=True, _allow_other_attributes=True)
 
     def check(self, context, x, view, **bindings) -> MatchResult:
-        fail = MatchResult().fail
         if bindings.get("inorm") is not None and self.options.target == "onnxruntime":
-            return fail(
+            raise Refusal(
                 "already Reshape + InstanceNormalization + Reshape, the form onnxruntime's CPU provider "
                 "runs fastest (GroupNormalization-21 measured 2.5x slower)"
             )
         x_dims = checks.dims(x)
         if x.dtype not in checks.FLOAT_TYPES:
-            return fail(f"input {x.name!r} is not a float tensor")
+            raise Refusal(f"input {x.name!r} is not a float tensor")
         if x_dims is None or len(x_dims) < 3 or not isinstance(x_dims[1], int):
-            return fail(f"input {x.name!r} has shape {x_dims}: no (N, C, ...) with a static C")
+            raise Refusal(f"input {x.name!r} has shape {x_dims}: no (N, C, ...) with a static C")
         channels = x_dims[1]
-        found = _groups(view, x_dims)
-        if isinstance(found, str):
-            return fail(found)
-        groups, view_rank = found
+        groups, view_rank = _groups(view, x_dims)
         if not _restores_shape(context.root, x, x_dims):
-            return fail(f"cannot prove that the second Reshape gives back the input's shape {x_dims}")
+            raise Refusal(f"cannot prove that the second Reshape gives back the input's shape {x_dims}")
         inorm = bindings.get("inorm")
         scale = bias = None
         if inorm is not None:
             epsilon = inorm.producer().attributes.get_float("epsilon", 1e-5)
             in_scale, in_bias = checks.constant(bindings["in_scale"]), checks.constant(bindings["in_bias"])
             if in_scale is None or in_bias is None or in_scale.size != groups or in_bias.size != groups:
-                return fail("InstanceNormalization's scale and bias are not constants with one value per group")
+                raise Refusal("InstanceNormalization's scale and bias are not constants with one value per group")
             per_group = channels // groups
             scale = np.repeat(in_scale.reshape(-1).astype(np.float64), per_group)
             bias = np.repeat(in_bias.reshape(-1).astype(np.float64), per_group)
@@ -131,16 +128,16 @@ class GroupNormFusion(NormRule):
             spelling = "Reshape, InstanceNormalization, Reshape"
         else:
             site = patterns.read_site(bindings, view, "GroupNorm")
-            if isinstance(site, str):
-                return fail(site)
+            if site is None:
+                return MatchResult().fail("not a normalization")
             if site.axes != tuple(range(2, view_rank)):
-                return fail(
+                raise Refusal(
                     f"normalizes axes {list(site.axes)} of the grouped view, not all axes after the group axis"
                 )
             epsilon = site.epsilon
             spelling = ", ".join(p for p in ("grouped view, mean/variance by hand", site.spelling) if p)
         if not checks.float32_exact(epsilon):
-            return fail(f"eps {epsilon!r} is not exactly representable in the float attribute epsilon")
+            raise Refusal(f"eps {epsilon!r} is not exactly representable in the float attribute epsilon")
         root = context.root
         spec = FusedNorm(
             op_type="InstanceNormalization" if self.options.target == "onnxruntime" else "GroupNormalization",
@@ -174,22 +171,21 @@ class GroupNormToInstanceForm(NormRule):
         return op.GroupNormalization(x, scale, bias, _allow_other_attributes=True)
 
     def check(self, context, x, scale, bias, **_) -> MatchResult:
-        fail = MatchResult().fail
         node = context.root
         if opset_of(node, context.model) < 21:
-            return fail("GroupNormalization before opset 21 scales per group, not per channel: left as it is")
+            raise Refusal("GroupNormalization before opset 21 scales per group, not per channel: left as it is")
         if x.dtype != ir.DataType.FLOAT:
-            return fail(f"GroupNormalization of {x.dtype} computes in its stash_type: left as it is")
+            raise Refusal(f"GroupNormalization of {x.dtype} computes in its stash_type: left as it is")
         x_dims = checks.dims(x)
         if x_dims is None or len(x_dims) < 3 or not isinstance(x_dims[1], int):
-            return fail(f"input {x.name!r} has shape {x_dims}: no (N, C, ...) with a static C")
+            raise Refusal(f"input {x.name!r} has shape {x_dims}: no (N, C, ...) with a static C")
         channels, groups = x_dims[1], node.attributes.get_int("num_groups", 0)
         gamma, beta = checks.constant(scale), checks.constant(bias)
         if gamma is None or beta is None or gamma.shape != (channels,) or beta.shape != (channels,):
-            return fail(f"scale and bias are not constants of shape ({channels},)")
+            raise Refusal(f"scale and bias are not constants of shape ({channels},)")
         epsilon = node.attributes.get_float("epsilon", 1e-5)
         if groups < 1 or channels % groups or not checks.float32_exact(epsilon):
-            return fail(f"num_groups {groups} does not split {channels} channels, or eps {epsilon!r} is not exact")
+            raise Refusal(f"num_groups {groups} does not split {channels} channels, or eps {epsilon!r} is not exact")
         spec = FusedNorm(
             op_type="InstanceNormalization",
             x=x,
@@ -207,10 +203,3 @@ class GroupNormToInstanceForm(NormRule):
 
     def rewrite(self, op, **_):
         return emit(op, self.spec, self.state.namer)
-
-
-def group_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    rules: list[NormRule] = [GroupNormFusion(record, options, state)]
-    if options.target == "onnxruntime":
-        rules.append(GroupNormToInstanceForm(record, options, state))
-    return rules

@@ -27,10 +27,11 @@ last-axis LayerNormalization.
 
 from __future__ import annotations
 
-__all__ = ["LayerNormFusion", "layer_norm_rules"]
+__all__ = ["LayerNormFusion"]
 
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
 from normfold.passes import _norm_patterns as patterns
 from normfold.passes.base import PassOptions, PassRecord
@@ -54,14 +55,14 @@ class LayerNormFusion(NormRule):
 
     def check(self, context, x, **bindings) -> MatchResult:
         site = patterns.read_site(bindings, x, "LayerNorm")
-        if isinstance(site, str):
-            return MatchResult().fail(site)
+        if site is None:
+            return MatchResult().fail("not a normalization")
         return self.accept_site(context, x, site, "LayerNormalization")
 
     def accept_site(self, context, x, site: patterns.Site, op_type: str) -> MatchResult:
         sizes = checks.static_dims(x, site.axes)
         if sizes is None:
-            return MatchResult().fail(
+            raise Refusal(
                 f"the normalized axes {list(site.axes)} of {x.name!r} have no static sizes "
                 f"(shape {checks.dims(x)}), so no scale of that shape can be built"
             )
@@ -82,7 +83,3 @@ class LayerNormFusion(NormRule):
 
     def rewrite(self, op, **_):
         return emit(op, self.spec, self.state.namer)
-
-
-def layer_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    return [LayerNormFusion(record, options, state, form) for form in FORMS]

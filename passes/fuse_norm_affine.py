@@ -20,6 +20,9 @@ scale); a run-time operand is not (DiT's LayerNorm without affine keeps its modu
    of a normalization that has none yet.
 3. **Bias**: ``norm(x) + b`` (either order) adds ``b`` to the bias, under the same conditions;
    RMSNormalization (SimplifiedLayerNormalization) has no bias input, so a bias after it stays an Add.
+4. A constant scale or bias after a **Cast that stayed** (``Cast(norm(x), to=float16) * w``, where
+   rule 1 could not take the Cast in) cannot reach the op either: it stays apart, and is recorded
+   as refused with that reason, like any other constant that cannot be taken in.
 
 A scale or bias whose cast to the input's dtype would overflow (or flush a nonzero value to 0)
 is not absorbed: the operand stays apart, with the reason (``fold_precision.cast_problem``).
@@ -27,7 +30,7 @@ is not absorbed: the operand stays apart, with the reason (``fold_precision.cast
 
 from __future__ import annotations
 
-__all__ = ["affine_rules"]
+__all__ = ["AbsorbBias", "AbsorbCast", "AbsorbScale"]
 
 import dataclasses
 
@@ -36,6 +39,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.math import fold_precision
 from normfold.passes import _norm_checks as checks
 from normfold.passes.base import PassOptions, PassRecord
@@ -48,12 +52,12 @@ class _AbsorbRule(NormRule):
     cannot be taken in is recorded (a user may expect it to be); run-time operands (DiT's
     modulation) and a Cast that is no upcast round trip are not sites at all."""
 
-    def fused_input(self, n: ir.Value, context) -> FusedNorm | str:
+    def fused_input(self, n: ir.Value, context) -> FusedNorm | None:
+        """The spec of the normalization this pass fused into ``n``, when the match may absorb
+        into it; None (no site) when ``n`` is no fused normalization or has other readers."""
         spec = fused_of(n)
-        if spec is None:
-            return checks.MISMATCH + "not a normalization fused by this pass"
-        if n.is_graph_output() or any(c not in context.nodes for c in n.consumers()):
-            return checks.MISMATCH + "the normalized value has other readers"
+        if spec is None or n.is_graph_output() or any(c not in context.nodes for c in n.consumers()):
+            return None
         return spec
 
     def rewrite(self, op, **_):
@@ -77,8 +81,8 @@ class AbsorbCast(_AbsorbRule):
 
     def check(self, context, n, cast, **_) -> MatchResult:
         spec = self.fused_input(n, context)
-        if isinstance(spec, str):
-            return MatchResult().fail(spec)
+        if spec is None:
+            return MatchResult().fail("not the only reader of a normalization fused by this pass")
         target = ir.DataType(cast.producer().attributes.get_int("to"))
         if target == n.dtype:
             return self.accept(context, spec, kept=[cast])
@@ -91,9 +95,9 @@ class AbsorbCast(_AbsorbRule):
             or upcast.inputs[0].dtype != target
             or target not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
         ):
-            return self.mismatch("the cast does not undo a float32 upcast of the input")
+            return MatchResult().fail("the cast does not undo a float32 upcast of the input")
         if not (_exact_in(spec.scale, target) and _exact_in(spec.bias, target)):
-            return MatchResult().fail(
+            raise Refusal(
                 f"the cast back to {target.name} stays apart: the scale or bias is not exactly "
                 f"representable in {target.name}"
             )
@@ -118,6 +122,20 @@ class _AbsorbOperand(_AbsorbRule):
         combine = getattr(op, self.op_type)
         return combine(n, operand) if self.order.startswith("n") else combine(operand, n)
 
+    def not_fused(self, n: ir.Value, c: ir.Value) -> MatchResult:
+        """``n`` is no fused normalization of which this op is the only reader: no site, unless
+        (rule 4) ``n`` is a Cast of one, or a constant affine of such a Cast, and ``c`` a constant."""
+        spec = _behind_kept_cast(n)
+        if spec is None or checks.constant(c) is None:
+            return MatchResult().fail("not the only reader of a normalization fused by this pass")
+        scale = self.op_type == "Mul"
+        target = n.dtype.name if n.dtype is not None else "another type"
+        raise Refusal(
+            f"the constant {'multiplier' if scale else 'addend'} after the {spec.op_type} stays apart: the Cast "
+            f"to {target} between them stays (see that Cast's refusal), so it cannot enter the op's "
+            f"{'scale' if scale else 'bias'}"
+        )
+
 
 class AbsorbScale(_AbsorbOperand):
     """``norm(x) * w`` (``order`` "nw") or ``w * norm(x)`` ("wn")."""
@@ -126,25 +144,24 @@ class AbsorbScale(_AbsorbOperand):
 
     def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
-        if isinstance(spec, str):
-            return MatchResult().fail(spec)
+        if spec is None:
+            return self.not_fused(n, c)
         array = checks.constant(c)
         if array is None:
             if spec.scale is None and spec.bias is None and _runtime_fits(c, spec):
                 return self.accept(context, dataclasses.replace(spec, scale=c), kept=context.root.outputs)
-            return self.mismatch("the multiplier is computed at run time")
-        laid_out = checks.affine_operand(_as(array, n), checks.dims(n) or [], spec.affine_axes)
-        if isinstance(laid_out, str):
-            return MatchResult().fail(
-                f"the constant multiplier after the {spec.op_type} stays apart: {laid_out}"
-            )
+            return MatchResult().fail("the multiplier is computed at run time")
+        laid_out = checks.affine_operand(
+            _as(array, n), checks.dims(n) or [], spec.affine_axes,
+            f"the constant multiplier after the {spec.op_type} stays apart",
+        )
         if isinstance(spec.scale, ir.Value) or isinstance(spec.bias, ir.Value):
-            return MatchResult().fail("the scale or bias is computed at run time")
+            raise Refusal("the scale or bias is computed at run time")
         factor = laid_out.astype(np.float64)
         scale = factor if spec.scale is None else spec.scale * factor
         bias = None if spec.bias is None else spec.bias * factor
         if (problem := _cast_problem(spec, scale=scale, bias=bias)) is not None:
-            return MatchResult().fail(f"the constant multiplier after the {spec.op_type} stays apart: {problem}")
+            raise Refusal(f"the constant multiplier after the {spec.op_type} stays apart: {problem}")
         return self.accept(context, dataclasses.replace(spec, scale=scale, bias=bias), kept=context.root.outputs)
 
 
@@ -155,26 +172,27 @@ class AbsorbBias(_AbsorbOperand):
 
     def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
-        if isinstance(spec, str):
-            return MatchResult().fail(spec)
+        if spec is None:
+            return self.not_fused(n, c)
         array = checks.constant(c)
         if spec.op_type in RMS_OPS:
             if array is None:
-                return self.mismatch(f"{spec.op_type} has no bias input")
-            return MatchResult().fail(f"the constant added after the {spec.op_type} stays apart: it has no bias input")
+                return MatchResult().fail(f"{spec.op_type} has no bias input")
+            raise Refusal(f"the constant added after the {spec.op_type} stays apart: it has no bias input")
         if array is None:
             if spec.bias is None and _runtime_fits(c, spec):
                 return self.accept(context, dataclasses.replace(spec, bias=c), kept=context.root.outputs)
-            return self.mismatch("the bias is computed at run time")
-        laid_out = checks.affine_operand(_as(array, n), checks.dims(n) or [], spec.affine_axes)
-        if isinstance(laid_out, str):
-            return MatchResult().fail(f"the constant added after the {spec.op_type} stays apart: {laid_out}")
-        if isinstance(spec.bias, ir.Value):
             return MatchResult().fail("the bias is computed at run time")
+        laid_out = checks.affine_operand(
+            _as(array, n), checks.dims(n) or [], spec.affine_axes,
+            f"the constant added after the {spec.op_type} stays apart",
+        )
+        if isinstance(spec.bias, ir.Value):
+            raise Refusal("the bias is computed at run time")
         added = laid_out.astype(np.float64)
         bias = added if spec.bias is None else spec.bias + added
         if (problem := _cast_problem(spec, bias=bias)) is not None:
-            return MatchResult().fail(f"the constant added after the {spec.op_type} stays apart: {problem}")
+            raise Refusal(f"the constant added after the {spec.op_type} stays apart: {problem}")
         return self.accept(context, dataclasses.replace(spec, bias=bias), kept=context.root.outputs)
 
 
@@ -186,6 +204,19 @@ def _cast_problem(spec: FusedNorm, **arrays: np.ndarray | None) -> str | None:
         if array is not None and (problem := fold_precision.cast_problem(array, spec.x.dtype.numpy(), what)):
             return problem
     return None
+
+
+def _behind_kept_cast(value: ir.Value) -> FusedNorm | None:
+    """The fused normalization ``value`` is a Cast of, through constant Mul/Add steps, if any."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Mul", "Add") and len(node.inputs) == 2:
+        operands = [v for v in node.inputs if v is not None and checks.constant(v) is None]
+        if len(operands) != 1:
+            return None
+        node = operands[0].producer()
+    if node is None or node.op_type != "Cast" or not node.inputs or node.inputs[0] is None:
+        return None
+    return fused_of(node.inputs[0])
 
 
 def _as(array: np.ndarray, like: ir.Value) -> np.ndarray:
@@ -202,13 +233,3 @@ def _runtime_fits(value: ir.Value, spec: FusedNorm) -> bool:
         and value.dtype == spec.x.dtype
         and checks.dims(value) == list(spec.affine_shape)
     )
-
-
-def affine_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    return [
-        AbsorbCast(record, options, state),
-        AbsorbScale(record, options, state, "nw"),
-        AbsorbScale(record, options, state, "wn"),
-        AbsorbBias(record, options, state, "nb"),
-        AbsorbBias(record, options, state, "bn"),
-    ]

@@ -18,20 +18,23 @@ Norm) are refused there; these are the ones with a different shape altogether:
 
 from __future__ import annotations
 
-__all__ = ["near_miss_rules"]
+__all__ = ["L2Normalize", "LocalResponseNorm"]
 
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 
 _ANY = dict(_allow_other_inputs=True, _allow_other_attributes=True)
 
 
-class _Refusal(RecordingRule):
+class _NearMiss(RecordingRule):
     """Matches a look-alike wherever it is, even when its intermediates have other readers."""
 
-    def __init__(self, record: PassRecord, options: PassOptions) -> None:
+    def __init__(self, record: PassRecord, options: PassOptions, _shared: object = None) -> None:
+        # _shared: the rule table builds every rule with what its pass's rules share; these
+        # only refuse, and need none of it.
         super().__init__(record, options)
         self.remove_nodes = False
 
@@ -39,7 +42,7 @@ class _Refusal(RecordingRule):
         return None  # unreachable: check always refuses
 
 
-class L2Normalize(_Refusal):
+class L2Normalize(_NearMiss):
     """``x / max(||x||_2, eps)`` in its spellings: refused."""
 
     def pattern(self, op, x):
@@ -54,13 +57,13 @@ class L2Normalize(_Refusal):
         return op.Div(x, pattern.OrValue([op.Expand(clamped, **_ANY), clamped]))
 
     def check(self, context, **_) -> MatchResult:
-        return MatchResult().fail(
+        raise Refusal(
             "L2 normalization x / max(||x||, eps) (F.normalize, cosine normalization): eps clamps the norm "
             "instead of being added to the mean square, so it is no RMSNorm, and no standard op fuses it"
         )
 
 
-class LocalResponseNorm(_Refusal):
+class LocalResponseNorm(_NearMiss):
     """``x / (k + alpha * pooled(x^2))^beta``: refused."""
 
     def pattern(self, op, x):
@@ -73,11 +76,7 @@ class LocalResponseNorm(_Refusal):
         return op.Div(x, op.Pow(base, pattern.Var("beta")))
 
     def check(self, context, **_) -> MatchResult:
-        return MatchResult().fail(
+        raise Refusal(
             "local response normalization (LRN-like): x / (k + alpha * mean of x^2 over neighbouring "
             "channels)^beta is a windowed normalization, not a LayerNorm/RMSNorm/GroupNorm"
         )
-
-
-def near_miss_rules(record: PassRecord, options: PassOptions) -> list[_Refusal]:
-    return [L2Normalize(record, options), LocalResponseNorm(record, options)]

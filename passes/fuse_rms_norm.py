@@ -27,12 +27,13 @@ per-channel affine (Filter Response Norm: there is no standard op for it).
 
 from __future__ import annotations
 
-__all__ = ["RMSNormFusion", "rms_norm_rules", "rms_op"]
+__all__ = ["RMSNormFusion", "rms_op"]
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
+from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
 from normfold.passes import _norm_patterns as patterns
 from normfold.passes.base import PassOptions, PassRecord
@@ -98,7 +99,12 @@ def _centred_over(value: ir.Value, axes: tuple[int, ...]) -> bool:
     if mean is None or mean.op_type != "ReduceMean" or mean.inputs[0] is not source or source is None:
         return False
     rank = rank_of(source)
-    return rank is not None and checks.reduce_axes(mean, rank) == axes
+    if rank is None:
+        return False
+    try:
+        return checks.reduce_axes(mean, rank) == axes
+    except Refusal:  # axes that cannot be read are not these axes
+        return False
 
 
 class RMSNormFusion(LayerNormFusion):
@@ -116,27 +122,21 @@ class RMSNormFusion(LayerNormFusion):
         if not _same_source(xs, xm):
             pre = _pre_scale(xm, xs)
             if pre is None:
-                return self.mismatch("the divided tensor is not the tensor whose mean square is taken")
+                return MatchResult().fail("the divided tensor is not the tensor whose mean square is taken")
         x = checks.strip_noop_cast(xs)
         site = patterns.read_site(bindings, x, "RMSNorm")
-        if isinstance(site, str):
-            return MatchResult().fail(site)
+        if site is None:
+            return MatchResult().fail("not a normalization")
         if _centred_over(x, site.axes):
             # The LayerNorm rule saw this site first and said why it refused it.
-            return self.mismatch("the input is mean-centred over the same axes")
+            return MatchResult().fail("the input is mean-centred over the same axes")
         if pre is not None:
-            laid_out = checks.affine_operand(pre, checks.dims(x) or [], site.axes)
-            if isinstance(laid_out, str):
-                return MatchResult().fail(f"the scale applied before the division: {laid_out}")
+            laid_out = checks.affine_operand(pre, checks.dims(x) or [], site.axes, "the scale applied before the division")
             site = patterns.Site(site.axes, site.epsilon, laid_out.astype(np.float64), site.spelling)
         varying = _per_channel_affine(context.root.outputs[0], checks.dims(x) or [], site.axes)
         if varying is not None:
-            return MatchResult().fail(
+            raise Refusal(
                 f"normalizes over axes {list(site.axes)} and then applies a constant affine that varies "
                 f"along axes {varying} only (Filter Response Norm-like): no standard op computes it"
             )
         return self.accept_site(context, x, site, rms_op(self.options.target))
-
-
-def rms_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[RMSNormFusion]:
-    return [RMSNormFusion(record, options, state, form) for form in FORMS]

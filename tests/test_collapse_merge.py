@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from normfold.errors import Refusal
 from normfold.math import conv_merge as merge
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -128,7 +129,7 @@ def test_identity_shortcut_goes_to_the_centre_tap(groups, kernel, dilation, seed
 def test_identity_shortcut_refuses_a_stride():
     rng = np.random.default_rng(0)
     conv = _random_conv(rng, 2, 4, 4, 1, (3, 3), (2, 2), (1, 1), (1, 1))
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(Refusal, match="stride"):
         merge.add_identity(conv)
 
 

@@ -128,3 +128,14 @@ def test_the_embedded_example_writes_model_report_and_plot(tmp_path, monkeypatch
     assert report["steps"] and all(step["accepted"] for step in report["steps"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test accuracy" in done.stdout
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--target-latency", "1.5"), ("--distill", "2")])
+def test_example_budget_and_distillation_flags_are_checked_first(tmp_path, capsys, flag, value):
+    from normfold.cli import main
+
+    out = tmp_path / "cnn.onnx"
+    assert main(["collapse", "--example", "digits-cnn", "-o", str(out), flag, value]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and flag in error
+    assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from normfold import io, runtime
+from normfold.errors import Refusal
 from normfold.math import branches as bm
 from normfold.passes import PassOptions, create_passes
 from normfold.passes.fold_branches import FoldBranchesPass
@@ -342,11 +343,11 @@ def test_compose_pointwise_matches_two_convs(group: int) -> None:
 
 def test_sub_kernel_offsets_reasons() -> None:
     assert bm.sub_kernel_offsets((1, 3), (0, 1, 0, 1), (1, 1), (3, 3), (1, 1, 1, 1), (1, 1)) == (1, 0)
-    with pytest.raises(ValueError, match="border would change"):
+    with pytest.raises(Refusal, match="border would change"):
         bm.sub_kernel_offsets((1, 1), (1, 0, 0, 1), (1, 1), (3, 3), (1, 1, 1, 1), (1, 1))
-    with pytest.raises(ValueError, match="cannot be centred"):
+    with pytest.raises(Refusal, match="cannot be centred"):
         bm.sub_kernel_offsets((2, 2), (0, 0, 1, 1), (1, 1), (3, 3), (1, 1, 1, 1), (1, 1))
-    with pytest.raises(ValueError, match="dilation"):
+    with pytest.raises(Refusal, match="dilation"):
         bm.sub_kernel_offsets((3, 3), (2, 2, 2, 2), (2, 2), (5, 5), (2, 2, 2, 2), (1, 1))
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from normfold.errors import Refusal
 from normfold.math import batchnorm as fm
 
 torch = pytest.importorskip("torch")
@@ -301,7 +302,7 @@ def test_per_channel_accepts_channel_shaped_constants() -> None:
     ],
 )
 def test_per_channel_refuses_other_broadcasts(shape, rank, message) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(Refusal, match=message):
         fm.per_channel(np.ones(shape), rank, 1, 4)
 
 
@@ -311,7 +312,7 @@ def test_affine_of_binary(op_type: str, constant_first: bool) -> None:
     rng = np.random.default_rng(2)
     y, c = rng.normal(size=5), rng.uniform(0.5, 2.0, 5)
     if op_type == "Div" and constant_first:
-        with pytest.raises(ValueError, match="not an affine map"):
+        with pytest.raises(Refusal, match="not an affine map"):
             fm.affine_of_binary(op_type, c, constant_first)
         return
     operation = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}[op_type]
@@ -321,5 +322,5 @@ def test_affine_of_binary(op_type: str, constant_first: bool) -> None:
 
 
 def test_affine_of_binary_refuses_division_by_zero() -> None:
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(Refusal, match="non-finite"):
         fm.affine_of_binary("Div", np.array([1.0, 0.0]), False)

@@ -261,3 +261,18 @@ def test_fuse_norm_keeps_a_multiplier_whose_absorbed_scale_would_overflow() -> N
     assert "LayerNormalization" in ops and ops[-1] == "Mul"
     refused = next(p for p in result.report["passes"] if p["name"] == "fuse-norm")["refused"]
     assert any("65504" in r["reason"] for r in refused)
+
+
+def test_torch_fold_refuses_what_float16_cannot_hold() -> None:
+    """normfold.torch.fold_batchnorm applies the same rule: the overflowing float16 site stays."""
+    torch = pytest.importorskip("torch")
+    from normfold.torch.fold import fold_batchnorm_with_report
+
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        conv.weight.fill_(100.0)
+        bn.weight.fill_(10.0)
+        bn.running_var.fill_(1e-4)
+    module = torch.nn.Sequential(conv, bn).eval().half()
+    folded, report = fold_batchnorm_with_report(module)
+    assert not report.folded and "65504" in report.refused[0].reason

@@ -21,6 +21,8 @@ def test_500_generated_graphs_come_out_right() -> None:
     assert sum(o.category == "skipped" for o in outcomes) < 25
     families = collections.Counter(o.case.family for o in outcomes)
     assert set(families) == set(fuzz.FAMILIES) and min(families.values()) >= 30
+    rewritten = collections.Counter(o.case.family for o in outcomes if o.rewrites)
+    assert all(rewritten[family] >= families[family] // 3 for family in families), rewritten
     assert {o.case.dtype for o in outcomes} == {"float32", "float16"}
     assert {o.case.target for o in outcomes} == {"onnx", "onnxruntime"}
     assert {o.case.opset for o in outcomes} == set(range(13, 24))

@@ -47,6 +47,8 @@ __all__ = [
 
 import numpy as np
 
+from normfold.errors import Refusal
+
 Array = np.ndarray
 
 
@@ -179,32 +181,33 @@ def repeat_channels(vector: Array, block: int) -> Array:
     return np.repeat(_f64(vector), block)
 
 
-def per_channel(constant: Array, rank: int, axis: int, channels: int) -> Array:
-    """The length-``channels`` vector a constant holds along ``axis`` of a rank-``rank`` output.
+def per_channel(constant: Array, rank: int, axis: int, channels: int, *, of: str = "the output") -> Array:
+    """The length-``channels`` vector a constant holds along ``axis`` of a rank-``rank`` output
+    (``of`` names that output in the reasons).
 
     NumPy broadcasting aligns the constant's shape to the *last* axes, so a ``[C]`` vector on a
     rank-4 ``(N, C, H, W)`` output scales the ``W`` axis, not the channels, even when ``W == C``.
-    Raises ``ValueError`` with the reason when the constant is not per channel along ``axis``
-    (it varies along another axis, has more axes than the tensor, or a channel length that
-    neither matches nor is 1).
+    Raises :class:`~normfold.errors.Refusal` with the reason when the constant is not per
+    channel along ``axis`` (it varies along another axis, has more axes than the tensor, or a
+    channel length that neither matches nor is 1).
     """
     constant = _f64(constant)
     if constant.ndim > rank:
-        raise ValueError(
+        raise Refusal(
             f"the constant of shape {list(constant.shape)} has more axes than the rank-{rank} "
-            "output, so it would change the output's shape"
+            f"output, so it would change the shape of {of}"
         )
     aligned = (1,) * (rank - constant.ndim) + constant.shape
     for position, size in enumerate(aligned):
         if position != axis and size != 1:
-            raise ValueError(
+            raise Refusal(
                 f"the constant of shape {list(constant.shape)} varies along axis {position} of the "
-                f"rank-{rank} output, not only along the channel axis {axis}"
+                f"rank-{rank} output, not only along the channel axis {axis} of {of}"
             )
     if aligned[axis] not in (1, channels):
-        raise ValueError(
+        raise Refusal(
             f"the constant has {aligned[axis]} values along the channel axis {axis}, "
-            f"but the output has {channels} channels"
+            f"but {of} has {channels} channels"
         )
     return np.broadcast_to(constant.reshape(-1), (channels,)).copy()
 
@@ -213,8 +216,8 @@ def affine_of_binary(op_type: str, constant: Array, constant_first: bool) -> tup
     """``(s, t)`` with ``op(y, c) = s·y + t`` elementwise, for Mul, Add, Sub and Div.
 
     ``Div(y, c)`` is ``y·(1/c)``; ``Sub(c, y)`` is ``−y + c``; ``Div(c, y)`` is not affine in
-    ``y`` and raises ``ValueError``, as do values that make ``s`` or ``t`` non-finite (a
-    division by zero; an infinite scale turns ``0·∞`` into NaN).
+    ``y`` and raises :class:`~normfold.errors.Refusal`, as do values that make ``s`` or ``t``
+    non-finite (a division by zero; an infinite scale turns ``0·∞`` into NaN).
     """
     constant = _f64(constant)
     ones, zeros = np.ones_like(constant), np.zeros_like(constant)
@@ -228,9 +231,9 @@ def affine_of_binary(op_type: str, constant: Array, constant_first: bool) -> tup
         with np.errstate(divide="ignore"):
             scale, shift = 1.0 / constant, zeros
     else:
-        raise ValueError(
+        raise Refusal(
             f"{op_type} with the constant first is not an affine map of its other input"
         )
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        raise ValueError(f"the {op_type} constant makes a non-finite scale or shift")
+        raise Refusal(f"the {op_type} constant makes a non-finite scale or shift")
     return scale, shift

@@ -42,6 +42,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from normfold.errors import Refusal
+
 Array = np.ndarray
 
 
@@ -53,23 +55,24 @@ def sub_kernel_offsets(
     big_pads: Sequence[int],
     big_dilations: Sequence[int],
 ) -> tuple[int, ...]:
-    """Where a branch's kernel sits inside the big one (per spatial axis), or ``ValueError``.
+    """Where a branch's kernel sits inside the big one (per spatial axis), or
+    :class:`~normfold.errors.Refusal`.
 
     ``pads`` are ONNX-style ``(begin…, end…)``. Raises with the reason when the branch does not
     read the same windows as the big kernel centred on it (see the module docstring).
     """
     rank = len(big_kernel)
     if len(kernel) != rank:
-        raise ValueError(f"a {len(kernel)}-d kernel cannot sit in a {rank}-d one")
+        raise Refusal(f"a {len(kernel)}-d kernel cannot sit in a {rank}-d one")
     offsets = []
     for axis in range(rank):
         k, big = kernel[axis], big_kernel[axis]
         if k > big or (big - k) % 2:
-            raise ValueError(
+            raise Refusal(
                 f"a kernel of size {k} on axis {axis} cannot be centred in one of size {big}"
             )
         if k > 1 and dilations[axis] != big_dilations[axis]:
-            raise ValueError(
+            raise Refusal(
                 f"dilation {dilations[axis]} on axis {axis} differs from the big kernel's "
                 f"{big_dilations[axis]}"
             )
@@ -78,7 +81,7 @@ def sub_kernel_offsets(
                 big_pads[axis + rank] - big_dilations[axis] * offset)
         have = (pads[axis], pads[axis + rank])
         if have != want:
-            raise ValueError(
+            raise Refusal(
                 f"pads {list(have)} on axis {axis}, but centred in the {big} kernel with pads "
                 f"{[big_pads[axis], big_pads[axis + rank]]} it must have {list(want)}: the "
                 "border would change"

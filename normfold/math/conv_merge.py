@@ -51,6 +51,7 @@ import math
 
 import numpy as np
 
+from normfold.errors import Refusal
 from normfold.math.batchnorm import fold_after_conv, fold_before_conv
 
 Array = np.ndarray
@@ -205,12 +206,12 @@ def _tap_of(offset: int, dilation: int, size: int) -> int | None:
 def add_identity(conv: Conv) -> Conv:
     """``conv(x) + x`` as one conv: needs stride 1, ``C_out = C_in``, ``P/D`` a tap of the kernel."""
     if any(s != 1 for s in conv.stride):
-        raise ValueError(f"an identity shortcut needs stride 1 (the conv has stride {conv.stride})")
+        raise Refusal(f"an identity shortcut needs stride 1 (the conv has stride {conv.stride})")
     if conv.out_channels != conv.in_channels:
-        raise ValueError(f"an identity shortcut needs C_out = C_in ({conv.out_channels} != {conv.in_channels})")
+        raise Refusal(f"an identity shortcut needs C_out = C_in ({conv.out_channels} != {conv.in_channels})")
     centre = tuple(_tap_of(p, d, k) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel))
     if any(tap is None for tap in centre):
-        raise ValueError(
+        raise Refusal(
             f"input position o is not a tap of the conv (padding {conv.padding}, dilation {conv.dilation})"
         )
     weight = conv.weight.copy()
@@ -223,9 +224,9 @@ def add_identity(conv: Conv) -> Conv:
 def add_shortcut(conv: Conv, shortcut: Conv) -> Conv:
     """``conv(x) + shortcut(x)`` as one conv; ``shortcut``'s taps must fall on ``conv``'s."""
     if conv.stride != shortcut.stride:
-        raise ValueError(f"the shortcut's stride {shortcut.stride} differs from the conv's {conv.stride}")
+        raise Refusal(f"the shortcut's stride {shortcut.stride} differs from the conv's {conv.stride}")
     if (conv.out_channels, conv.in_channels) != (shortcut.out_channels, shortcut.in_channels):
-        raise ValueError("the shortcut and the conv map different channel counts")
+        raise Refusal("the shortcut and the conv map different channel counts")
     starts = []
     for i, size in enumerate(conv.kernel):
         step = shortcut.dilation[i] * (shortcut.kernel[i] - 1)
@@ -234,7 +235,7 @@ def add_shortcut(conv: Conv, shortcut: Conv) -> Conv:
             _tap_of(conv.padding[i] - shortcut.padding[i] + step, conv.dilation[i], size),
         )
         if first is None or last is None or (shortcut.kernel[i] > 1 and shortcut.dilation[i] % conv.dilation[i]):
-            raise ValueError("the shortcut's taps do not fall on the conv's kernel")
+            raise Refusal("the shortcut's taps do not fall on the conv's kernel")
         starts.append(slice(first, last + 1, max(shortcut.dilation[i] // conv.dilation[i], 1)))
     groups = math.gcd(conv.groups, shortcut.groups)
     weight = regroup(conv.weight, conv.groups, groups)

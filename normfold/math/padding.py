@@ -24,6 +24,8 @@ __all__ = ["conv_pads", "symmetric", "torch_conv_pads"]
 import math
 from collections.abc import Sequence
 
+from normfold.errors import Refusal
+
 
 def conv_pads(
     auto_pad: str,
@@ -37,7 +39,7 @@ def conv_pads(
     """The explicit ``(begins…, ends…)`` zero padding of an ONNX Conv; None when it depends on an
     input size that is not known (``SAME_*`` with a stride above 1).
 
-    Raises ``ValueError`` for an ``auto_pad`` the ONNX spec does not define.
+    Raises :class:`~normfold.errors.Refusal` for an ``auto_pad`` the ONNX spec does not define.
     """
     rank = len(kernel)
     strides = tuple(strides or (1,) * rank)
@@ -47,7 +49,7 @@ def conv_pads(
     if auto_pad == "VALID":
         return (0,) * (2 * rank)
     if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        raise ValueError(f"auto_pad={auto_pad} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")
+        raise Refusal(f"auto_pad={auto_pad} is not one of NOTSET, VALID, SAME_UPPER, SAME_LOWER")
     begins, ends = [], []
     for axis in range(rank):
         span = (kernel[axis] - 1) * dilations[axis] + 1

@@ -46,6 +46,7 @@ import torch
 from torch import fx, nn
 
 from normfold.math import conv_merge as merge
+from normfold.errors import Refusal
 from normfold.math import batchnorm as fm
 from normfold.torch.layer_collapse.graph import (
     describe,
@@ -370,8 +371,8 @@ class _Engine:
                     removed = [conv.name, other.name]
                 else:
                     continue
-            except ValueError as error:
-                self._refuse(node, f"the shortcut cannot fold into {describe(self.gm, conv)}: {error}")
+            except Refusal as refusal:
+                self._refuse(node, f"the shortcut cannot fold into {describe(self.gm, conv)}: {refusal.reason}")
                 continue
             name = self._install(_conv_module(merged, module_of(self.gm, conv)), node.name)
             with self.gm.graph.inserting_before(node):
