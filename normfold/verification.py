@@ -329,7 +329,7 @@ def verify(
             ref_model = reference_model if reference_model is not None else _checked(reference, ref_label)
             cand_model = load(candidate, check=False)
             checker_problems = _checker_problems(candidate, cand_label)
-            feeds = _samples(ref_model, inputs, dims, samples, seed)
+            feeds = _samples(ref_model, inputs, dims, samples, seed, ref_label)
             if save_inputs is not None:
                 write_inputs(save_inputs, feeds)
 
@@ -490,11 +490,12 @@ def _samples(
     dims: Mapping[str, int] | None,
     samples: int,
     seed: int,
+    label: str,
 ) -> list[dict[str, np.ndarray]]:
     if inputs is None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise InputError(f"samples {samples!r}: must be a positive integer")
-        return [generate_inputs(model, dims=dims, seed=seed + k) for k in range(samples)]
+        return [generate_inputs(model, dims=dims, seed=seed + k, label=label) for k in range(samples)]
     if dims:
         raise InputError("dims: give either inputs or dims (dims shape random inputs only)")
     if isinstance(inputs, (str, os.PathLike)):
@@ -528,9 +529,10 @@ def check_runs(source: ModelLike, label: str | None = None) -> None:
     """Raise :class:`InputError` when onnxruntime cannot load ``source`` or run it on one random
     sample: what ``verify`` and ``optimize`` would say of it as a reference (named ``label``)."""
     model = load(source, check=False)
-    feeds = _samples(model, None, None, 1, 0)
+    label = label or _label(source, "<model>")
+    feeds = _samples(model, None, None, 1, 0, label)
     with tqdm(disable=True) as bar:
-        _run_reference(_runnable(source, model), feeds, label or _label(source, "<model>"), "", bar)
+        _run_reference(_runnable(source, model), feeds, label, "", bar)
 
 
 def _runnable(source: ModelLike, model: ir.Model) -> ModelLike:

@@ -48,7 +48,7 @@ from normfold.passes.fuse_layer_norm import LayerNormFusion
 from normfold.passes.fuse_norm_affine import AbsorbBias, AbsorbCast, AbsorbScale
 from normfold.passes.fuse_norm_near_misses import L2Normalize, LocalResponseNorm
 from normfold.passes.fuse_rms_norm import RMSNormFusion
-from normfold.passes.fuse_skip_norm import SkipNormFusion
+from normfold.passes.fuse_skip_norm import SkipBiasNormFusion, SkipNormFusion
 
 _BOTH: tuple[Target, ...] = ("onnx", "onnxruntime")
 _ORT: tuple[Target, ...] = ("onnxruntime",)
@@ -106,7 +106,13 @@ RULES: tuple[Rule, ...] = (
     Rule("fuse-norm", "affine", AbsorbCast),
     *(Rule("fuse-norm", "affine", partial(AbsorbScale, order=order)) for order in ("nw", "wn")),
     *(Rule("fuse-norm", "affine", partial(AbsorbBias, order=order)) for order in ("nb", "bn")),
-    # ... and for onnxruntime, residual Add + norm into its Skip ops (refused unless skip_ops).
+    # ... and for onnxruntime, residual Add + norm into its Skip ops (refused unless skip_ops),
+    # a residual sum plus a constant bias first (the op's bias input), then the plain sum.
+    *(Rule("fuse-norm", "skip", partial(SkipBiasNormFusion, norm=norm, keep_sum=keep_sum, bias_first=first),
+           targets=_ORT)
+      for norm in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
+      for keep_sum in (False, True)
+      for first in (False, True)),
     *(Rule("fuse-norm", "skip", partial(SkipNormFusion, norm=norm, keep_sum=keep_sum), targets=_ORT)
       for norm in ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
       for keep_sum in (False, True)),

@@ -26,8 +26,12 @@ def add_command(commands: Any, groups: options.Groups) -> None:
 def run(args: argparse.Namespace) -> int:
     checks = options.verify_options(args)  # a usage error answers before onnx and onnxruntime load
 
+    from normfold.jobs.common import check_paths
     from normfold.report import write_json
     from normfold.verification import verify
+
+    check_paths({"--report": args.report, "--save-inputs": args.save_inputs},
+                models=[args.reference, args.candidate], inputs=[args.inputs])
 
     report = verify(args.reference, args.candidate, checks, progress=not args.quiet)
     if args.report:

@@ -4,7 +4,8 @@ A *segment* is the connected part of the graph that is linear once a run of site
 starting from the run's sites, every neighbour (input or reader) that merging sees through or
 merges (Conv, Linear, BatchNorm, linearized activations, Identity/Dropout, a residual Add, a
 global average pool, flatten) joins it; every other op (an activation that stays, a MaxPool, the
-model's input or output) bounds it. Removing the run merges the segment into as few ops as the
+model's input or output) bounds it, and so does a value several ops read (the residual stream
+between blocks), which no merge can absorb: it is the segment's input or output. Removing the run merges the segment into as few ops as the
 rules of :mod:`.rewrite` allow — an inverted residual ``pw → dw → pw (+ x)`` into one dense k×k
 conv, a residual block ``conv → conv + shortcut`` into one conv — so a candidate is judged by the
 cost of that *final* form against the segment as it is now (its sites still nonlinear), never by
@@ -107,8 +108,12 @@ def segment(gm: fx.GraphModule, sites: Iterable[str], *, start: str | None = Non
         if node in inside:
             continue
         inside.add(node)
-        neighbours = [a for a in node.all_input_nodes] + list(node.users)
-        for other in neighbours:
+        site = node.name in removed
+        # A value several ops read (a residual stream) is an input of the segment, never merged:
+        # the segment stops there, except at its own sites.
+        inputs = [a for a in node.all_input_nodes if site or len(a.users) == 1 or a.name in removed]
+        readers = [u for u in node.users if site or len(node.users) == 1 or u.name in removed]
+        for other in inputs + readers:
             if other not in inside and (other.name in removed or merges_through(gm, other)):
                 stack.append(other)
     return [n for n in gm.graph.nodes if n in inside]
