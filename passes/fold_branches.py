@@ -3,10 +3,13 @@
 This is the deployment step of RepVGG, MobileOne, ACNet and DBB ("structural
 re-parameterization"), done on the exported graph. Rule:
 
-1. A *sum* is a tree of ``Add`` / ``Sum`` nodes whose inner results have no other reader; its
-   *leaves* are the values it adds.
+1. A *sum* is a tree of ``Add`` / ``Sum`` / ``Sub`` nodes whose inner results have no other
+   reader; its *leaves* are the values it adds, each with its sign (a ``Sub``'s second input is
+   subtracted).
 2. A leaf is a *branch* of the tensor ``x`` it reads when it is one of (each optionally followed
-   by an inference-form BatchNormalization with constant parameters):
+   by an inference-form BatchNormalization with constant parameters, then by a ``Mul`` by a
+   constant with one value per channel or one for all — a layer scale; a constant of another
+   shape is refused with the reason):
 
    * ``Conv(x)`` with a constant weight and bias — any kernel: ``k×k``, ``1×1``, ``1×k``,
      ``k×1`` (ACNet);
@@ -20,7 +23,9 @@ re-parameterization"), done on the exported graph. Rule:
    A leaf ``Conv(x)`` (or its BN) that is the only branch of ``x`` in its sum is read as the
    identity branch of the Conv's output ``y`` instead when another leaf is a Conv of ``y``:
    RepGhost's ``BN(DWConv(y)) + BN(y)`` and FastViT's ``MobileOneBlock`` after a Conv, where
-   ``y = Conv(x)`` is read by both.
+   ``y = Conv(x)`` is read by both; a ``Mul``/BN leaf sharing no source is read as the identity
+   of its own output. FastViT's RepMixer, ``x + γ·(BN(DWConv(x)) + BN(x) − BN(x))``, merges in
+   two sites: the difference, then the residual around its scaled Conv.
 
 3. The branches of one ``x`` in one sum merge when at least one of them is a Conv reading ``x``
    directly: the one with the largest kernel is the *reference*. Every other branch must read
@@ -34,7 +39,8 @@ re-parameterization"), done on the exported graph. Rule:
    the stored tensors and cast once to the reference weight's dtype — refused when that cast
    overflows, flushes a nonzero value to 0, or computes farther from the sum of the branches
    than the precision rule allows (``normfold.math.fold_precision``). It replaces the merged
-   leaves in the sum; other leaves stay, added to it in their order.
+   leaves in the sum (the signs are in its kernel); other leaves stay, added to it or
+   subtracted from it in their order.
 
 A branch that does not fit (mismatched padding or stride, other groups, an intermediate value
 that another node reads, non-constant weights, a training-form BN, …) stays in the sum and is

@@ -217,6 +217,19 @@ def test_sub_of_conv_branches_and_a_scaled_difference_in_the_default_passes() ->
     assert rel_error(runtime.run(model, feeds), runtime.run(proto, feeds)) < 1e-5
 
 
+def test_subtracted_conv_and_a_subtracted_other_tensor() -> None:
+    """``(x − BN(Conv3×3(x))) − z``: the Conv's kernel enters negated beside the identity, and
+    ``z`` (another tensor) stays subtracted from the merged Conv."""
+    rng = np.random.default_rng(17)
+    nc, ic = conv_bn("x", "a", rng, (3, 3), name="c3")
+    nodes = nc + [helper.make_node("Sub", ["x", "a"], ["d"], name="sub1"),
+                  helper.make_node("Sub", ["d", "z"], ["y"], name="sub2")]
+    proto = make(nodes, ic, {"x": ("N", C, 5, 5), "z": ("N", C, 5, 5)}, ["y"])
+    model, record = fold(proto)
+    assert op_types(model) == ["Conv", "Sub"]
+    assert record["applied"] == 1
+
+
 def test_scale_that_is_not_per_channel_keeps_its_branch() -> None:
     """``x + Conv(x)·s`` with ``s`` varying along the width: no kernel holds it; the sum stays."""
     rng = np.random.default_rng(16)
