@@ -425,6 +425,8 @@ def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
     where = f"{where} external data {location!r}"
     if not location:
         raise InputError(f"{where}: no location given")
+    if "\0" in location:
+        raise InputError(f"{where}: a NUL byte in the location (refused, not read)")
     if os.path.isabs(location) or ".." in Path(location).parts:
         raise InputError(f"{where}: points outside the model's folder (refused, not read)")
     data = folder / location

@@ -17,6 +17,11 @@ re-parameterization"), done on the exported graph. Rule:
      ``ceil_mode=0`` (DBB);
    * ``x`` itself — a BN of ``x`` is the identity branch of RepVGG and MobileOne.
 
+   A leaf ``Conv(x)`` (or its BN) that is the only branch of ``x`` in its sum is read as the
+   identity branch of the Conv's output ``y`` instead when another leaf is a Conv of ``y``:
+   RepGhost's ``BN(DWConv(y)) + BN(y)`` and FastViT's ``MobileOneBlock`` after a Conv, where
+   ``y = Conv(x)`` is read by both.
+
 3. The branches of one ``x`` in one sum merge when at least one of them is a Conv reading ``x``
    directly: the one with the largest kernel is the *reference*. Every other branch must read
    the same windows, centred in the reference's kernel: equal strides, equal ``group`` and
@@ -53,6 +58,7 @@ from __future__ import annotations
 
 __all__ = ["FoldBranchesPass"]
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -167,9 +173,7 @@ def _read_branch(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
         inner = producer.inputs[0]
         producer = inner.producer()
     if producer is None or producer.domain != "" or producer.op_type not in ("Conv", "AveragePool"):
-        label = describe(leaf.producer()) if affine is not None else f"'{leaf.name}'"
-        return _Branch(leaf, inner, f"identity {label}", "identity", nodes, None, None, None,
-                       None, None, None, None, affine, reads=reads)
+        return _identity_branch(leaf, model, reads)
     nodes.insert(0, producer)
     if producer.op_type == "AveragePool":
         window = _ints(producer, "kernel_shape", ())
@@ -194,6 +198,17 @@ def _read_branch(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
                      conv=producer, reads=reads)
     _compose_pointwise(branch, model, reads)
     return branch
+
+
+def _identity_branch(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
+    """``leaf`` as ``x`` or ``BN(x)``: the identity branch of ``x``, whatever produces ``x``."""
+    producer = leaf.producer()
+    if producer is not None and producer.op_type == "BatchNormalization" and producer.domain == "":
+        affine = batchnorm_affine(producer, opset_of(producer, model), reads)
+        return _Branch(leaf, producer.inputs[0], f"identity {describe(producer)}", "identity",
+                       [producer], None, None, None, None, None, None, None, affine, reads=reads)
+    return _Branch(leaf, leaf, f"identity '{leaf.name}'", "identity", [], None, None, None, None,
+                   None, None, None, None, reads=reads)
 
 
 def _compose_pointwise(branch: _Branch, model: ir.Model, reads: Reads) -> None:
@@ -307,13 +322,27 @@ class FoldBranchesPass(NormfoldPass):
         tree = set(tree_nodes)
         groups: dict[int, list[_Branch]] = {}
         sources: dict[int, ir.Value] = {}
+        read: list[_Branch] = []
         for leaf in leaves:
-            reads = Reads(self.options.freeze_initializer_inputs)
             try:
-                branch = _read_branch(leaf, model, reads)
+                read.append(_read_branch(leaf, model, Reads(self.options.freeze_initializer_inputs)))
             except Refusal as refusal:
                 self._refuse_leaf(leaf, refusal.reason)
+        # (BN of) Conv(x) is also the identity branch of the Conv's output y: read it so when it
+        # is the only branch of x and other leaves are Conv branches of y (rule 2).
+        counts = collections.Counter(id(branch.source) for branch in read)
+        conv_sources = {id(branch.source) for branch in read if branch.kind == "conv"}
+        for index, branch in enumerate(read):
+            if branch.kind == "identity" or counts[id(branch.source)] > 1:
                 continue
+            try:
+                alternative = _identity_branch(branch.leaf, model,
+                                               Reads(self.options.freeze_initializer_inputs))
+            except Refusal:
+                continue
+            if id(alternative.source) in conv_sources:
+                read[index] = alternative
+        for branch in read:
             groups.setdefault(id(branch.source), []).append(branch)
             sources[id(branch.source)] = branch.source
         replacements: dict[int, tuple[ir.Value, list[_Branch]]] = {}

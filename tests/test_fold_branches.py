@@ -161,6 +161,27 @@ def test_plain_skip_goes_into_the_kernel_centre_and_other_terms_stay() -> None:
     assert op_types(model) == ["Conv", "Add"]
 
 
+@pytest.mark.parametrize("identity_bn", [True, False])
+def test_identity_of_a_conv_output_merges_with_its_depthwise_conv(identity_bn: bool) -> None:
+    """timm's RepGhost (and FastViT's PatchEmbed after a Conv): ``y = Conv(x)`` is read by a
+    depthwise Conv and by the sum, ``BN(DWConv(y)) + BN(y)``. The ``BN(y)`` leaf is also
+    ``BN(Conv(x))``; it is the identity branch of ``y`` here, merged into the depthwise Conv."""
+    rng = np.random.default_rng(13)
+    primary, ip = conv("x", "y1", rng, (1, 1), name="primary")
+    cheap, ic = conv_bn("y1", "a", rng, (3, 3), name="cheap", group=C)
+    if identity_bn:
+        ident, ii = bn_node("y1", "b", C, rng, name="fusion_bn")
+        nodes, inits, other = primary + cheap + [ident], ip + ic + ii, "b"
+    else:
+        nodes, inits, other = primary + cheap, ip + ic, "y1"
+    nodes.append(helper.make_node("Add", ["a", other], ["y"], name="add"))
+    model, record = fold(block_model(nodes, inits))
+    assert op_types(model) == ["Conv", "Conv"]
+    assert record["applied"] == 1 and record["refused"] == []
+    assert record["sites"][0]["into"] == "cheap/branches"
+    assert any(label.startswith("identity") for label in record["sites"][0]["branches"])
+
+
 def test_float16_merge_is_judged_against_float32() -> None:
     """Merged in float64 and cast once: no further from the float32 run than the fp16 graph."""
     nodes32, inits32 = repvgg_block(np.random.default_rng(6))

@@ -25,6 +25,7 @@ import numpy as np
 
 from normfold import io, runtime
 from normfold.errors import InputError
+from normfold.files import write_atomic
 from normfold.report import write_json
 
 
@@ -160,14 +161,7 @@ def _plot(report: dict[str, Any], path: Path, name: str) -> None:
     right.set_ylabel("MACs per sample (M)")
     right.set_title("work (BN folded, merged)")
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(prefix=".normfold-", suffix=".png", dir=path.parent)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        figure.savefig(temporary, dpi=100)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; a plot is for sharing
-        os.replace(temporary, path)
+        write_atomic(path, lambda file: figure.savefig(file, format="png", dpi=100))
     finally:
         plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)
