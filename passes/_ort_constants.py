@@ -29,7 +29,6 @@ __all__ = ["fold_with_onnxruntime"]
 import logging
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from normfold import runtime
 from normfold.errors import InputError
@@ -131,14 +130,14 @@ def _evaluate(model: ir.Model, nodes: list[ir.Node], wanted: list[ir.Value]) -> 
         opset_imports=dict(model.opset_imports),
     )
     sub = ir.Model(graph, ir_version=model.ir_version)
+    import onnxruntime as ort  # on first use, like normfold.runtime
+
+    sess = runtime.session(sub)  # InputError when onnxruntime cannot build it
+    # A kernel that fails at run time is an expected outcome here, not a message for the user.
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
     try:
-        sess = runtime.session(sub)
-        # A kernel that fails at run time is an expected outcome here, not a message for the user.
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4
         arrays = sess.run([value.name for value in wanted], {}, quiet)
-    except InputError:
-        raise
     except Exception as error:  # onnxruntime raises its own untyped errors
         raise InputError(str(error)) from None
     return dict(zip(wanted, arrays, strict=True))
