@@ -449,9 +449,9 @@ FAMILIES: dict[str, tuple[list[str], Callable]] = {
 
 
 @st.composite
-def cases(draw: Callable) -> Case:
-    """A generated :class:`Case` (see the module doc)."""
-    family = draw(st.sampled_from(list(FAMILIES)))
+def cases(draw: Callable, families: tuple[str, ...] = tuple(FAMILIES)) -> Case:
+    """A generated :class:`Case` (see the module doc) of one of ``families``."""
+    family = draw(st.sampled_from(families))
     passes, builder = FAMILIES[family]
     if builder is None:
         builder = FAMILIES[draw(st.sampled_from([f for f, (_, b) in FAMILIES.items() if b is not None]))][1]
@@ -505,14 +505,21 @@ def judge(case: Case) -> Outcome:
     return Outcome(case, "ok", rewrites=rewrites)
 
 
-def run(count: int, seed: int, *, on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Generate and judge ``count`` cases from ``seed`` (hypothesis, generation phase only)."""
+def run(
+    count: int,
+    seed: int,
+    *,
+    families: tuple[str, ...] = tuple(FAMILIES),
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Generate and judge ``count`` cases of ``families`` from ``seed`` (hypothesis, generation
+    phase only)."""
     outcomes: list[Outcome] = []
 
     @settings(max_examples=count, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck), derandomize=False)
     @hypothesis.seed(seed)
-    @hypothesis.given(cases())
+    @hypothesis.given(cases(families))
     def one(case: Case) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -525,7 +532,7 @@ def run(count: int, seed: int, *, on_outcome: Callable[[Outcome], None] | None =
     return outcomes
 
 
-def summary(outcomes: list[Outcome], seconds: float) -> str:
+def summary(outcomes: list[Outcome], seconds: float, *, show: int = 3) -> str:
     """The figures: cases by pass family, dtype and target; violations by category, with examples."""
     lines = [f"{len(outcomes)} graphs in {seconds:.0f} s"]
     for label, key in (("family", lambda o: o.case.family), ("dtype", lambda o: o.case.dtype),
@@ -541,7 +548,7 @@ def summary(outcomes: list[Outcome], seconds: float) -> str:
     lines.append(f"violations: {len(violations)}" + (
         " (" + ", ".join(f"{k} {v}" for k, v in sorted(by_category.items())) + ")" if violations else ""))
     for category in sorted(by_category):
-        for outcome in [o for o in violations if o.category == category][:3]:
+        for outcome in [o for o in violations if o.category == category][:show]:
             lines.append(f"  {category}: {outcome.case.describe()}\n    {outcome.detail}")
     return "\n".join(lines)
 
@@ -550,12 +557,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10000, help="graphs to generate (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
+    parser.add_argument("--family", action="append", choices=list(FAMILIES),
+                        help="only this family (repeatable; default: all)")
+    parser.add_argument("--show", type=int, default=3, help="violations shown per category (default 3)")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
     start = time.perf_counter()
-    outcomes = run(args.count, args.seed)
-    print(summary(outcomes, time.perf_counter() - start))
+    outcomes = run(args.count, args.seed, families=tuple(args.family or FAMILIES))
+    print(summary(outcomes, time.perf_counter() - start, show=args.show))
     return 1 if any(o.violation for o in outcomes) else 0
 
 
