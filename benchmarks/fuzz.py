@@ -70,6 +70,7 @@ from normfold.verification import compare, float64_model
 DTYPES = {"float32": np.float32, "float16": np.float16}
 OPSETS = tuple(range(13, 24))
 TARGETS = ("onnx", "onnxruntime")
+_SAMPLES = 3  # normfold.verify's default
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ class Case:
     family: str
     passes: list[str]
     model: onnx.ModelProto
-    feeds: dict[str, np.ndarray]
+    feeds: list[dict[str, np.ndarray]]  # samples, as many as verification draws by default
     dtype: str
     opset: int
     target: str
@@ -461,27 +462,35 @@ def cases(draw: Callable, families: tuple[str, ...] = tuple(FAMILIES)) -> Case:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     g = _Graph(rng, DTYPES[dtype], opset)
     inputs, outputs = draw(builder(g, extreme))
-    feeds = {name: rng.normal(size=shape).astype(DTYPES[dtype]) for name, shape in inputs.items()}
+    feeds = [
+        {name: rng.normal(size=shape).astype(DTYPES[dtype]) for name, shape in inputs.items()}
+        for _ in range(_SAMPLES)
+    ]
     target = draw(st.sampled_from(TARGETS))
     lower = draw(st.integers(0, 3)) == 0  # --lower-standalone-bn: a BN nothing folds becomes Mul+Add
     return Case(family, passes, g.model(inputs, outputs), feeds, dtype, opset, target, extreme, lower)
 
 
-def _truth(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+def _runs(model: onnx.ModelProto | ir.Model, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    session = runtime.session(model)
+    return [runtime.run(session, feeds) for feeds in samples]
+
+
+def _truth(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """The float32 run of a float16 model (``verification.float64_model`` widened to float32)."""
     wide = float64_model(ir.serde.deserialize_model(model), ir.DataType.FLOAT)
-    return runtime.run(wide, {name: array.astype(np.float32) for name, array in feeds.items()})
+    return _runs(wide, [{name: array.astype(np.float32) for name, array in feeds.items()} for feeds in samples])
 
 
 def judge(case: Case) -> Outcome:
     """Optimize the case's graph with its pass and judge the result (module doc)."""
     try:
         onnx.checker.check_model(case.model, full_check=True)
-        expected = runtime.run(case.model, case.feeds)
+        expected = _runs(case.model, case.feeds)
         truth = _truth(case.model, case.feeds) if case.dtype == "float16" else None
     except (InputError, RuntimeError, ValueError, onnx.checker.ValidationError) as error:
         return Outcome(case, "skipped", str(error).splitlines()[0][:200])
-    if truth is not None and not all(np.isfinite(a).all() for a in truth.values()):
+    if truth is not None and not all(np.isfinite(a).all() for outputs in truth for a in outputs.values()):
         return Outcome(case, "skipped", "the float32 run overflows")
     try:
         result = normfold.optimize(case.model, passes=case.passes, target=case.target, verify=False,
@@ -493,10 +502,10 @@ def judge(case: Case) -> Outcome:
     except Exception as error:  # the point of fuzzing: any other exception is a bug
         return Outcome(case, "crash", f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}")
     try:
-        actual = runtime.run(result.model, case.feeds)
+        actual = _runs(result.model, case.feeds)
     except Exception as error:  # onnxruntime's own errors
         return Outcome(case, "invalid-output", str(error).splitlines()[0][:300])
-    report = compare([expected], [actual], truth=None if truth is None else [truth])
+    report = compare(expected, actual, truth=truth)
     rewrites = sum(p["applied"] for p in result.report["passes"])
     if not report.passed:
         problems = [f"{c.name}: {c.problem}" for c in report.outputs.values() if not c.passed] + report.problems

@@ -37,6 +37,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from normfold.catalog import pass_info
 from normfold.passes.base import NormfoldPass, apply_rules
+from normfold.math import fold_precision
 from normfold.passes._shapes import infer_shapes
 from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
@@ -49,8 +50,10 @@ from normfold.passes._fold_graph import (
     initializer,
     opset_of,
     rank_of,
+    read_constant,
     require_castable,
     require_graph,
+    require_precise,
     tensor_dtype,
 )
 from normfold.passes.fold_bn_consumer import FoldBnIntoConsumer
@@ -149,6 +152,9 @@ class LowerBatchNorm(FoldRule):
             )
         dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
         require_castable({"scale": scale, "shift": shift}, dtype)
+        # Mul + Add compute y·s + t: where |μ·s| dwarfs the output, that cancels (the BN does not).
+        mean, var = (read_constant(v, "BatchNormalization statistic", reads) for v in bn.inputs[3:5])
+        require_precise(lambda: fold_precision.lowered_outputs(scale, shift, mean, var, dtype.numpy()), dtype)
         shape = (scale.size,) + (1,) * (rank - 2)
         self._plan = _Lowering(bn, scale.reshape(shape), shift.reshape(shape), dtype, reads)
         return MatchResult()

@@ -188,9 +188,11 @@ def _require_representable(
     folded: _Folded,
     scale: np.ndarray,
     shift: np.ndarray,
+    statistics: tuple[np.ndarray, np.ndarray],
     reads: Reads,
 ) -> None:
-    """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``)."""
+    """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``);
+    ``statistics`` are the BN's mean and standard deviation per feature, the probes' law."""
     new_weight, new_bias, bias_value = folded.weight, folded.bias, folded.bias_value
     dtype = tensor_dtype(consumer.inputs[1])
     require_castable({"weight": new_weight, "bias": new_bias}, dtype)
@@ -219,6 +221,7 @@ def _require_representable(
             fp.channel_vector(new_bias, channels),
             dtype.numpy(),
             before=fp.Affine(columns(scale), columns(shift)),
+            probe=fp.Affine(columns(statistics[1]), columns(statistics[0])),
         )
 
     require_precise(probes, dtype)
@@ -282,7 +285,11 @@ class FoldBnIntoConsumer(FoldRule):
             folded = _fold_gemm(consumer, weight, scale, shift, reads)
         else:
             folded = _fold_matmul(consumer, weight, scale, shift)
-        _require_representable(consumer, weight, folded, scale, shift, reads)
+        # The BN's statistics describe its input: the probes follow them.
+        mean, var = (read_constant(v, "BatchNormalization statistic", reads) for v in bn.inputs[3:5])
+        std = np.sqrt(np.maximum(var, 0.0))
+        statistics = (fm.repeat_channels(mean, where.block), fm.repeat_channels(std, where.block))
+        _require_representable(consumer, weight, folded, scale, shift, statistics, reads)
         self._plan = _ConsumerFold(bn, consumer, chain, x, weight_value, folded, reads)
         return MatchResult()
 
