@@ -45,12 +45,12 @@ from normfold.passes._fold_graph import (
     FreshNames,
     Reads,
     batchnorm_affine,
+    batchnorm_statistics,
     describe,
     freeze,
     initializer,
     opset_of,
     rank_of,
-    read_constant,
     require_castable,
     require_graph,
     require_precise,
@@ -153,8 +153,8 @@ class LowerBatchNorm(FoldRule):
         dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
         require_castable({"scale": scale, "shift": shift}, dtype)
         # Mul + Add compute y·s + t: where |μ·s| dwarfs the output, that cancels (the BN does not).
-        mean, var = (read_constant(v, "BatchNormalization statistic", reads) for v in bn.inputs[3:5])
-        require_precise(lambda: fold_precision.lowered_outputs(scale, shift, mean, var, dtype.numpy()), dtype)
+        mean, std = batchnorm_statistics(bn, reads)
+        require_precise(lambda: fold_precision.lowered_outputs(scale, shift, mean, std, dtype.numpy()), dtype)
         shape = (scale.size,) + (1,) * (rank - 2)
         self._plan = _Lowering(bn, scale.reshape(shape), shift.reshape(shape), dtype, reads)
         return MatchResult()

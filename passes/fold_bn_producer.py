@@ -32,6 +32,7 @@ from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     Reads,
     batchnorm_affine,
+    batchnorm_statistics,
     opset_of,
     require_graph,
 )
@@ -80,6 +81,6 @@ class FoldBnIntoProducer(ProducerFoldRule):
                 f"the BatchNormalization has {scale.size} channels, "
                 f"{site.label} produces {site.channels}"
             )
-        weight, bias = fold_into_producer(site, scale, shift)
+        weight, bias = fold_into_producer(site, scale, shift, batchnorm_statistics(bn, reads))
         self._plan = ProducerFold(bn, site, weight, bias, reads, how="producer")
         return MatchResult()

@@ -40,6 +40,7 @@ from normfold.passes._fold_graph import (
     Reads,
     any_op,
     batchnorm_affine,
+    batchnorm_statistics,
     describe,
     freeze,
     opset_of,
@@ -127,7 +128,7 @@ class FoldBnThroughShapes(ProducerFoldRule):
                 f"the BatchNormalization has {scale.size} channels, "
                 f"{site.label} produces {site.channels}"
             )
-        weight, bias = fold_into_producer(site, scale, shift)
+        weight, bias = fold_into_producer(site, scale, shift, batchnorm_statistics(bn, reads))
         self._plan = _RoutedFold(bn, site, weight, bias, reads, "producer-route", chain, produced)
         return MatchResult()
 

@@ -19,7 +19,7 @@ onnxruntime computes: it runs float16 ops in float32 and keeps float32 between t
 unfolded graph rounds only its output; float64 models keep float64), and the folded site
 (dtype-rounded weights, float64 arithmetic) may err by at most::
 
-    max|folded − reference| ≤ FLOOR · rms(reference)
+    max|folded − reference| ≤ FLOOR · max|reference|
 
 with, for float16/bfloat16, ``FLOOR = 2u`` (``u`` the dtype's unit roundoff: 9.8e-4 for
 float16, 7.8e-3 for bfloat16), half the floor of the rule verification applies to whole models
@@ -147,6 +147,7 @@ def site_outputs(
     before: Affine | None = None,
     after: Affine | None = None,
     probe: Affine | None = None,
+    statistics: Affine | None = None,
 ) -> tuple[Array, Array]:
     """``(reference, folded)`` outputs of a fold site on random probes, ``(probes, C_out)``.
 
@@ -154,12 +155,21 @@ def site_outputs(
     is ``(C_out, fan_in)`` with groups as consecutive blocks of rows. The probes ``x`` are
     standard normal, or ``probe.shift + probe.scale·N(0, 1)`` per column (same layout as
     ``before``: a consumer fold probes with the BN's own statistics, the inputs it was fitted
-    to). The reference rounds each intermediate to float32 (the verification reference's
-    precision); the folded site uses ``folded_rows``/``folded_bias`` rounded to ``dtype``. Both
-    run in float64.
+    to). ``statistics`` (producer folds of a BN: its input's standard deviation and mean per
+    channel) move and shrink the probes until the linear op's output has that mean and, in its
+    widest channel, that spread: the inputs the BN was fitted to, where ``s·(y − μ)`` may cancel.
+    The reference rounds each intermediate to float32 (the verification reference's precision);
+    the folded site uses ``folded_rows``/``folded_bias`` rounded to ``dtype``. Both run in
+    float64.
     """
     rows = np.asarray(rows, np.float64)
     normal = np.random.default_rng(_SEED).standard_normal((_PROBES, rows.shape[1]))
+    if statistics is not None and before is None:
+        spread = np.std(normal @ rows.T, axis=0)
+        ratios = np.divide(statistics.scale, spread, out=np.zeros_like(spread), where=spread > 0)
+        target = statistics.shift - (0.0 if bias is None else np.asarray(bias, np.float64))
+        offset = np.linalg.lstsq(rows, target, rcond=None)[0]
+        normal = float(ratios.max(initial=0.0)) * normal + offset
     folded_rows = rounded(folded_rows, dtype)
     if before is not None:
         groups = before.scale.shape[0]
@@ -183,7 +193,7 @@ def site_outputs(
 
 
 def lowered_outputs(
-    scale: Array, shift: Array, mean: Array, var: Array, dtype: object
+    scale: Array, shift: Array, mean: Array, std: Array, dtype: object
 ) -> tuple[Array, Array]:
     """``(reference, lowered)`` probe outputs of a BatchNormalization lowered to ``Mul`` + ``Add``.
 
@@ -193,8 +203,8 @@ def lowered_outputs(
     the output it cancels.
     """
     rng = np.random.default_rng(_SEED)
-    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
-    y = rounded(mean + np.sqrt(np.maximum(var, 0.0)) * rng.standard_normal((_PROBES, mean.size)), dtype)
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    y = rounded(mean + std * rng.standard_normal((_PROBES, mean.size)), dtype)
     reference = scale * y + shift
     lowered = rounded(rounded(y * rounded(scale, dtype), dtype) + rounded(shift, dtype), dtype)
     return reference, lowered
@@ -219,20 +229,18 @@ def _floor(dtype: object) -> float:
 
 
 def precision_problem(reference: Array, folded: Array, dtype: object) -> str | None:
-    """Why the folded site is farther from the reference than ``FLOOR · rms(reference)``, or None.
+    """Why the folded site is farther from the reference than ``FLOOR · max|reference|``, or None.
 
     ``FLOOR`` is half the verification rule's floor for float16/bfloat16 (``low_precision.floor``),
     a tenth of verification's ``rtol`` for float32 and float64 (1e-5, 1e-10).
     """
     reference, folded = np.asarray(reference, np.float64), np.asarray(folded, np.float64)
-    # The root mean square, not the largest magnitude: verification divides by the largest
-    # output it sees, which on a few outputs (or after a ReLU) is far below the probes' largest.
-    scale = float(np.sqrt(np.mean(np.square(reference)))) if reference.size else 0.0
+    scale = float(np.abs(reference).max(initial=0.0))
     error = float(np.abs(folded - reference).max(initial=0.0))
     if error <= _floor(dtype) * scale:
         return None
     return (
         f"in {_dtype(dtype).name} the folded weights compute {error / max(scale, 1e-300):.2g} of "
-        f"the output's scale (its root mean square) away from the unfolded site (computed in "
-        f"float32, rounded once), more than {_floor(dtype):.2g}"
+        f"the output's scale away from the unfolded site (computed in float32, rounded once), "
+        f"more than {_floor(dtype):.2g}"
     )
