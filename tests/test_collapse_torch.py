@@ -115,6 +115,7 @@ def test_untraceable_models_are_refused():
         collapse(Branchy(), [torch.ones(1, 2)], evaluate=lambda m: 0.0, example_inputs=torch.ones(1, 2))
 
 
+@pytest.mark.slow  # trains a digits CNN
 def test_the_embedded_example_writes_model_report_and_plot(tmp_path, cli):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cnn.onnx"
