@@ -29,7 +29,6 @@ __all__ = ["fold_with_onnxruntime"]
 import logging
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from normfold import runtime
 from normfold.errors import InputError
@@ -131,6 +130,9 @@ def _evaluate(model: ir.Model, nodes: list[ir.Node], wanted: list[ir.Value]) -> 
         opset_imports=dict(model.opset_imports),
     )
     sub = ir.Model(graph, ir_version=model.ir_version)
+    # Imported here: a model with nothing to fold (most exports) never pays for onnxruntime.
+    import onnxruntime as ort
+
     try:
         sess = runtime.session(sub)
         # A kernel that fails at run time is an expected outcome here, not a message for the user.
