@@ -159,17 +159,24 @@ def site_outputs(
         blocks = []
         for j in range(groups):
             inner = _intermediate(before.scale[j] * x + before.shift[j], dtype)
-            blocks.append(inner @ rows[j * per_group : (j + 1) * per_group].T)
+            blocks.append(_probe_product(inner, rows[j * per_group : (j + 1) * per_group]))
         linear = np.concatenate(blocks, axis=1)
     else:
-        linear = x @ rows.T
+        linear = _probe_product(x, rows)
     if bias is not None:
         linear = linear + np.asarray(bias, np.float64)
     reference = _intermediate(linear, dtype)
     if after is not None:
         reference = after.scale * reference + after.shift
-    folded = x @ rounded(folded_rows, dtype).T + rounded(folded_bias, dtype)
+    folded = _probe_product(x, rounded(folded_rows, dtype)) + rounded(folded_bias, dtype)
     return reference, folded
+
+
+def _probe_product(x: Array, rows: Array) -> Array:
+    """``x @ rows.T`` without BLAS. The probes are few (8 rows), and OpenBLAS's threads spin
+    for them: on a loaded 2-core machine one 8x4608 by 4608x512 product took 330 ms through
+    BLAS and 22 ms through einsum's own loop (a ResNet-34's fold-bn: 8.8 s against 0.5 s)."""
+    return np.einsum("pk,ok->po", x, rows)
 
 
 def _intermediate(array: Array, dtype: object) -> Array:
