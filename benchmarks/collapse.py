@@ -3,6 +3,7 @@
     nice python -m benchmarks.collapse [--tasks digits32/resnet18,digits32/mobilenet_v2]
                                        [--methods normfold,depthshrinker,reference,random,entropy]
                                        [--seeds 0,1,2] [--json results.json] [--plot collapse.png]
+    python -m benchmarks.collapse --summarize seed0.json,seed1.json [--plot collapse.png]
 
 Tasks: scikit-learn's digits (ships inside scikit-learn), upsampled to 32×32 and three channels,
 with **torchvision's own** ``resnet18`` and ``mobilenet_v2`` classes (``num_classes=10``;
@@ -52,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from benchmarks import torchvision_schemas
 from normfold.examples import digits
 from normfold.models.resnet import BasicBlock
 from normfold.torch import collapse
@@ -154,17 +156,10 @@ def torchvision_models() -> Any:
 
     if importlib.util.find_spec("torchvision") is None:
         raise SystemExit("the torchvision tasks need torchvision: pip install 'normfold[bench]'")
-    if not _schemas:
-        library = torch.library.Library("torchvision", "DEF")
-        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _schemas.append(library)
+    torchvision_schemas.define()
     import torchvision
 
     return torchvision.models
-
-
-_schemas: list[Any] = []  # the torchvision schema library, kept alive once defined
 
 
 TASKS: dict[str, tuple[Callable[[int], digits.Digits], Callable[[], nn.Module]]] = {
@@ -472,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="digits32/resnet18,digits32/mobilenet_v2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs of the dense model")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs of the dense model")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per step")
     parser.add_argument("--distill", type=float, default=0.5, help="logit-distillation weight in fine-tuning")
@@ -484,10 +479,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="latency rounds per model (median, IQR)")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--plot", help="write the accuracy/latency plot here (PNG)")
+    parser.add_argument("--summarize", metavar="R.json,...",
+                        help="run nothing: print the summary (and --plot) of earlier --json files, e.g. one per seed")
     args = parser.parse_args(argv)
+    if args.summarize:
+        results = _merged([Path(p) for p in args.summarize.split(",") if p])
+        print(format_summary(results, args.max_drop_points))
+        if args.plot:
+            plot(results, Path(args.plot))
+        return 0
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
-    results: dict[str, dict[int, dict[str, Any]]] = {}
+    results = {}
     for task in [t for t in args.tasks.split(",") if t]:
         results[task] = {}
         for seed in [int(s) for s in args.seeds.split(",") if s]:
@@ -500,6 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(results, Path(args.plot))
     return 0
+
+
+def _merged(paths: list[Path]) -> dict[str, dict[int, dict[str, Any]]]:
+    """The results of several ``--json`` files, by task and seed."""
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in paths:
+        for task, by_seed in json.loads(path.read_text()).items():
+            for seed, result in by_seed.items():
+                results.setdefault(task, {})[int(seed)] = result
+    return results
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ Cases (zoo exports through :func:`normfold.models.export.cached_export`):
   BatchNorm is a node: the input and normfold's output.
 - ``bert`` (issue 4): BERT-base (12 layers, hidden 768, 12 heads, vocab 30522) exported
   ``ts14`` (LayerNorm decomposed), sequence 64.
+- ``repvgg`` (issue 14): the zoo's RepVGG at RepVGG-A0's shape (stages 48-96-192-1280 wide,
+  ``(2, 4, 14, 1)`` blocks after the stem, 224x224, 1000 classes), exported ``ts13-keepbn`` in
+  its training-time form (three branches a block): the input and normfold's output, where
+  ``fold-branches`` makes every block one 3×3 Conv.
 - ``llama`` (issue 4): a LLaMA-style decoder of 8 layers, hidden 1024, 16 heads (4 KV heads),
   vocab 32000 (about 150M parameters), exported ``ts17`` (RMSNorm decomposed), sequence 32.
 
@@ -71,6 +75,9 @@ CASES: dict[str, Case] = {
     for case in (
         Case("resnet", "ResNet-34 shape, 224x224, ts13-keepbn", "resnet", "ts13-keepbn",
              {"width": 64, "blocks": (3, 4, 6, 3), "image": 224, "classes": 1000}, {"batch": 1}, ("normfold",)),
+        Case("repvgg", "RepVGG-A0 shape, 224x224, ts13-keepbn", "repvgg", "ts13-keepbn",
+             {"widths": (48, 96, 192, 1280), "depths": (2, 4, 14, 1), "groups": 1, "image": 224,
+              "classes": 1000}, {"batch": 1}, ("normfold",)),
         Case("bert", "BERT-base, seq 64, ts14", "bert", "ts14",
              {"layers": 12, "hidden": 768, "heads": 12, "vocab": 30522}, {"batch": 1, "seq": 64}, TRANSFORMER_TOOLS),
         Case("llama", "LLaMA 8x1024 (150M), seq 32, ts17", "llama", "ts17",
@@ -152,7 +159,7 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
     print(f"latency: exporting {case.name}", file=sys.stderr)
     source = cached_export(case.model, case.variant, **case.size)
     feeds = generate_inputs(load(source), dims=case.dims, seed=0)
-    input_off, input_on = session(source, threads=threads, prepack=True), session(source, optimize=True, threads=threads)
+    input_off, input_on = session(source, threads=threads, prepack=True, spinning=True), session(source, optimize=True, threads=threads)
     names = [o.name for o in input_off.get_outputs()]
     reference = dict(zip(names, input_off.run(names, feeds)))
 
@@ -174,7 +181,7 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
             timings.append(Timing(tool, "off", [], [], error=error))
             continue
         try:
-            off, on = session(path, threads=threads, prepack=True), session(path, optimize=True, threads=threads)
+            off, on = session(path, threads=threads, prepack=True, spinning=True), session(path, optimize=True, threads=threads)
             outputs = dict(zip(names, off.run(names, feeds)))
         except Exception as exc:  # onnxruntime's own untyped errors: the output does not run
             timings.append(Timing(tool, "off", [], [], error=ort_reason(exc)))

@@ -21,7 +21,9 @@ name, type or order changed the *interface* (dropping an initializer-input count
 feed it).
 
 Per tool the summary gives BatchNorms folded and left (normfold refuses every one it leaves,
-with a reason in its report), fused normalization ops in the outputs -- standard ONNX
+with a reason in its report), branches merged (multi-branch sums -- RepVGG, MobileOne, ACNet,
+DBB -- that became one op: sums with two or more Conv/BN/AvgPool/identity branches of one
+tensor, at least one a Conv, counted before and after), fused normalization ops in the outputs -- standard ONNX
 (LayerNormalization-17, RMSNormalization-23, GroupNormalization-21) and onnxruntime-only
 (com.microsoft ops, or a standard op name below the opset that defines it, which only
 onnxruntime runs) -- wrong outputs, interface changes, failures, nodes after, and wall time
@@ -61,7 +63,10 @@ FUSED_NORM_OPS = (
     # onnxruntime writes its own ops in the ONNX domain too; no ONNX opset defines this one.
     "SimplifiedLayerNormalization",
 )
-DEFAULT_MODELS = ("resnet", "mobilenetv2", "vgg", "convnext", "bert", "llama", "unet", "t5", "gemma", "yolo", "dit")
+DEFAULT_MODELS = (
+    "resnet", "mobilenetv2", "vgg", "convnext", "bert", "llama", "unet", "t5", "gemma", "yolo", "dit",
+    "repvgg", "mobileone", "levit",
+)
 DEFAULT_VARIANTS = ("ts13-keepbn", "ts13-inputs", "dynamo23")
 DEFAULT_TOOLS = (
     "normfold", "normfold-ort", "onnxscript", "onnxscript-fusions", "onnxscript-ort", "ort-basic",
@@ -80,6 +85,8 @@ class Row:
     detail: str = ""
     bn_before: int = 0
     bn_after: int = 0
+    sums_before: int = 0
+    sums_after: int = 0
     fused_norms: int = 0
     standard_norms: int = 0
     runtime_norms: int = 0
@@ -114,6 +121,59 @@ def _norms(path: Path) -> tuple[int, int]:
         else:
             runtime += 1
     return standard, runtime
+
+
+def branch_sums(path: Path) -> int:
+    """Multi-branch sums in the graph: Add/Sum trees (inner results read once) with two or more
+    leaves that are Conv, AveragePool, BatchNormalization-of-x or ``x`` itself for one ``x``, at
+    least one a Conv -- what ``fold-branches`` merges when their geometry allows."""
+    graph = onnx.load(path, load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    uses = Counter(name for node in graph.node for name in node.input)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {v.name for v in graph.output}
+
+    def is_sum(name: str) -> bool:
+        node = producer.get(name)
+        return node is not None and node.op_type in ("Add", "Sum") and node.domain in ("", "ai.onnx")
+
+    def leaves(node: onnx.NodeProto) -> list[str]:
+        found = []
+        for name in node.input:
+            if is_sum(name) and uses[name] == 1 and name not in outputs:
+                found += leaves(producer[name])
+            else:
+                found.append(name)
+        return found
+
+    def source(name: str) -> tuple[str, bool]:
+        node = producer.get(name)
+        if node is not None and node.op_type == "BatchNormalization":
+            name, node = node.input[0], producer.get(node.input[0])
+            if node is None or node.op_type not in ("Conv", "AveragePool"):
+                return name, False
+        if node is not None and node.op_type in ("Conv", "AveragePool"):
+            return node.input[0], node.op_type == "Conv"
+        return name, False
+
+    count = 0
+    for node in graph.node:
+        if node.op_type not in ("Add", "Sum") or node.domain not in ("", "ai.onnx"):
+            continue
+        out = node.output[0]
+        if uses[out] == 1 and out not in outputs and any(
+            is_sum(o) for user in readers.get(out, []) for o in user.output
+        ):
+            continue  # an inner node of a larger sum
+        groups: dict[str, list[bool]] = {}
+        for leaf in leaves(node):
+            tensor, conv = source(leaf)
+            groups.setdefault(tensor, []).append(conv)
+        count += any(len(convs) > 1 and any(convs) for convs in groups.values())
+    return count
 
 
 def interface_changes(source: Path, out: Path) -> list[str]:
@@ -221,16 +281,19 @@ def bench(models, variants, tools, repeat: int, folder: Path) -> list[Row]:
                 continue
             before = _ops(source)
             norms_before = sum(_norms(source))
+            sums_before = branch_sums(source)
             for tool in tools:
                 out = folder / f"{model}-{variant}-{tool}.onnx"
                 print(f"{model:<12} {variant:<14} {tool}", file=sys.stderr)
                 times, peak, error = _run_tool(tool, source, out, repeat)
                 row = Row(model, variant, tool, "fails", bn_before=before["BatchNormalization"],
+                          sums_before=sums_before,
                           nodes_before=sum(before.values()), norms_before=norms_before, peak_rss_mb=round(peak, 1))
                 if error is None and out.exists():
                     after = _ops(out)
                     row.status, row.max_rel_error, row.detail = _check(source, out)
                     row.bn_after = after["BatchNormalization"]
+                    row.sums_after = branch_sums(out)
                     row.fused_norms = sum(after[op] for op in FUSED_NORM_OPS)
                     row.standard_norms, row.runtime_norms = _norms(out)
                     row.nodes_after = sum(after.values())
@@ -248,7 +311,8 @@ def summarize(rows: list[Row], tools) -> str:
         return sum(getattr(r, attribute) or 0 for r in rows if r.tool == tool)
 
     base_time, base_rss = total("normfold", "seconds_min") or 1.0, total("normfold", "peak_rss_mb") or 1.0
-    header = (f"{'tool':<20}{'BN folded':>10}{'BN left':>8}{'norms std':>10}{'norms ORT':>10}{'wrong':>7}"
+    header = (f"{'tool':<20}{'BN folded':>10}{'BN left':>8}{'branches merged':>16}{'sums left':>10}"
+              f"{'norms std':>10}{'norms ORT':>10}{'wrong':>7}"
               f"{'iface':>7}{'fails':>7}{'nodes after':>13}{'time x':>8}{'RSS x':>7}")
     lines = [header, "-" * len(header)]
     for tool in tools:
@@ -260,6 +324,7 @@ def summarize(rows: list[Row], tools) -> str:
         count = {status: sum(r.status == status for r in mine) for status in ("wrong", "interface", "fails")}
         lines.append(
             f"{tool:<20}{sum(r.bn_before - r.bn_after for r in runs):>10}{sum(r.bn_after for r in runs):>8}"
+            f"{sum(r.sums_before - r.sums_after for r in runs):>16}{sum(r.sums_after for r in runs):>10}"
             f"{sum(r.standard_norms for r in runs):>10}{sum(r.runtime_norms for r in runs):>10}"
             f"{count['wrong']:>7}{count['interface']:>7}{count['fails']:>7}{sum(r.nodes_after for r in runs):>13}"
             f"{total(tool, 'seconds_min') / base_time:>8.2f}{total(tool, 'peak_rss_mb') / base_rss:>7.2f}"
@@ -267,6 +332,7 @@ def summarize(rows: list[Row], tools) -> str:
     first = [r for r in rows if r.tool == tools[0]]
     lines.append(
         f"(over {len(first)} exports holding {sum(r.bn_before for r in first)} BatchNorms, "
+        f"{sum(r.sums_before for r in first)} multi-branch sums, "
         f"{sum(r.norms_before for r in first)} fused norm ops and {sum(r.nodes_before for r in first)} nodes; "
         "BN and node counts over the outputs that run; time and RSS summed, as ratios to normfold)"
     )

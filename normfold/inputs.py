@@ -47,7 +47,6 @@ __all__ = ["check_inputs", "generate_inputs", "load_inputs", "model_inputs", "re
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,6 +55,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normfold.errors import InputError, first_line
+from normfold.files import write_atomic
 
 # The machine's physical memory: no generated input may need more.
 _MAX_INPUT_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -107,31 +107,33 @@ def resolve_dims(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict
 
 
 def generate_inputs(
-    model: ir.Model, *, dims: Mapping[str, int] | None = None, seed: int = 0
+    model: ir.Model, *, dims: Mapping[str, int] | None = None, seed: int = 0, label: str = "<model>"
 ) -> dict[str, np.ndarray]:
-    """Random inputs for ``model`` by the rules in the module docstring, reproducible by seed."""
+    """Random inputs for ``model`` by the rules in the module docstring, reproducible by seed.
+
+    Errors name the model as ``label``."""
     sizes = resolve_dims(model, dims)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for value in model_inputs(model):
-        dtype = _numpy_dtype(value, "<model>")
+        dtype = _numpy_dtype(value, label)
         if value.shape is None:
-            raise InputError(f"input {value.name!r} has no known rank; give its values with --inputs")
+            raise InputError(f"{label}: input {value.name!r} has no known rank; give its values with --inputs")
         shape = tuple(_dim_size(dim, axis, sizes) for axis, dim in enumerate(value.shape))
-        _check_size(value.name, shape, dtype)
+        _check_size(value.name, shape, dtype, label)
         feeds[value.name] = _sample(value, dtype, shape, rng)
     return feeds
 
 
-def _check_size(name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+def _check_size(name: str, shape: tuple[int, ...], dtype: np.dtype, label: str) -> None:
     """Refuse a declared shape no machine could hold, instead of a ``MemoryError`` halfway."""
     if any(size < 0 for size in shape):
-        raise InputError(f"input {name!r} declares a negative dim {shape}")
+        raise InputError(f"{label}: input {name!r} declares a negative dim {shape}")
     # Random floats are drawn in float64 before the cast: 8 bytes an element at the peak.
     needed = math.prod(shape) * max(dtype.itemsize, 8)
     if needed > _MAX_INPUT_BYTES:
         raise InputError(
-            f"input {name!r} of shape {shape} would need {needed / 2**30:.3g} GiB, more than this "
+            f"{label}: input {name!r} of shape {shape} would need {needed / 2**30:.3g} GiB, more than this "
             f"machine's memory ({_MAX_INPUT_BYTES / 2**30:.3g} GiB); give smaller sizes with --dims or --inputs"
         )
 
@@ -164,23 +166,11 @@ def write_inputs(path: str | os.PathLike, samples: Sequence[Mapping[str, np.ndar
 
     One sample is written as it is (one array per input); several are keyed ``sample_K/NAME``.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
     if len(samples) == 1:
         arrays = dict(samples[0])
     else:
         arrays = {f"{_SAMPLE_PREFIX}{k}/{name}": array for k, sample in enumerate(samples) for name, array in sample.items()}
-    handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomic(path, lambda file: np.savez(file, **arrays))
 
 
 _SAMPLE_PREFIX = "sample_"

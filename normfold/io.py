@@ -5,9 +5,9 @@ data stays on disk and is memory-mapped on first use (onnx_ir's ``ExternalTensor
 anything reads it, every external location is checked to lie inside the model's folder, so a
 model cannot make normfold read ``../../etc/shadow`` or follow a link out of its folder.
 
-Saving is atomic: every file is written into a fresh temporary folder next to the target and
-renamed into place only when all of them are complete, so a failed or interrupted save leaves
-the old OUT (or nothing) behind. Models whose tensors exceed ``EXTERNAL_DATA_THRESHOLD`` bytes
+Saving is atomic: every file is written into a staging folder next to the target and renamed
+into place only when all of them are complete, the model last (:mod:`normfold.files`), so a
+failed or interrupted save leaves the old OUT with its old data (or nothing) behind. Models whose tensors exceed ``EXTERNAL_DATA_THRESHOLD`` bytes
 are written with one external data file, since a protobuf cannot exceed 2 GB; their tensors
 are streamed to it one at a time. Smaller models stay one file unless a data file is asked for.
 
@@ -37,8 +37,6 @@ __all__ = [
 
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
@@ -48,8 +46,9 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from normfold import ort_contrib
+from normfold import files, ort_contrib
 from normfold.errors import InputError, first_line
+from normfold.files import check_target
 from normfold.quiet import quiet_loggers
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto, ir.Model]
@@ -115,11 +114,34 @@ def _prepared(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:
     proto is never changed)."""
     label = str(path) if path is not None else "<ModelProto>"
     _check_tensors(proto, path)
-    _check_graphs(proto, label)
-    if _has_sparse(proto):
-        proto = onnx.ModelProto.FromString(proto.SerializeToString()) if path is None else proto
-        _densify_sparse(proto, path.parent if path is not None else None, label)
+    _check_declared_dims(proto, label)
+    external_attributes = [t for t in _attribute_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if _has_sparse(proto) or external_attributes:
+        if path is None:
+            proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        folder = path.parent if path is not None else None
+        _densify_sparse(proto, folder, label)
+        _inline_attribute_data(proto, folder, label)
     return proto
+
+
+def _inline_attribute_data(proto: onnx.ModelProto, folder: Path | None, label: str) -> None:
+    """Read the external data of attribute tensors (a ``Constant``'s value) into the proto.
+
+    onnx_ir keeps only initializers memory-mapped, and onnx's checker, handed the graph in
+    memory, would look for an attribute's data file in the working directory. Their locations
+    are checked already (:func:`_check_tensors`); one over ``EXTERNAL_DATA_THRESHOLD`` bytes is
+    refused.
+    """
+    for tensor in _attribute_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        length = int(next((e.value for e in tensor.external_data if e.key == "length"), "0") or 0)
+        if length > EXTERNAL_DATA_THRESHOLD:
+            raise InputError(f"{label}: attribute tensor {tensor.name!r} holds {length} bytes of external data (refused)")
+        onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
 
 
 def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: str, check: bool) -> ir.Model:
@@ -128,13 +150,14 @@ def _deserialize(proto: onnx.ModelProto, source: onnx.ModelProto | Path, label: 
     The checker runs on the graph without its large weights (:func:`weightless_proto`): handed
     the file, it would parse the whole model a second time (for a 440 MB BERT, 0.5 s and as much
     memory again). What it would have checked of those weights, that each holds as much data as
-    its shape says, :func:`_check_tensors` checks before (with what onnx_ir would silently
-    repair, :func:`_check_graphs`). The check is the full one (strict shape inference). A graph that fails the checker is
+    its shape says, :func:`_check_tensors` checks before (and what onnx_ir would silently
+    repair, :func:`_check_unique_initializers`). The check is the full one (strict shape inference). A graph that fails the checker is
     checked again with onnxruntime's ONNX-domain contrib ops opaque, if it has any (else the
     first failure stands).
     """
     if not check:
         return _to_ir(proto, label)
+    _check_unique_initializers(proto, label)
     # onnx_ir's warnings about what is wrong with a graph that fails the checker would repeat
     # the one-line error.
     with quiet_loggers("onnx_ir"):
@@ -253,29 +276,28 @@ def save(
     protect: set[Path] | frozenset[Path] = frozenset(),
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically and return the path.
+    """Write ``model`` to ``path`` atomically, with its data file if any, and return the path.
 
-    ``external_data`` names the data file (next to ``path``); without it, a model whose tensors
-    exceed :data:`EXTERNAL_DATA_THRESHOLD` bytes gets ``<stem>.data``. Files in ``protect`` (an
-    input model and the data it memory-maps) are never overwritten: asking to raises
+    ``external_data`` names the data file next to ``path`` (default ``<stem>.data`` when the
+    tensors exceed :data:`EXTERNAL_DATA_THRESHOLD` bytes, else one file); each save writes it
+    under a fresh name, ``w.data`` -> ``w.nf-1a2b3c4d.data``, so that OUT and its data switch
+    together (:class:`normfold.files.Staging`): the model's rename is the commit point, and the
+    data files normfold wrote for the replaced OUT are removed after it. Files in ``protect``
+    (an input model and the data it memory-maps) are never overwritten: asking to raises
     :class:`InputError` before anything is written. Tensors are streamed to the data file one
     at a time (memory-mapped ones are copied from their file, never all held at once);
     ``progress`` is called with the bytes of each tensor written.
     """
     target = check_target(path)
-    folder = target.parent
     if external_data is None and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         external_data = target.stem + ".data"
-    if external_data is not None and (Path(external_data).name != external_data):
+    if external_data is not None and (Path(external_data).name != external_data or external_data in ("", ".", "..")):
         raise InputError(f"{external_data}: the external data name must be a plain file name")
-    outputs = [target] + ([folder / external_data] if external_data else [])
-    protected = {p.resolve() for p in protect}
-    for out in outputs:
-        if out.resolve() in protected:
-            raise InputError(f"{out}: refusing to overwrite the input model or its data")
-    staging = Path(tempfile.mkdtemp(prefix=".normfold-", dir=folder))
-    try:
-        staged = staging / target.name
+    if any(files.same_file(target, Path(p)) for p in protect):
+        raise InputError(f"{target}: refusing to overwrite the input model or its data")
+    data_name = files.fresh_data_name(external_data) if external_data else None
+    with files.Staging(target) as staging, files.writing(target):
+        staged = staging.folder / target.name
         written = 0
 
         def count(tensor: ir.TensorProtocol, _: object) -> None:
@@ -283,34 +305,38 @@ def save(
             written += nbytes(tensor)
             progress(nbytes(tensor))
 
-        if external_data:
-            ir.save(model, staged, external_data=external_data, callback=None if progress is None else count)
+        if data_name:
+            ir.save(model, staged, external_data=data_name, callback=None if progress is None else count)
         else:
             _save_single_file(model, staged)
         if progress is not None:
             # Tensors written into the model file itself (small ones, or all of a single file).
             progress(tensor_bytes(model) - written)
-        # Data first: the model file becomes visible only once what it points to exists.
-        for out in reversed(outputs):
-            os.replace(staging / out.name, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.commit([data_name] if data_name else [], lambda: _replaced_data(target, protect))
     return target
 
 
-def check_target(path: str | os.PathLike) -> Path:
-    """``path`` as a file :func:`save` can write: its folder exists and it is not a folder.
-
-    Raises :class:`InputError` otherwise; callers check before any work, so a bad path costs
-    nothing.
-    """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"{target}: folder {folder} does not exist")
-    if target.is_dir():
-        raise InputError(f"{target}: is a folder")
-    return target
+def _replaced_data(target: Path, protect: set[Path] | frozenset[Path]) -> set[str]:
+    """The data files of the OUT about to be replaced that normfold wrote (fresh names, in its
+    folder, not an input's): they go once the new model is in place. An OUT that is no ONNX
+    model, or reads none, has none."""
+    try:
+        proto = onnx.load(str(target), load_external_data=False)
+    except Exception:  # noqa: BLE001 - whatever OUT holds now, it is being replaced
+        return set()
+    names = set()
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        data = target.parent / location
+        if (
+            Path(location).name == location
+            and files.is_fresh_data_name(location)
+            and not any(files.same_file(data, Path(p)) for p in protect)
+        ):
+            names.add(location)
+    return names
 
 
 def standalone_proto(model: ir.Model) -> onnx.ModelProto:
@@ -399,6 +425,8 @@ def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
     where = f"{where} external data {location!r}"
     if not location:
         raise InputError(f"{where}: no location given")
+    if "\0" in location:
+        raise InputError(f"{where}: a NUL byte in the location (refused, not read)")
     if os.path.isabs(location) or ".." in Path(location).parts:
         raise InputError(f"{where}: points outside the model's folder (refused, not read)")
     data = folder / location
@@ -435,6 +463,8 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
     for attribute in node.attribute:
+        if attribute.ref_attr_name:  # a function body's reference to its caller's attribute
+            continue
         kind = attribute.type
         if kind == onnx.AttributeProto.TENSOR:
             yield attribute.t
@@ -450,6 +480,20 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
         elif kind == onnx.AttributeProto.GRAPHS:
             for subgraph in attribute.graphs:
                 yield from _graph_tensors(subgraph)
+
+
+def _attribute_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """The TENSOR and TENSORS attributes of every node (main graph, subgraphs, functions)."""
+    nodes = [node for graph in _graphs(proto) for node in graph.node]
+    nodes += [node for function in proto.functions for node in function.node]
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.ref_attr_name:
+                continue
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t
+            elif attribute.type == onnx.AttributeProto.TENSORS:
+                yield from attribute.tensors
 
 
 def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
@@ -469,15 +513,20 @@ def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
                 pending.extend(attribute.graphs)
 
 
-def _check_graphs(proto: onnx.ModelProto, label: str) -> None:
-    """What onnx_ir would repair or choke on without a word: an initializer name given twice in
-    one graph (the last would win), a negative dim declared for a graph input, output or value."""
+def _check_unique_initializers(proto: onnx.ModelProto, label: str) -> None:
+    """An initializer name given twice in one graph fails the checker; onnx_ir would silently
+    keep the last, so the checker on the deserialized graph cannot see it."""
     for graph in _graphs(proto):
         names = [tensor.name for tensor in graph.initializer]
         names += [sparse.values.name for sparse in graph.sparse_initializer]
         if len(names) != len(set(names)):
             twice = sorted({name for name in names if names.count(name) > 1})
             raise InputError(f"{label}: fails onnx.checker: initializer {twice[0]!r} is given twice in graph {graph.name!r}")
+
+
+def _check_declared_dims(proto: onnx.ModelProto, label: str) -> None:
+    """No graph input, output or value may declare a negative dim (numpy would fail on it later)."""
+    for graph in _graphs(proto):
         for info in (*graph.input, *graph.output, *graph.value_info):
             if not info.type.HasField("tensor_type"):
                 continue

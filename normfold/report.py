@@ -11,42 +11,41 @@ __all__ = ["format_inspect", "format_optimize", "format_passes_table", "write_js
 
 import json
 import os
-import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from normfold.io import check_target
+from normfold.files import write_atomic
 
 # How many refusals a table shows per pass before it says "and N more (see --report)".
 _REFUSALS_SHOWN = 8
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
-    target = check_target(path)
-    handle, temp = tempfile.mkstemp(prefix=".normfold-", suffix=".json", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2, default=_jsonable)
-            file.write("\n")
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write ``data`` as JSON atomically, with a new file's usual permissions
+    (:func:`normfold.files.write_atomic`)."""
+    text = json.dumps(data, indent=2, default=_jsonable) + "\n"
+    return write_atomic(path, lambda file: file.write(text.encode()))
 
 
 def format_passes_table(passes: list[dict[str, Any]]) -> str:
-    """One row per pass (applied, refused, by op), then each refusal with its reason."""
-    rows = [("pass", "applied", "refused", "detail")]
+    """One row per pass (applied, refused, kept, by op); then the sites kept by design, one line
+    per reason with their count; then each refusal for a reason of the graph, at most
+    ``_REFUSALS_SHOWN`` per pass (the JSON keeps them all)."""
+    rows = [("pass", "applied", "refused", "kept", "detail")]
     for record in passes:
         detail = ", ".join(f"{op} {n}" for op, n in record.get("by_op", {}).items())
-        rows.append((record["name"], str(record["applied"]), str(len(record["refused"])), detail))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+        kept = sum(1 for r in record["refused"] if r.get("by_design"))
+        rows.append((record["name"], str(record["applied"]), str(len(record["refused"]) - kept), str(kept), detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * 6)
     for record in passes:
-        refused = record["refused"]
+        by_reason = Counter(r["reason"] for r in record["refused"] if r.get("by_design"))
+        for reason, count in by_reason.items():
+            lines.append(f"  {record['name']}: kept {count} site{'s' if count > 1 else ''} by design: {reason}")
+    for record in passes:
+        refused = [r for r in record["refused"] if not r.get("by_design")]
         for refusal in refused[:_REFUSALS_SHOWN]:
             lines.append(f"  {record['name']}: left {refusal['node']}: {refusal['reason']}")
         if len(refused) > _REFUSALS_SHOWN:
@@ -57,11 +56,18 @@ def format_passes_table(passes: list[dict[str, Any]]) -> str:
 
 
 def format_optimize(report: dict[str, Any], verification_table: str | None) -> str:
-    """The summary ``normfold optimize`` prints."""
+    """The summary ``normfold optimize`` prints: what went in and came out (interface, size,
+    ops, time), then what each pass did."""
+    seconds = sum(report.get("seconds", {}).values())
+    output = f"   -> {report['output']}" if report.get("output") else ""
     lines = [
-        f"input   {report['input']}",
+        f"input   {report['input']}{output}",
+        *_signature_lines(report),
         f"target  {report['target']}   opset {report['opset_before']} -> {report['opset_after']}"
-        f"   nodes {report['nodes_before']} -> {report['nodes_after']}",
+        f"   nodes {report['nodes_before']} -> {report['nodes_after']}"
+        f"   weights {_size(report['weight_bytes_before'])} -> {_size(report['weight_bytes_after'])}"
+        f"   {seconds:.2f} s",
+        f"ops     {_op_changes(report['ops_before'], report['ops_after'])}",
         "",
         format_passes_table(report["passes"]),
     ]
@@ -70,6 +76,34 @@ def format_optimize(report: dict[str, Any], verification_table: str | None) -> s
     else:
         lines += ["", "verification skipped (--no-verify)"]
     return "\n".join(lines)
+
+
+def _signature_lines(report: dict[str, Any]) -> list[str]:
+    """``in``/``out`` lines: each graph input and output as ``name: dtype[dims]``; a changed
+    interface (``--freeze-initializer-inputs`` drops inputs) shows before -> after."""
+    before, after = report["signature_before"], report["signature_after"]
+    lines = []
+    for key, label in (("inputs", "in      "), ("outputs", "out     ")):
+        text = ", ".join(f"{name}: {kind}" for name, kind in after[key].items())
+        if before[key] != after[key]:
+            text = ", ".join(f"{name}: {kind}" for name, kind in before[key].items()) + "  ->  " + text
+        lines.append(label + text)
+    return lines
+
+
+def _op_changes(before: dict[str, int], after: dict[str, int]) -> str:
+    """The op types whose count changed, ``Op before -> after``, most common first."""
+    changed = [op for op in dict.fromkeys([*before, *after]) if before.get(op, 0) != after.get(op, 0)]
+    if not changed:
+        return "unchanged"
+    return ", ".join(f"{op} {before.get(op, 0)} -> {after.get(op, 0)}" for op in changed)
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
 
 
 def format_inspect(report: dict[str, Any]) -> str:

@@ -84,6 +84,7 @@ from normfold import low_precision
 from normfold.errors import InputError, first_line
 from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs, write_inputs
 from normfold.io import ModelLike, check, load
+from normfold.options import VerifyOptions, split
 from normfold.progress import Steps
 from normfold.runtime import ort_reason, session
 
@@ -291,20 +292,16 @@ class VerificationReport:
 def verify(
     reference: ModelLike,
     candidate: ModelLike,
+    options: VerifyOptions | None = None,
     *,
-    inputs: str | Path | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
-    dims: Mapping[str, int] | None = None,
-    samples: int = 3,
-    rtol: float | None = None,
-    atol: float | None = None,
-    reference_precision: Literal["model", "float64"] = "model",
-    seed: int = 0,
     progress: bool = False,
     reference_model: ir.Model | None = None,
-    localize: bool = False,
-    save_inputs: str | os.PathLike | None = None,
+    **settings: Any,
 ) -> VerificationReport:
     """Run both models on the same inputs and compare every output (rules in the module doc).
+
+    ``options`` (:class:`~normfold.options.VerifyOptions`, or its fields as keywords:
+    ``inputs=``, ``rtol=``, ``localize=True`` ...) say how.
 
     ``inputs`` (an ``.npz`` path, one mapping, or a list of mappings, one per sample) replaces
     the random samples; then ``samples`` is ignored and ``dims`` must not be given. Models
@@ -316,6 +313,10 @@ def verify(
     the samples used to this ``.npz`` (:func:`normfold.inputs.write_inputs`; ``inputs`` reads it
     back).
     """
+    options = split(settings, options or VerifyOptions())[0]
+    inputs, dims, samples, seed = options.inputs, options.dims, options.samples, options.seed
+    rtol, atol, reference_precision = options.rtol, options.atol, options.reference_precision
+    localize, save_inputs = options.localize, options.save_inputs
     if reference_precision not in ("model", "float64"):
         raise InputError(f"reference precision {reference_precision!r}: expected 'model' or 'float64'")
     for name, value in (("rtol", rtol), ("atol", atol)):
@@ -328,7 +329,7 @@ def verify(
             ref_model = reference_model if reference_model is not None else _checked(reference, ref_label)
             cand_model = load(candidate, check=False)
             checker_problems = _checker_problems(candidate, cand_label)
-            feeds = _samples(ref_model, inputs, dims, samples, seed)
+            feeds = _samples(ref_model, inputs, dims, samples, seed, ref_label)
             if save_inputs is not None:
                 write_inputs(save_inputs, feeds)
 
@@ -489,11 +490,12 @@ def _samples(
     dims: Mapping[str, int] | None,
     samples: int,
     seed: int,
+    label: str,
 ) -> list[dict[str, np.ndarray]]:
     if inputs is None:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise InputError(f"samples {samples!r}: must be a positive integer")
-        return [generate_inputs(model, dims=dims, seed=seed + k) for k in range(samples)]
+        return [generate_inputs(model, dims=dims, seed=seed + k, label=label) for k in range(samples)]
     if dims:
         raise InputError("dims: give either inputs or dims (dims shape random inputs only)")
     if isinstance(inputs, (str, os.PathLike)):
@@ -527,9 +529,10 @@ def check_runs(source: ModelLike, label: str | None = None) -> None:
     """Raise :class:`InputError` when onnxruntime cannot load ``source`` or run it on one random
     sample: what ``verify`` and ``optimize`` would say of it as a reference (named ``label``)."""
     model = load(source, check=False)
-    feeds = _samples(model, None, None, 1, 0)
+    label = label or _label(source, "<model>")
+    feeds = _samples(model, None, None, 1, 0, label)
     with tqdm(disable=True) as bar:
-        _run_reference(_runnable(source, model), feeds, label or _label(source, "<model>"), "", bar)
+        _run_reference(_runnable(source, model), feeds, label, "", bar)
 
 
 def _runnable(source: ModelLike, model: ir.Model) -> ModelLike:

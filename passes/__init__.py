@@ -3,6 +3,10 @@
 Each pass is one file with a docstring that states its rule and preconditions. Names in
 :data:`REGISTRY` are stable: the CLI (``--passes``), reports and users' scripts refer to them.
 ``DEFAULT_PASSES`` are the exact passes ``normfold optimize`` runs when none are named, in order.
+
+The rewrite rules the rule-based passes (fold-bn, fold-affine, fuse-norm) run, one per file, are
+listed once, in order, in :mod:`normfold.passes.rules`; :mod:`normfold.passes.base` is what a
+pass or a rule builds on (options, the record, :class:`~normfold.errors.Refusal` handling).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ element keeps its channel: the folds through shape chains (``fold_bn_producer_ro
 consumer fold's Flatten/Reshape route) ask this module where channel ``c`` of an axis ends up.
 
 The state is ``(axis, block)``: along ``axis`` the index is ``c·block + j`` with ``j < block``
-(``block`` is 1 when the axis holds exactly the channels). Rules, ``S`` the number of elements
-after channel ``c`` (``block`` times the sizes after ``axis``):
+(``block`` is 1 when the axis holds exactly the channels). Rules (the arithmetic is
+:mod:`normfold.math.channel_route`), ``S`` the number of elements after channel ``c``
+(``block`` times the sizes after ``axis``):
 
 * **Transpose** moves the axis to its place in ``perm``; ``block`` stays.
 * **Flatten, Reshape, Squeeze, Unsqueeze** keep the row-major order. The channel lands on output
@@ -26,9 +27,10 @@ from __future__ import annotations
 __all__ = ["ROUTE_OPS", "Route", "follow"]
 
 import dataclasses
-import math
 
 import onnx_ir as ir
+
+from normfold.math import channel_route as cr
 
 from normfold.errors import Refusal
 from normfold.passes._fold_graph import attribute, describe
@@ -58,32 +60,21 @@ def _dims(value: ir.Value) -> list[int | None] | None:
     return None
 
 
-def _flatten_dims(node: ir.Node, ins: list[int | None]) -> list[int | None]:
-    """Flatten's output sizes from its input's (exporters often record them symbolic)."""
-    axis = attribute(node, "axis", 1)
-    axis += len(ins) if axis < 0 else 0
-
-    def product(sizes: list[int | None]) -> int | None:
-        return None if any(d is None for d in sizes) else math.prod(sizes)
-
-    return [product(ins[:axis]), product(ins[axis:])]
-
-
 def _step(node: ir.Node, route: Route, channels: int) -> Route:
     """Where the channels are after ``node`` (one of :data:`ROUTE_OPS`)."""
     source, result = node.inputs[0], node.outputs[0]
     ins = _dims(source)
     if node.op_type == "Transpose":
-        rank = None if ins is None else len(ins)
         perm = attribute(node, "perm", None)
         if perm is None:
-            if rank is None:
+            if ins is None:
                 raise Refusal(f"the rank before {describe(node)} is unknown")
-            perm = list(reversed(range(rank)))
-        return Route(list(perm).index(route.axis), route.block)
+            perm = list(reversed(range(len(ins))))
+        return Route(cr.transpose_route(perm, route.axis), route.block)
     outs = _dims(result)
     if node.op_type == "Flatten" and ins is not None:
-        computed = _flatten_dims(node, ins)
+        # Exporters often record Flatten's output sizes as symbolic: work them out.
+        computed = cr.flatten_sizes(ins, attribute(node, "axis", 1))
         outs = computed if outs is None or len(outs) != 2 else [
             recorded if recorded is not None else mine for recorded, mine in zip(outs, computed)
         ]
@@ -91,29 +82,10 @@ def _step(node: ir.Node, route: Route, channels: int) -> Route:
         raise Refusal(
             f"the shapes around {describe(node)} are unknown, so where the channels go is unknown"
         )
-    after = ins[route.axis + 1:]
-    if any(d is None for d in after):
-        raise Refusal(
-            f"{describe(node)} reads sizes {after} after the channel axis {route.axis} that are "
-            "not static"
-        )
-    span = route.block * math.prod(after)  # elements after channel c's first one
-    trailing = 1
-    for axis in range(len(outs) - 1, -1, -1):
-        if trailing > span:
-            break
-        size = outs[axis]
-        if span % trailing == 0 and size == channels * (span // trailing):
-            return Route(axis, span // trailing)
-        if size is None:
-            break
-        trailing *= size
-    shown = ["?" if d is None else d for d in outs]
-    raise Refusal(
-        f"{describe(node)} turns the {channels} channels on axis {route.axis} of "
-        f"{['?' if d is None else d for d in ins]} into {shown}: they are split, or merged with "
-        "an axis before them"
-    )
+    try:
+        return Route(*cr.reshape_route(ins, outs, route.axis, route.block, channels))
+    except ValueError as error:
+        raise Refusal(f"{describe(node)}: {error}") from None
 
 
 def follow(nodes: list[ir.Node], route: Route, channels: int) -> Route:

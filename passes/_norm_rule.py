@@ -4,11 +4,13 @@ A :class:`NormRule` is a :class:`RecordingRule` whose ``check`` ends with :meth:
 
 1. every intermediate of the site is read only inside the site (the rewrite leaves the old
    nodes for dead-code removal, so a reader outside would keep computing them: refused);
-2. the fused op's opset (LayerNormalization 17, GroupNormalization 21, RMSNormalization 23;
-   none for onnxruntime's ONNX-domain LayerNormalization and SimplifiedLayerNormalization on
-   target ``onnxruntime``) is available: the model's default-domain opset is at least that, or — in the survey run,
-   before the pass raises the opset — it may be raised that far (``max_opset`` allows it). A
-   site that needs more than ``max_opset`` allows is refused with that reason.
+2. the opset the rule's output needs (its ``opset`` in :mod:`normfold.passes.rules`:
+   LayerNormalization 17, GroupNormalization 21, RMSNormalization 23 on target ``onnx``; none
+   on target ``onnxruntime``, whose ONNX-domain LayerNormalization and
+   SimplifiedLayerNormalization run at every opset) is available: the model's default-domain
+   opset is at least that, or — in the survey run, before the pass raises the opset — it may be
+   raised that far (``max_opset`` allows it). A site that needs more than ``max_opset`` allows
+   is refused with that reason.
 
 The survey run (``FusionState.survey``) performs every check but rewrites nothing and records
 nothing; it only collects the opsets the sites want, so the pass can convert the model once
@@ -38,7 +40,7 @@ from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
 from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 from normfold.passes._fold_graph import FreshNames
-from normfold.passes._norm_spec import FusedNorm, required_opset
+from normfold.passes._norm_spec import FusedNorm
 from normfold.opset import model_opset
 
 
@@ -70,7 +72,8 @@ class NormRule(RecordingRule):
         reader = checks.outside_reader(context.nodes, kept)
         if reader is not None:
             raise Refusal(reader)
-        required = required_opset(spec.op_type, self.options.target)
+        # onnxruntime runs every op fuse-norm writes for it at any opset (ort_contrib).
+        required = self.opset if self.options.target == "onnx" else 1
         current = model_opset(context.model)
         if self.state.survey:
             self.state.wants.setdefault(context.root, required)

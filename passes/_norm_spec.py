@@ -24,7 +24,7 @@ rules; :func:`emit` casts once, to the input's dtype.
 
 from __future__ import annotations
 
-__all__ = ["META_KEY", "OP_OPSET", "RMS_OPS", "FusedNorm", "emit", "fused_of", "required_opset"]
+__all__ = ["META_KEY", "RMS_OPS", "FusedNorm", "emit", "fused_of"]
 
 import dataclasses
 from typing import Union
@@ -32,32 +32,13 @@ from typing import Union
 import numpy as np
 import onnx_ir as ir
 
-from normfold.ort_contrib import ONNX_DOMAIN_OPS
 from normfold.passes._fold_graph import FreshNames, initializer
 
 META_KEY = "normfold.fuse_norm"
 
-# The default-domain opset that introduced each fused op in ONNX.
-OP_OPSET: dict[str, int] = {
-    "LayerNormalization": 17,
-    "GroupNormalization": 21,
-    "RMSNormalization": 23,
-}
-
-
 # The ops an RMSNorm becomes: ONNX's, and onnxruntime's (ONNX domain, every opset).
 RMS_OPS = ("RMSNormalization", "SimplifiedLayerNormalization")
 
-
-def required_opset(op_type: str, target: str) -> int:
-    """The default-domain opset a model needs for ``op_type`` on ``target``.
-
-    onnxruntime runs its ONNX-domain contrib ops (LayerNormalization below 17,
-    SimplifiedLayerNormalization) at every opset, so target ``onnxruntime`` needs no raise for them.
-    """
-    if target == "onnxruntime" and op_type in ONNX_DOMAIN_OPS:
-        return 1
-    return OP_OPSET.get(op_type, 1)
 
 Operand = Union[np.ndarray, ir.Value, None]
 

@@ -160,7 +160,8 @@ def _evaluate(
     sub = ir.Model(graph, ir_version=model.ir_version)
     if widen:
         sub = float64_model(sub, ir.DataType.FLOAT)
-    import onnxruntime as ort  # on first use, like normfold.runtime
+    # Imported here: a model with nothing to fold (most exports) never pays for onnxruntime.
+    import onnxruntime as ort
 
     sess = runtime.session(sub)  # InputError when onnxruntime cannot build it
     # A kernel that fails at run time is an expected outcome here, not a message for the user.

@@ -32,28 +32,14 @@ import abc
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.errors import Refusal
-
-Target = Literal["onnx", "onnxruntime"]
-
-
-@dataclasses.dataclass(frozen=True)
-class PassOptions:
-    """Settings that several passes read; the CLI flags of the same names set them."""
-
-    target: Target = "onnx"
-    max_opset: int | None = None
-    freeze_initializer_inputs: bool = False
-    lower_standalone_bn: bool = False
-    # Emit onnxruntime's Skip*Normalization ops (target onnxruntime) even where measured slower.
-    skip_ops: bool = False
-
+from normfold.options import PassOptions
 
 @dataclasses.dataclass
 class PassRecord:
@@ -147,7 +133,12 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
     the refusal is recorded against its node, else :meth:`refused_node`. State that ``rewrite``
     needs is handed over in a named dataclass, never a positional tuple. ``rewrite``
     implementations call ``self.record.site``.
+
+    ``opset`` is the default-domain opset the rule's output needs on target ``onnx``; the rule
+    table (:mod:`normfold.passes.rules`) sets it.
     """
+
+    opset: int = 1
 
     def __init__(self, record: PassRecord, options: PassOptions) -> None:
         super().__init__(name=type(self).__name__)
@@ -182,8 +173,15 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
     def check(self, context, **bindings: Any) -> MatchResult | bool:
         return MatchResult()
 
+    def after_sweep(self, model: ir.Model) -> None:
+        """Called once the sweep that ran this rule is over (tidy-ups a rewrite defers)."""
+
 
 def apply_rules(model: ir.Model, rules: list[RecordingRule]) -> int:
-    """Apply ``rules`` to every graph and function of ``model``; return the rewrite count."""
+    """Apply ``rules`` to every graph and function of ``model`` in one sweep; return the
+    rewrite count."""
     rule_set = _pattern.RewriteRuleSet([rule.as_rule() for rule in rules])
-    return rule_set.apply_to_model(model)
+    count = rule_set.apply_to_model(model)
+    for rule in rules:
+        rule.after_sweep(model)
+    return count

@@ -10,7 +10,8 @@ Rule:
      Conv (any groups), a zero-padded Conv when its shift is zero, a Gemm or a rank-2 MatMul,
      directly or through a channel-ordered Flatten/Reshape (``fold_bn_consumer``).
   4. With ``lower_standalone_bn``, every BN still left whose parameters are constants becomes
-     ``Add(Mul(x, s), t)`` with ``s``, ``t`` shaped ``[C, 1, …]`` for its input's rank.
+     ``Add(Mul(x, s), t)`` with ``s``, ``t`` shaped ``[C, 1, …]`` for its input's rank
+     (``fold_bn_lower``).
   5. Every BN still in the graph is in the record's ``refused`` list with the reason: the
      first rule's refusal, else what is wrong with the BN itself (training form, parameters
      that are graph inputs, …), else "nothing to fold into" with its producer and readers.
@@ -22,44 +23,23 @@ are new initializers (a weight that another node reads is never changed). Sites 
 Preconditions: none. ``cleanup`` usually runs first (it turns constants that exporters compute
 at run time into initializers), but values of ``Constant`` nodes are read as constants too. The
 pass infers shapes first (ranks decide which folds are exact) and names unnamed nodes so the
-report can refer to them.
+report can refer to them. The rules and their order are the ``fold-bn`` lines of
+:mod:`normfold.passes.rules` (sweep ``fold``: rules 1-3, sweep ``lower``: rule 4).
 """
 
 from __future__ import annotations
 
-__all__ = ["FoldBatchNormPass", "LowerBatchNorm"]
+__all__ = ["FoldBatchNormPass"]
 
-import dataclasses
-from typing import Any
-
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
 from normfold.catalog import pass_info
-from normfold.passes.base import NormfoldPass, apply_rules
-from normfold.math import fold_precision
-from normfold.passes._shapes import infer_shapes
 from normfold.errors import Refusal
-from normfold.passes._fold_graph import (
-    FoldRule,
-    FreshNames,
-    Reads,
-    batchnorm_affine,
-    batchnorm_statistics,
-    describe,
-    freeze,
-    initializer,
-    opset_of,
-    rank_of,
-    require_castable,
-    require_graph,
-    require_precise,
-    tensor_dtype,
-)
-from normfold.passes.fold_bn_consumer import FoldBnIntoConsumer
-from normfold.passes.fold_bn_producer import FoldBnIntoProducer
-from normfold.passes.fold_bn_producer_route import FoldBnThroughShapes
-from onnxscript.rewriter._basics import MatchResult
+from normfold.passes import rules as registry
+from normfold.passes._fold_graph import FreshNames, Reads, batchnorm_affine, describe, opset_of
+from normfold.passes._shapes import infer_shapes
+from normfold.passes.base import NormfoldPass, apply_rules
 
 
 def _batchnorms(model: ir.Model) -> list[ir.Node]:
@@ -122,57 +102,6 @@ def _why_left(bn: ir.Node, model: ir.Model, freeze_inputs: bool) -> str:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Lowering:
-    """What the check hands the rewrite: ``bn`` becomes ``x·scale + shift`` (float64 constants
-    shaped ``[C, 1, …]``, cast to ``dtype``)."""
-
-    bn: ir.Node
-    scale: np.ndarray
-    shift: np.ndarray
-    dtype: ir.DataType
-    reads: Reads
-
-
-class LowerBatchNorm(FoldRule):
-    """``BatchNormalization(x)`` → ``Add(Mul(x, s), t)`` with constants shaped ``[C, 1, …]``."""
-
-    def pattern(self, op: Any, x: Any) -> Any:
-        return op.BatchNormalization(x, _allow_other_inputs=True, _outputs=["normalized"])
-
-    def check(self, context: Any, x: ir.Value, normalized: ir.Value, **_: Any) -> MatchResult:
-        bn = normalized.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        require_graph(context)
-        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
-        rank = rank_of(x) or rank_of(normalized)
-        if rank is None:
-            raise Refusal(
-                "the rank of its input is unknown, so it cannot be lowered to Mul + Add"
-            )
-        dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
-        require_castable({"scale": scale, "shift": shift}, dtype)
-        # Mul + Add compute y·s + t: where |μ·s| dwarfs the output, that cancels (the BN does not).
-        mean, std = batchnorm_statistics(bn, reads)
-        require_precise(lambda: fold_precision.lowered_outputs(scale, shift, mean, std, dtype.numpy()), dtype)
-        shape = (scale.size,) + (1,) * (rank - 2)
-        self._plan = _Lowering(bn, scale.reshape(shape), shift.reshape(shape), dtype, reads)
-        return MatchResult()
-
-    def rewrite(self, op: Any, x: ir.Value, **_: Any) -> ir.Value:
-        plan: _Lowering = self._plan
-        bn, scale, shift, dtype = plan.bn, plan.scale, plan.shift, plan.dtype
-        freeze(plan.reads, self.record)
-        name = bn.name  # the pass names every node first
-        self.record.site(bn.name, op="Mul+Add", into=f"{name}/Mul", how="lowered")
-        scaled = op.Mul(
-            x, initializer(op, scale, dtype, self._fresh(f"{name}/scale")), _name=f"{name}/Mul"
-        )
-        return op.Add(
-            scaled, initializer(op, shift, dtype, self._fresh(f"{name}/shift")), _name=f"{name}/Add"
-        )
-
-
 class FoldBatchNormPass(NormfoldPass):
     """Fold BatchNormalization into producers and consumers; optionally lower the rest."""
 
@@ -187,19 +116,12 @@ class FoldBatchNormPass(NormfoldPass):
         infer_shapes(model)
         common.NameFixPass()(model)
         fresh = FreshNames(model)
-        through_shapes = FoldBnThroughShapes(self.record, self.options, fresh)
-        count = apply_rules(
-            model,
-            [
-                FoldBnIntoProducer(self.record, self.options, fresh),
-                through_shapes,
-                FoldBnIntoConsumer(self.record, self.options, fresh),
-            ],
-        )
-        through_shapes.redirect_shape_readers(model)
-        for bn in _batchnorms(model):
-            self.record.refuse(Refusal(_why_left(bn, model, self.options.freeze_initializer_inputs)), bn)
-        if self.options.lower_standalone_bn:
-            count += apply_rules(model, [LowerBatchNorm(self.record, self.options, fresh)])
+        count = 0
+        for sweep, rules in registry.sweeps(self.name, self.record, self.options, fresh):
+            count += apply_rules(model, rules)
+            if sweep == "fold":
+                # What the folds left is refused with its reason (and lowered next, if asked).
+                for bn in _batchnorms(model):
+                    self.record.refuse(Refusal(_why_left(bn, model, self.options.freeze_initializer_inputs)), bn)
         self.record.keep_refusals_of({bn.name for bn in _batchnorms(model)})
         return count > 0

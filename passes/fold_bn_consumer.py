@@ -51,17 +51,14 @@ from normfold.passes._fold_graph import (
     Reads,
     any_op,
     attribute,
-    batchnorm_affine,
     batchnorm_statistics,
     conv_pads_of,
     describe,
     freeze,
     initializer,
-    opset_of,
     rank_of,
     read_constant,
     require_castable,
-    require_graph,
     require_precise,
     tensor_dtype,
 )
@@ -274,9 +271,7 @@ class FoldBnIntoConsumer(FoldRule):
         chain: list[ir.Node] = []
         for _hop in range(route):
             chain.insert(0, (chain[0].inputs[0] if chain else features).producer())
-        reads = Reads(self.options.freeze_initializer_inputs)
-        require_graph(context)
-        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        scale, shift, reads = self.read_batchnorm(context, bn)
         _check_readers(normalized)
         where = follow(chain, Route(1, 1), scale.size)
         _check_reduced_axis(consumer, features if chain else x, where)

@@ -29,13 +29,7 @@ from typing import Any
 import onnx_ir as ir
 from normfold.passes.base import PassOptions, PassRecord
 from normfold.errors import Refusal
-from normfold.passes._fold_graph import (
-    Reads,
-    batchnorm_affine,
-    batchnorm_statistics,
-    opset_of,
-    require_graph,
-)
+from normfold.passes._fold_graph import batchnorm_statistics
 from normfold.passes._producer_site import (
     ProducerFold,
     ProducerFoldRule,
@@ -65,9 +59,7 @@ class FoldBnIntoProducer(ProducerFoldRule):
         self, context: Any, normalized: ir.Value, produced: ir.Value, producer: str, **_: Any
     ) -> MatchResult:
         bn = normalized.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        require_graph(context)
-        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        scale, shift, reads = self.read_batchnorm(context, bn)
         site = read_producer(producer, produced, bn, reads)
         if site.channel_axis != 1:
             raise Refusal(

@@ -18,7 +18,7 @@ axis 1 exactly (they are merged with other axes, split, or the sizes after them 
 static), the BN is not the inference form or a parameter is not a constant, or a value of the
 chain is read by another node. A ``Shape`` (or ``Size``) node may read ``y`` and the chain's
 values — TorchScript's ``reshape_as(y)`` does — since the fold keeps every shape; after the
-rules run, :meth:`FoldBnThroughShapes.redirect_shape_readers` points those readers at the new
+rules run, :meth:`FoldBnThroughShapes.after_sweep` points those readers at the new
 values, so the original ``L`` is not kept alive just for its shape.
 """
 
@@ -37,14 +37,10 @@ from onnxscript.rewriter._basics import MatchResult
 from normfold.passes._channel_route import ROUTE_OPS, Route, follow
 from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
-    Reads,
     any_op,
-    batchnorm_affine,
     batchnorm_statistics,
     describe,
     freeze,
-    opset_of,
-    require_graph,
 )
 from normfold.passes._producer_site import (
     ProducerFold,
@@ -101,9 +97,7 @@ class FoldBnThroughShapes(ProducerFoldRule):
 
     def check(self, context: Any, normalized: ir.Value, routed: ir.Value, **_: Any) -> MatchResult:
         bn = normalized.producer()
-        reads = Reads(self.options.freeze_initializer_inputs)
-        require_graph(context)
-        scale, shift = batchnorm_affine(bn, opset_of(bn, context.model), reads)
+        scale, shift, reads = self.read_batchnorm(context, bn)
         chain, produced = self._chain(routed, bn)
         kind = _kind(produced.producer())
         if kind is None:
@@ -162,7 +156,7 @@ class FoldBnThroughShapes(ProducerFoldRule):
             self._moved.append((old, value))
         return value
 
-    def redirect_shape_readers(self, model: ir.Model) -> None:
+    def after_sweep(self, model: ir.Model) -> None:
         """Point the Shape/Size readers of replaced values at their replacements, drop the
         originals nobody reads any more, and re-sort (a Shape node may come before the new
         nodes)."""

@@ -27,7 +27,7 @@ eps is an exact scalar constant; intermediates have no outside readers; opset 21
 
 from __future__ import annotations
 
-__all__ = ["GroupNormFusion", "GroupNormToInstanceForm", "group_norm_rules"]
+__all__ = ["GroupNormFusion", "GroupNormToInstanceForm"]
 
 import numpy as np
 import onnx_ir as ir
@@ -203,10 +203,3 @@ class GroupNormToInstanceForm(NormRule):
 
     def rewrite(self, op, **_):
         return emit(op, self.spec, self.state.namer)
-
-
-def group_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    rules: list[NormRule] = [GroupNormFusion(record, options, state)]
-    if options.target == "onnxruntime":
-        rules.append(GroupNormToInstanceForm(record, options, state))
-    return rules

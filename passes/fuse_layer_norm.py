@@ -27,7 +27,7 @@ last-axis LayerNormalization.
 
 from __future__ import annotations
 
-__all__ = ["LayerNormFusion", "layer_norm_rules"]
+__all__ = ["LayerNormFusion"]
 
 from onnxscript.rewriter._basics import MatchResult
 
@@ -83,7 +83,3 @@ class LayerNormFusion(NormRule):
 
     def rewrite(self, op, **_):
         return emit(op, self.spec, self.state.namer)
-
-
-def layer_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    return [LayerNormFusion(record, options, state, form) for form in FORMS]

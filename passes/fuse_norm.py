@@ -1,7 +1,8 @@
 """``fuse-norm``: every exact decomposed LayerNorm, RMSNorm and GroupNorm becomes one op.
 
-Rule. The pass runs its rule families in sweeps, each an onnxscript rewrite over the whole
-model followed by dead-code removal:
+Rule. The pass runs its rules in sweeps, each an onnxscript rewrite over the whole model
+followed by dead-code removal; the rules, their sweeps and order, and the opset each needs are
+the ``fuse-norm`` lines of :mod:`normfold.passes.rules`:
 
 1. GroupNorm (:mod:`~normfold.passes.fuse_group_norm`), first, because a hand-written
    GroupNorm holds a LayerNorm-shaped core that must not be fused on its own;
@@ -21,8 +22,8 @@ GroupNorm kept in (or rewritten to) the Reshape + InstanceNormalization form (me
 faster than GroupNormalization-21), and the Skip ops of step 4 when asked for. So target
 ``onnxruntime`` never changes the model's opset.
 
-Opset. Before rewriting, a survey run of steps 1-2 checks every site without changing anything
-and collects the opsets the fusions need; if that is more than the model has, the model is
+Opset. Before rewriting, a survey run of the ``survey`` rules (steps 1-2) checks every site
+without changing anything and collects the opsets the fusions need; if that is more than the model has, the model is
 converted once (:func:`~normfold.opset.raise_opset`), unless ``max_opset`` forbids it:
 then those sites are refused with that reason. Shapes are inferred first (onnx shape
 inference with data propagation), since TorchScript exports carry none for intermediates;
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 __all__ = ["FuseNormPass"]
 
+import dataclasses
 import logging
 
 import onnx_ir as ir
@@ -44,18 +46,13 @@ import onnx_ir.passes.common as common
 
 from normfold.catalog import pass_info
 from normfold.errors import NormfoldError, first_line
-from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
-from normfold.passes._norm_rule import FusionState
-from normfold.passes._shapes import infer_shapes
-from normfold.passes._fold_graph import FreshNames
-from normfold.passes._norm_spec import META_KEY, FusedNorm
-from normfold.passes.fuse_group_norm import group_norm_rules
-from normfold.passes.fuse_layer_norm import layer_norm_rules
-from normfold.passes.fuse_norm_affine import affine_rules
-from normfold.passes.fuse_norm_near_misses import near_miss_rules
-from normfold.passes.fuse_rms_norm import rms_norm_rules
-from normfold.passes.fuse_skip_norm import skip_rules
 from normfold.opset import model_opset, raise_opset
+from normfold.passes import rules as registry
+from normfold.passes._fold_graph import FreshNames
+from normfold.passes._norm_rule import FusionState
+from normfold.passes._norm_spec import META_KEY, FusedNorm
+from normfold.passes._shapes import infer_shapes
+from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +66,21 @@ class FuseNormPass(NormfoldPass):
 
     def __init__(self, options: PassOptions | None = None, *, skip_ops: bool = False) -> None:
         super().__init__(options)
-        self.skip_ops = skip_ops or self.options.skip_ops
+        if skip_ops:
+            self.options = dataclasses.replace(self.options, skip_ops=True)
 
     def apply(self, model: ir.Model) -> bool:
         infer_shapes(model)
         raised, raise_error = self._survey_and_raise_opset(model)
         state = FusionState(FreshNames(model), raise_error=raise_error)
-        record, options = self.record, self.options
-        count = apply_rules(model, group_norm_rules(record, options, state))
-        if count:
-            # Shapes downstream of a fused GroupNorm may now be inferable (opset 13 has no
-            # data propagation through Shape).
-            infer_shapes(model)
-        count += apply_rules(
-            model,
-            [
-                *layer_norm_rules(record, options, state),
-                *rms_norm_rules(record, options, state),
-                *near_miss_rules(record, options),
-            ],
-        )
-        count += apply_rules(model, affine_rules(record, options, state))
-        if options.target == "onnxruntime":
-            count += apply_rules(model, skip_rules(record, options, state, self.skip_ops))
+        count = 0
+        for sweep, rules in registry.sweeps(self.name, self.record, self.options, state):
+            done = apply_rules(model, rules)
+            if done and sweep == "groupnorm":
+                # Shapes downstream of a fused GroupNorm may now be inferable (opset 13 has no
+                # data propagation through Shape).
+                infer_shapes(model)
+            count += done
         if count:
             # A Skip op hands the residual sum to readers that may come before it; and the new
             # nodes sit where the rewriter put them.
@@ -105,14 +94,12 @@ class FuseNormPass(NormfoldPass):
         Returns whether the opset was raised, and why raising failed (None if it did not).
         """
         if self.options.target == "onnxruntime":
-            # Every op this target emits runs at any opset (``required_opset`` is 1): no survey.
+            # Every op this target emits runs at any opset: no survey.
             return False, None
         survey = FusionState(FreshNames(model), survey=True)
         scratch = PassRecord(self.name)
-        apply_rules(model, group_norm_rules(scratch, self.options, survey))
-        apply_rules(
-            model, [*layer_norm_rules(scratch, self.options, survey), *rms_norm_rules(scratch, self.options, survey)]
-        )
+        for _, rules in registry.sweeps(self.name, scratch, self.options, survey, survey=True):
+            apply_rules(model, rules)
         current = model_opset(model)
         ceiling = self.options.max_opset
         allowed = [v for v in survey.wants.values() if ceiling is None or v <= ceiling]

@@ -20,6 +20,9 @@ scale); a run-time operand is not (DiT's LayerNorm without affine keeps its modu
    of a normalization that has none yet.
 3. **Bias**: ``norm(x) + b`` (either order) adds ``b`` to the bias, under the same conditions;
    RMSNormalization (SimplifiedLayerNormalization) has no bias input, so a bias after it stays an Add.
+4. A constant scale or bias after a **Cast that stayed** (``Cast(norm(x), to=float16) * w``, where
+   rule 1 could not take the Cast in) cannot reach the op either: it stays apart, and is recorded
+   as refused with that reason, like any other constant that cannot be taken in.
 
 A scale or bias whose cast to the input's dtype would overflow (or flush a nonzero value to 0)
 is not absorbed: the operand stays apart, with the reason (``fold_precision.cast_problem``).
@@ -27,7 +30,7 @@ is not absorbed: the operand stays apart, with the reason (``fold_precision.cast
 
 from __future__ import annotations
 
-__all__ = ["affine_rules"]
+__all__ = ["AbsorbBias", "AbsorbCast", "AbsorbScale"]
 
 import dataclasses
 
@@ -119,6 +122,20 @@ class _AbsorbOperand(_AbsorbRule):
         combine = getattr(op, self.op_type)
         return combine(n, operand) if self.order.startswith("n") else combine(operand, n)
 
+    def not_fused(self, n: ir.Value, c: ir.Value) -> MatchResult:
+        """``n`` is no fused normalization of which this op is the only reader: no site, unless
+        (rule 4) ``n`` is a Cast of one, or a constant affine of such a Cast, and ``c`` a constant."""
+        spec = _behind_kept_cast(n)
+        if spec is None or checks.constant(c) is None:
+            return MatchResult().fail("not the only reader of a normalization fused by this pass")
+        scale = self.op_type == "Mul"
+        target = n.dtype.name if n.dtype is not None else "another type"
+        raise Refusal(
+            f"the constant {'multiplier' if scale else 'addend'} after the {spec.op_type} stays apart: the Cast "
+            f"to {target} between them stays (see that Cast's refusal), so it cannot enter the op's "
+            f"{'scale' if scale else 'bias'}"
+        )
+
 
 class AbsorbScale(_AbsorbOperand):
     """``norm(x) * w`` (``order`` "nw") or ``w * norm(x)`` ("wn")."""
@@ -128,7 +145,7 @@ class AbsorbScale(_AbsorbOperand):
     def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
         if spec is None:
-            return MatchResult().fail("not the only reader of a normalization fused by this pass")
+            return self.not_fused(n, c)
         array = checks.constant(c)
         if array is None:
             if spec.scale is None and spec.bias is None and _runtime_fits(c, spec):
@@ -156,7 +173,7 @@ class AbsorbBias(_AbsorbOperand):
     def check(self, context, n, c, **_) -> MatchResult:
         spec = self.fused_input(n, context)
         if spec is None:
-            return MatchResult().fail("not the only reader of a normalization fused by this pass")
+            return self.not_fused(n, c)
         array = checks.constant(c)
         if spec.op_type in RMS_OPS:
             if array is None:
@@ -189,6 +206,19 @@ def _cast_problem(spec: FusedNorm, **arrays: np.ndarray | None) -> str | None:
     return None
 
 
+def _behind_kept_cast(value: ir.Value) -> FusedNorm | None:
+    """The fused normalization ``value`` is a Cast of, through constant Mul/Add steps, if any."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Mul", "Add") and len(node.inputs) == 2:
+        operands = [v for v in node.inputs if v is not None and checks.constant(v) is None]
+        if len(operands) != 1:
+            return None
+        node = operands[0].producer()
+    if node is None or node.op_type != "Cast" or not node.inputs or node.inputs[0] is None:
+        return None
+    return fused_of(node.inputs[0])
+
+
 def _as(array: np.ndarray, like: ir.Value) -> np.ndarray:
     """``array`` as the graph uses it: in the normalized value's dtype (a CastLike's result)."""
     assert like.dtype is not None
@@ -203,13 +233,3 @@ def _runtime_fits(value: ir.Value, spec: FusedNorm) -> bool:
         and value.dtype == spec.x.dtype
         and checks.dims(value) == list(spec.affine_shape)
     )
-
-
-def affine_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[NormRule]:
-    return [
-        AbsorbCast(record, options, state),
-        AbsorbScale(record, options, state, "nw"),
-        AbsorbScale(record, options, state, "wn"),
-        AbsorbBias(record, options, state, "nb"),
-        AbsorbBias(record, options, state, "bn"),
-    ]

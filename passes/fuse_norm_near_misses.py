@@ -18,7 +18,7 @@ Norm) are refused there; these are the ones with a different shape altogether:
 
 from __future__ import annotations
 
-__all__ = ["near_miss_rules"]
+__all__ = ["L2Normalize", "LocalResponseNorm"]
 
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
@@ -32,7 +32,9 @@ _ANY = dict(_allow_other_inputs=True, _allow_other_attributes=True)
 class _NearMiss(RecordingRule):
     """Matches a look-alike wherever it is, even when its intermediates have other readers."""
 
-    def __init__(self, record: PassRecord, options: PassOptions) -> None:
+    def __init__(self, record: PassRecord, options: PassOptions, _shared: object = None) -> None:
+        # _shared: the rule table builds every rule with what its pass's rules share; these
+        # only refuse, and need none of it.
         super().__init__(record, options)
         self.remove_nodes = False
 
@@ -78,7 +80,3 @@ class LocalResponseNorm(_NearMiss):
             "local response normalization (LRN-like): x / (k + alpha * mean of x^2 over neighbouring "
             "channels)^beta is a windowed normalization, not a LayerNorm/RMSNorm/GroupNorm"
         )
-
-
-def near_miss_rules(record: PassRecord, options: PassOptions) -> list[_NearMiss]:
-    return [L2Normalize(record, options), LocalResponseNorm(record, options)]

@@ -27,7 +27,7 @@ per-channel affine (Filter Response Norm: there is no standard op for it).
 
 from __future__ import annotations
 
-__all__ = ["RMSNormFusion", "rms_norm_rules", "rms_op"]
+__all__ = ["RMSNormFusion", "rms_op"]
 
 import numpy as np
 import onnx_ir as ir
@@ -140,7 +140,3 @@ class RMSNormFusion(LayerNormFusion):
                 f"along axes {varying} only (Filter Response Norm-like): no standard op computes it"
             )
         return self.accept_site(context, x, site, rms_op(self.options.target))
-
-
-def rms_norm_rules(record: PassRecord, options: PassOptions, state: FusionState) -> list[RMSNormFusion]:
-    return [RMSNormFusion(record, options, state, form) for form in FORMS]

@@ -18,6 +18,18 @@ b, gamma, epsilon)``). When the sum ``a + b`` is also read elsewhere or is a gra
 residual stream of a pre-norm transformer), those readers get the op's fourth output,
 ``input_skip_bias_sum``, which is exactly ``a + b``.
 
+With a bias (:class:`SkipBiasNormFusion`). For ``y = Norm((a + b) + bias)`` (or
+``Norm(bias + (a + b))``) where ``bias`` is a constant of shape (hidden,), the op's ``bias``
+input takes it: ``Skip…(a, b, gamma, beta, bias)`` (``Skip…Simplified…(a, b, gamma, bias)``).
+onnxruntime's kernel adds in that order, input plus skip, then bias, so the result is the
+graph's, as exact as the fusion without a bias; its fourth output is then ``(a + b) + bias``.
+The inner sum ``a + b`` must have no other reader (the op does not output it). ``(a + bias) +
+b``, the order a MatMul's bias and a residual usually come in, is another sum in floating point
+and is not rewritten this way.
+
+Sites kept because the ops are slower are refused with ``by_design=True`` in their report line,
+so reports count them apart from sites the graph rules out.
+
 Preconditions, from onnxruntime's kernel (checked; each refused with its reason): the input is
 2-D (tokens, hidden) or 3-D (batch, seq, hidden) float or float16; ``a`` and ``b`` have the
 same shape, dim by dim (symbolic dims by name); gamma (and beta) have shape (hidden,) with a
@@ -27,7 +39,7 @@ mean/inv-std outputs are unused.
 
 from __future__ import annotations
 
-__all__ = ["skip_rules"]
+__all__ = ["SkipBiasNormFusion", "SkipNormFusion"]
 
 import dataclasses
 
@@ -56,23 +68,30 @@ _SLOWER = {
 class SkipNormFusion(NormRule):
     """``norm(Add(a, b))`` -> Skip op; ``keep_sum`` variants also hand the sum to its readers."""
 
-    def __init__(
-        self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool, enabled: bool
-    ) -> None:
+    def __init__(self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool) -> None:
         super().__init__(record, options, state)
         self.norm = norm
         self.keep_sum = keep_sum
-        self.enabled = enabled
+        # Off by default: the Skip ops were measured slower, so the sites are only refused.
+        self.enabled = options.skip_ops
         self.name = f"SkipNormFusion[{norm}{', sum read' if keep_sum else ''}]"
 
     def pattern(self, op, a, b):
         total = op.Add(a, b, _outputs=["total"])
+        return self._normalize(op, total)
+
+    def _normalize(self, op, total):
         normalized = getattr(op, self.norm)(
             total, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["normalized"]
         )
         return (normalized, total) if self.keep_sum else normalized
 
     def check(self, context, a, b, total, normalized, **_) -> MatchResult:
+        return self._check(context, a, b, total, normalized, None)
+
+    def _check(self, context, a, b, total, normalized, bias: ir.Value | None) -> MatchResult:
+        if bias is not None and checks.constant(bias) is None:
+            return MatchResult().fail("the last addend is no constant: a plain residual sum")
         node = normalized.producer()
         read_elsewhere = total.is_graph_output() or len(total.consumers()) > 1
         if read_elsewhere != self.keep_sum:
@@ -92,10 +111,17 @@ class SkipNormFusion(NormRule):
         axis = node.attributes.get_int("axis", -1)
         if not isinstance(hidden, int) or axis not in (-1, len(shape_a) - 1):
             raise Refusal(f"normalizes from axis {axis} of {shape_a}; the Skip ops normalize the last, static axis")
-        params = [v for v in node.inputs[1:] if v is not None]
+        params = list(node.inputs[1:3]) if self.norm == "LayerNormalization" else list(node.inputs[1:2])
+        if bias is not None:
+            if bias.dtype != total.dtype:
+                raise Refusal(f"the added bias {bias.name!r} is {bias.dtype}, not the sum's {total.dtype}")
+            params += [None] * (2 - len(params)) if self.norm == "LayerNormalization" else []
+            params.append(bias)
         for value in params:
-            if checks.dims(value) != [hidden]:
+            if value is not None and checks.dims(value) != [hidden]:
                 raise Refusal(f"scale/bias {value.name!r} has shape {checks.dims(value)}, not ({hidden},)")
+        while params and params[-1] is None:
+            params.pop()
         spec = fused_of(normalized) or FusedNorm(
             op_type=self.norm, x=total, axes=(len(shape_a) - 1,), affine_axes=(len(shape_a) - 1,),
             affine_shape=(hidden,), epsilon=node.attributes.get_float("epsilon", 1e-5),
@@ -106,7 +132,10 @@ class SkipNormFusion(NormRule):
         result = self.accept(context, spec, kept=kept)
         if result and not self.enabled:
             skip_op = _SKIP_OP[self.norm]
-            raise Refusal(f"residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]}")
+            raise Refusal(
+                f"residual Add + {self.norm} left apart: {skip_op} {_SLOWER[skip_op]} (--skip-ops emits it)",
+                by_design=True,
+            )
         return result
 
     def rewrite(self, op, a, b, normalized, **_):
@@ -133,10 +162,21 @@ class SkipNormFusion(NormRule):
         return y, outputs[3]
 
 
-def skip_rules(record: PassRecord, options: PassOptions, state: FusionState, enabled: bool) -> list[NormRule]:
-    """The Skip rules; with ``enabled`` False they only refuse the sites (measured slower)."""
-    return [
-        SkipNormFusion(record, options, state, norm, keep_sum, enabled)
-        for norm in _SKIP_OP
-        for keep_sum in (False, True)
-    ]
+class SkipBiasNormFusion(SkipNormFusion):
+    """``norm((a + b) + bias)`` -> Skip op with its bias input; ``bias_first``: ``bias + (a + b)``."""
+
+    def __init__(
+        self, record: PassRecord, options: PassOptions, state: FusionState, norm: str, keep_sum: bool,
+        bias_first: bool,
+    ) -> None:
+        super().__init__(record, options, state, norm, keep_sum)
+        self.bias_first = bias_first
+        self.name = f"SkipNormFusion[{norm}, bias{' first' if bias_first else ''}{', sum read' if keep_sum else ''}]"
+
+    def pattern(self, op, a, b, bias):
+        inner = op.Add(a, b)
+        total = op.Add(bias, inner, _outputs=["total"]) if self.bias_first else op.Add(inner, bias, _outputs=["total"])
+        return self._normalize(op, total)
+
+    def check(self, context, a, b, bias, total, normalized, **_) -> MatchResult:
+        return self._check(context, a, b, total, normalized, bias)

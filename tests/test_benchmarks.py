@@ -109,3 +109,24 @@ def test_the_collapse_benchmark_runs_every_method_on_a_small_task(tmp_path: Path
     # DepthShrinker's fixed choice: the inner ReLU of each of the 8 BasicBlocks, merged
     (shrunk,) = result["depthshrinker"]["steps"]
     assert shrunk["removed"] == 8 and shrunk["layers_merged"] >= 8
+
+
+def test_the_speed_benchmark_times_whole_commands_and_compares_with_the_peer(tmp_path: Path) -> None:
+    from benchmarks import speed
+    from tests.conftest import conv_bn_relu_model
+
+    source = tmp_path / "conv_bn.onnx"
+    onnx.save(conv_bn_relu_model(), source)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    tools = ["normfold --no-verify", "normfold"]
+    results = speed.measure({"conv": source}, 1, tools, folder)
+    summary = speed.summarize(results)
+    for tool in tools:
+        row = summary["conv"][tool]
+        assert "error" not in row, row
+        assert row["median_s"] > 0 and row["peak_rss_mb"] > 10
+        assert "ratio" not in row  # its peer was not run
+    assert list(folder.iterdir()) == []  # each output is removed after its run
+    table = speed.table(summary, 1)
+    assert "normfold --no-verify" in table and "median of 1 runs" in table

@@ -4,6 +4,8 @@ distillation hook, and the ONNX export of ``result.model`` with both torch expor
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,39 @@ def test_result_model_exports_with_both_exporters_and_dynamic_batch(tmp_path):
                       dynamic_shapes=(({0: batch},),))  # forward(*inputs): one group of inputs
     got = runtime.run(path, {"x": x[:2].numpy()})["y"]
     np.testing.assert_allclose(got, expected[:2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_torchvision_blocks_merge_into_one_conv_each_exactly(name):
+    if importlib.util.find_spec("torchvision") is None:  # importing it needs the schemas defined first
+        pytest.skip("needs torchvision (the bench extra)")
+    from benchmarks.collapse import torchvision_models
+
+    model = {"mobilenet_v2": lambda: torchvision_models().mobilenet_v2(num_classes=10, width_mult=0.25),
+             "resnet18": lambda: torchvision_models().resnet18(num_classes=10)}[name]()
+    blocks = [m for m in model.modules() if type(m).__name__ in ("InvertedResidual", "BasicBlock")]
+    for block in blocks[:4]:  # the first blocks of each kind: residual and stride-2 ones
+        size = 32 if name == "mobilenet_v2" else 8
+        inputs = torch.randn(2, block.conv[0][0].in_channels if name == "mobilenet_v2" else block.conv1.in_channels,
+                             size, size, dtype=torch.float64)
+        if name == "resnet18":  # the after-Add ReLU stays: merge the block up to the Add
+            block = _UpToAdd(block)
+        gm, merged = _merged_segment(block, inputs)
+        assert layer_count(merged) == 1, type(block).__name__
+        with torch.no_grad():
+            expected = gm(inputs)
+            assert float((merged(inputs) - expected).abs().max() / expected.abs().max()) <= 1e-10
+
+
+class _UpToAdd(nn.Module):
+    """torchvision's BasicBlock without its final ReLU (the block's inner ReLU is the site)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        shortcut = x if b.downsample is None else b.downsample(x)
+        return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))) + shortcut

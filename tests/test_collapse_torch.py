@@ -17,7 +17,6 @@ from normfold.errors import InputError  # noqa: E402
 from normfold.examples import digits  # noqa: E402
 from normfold.torch import collapse  # noqa: E402
 from normfold.torch.layer_collapse import format_report  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +115,11 @@ def test_untraceable_models_are_refused():
         collapse(Branchy(), [torch.ones(1, 2)], evaluate=lambda m: 0.0, example_inputs=torch.ones(1, 2))
 
 
-def test_the_embedded_example_writes_model_report_and_plot(tmp_path, monkeypatch):
+@pytest.mark.slow  # trains a digits CNN
+def test_the_embedded_example_writes_model_report_and_plot(tmp_path, cli):
     pytest.importorskip("matplotlib")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # shared cores: see one_thread
     out = tmp_path / "cnn.onnx"
-    done = run_cli("collapse", "--example", "digits-cnn", "-o", str(out), "--epochs", "2",
+    done = cli("collapse", "--example", "digits-cnn", "-o", str(out), "--epochs", "2",
                    "--finetune-epochs", "1", "--max-accuracy-drop", "1", "-q")
     assert done.returncode == 0, done.stderr
     report = json.loads(out.with_suffix(".json").read_text())
@@ -128,3 +127,14 @@ def test_the_embedded_example_writes_model_report_and_plot(tmp_path, monkeypatch
     assert report["steps"] and all(step["accepted"] for step in report["steps"])
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "test accuracy" in done.stdout
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--target-latency", "1.5"), ("--distill", "2")])
+def test_example_budget_and_distillation_flags_are_checked_first(tmp_path, capsys, flag, value):
+    from normfold.cli import main
+
+    out = tmp_path / "cnn.onnx"
+    assert main(["collapse", "--example", "digits-cnn", "-o", str(out), flag, value]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and flag in error
+    assert list(tmp_path.iterdir()) == []

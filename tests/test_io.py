@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx import helper
 
-from normfold import io, runtime
+from normfold import files, io, runtime
 from normfold.errors import InputError
 from tests.conftest import conv_bn_relu_model
 
@@ -136,7 +136,8 @@ def test_save_materializes_external_tensors_of_the_input(tmp_path: Path) -> None
 def test_large_models_are_written_with_external_data(tmp_path: Path, conv_bn_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10)
     out = io.save(io.load(conv_bn_path), tmp_path / "big.onnx")
-    assert (tmp_path / "big.data").is_file()
+    [data] = [p.name for p in tmp_path.glob("big.nf-*.data")]
+    assert files.is_fresh_data_name(data)
     reloaded = io.load(out)
     assert isinstance(reloaded.graph.initializers["w"].const_value, ir.ExternalTensor)
 
@@ -149,11 +150,14 @@ def test_save_refuses_protected_files_and_leaves_them_alone(tmp_path: Path, conv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv_bn.onnx"]
 
 
-def test_save_refuses_to_overwrite_memory_mapped_data(tmp_path: Path) -> None:
+def test_save_never_overwrites_memory_mapped_data(tmp_path: Path) -> None:
     path = _external_copy(tmp_path)
     model = io.load(path)
-    with pytest.raises(InputError, match="refusing to overwrite"):
-        io.save(model, tmp_path / "other.onnx", external_data="ext.data", protect=io.external_data_files(model))
+    before = (tmp_path / "ext.data").read_bytes()
+    out = io.save(model, tmp_path / "other.onnx", external_data="ext.data", protect=io.external_data_files(model))
+    # The data goes to a fresh name; the input's ext.data, still memory-mapped, is untouched.
+    assert (tmp_path / "ext.data").read_bytes() == before
+    assert io.input_files(out) - {out.resolve()} == set(tmp_path.glob("ext.nf-*.data"))
 
 
 def test_failed_save_leaves_nothing(tmp_path: Path, conv_bn_path: Path, monkeypatch) -> None:

@@ -45,3 +45,31 @@ def test_subpackages_import_from_any_working_directory(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["normfold.passes", "normfold.models"]
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_license_metadata_is_the_pep_639_form() -> None:
+    project = _project()
+    assert project["license"] == "MIT"
+    assert all((ROOT / name).is_file() for name in project["license-files"])
+
+
+def test_no_extra_pins_an_exact_torch() -> None:
+    """A user with another torch must be able to install the extras; the install commands pin
+    the CPU wheel themselves."""
+    for extra, requirements in _project()["optional-dependencies"].items():
+        for requirement in requirements:
+            assert not (requirement.startswith("torch") and "==" in requirement), (extra, requirement)
+
+
+def test_installed_dependencies_satisfy_the_declared_lower_bounds() -> None:
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    for line in _project()["dependencies"]:
+        requirement = Requirement(line)
+        assert requirement.specifier.contains(version(requirement.name), prereleases=True), line

@@ -65,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
         return _example(args)
     if args.input is None:
         raise InputError("collapse: give an input model (IN.onnx) or --example NAME")
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise InputError(f"{args.output}: refusing to overwrite the input model; choose another -o")
     from normfold.jobs.collapse import collapse_onnx
+    from normfold.jobs.common import check_paths
     from normfold.report import format_passes_table, write_json
+
+    check_paths({"-o": args.output, "--report": args.report}, models=[args.input], inputs=[args.calibration])
 
     job = collapse_onnx(
         args.input, remove=args.remove, max_deviation=args.max_deviation, calibration=args.calibration,
@@ -101,6 +102,11 @@ def _example(args: argparse.Namespace) -> int:
         raise InputError(f"--target-latency is a ratio in (0, 1], not {args.target_latency:g}")
     if not 0 <= args.distill <= 1:
         raise InputError(f"--distill is a weight in [0, 1], not {args.distill:g}")
+    from normfold.jobs.common import check_paths
+
+    # The example's defaults: the report and the plot next to OUT.
+    check_paths({"-o": args.output, "--report": args.report or Path(args.output).with_suffix(".json"),
+                 "--plot": args.plot or Path(args.output).with_suffix(".png")})
     from normfold.examples.collapse_example import run
     from normfold.torch.layer_collapse import format_report
 

@@ -18,14 +18,17 @@ def add_command(commands: Any, groups: options.Groups) -> None:
     opt = commands.add_parser("optimize", parents=[groups.common, groups.compare, groups.targets],
                               help="run the exact passes, verify, write OUT")
     opt.add_argument("input", nargs="?", help="input ONNX model")
-    opt.add_argument("-o", "--output", required=True, help="output ONNX model (written atomically)")
-    opt.add_argument("--example", metavar="NAME", help="use a model from the zoo instead of IN (needs torch)")
+    opt.add_argument("-o", "--output", help="output ONNX model (written atomically; required)")
+    opt.add_argument("--example", metavar="NAME[:VARIANT]", nargs="?", const="list",
+                     help="use a model from the zoo instead of IN (needs torch), exported with VARIANT "
+                          "(default ts13-keepbn); without a value, or 'list': list the zoo")
     opt.add_argument("--passes", help="comma-separated pass names (default: all exact passes)")
     opt.add_argument("--report", help="write the JSON report here")
     opt.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     opt.add_argument("--external-data", metavar="NAME",
-                     help="write weights to this data file next to OUT (default: OUT's stem + .data for "
-                          "models over 1.8 GB; smaller models stay one file)")
+                     help="write weights to a data file next to OUT named after NAME with a fresh token per "
+                          "save (w.data -> w.nf-1a2b3c4d.data; default: OUT's stem + .data for models over "
+                          "1.8 GB; smaller models stay one file)")
     opt.add_argument("--freeze-initializer-inputs", action="store_true",
                      help="treat initializers listed as graph inputs as constants (removes those inputs)")
     opt.add_argument("--lower-standalone-bn", action="store_true",
@@ -41,33 +44,30 @@ def run(args: argparse.Namespace) -> int:
     passes = options.names(args.passes)
     if passes is not None:
         check_exact_passes([name for name in passes if name not in BY_NAME or not BY_NAME[name].exact])
-    dims = options.dims(args.dims)
+    pass_options, verify_options = options.pass_options(args), options.verify_options(args)
+    if args.example == "list":
+        print(_zoo_list())
+        return options.EXIT_OK
     if args.input is None and not args.example:
         raise InputError("optimize: give an input model (IN.onnx) or --example NAME")
     if args.example and args.input:
         raise InputError("optimize: give either IN.onnx or --example, not both")
+    if args.output is None:
+        raise InputError("optimize: give the output model with -o OUT.onnx")
 
+    from normfold.jobs.common import check_paths
     from normfold.jobs.optimize import optimize
     from normfold.report import format_optimize, write_json
 
     source = _example_path(args.example) if args.example else args.input
-    if Path(args.output).resolve() == Path(source).resolve():
-        raise InputError(f"{args.output}: refusing to overwrite the input model; choose another -o")
+    check_paths({"-o": args.output, "--report": args.report, "--save-inputs": args.save_inputs},
+                models=[source], inputs=[args.inputs], external_data=args.external_data)
     result = optimize(
         source,
         passes=passes,
-        target=args.target,
-        max_opset=args.max_opset,
+        options=pass_options,
         verify=not args.no_verify,
-        freeze_initializer_inputs=args.freeze_initializer_inputs,
-        lower_standalone_bn=args.lower_standalone_bn,
-        skip_ops=args.skip_ops,
-        inputs=args.inputs,
-        dims=dims,
-        samples=args.samples,
-        rtol=args.rtol,
-        atol=args.atol,
-        save_inputs=args.save_inputs,
+        verify_options=verify_options,
         show_progress=not args.quiet,
     )
     table = result.verification.format_table() if result.verification else None
@@ -83,9 +83,24 @@ def run(args: argparse.Namespace) -> int:
     return options.EXIT_OK
 
 
-def _example_path(name: str) -> Path:
+def _example_path(example: str) -> Path:
+    """The zoo model ``NAME`` or ``NAME:VARIANT``, exported (or found in the cache)."""
     try:
-        from normfold.models.export import cached_export
+        from normfold.models.export import DEFAULT_VARIANT, cached_export
     except ImportError as error:
         raise InputError(f"--example needs torch: pip install 'normfold[torch]' torch==2.13.0 ({error})") from None
-    return cached_export(name)
+    name, _, variant = example.partition(":")
+    return cached_export(name, variant or DEFAULT_VARIANT)
+
+
+def _zoo_list() -> str:
+    """The zoo's models and export variants, for ``--example`` without a value."""
+    from normfold.models import NAMES
+    from normfold.models.export import DEFAULT_VARIANT, VARIANTS
+
+    return "\n".join([
+        "zoo models (normfold optimize --example NAME[:VARIANT] -o OUT.onnx; needs torch):",
+        "  " + ", ".join(NAMES),
+        f"export variants (default {DEFAULT_VARIANT}):",
+        "  " + ", ".join(VARIANTS),
+    ])

@@ -6,21 +6,23 @@ is the check every written graph must pass (``onnx.checker``, onnxruntime's ONNX
 ops opaque); its failure is normfold's bug, not the user's, so it raises ``RuntimeError``.
 :func:`summary` is the part of the report that describes a model (opset, node count, op
 histogram), and :func:`protected_files` the files a save must never overwrite.
+:func:`check_paths` is what every command checks of the paths it was given, before any work.
 """
 
 from __future__ import annotations
 
-__all__ = ["check_output", "protected_files", "source_label", "summary", "working_copy"]
+__all__ = ["check_output", "check_paths", "protected_files", "source_label", "summary", "working_copy"]
 
 import os
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import onnx
 import onnx_ir as ir
 
-from normfold import io
+from normfold import files, io
 from normfold.errors import InputError, first_line
 from normfold.opset import model_opset
 
@@ -34,6 +36,45 @@ def working_copy(source: io.ModelLike) -> tuple[ir.Model, io.ModelLike]:
         return io.load(source), source
     path = Path(source)
     return io.load(path), path
+
+
+def check_paths(
+    outputs: Mapping[str, str | os.PathLike | None],
+    *,
+    models: Iterable[str | os.PathLike | None] = (),
+    inputs: Iterable[str | os.PathLike | None] = (),
+    external_data: str | None = None,
+) -> None:
+    """Refuse, before any work, paths that would destroy an input or write where nothing may be.
+
+    ``outputs`` maps each option to the path it writes (``{"-o": ..., "--report": ...}``; None
+    when not given); ``external_data`` is the data file name next to ``-o``. ``models`` are
+    ONNX inputs, each standing for itself and every external data file it reads; ``inputs``
+    are other files read (``--inputs``, ``--calibration``). Every output must be writable
+    (:func:`normfold.files.check_target`), and all outputs and inputs pairwise distinct files.
+    Raises :class:`InputError` naming the paths.
+    """
+    written = [(flag, files.check_target(path)) for flag, path in outputs.items() if path is not None]
+    if external_data is not None:
+        if Path(external_data).name != external_data or external_data in (".", ".."):
+            raise InputError(f"--external-data {external_data}: must be a plain file name (it is written next to -o)")
+        out = dict(written)["-o"]
+        written.append(("--external-data", out.parent / external_data))
+    if not written:
+        return
+    read: list[tuple[str, Path]] = []
+    for model in models:
+        if model is not None and Path(model).is_file():
+            read += [(f"input {model}" if file == Path(model).resolve() else f"external data of {model}", file)
+                     for file in io.input_files(model)]
+    read += [(f"input {path}", Path(path)) for path in inputs if path is not None and Path(path).exists()]
+    for k, (flag, path) in enumerate(written):
+        for other_flag, other in written[:k]:
+            if files.same_file(path, other):
+                raise InputError(f"{path}: {other_flag} and {flag} name the same file; give each its own")
+        for what, other in read:
+            if files.same_file(path, other):
+                raise InputError(f"{path}: {flag} names the {what}; refusing to overwrite it")
 
 
 def check_output(model: ir.Model, label: str) -> None:
@@ -60,7 +101,10 @@ def source_label(source: io.ModelLike) -> str:
 
 
 def summary(model: ir.Model, when: str) -> dict[str, Any]:
-    """``opset_<when>``, ``nodes_<when>`` and ``ops_<when>`` (op histogram, most common first)."""
+    """``opset_<when>``, ``nodes_<when>``, ``ops_<when>`` (op histogram, most common first),
+    ``weight_bytes_<when>`` (the initializers' bytes, counted from their shapes) and
+    ``signature_<when>`` (each graph input, initializer-inputs included, and output as
+    ``dtype[dims]``)."""
     ops = Counter(
         f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         for node in model.graph.all_nodes()
@@ -69,4 +113,17 @@ def summary(model: ir.Model, when: str) -> dict[str, Any]:
         f"opset_{when}": model_opset(model),
         f"nodes_{when}": sum(ops.values()),
         f"ops_{when}": dict(ops.most_common()),
+        f"weight_bytes_{when}": io.tensor_bytes(model),
+        f"signature_{when}": {
+            "inputs": {value.name: _signature(value) for value in model.graph.inputs},
+            "outputs": {value.name: _signature(value) for value in model.graph.outputs},
+        },
     }
+
+
+def _signature(value: ir.Value) -> str:
+    dtype = value.dtype.name.lower() if value.dtype is not None else "?"
+    dims = "?" if value.shape is None else ",".join(
+        "?" if isinstance(dim, ir.SymbolicDim) and dim.value is None else str(dim) for dim in value.shape
+    )
+    return f"{dtype}[{dims}]"

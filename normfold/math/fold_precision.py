@@ -165,7 +165,7 @@ def site_outputs(
     rows = np.asarray(rows, np.float64)
     normal = np.random.default_rng(_SEED).standard_normal((_PROBES, rows.shape[1]))
     if statistics is not None and before is None:
-        spread = np.std(normal @ rows.T, axis=0)
+        spread = np.std(_probe_product(normal, rows), axis=0)
         ratios = np.divide(statistics.scale, spread, out=np.zeros_like(spread), where=spread > 0)
         target = statistics.shift - (0.0 if bias is None else np.asarray(bias, np.float64))
         offset = np.linalg.lstsq(rows, target, rcond=None)[0]
@@ -179,11 +179,11 @@ def site_outputs(
             x = normal if probe is None else probe.shift[j] + probe.scale[j] * normal
             block = slice(j * per_group, (j + 1) * per_group)
             inner = _intermediate(before.scale[j] * x + before.shift[j], dtype)
-            linear_blocks.append(inner @ rows[block].T)
-            folded_blocks.append(x @ folded_rows[block].T)
+            linear_blocks.append(_probe_product(inner, rows[block]))
+            folded_blocks.append(_probe_product(x, folded_rows[block]))
         linear, folded = np.concatenate(linear_blocks, axis=1), np.concatenate(folded_blocks, axis=1)
     else:
-        linear, folded = normal @ rows.T, normal @ folded_rows.T
+        linear, folded = _probe_product(normal, rows), _probe_product(normal, folded_rows)
     if bias is not None:
         linear = linear + np.asarray(bias, np.float64)
     reference = _intermediate(linear, dtype)
@@ -208,6 +208,13 @@ def lowered_outputs(
     reference = scale * y + shift
     lowered = rounded(rounded(y * rounded(scale, dtype), dtype) + rounded(shift, dtype), dtype)
     return reference, lowered
+
+
+def _probe_product(x: Array, rows: Array) -> Array:
+    """``x @ rows.T`` without BLAS. The probes are few (8 rows), and OpenBLAS's threads spin
+    for them: on a loaded 2-core machine one 8x4608 by 4608x512 product took 330 ms through
+    BLAS and 22 ms through einsum's own loop (a ResNet-34's fold-bn: 8.8 s against 0.5 s)."""
+    return np.einsum("pk,ok->po", x, rows)
 
 
 def _intermediate(array: Array, dtype: object) -> Array:

@@ -26,6 +26,14 @@ the ONNX passes):
    A site whose folded weights the layer's dtype cannot hold (overflow, a nonzero value flushed
    to 0, more error than the unfolded pair in float16/bfloat16) is refused by the rule the ONNX
    folds apply (:mod:`normfold.math.fold_precision`).
+   Between the layer and the BatchNorm there may be reshapes (``flatten``, ``view``,
+   ``reshape``, ``squeeze``, ``unsqueeze``, as methods or ``torch.`` functions): timm LeViT's
+   ``bn(linear(x).flatten(0, 1)).reshape_as(x)``. The site folds when, on the shapes one run of
+   ``example_inputs`` shows, they carry the layer's output channels onto the BatchNorm's axis
+   1 unmerged (:func:`normfold.math.channel_route.reshape_route`, the rule the ONNX fold uses);
+   the reshapes stay. Without ``example_inputs`` such a site is refused, saying so. A reader of
+   the layer's output that only takes its shape (``reshape_as(y)``, ``y.size()``, ``y.shape``)
+   does not stop a fold.
 4. A module torch.fx cannot trace (data-dependent control flow, ...) is not traced: its children
    are folded one by one (each traced on its own), and if it is exactly ``nn.Sequential`` its
    adjacent (layer, BatchNorm) children fold as in 1 (the BatchNorm becomes ``nn.Identity``).
@@ -66,6 +74,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from normfold.errors import InputError, first_line
+from normfold.math import channel_route
 from normfold.math import batchnorm as fm
 from normfold.math import fold_precision
 
@@ -184,8 +193,8 @@ def _fold(
     if not isinstance(module, nn.Module):
         raise TypeError(f"fold_batchnorm takes a torch.nn.Module, not {type(module).__name__}")
     work = module if inplace else copy.deepcopy(module)
-    ranks = {} if example_inputs is None else _observed_ranks(work, tuple(example_inputs))
-    folder = _Folder(ranks)
+    shapes = {} if example_inputs is None else _observed_shapes(work, tuple(example_inputs))
+    folder = _Folder(shapes)
     result = folder.fold(work, "")
     if folder.left_untraced:
         untraced = ", ".join(f"`{u.path or u.type}` ({u.reason})" for u in folder.report.untraced)
@@ -210,8 +219,9 @@ def _call(scope: str, node: fx.Node) -> str:
 class _Folder:
     """Walks a module: traces what it can, folds sites, records everything in ``report``."""
 
-    def __init__(self, ranks: dict[int, set[int]]) -> None:
-        self.ranks = ranks
+    def __init__(self, shapes: dict[int, set[tuple[int, ...]]]) -> None:
+        self.shapes = shapes
+        self.ranks = {key: {len(shape) for shape in seen} for key, seen in shapes.items()}
         self.report = FoldReport()
         self.left_untraced: list[str] = []  # BatchNorm children of untraceable modules
 
@@ -237,8 +247,8 @@ class _Folder:
         for node in gm.graph.nodes:
             if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
                 continue
-            producer = node.args[0] if node.args else node.kwargs.get("input")
-            reason = self._graph_site_refusal(node, producer, modules, scope)
+            producer, chain = _through_reshapes(_bn_input(node))
+            reason = self._graph_site_refusal(node, producer, chain, modules, scope)
             if reason is None:
                 sites.append((node, producer))
             else:
@@ -251,7 +261,12 @@ class _Folder:
         return True
 
     def _graph_site_refusal(
-        self, node: fx.Node, producer: Any, modules: dict[str, nn.Module], scope: str
+        self,
+        node: fx.Node,
+        producer: Any,
+        chain: list[fx.Node],
+        modules: dict[str, nn.Module],
+        scope: str,
     ) -> str | None:
         bn = modules[node.target]
         reason = _bn_refusal(bn)
@@ -264,14 +279,43 @@ class _Folder:
         reason = _layer_refusal(layer, _join(scope, producer.target))
         if reason is not None:
             return reason
-        others = sorted(user.name for user in producer.users if user is not node)
-        if others:
-            return (f"the output of `{_join(scope, producer.target)}` is also read by "
-                    + ", ".join(f"`{name}`" for name in others))
+        for value, reader in zip([producer, *chain], [*chain, node]):
+            # A reader of the shape alone (timm's ``reshape_as(x)``) needs no unscaled values.
+            others = sorted(user.name for user in value.users
+                            if user is not reader and not _reads_shape_only(user, value))
+            if others:
+                return (f"the output of `{_join(scope, value.target if value is producer else value.name)}` "
+                        "is also read by " + ", ".join(f"`{name}`" for name in others))
+        if chain:
+            return self._route_refusal(layer, bn, chain)
         layer_input = producer.args[0] if producer.args else None
         return _pair_refusal(
             layer, bn, self.ranks.get(id(bn)), lambda: _graph_rank(layer_input, modules)
         )
+
+    def _route_refusal(self, layer: nn.Module, bn: nn.Module, chain: list[fx.Node]) -> str | None:
+        """Why ``bn(reshapes(layer(x)))`` is not exactly a folded layer, or None: the reshapes
+        must carry the layer's output channels onto the BN's axis 1 unmerged, proved on the
+        shapes ``example_inputs`` gave (:func:`normfold.math.channel_route.reshape_route`)."""
+        through = ", ".join(f"`{n.name}`" for n in chain)
+        out_shapes, in_shapes = self.shapes.get(id(layer), set()), self.shapes.get(id(bn), set())
+        if not out_shapes or not in_shapes:
+            return (f"it reads the {type(layer).__name__} through {through}: pass example_inputs "
+                    "to show where the reshapes put the channels")
+        if len(out_shapes) > 1 or len(in_shapes) > 1:
+            return f"the layer or the BatchNorm is called with several shapes, through {through}"
+        (out_shape,), (in_shape,) = out_shapes, in_shapes
+        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        axis = len(out_shape) - 1 if isinstance(layer, nn.Linear) else 1
+        try:
+            route = channel_route.reshape_route(out_shape, in_shape, axis, 1, channels)
+        except ValueError as error:
+            return f"through {through}: {error}"
+        if route != (1, 1) or bn.num_features != channels:
+            return (f"{through} carry the {type(layer).__name__}'s {channels} channels to axis "
+                    f"{route[0]} (block {route[1]}) of the {bn.num_features}-channel "
+                    f"{type(bn).__name__}'s input, not onto its axis 1")
+        return None
 
     def _rewrite(
         self,
@@ -305,7 +349,7 @@ class _Folder:
                     kind=type(modules[target]).__name__,
                 ))
                 layer_node.target = installed[bn_node.target]
-                bn_node.replace_all_uses_with(layer_node)
+                bn_node.replace_all_uses_with(_bn_input(bn_node))  # the layer, or its reshapes
                 gm.graph.erase_node(bn_node)
         gm.graph.lint()
         gm.delete_all_unused_submodules()
@@ -361,6 +405,45 @@ class _Folder:
             self.report.folded.append(
                 FoldedSite(path, layer_path, layer_path, path, type(layer).__name__)
             )
+
+
+# -- reshapes between a layer and its BatchNorm ------------------------------------------------
+
+# Row-major reshapes (a chain of them is one reshape from its first shape to its last).
+_RESHAPE_METHODS = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze"})
+_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+# Methods whose second argument is read for its shape only.
+_SHAPE_OF_ARGUMENT = frozenset({"reshape_as", "view_as", "expand_as"})
+
+
+def _bn_input(node: fx.Node) -> Any:
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def _is_reshape(node: Any) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_method" and node.target in _RESHAPE_METHODS)
+        or (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS)
+    )
+
+
+def _through_reshapes(value: Any) -> tuple[Any, list[fx.Node]]:
+    """The value before a chain of reshapes ending in ``value``, and the chain (in order)."""
+    chain: list[fx.Node] = []
+    while _is_reshape(value):
+        chain.insert(0, value)
+        value = value.args[0]
+    return value, chain
+
+
+def _reads_shape_only(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` reads only the shape of ``value`` (``y.reshape_as(value)``, ``value.size()``,
+    ``value.shape``)."""
+    if user.op == "call_method" and user.target in _SHAPE_OF_ARGUMENT:
+        return value not in user.args[:1] and value in user.args[1:]
+    if user.op == "call_method" and user.target == "size":
+        return True
+    return user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",)
 
 
 # -- exactness checks ------------------------------------------------------------------------
@@ -465,20 +548,27 @@ def _has_hooks(module: nn.Module) -> bool:
 # -- rank evidence ---------------------------------------------------------------------------
 
 
-def _observed_ranks(module: nn.Module, example_inputs: tuple[Any, ...]) -> dict[int, set[int]]:
-    """Run ``module`` once on ``example_inputs`` in eval mode; each BatchNorm's input ranks."""
-    ranks: dict[int, set[int]] = collections.defaultdict(set)
+def _observed_shapes(
+    module: nn.Module, example_inputs: tuple[Any, ...]
+) -> dict[int, set[tuple[int, ...]]]:
+    """Run ``module`` once on ``example_inputs`` in eval mode; the input shapes of each BatchNorm
+    and the output shapes of each Conv/ConvTranspose/Linear, by ``id`` of the module."""
+    shapes: dict[int, set[tuple[int, ...]]] = collections.defaultdict(set)
 
-    def record(bn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def record_input(bn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         value = args[0] if args else kwargs.get("input")
         if isinstance(value, torch.Tensor):
-            ranks[id(bn)].add(value.dim())
+            shapes[id(bn)].add(tuple(value.shape))
+
+    def record_output(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            shapes[id(layer)].add(tuple(output.shape))
 
     handles = [
-        sub.register_forward_pre_hook(record, with_kwargs=True)
+        sub.register_forward_pre_hook(record_input, with_kwargs=True)
         for sub in module.modules()
         if isinstance(sub, _BatchNorm)
-    ]
+    ] + [sub.register_forward_hook(record_output) for sub in module.modules() if type(sub) in _LAYERS]
     modes = [(sub, sub.training) for sub in module.modules()]
     try:
         module.eval()  # a BatchNorm in training mode would update its running statistics
@@ -492,7 +582,7 @@ def _observed_ranks(module: nn.Module, example_inputs: tuple[Any, ...]) -> dict[
             handle.remove()
         for sub, training in modes:
             sub.training = training
-    return dict(ranks)
+    return dict(shapes)
 
 
 def _flatten_rank(start: Any, end: Any) -> int | None:

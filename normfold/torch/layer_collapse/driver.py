@@ -245,52 +245,50 @@ class _Run:
                   "offset": torch.from_numpy(plan.offset), "axis": axis}
                  for name, (_, plan, axis) in zip(run, planned)]
         names = [n.name for n in segments.segment(working, run)]
-        before = self._segment_cost(working, names, free=())
+        before, _ = self._form(working, names, free=())
         moved = self._padded_readers(working, run) if self.s["pad_first"] else []
         gm = _edited(working, edits + [{"op": "pad_first", "conv": c} for c in moved], self.like)
-        after, merges = self._segment_cost(gm, names, free=names, merges=True)
-        if moved and not all(any(m.kind == "conv-conv" and m.into == c for m in merges) for c in moved):
+        after, merged = self._form(gm, names, free=names)
+        if moved and not all(any(m.kind == "conv-conv" and m.into == c for m in merged.merges) for c in moved):
             # Pad-first only pays when the padded conv then merges; keep the original borders.
             moved = []
             gm = _edited(working, edits, self.like)
-            after, merges = self._segment_cost(gm, names, free=names, merges=True)
-        segment = segments.Segment(names, (before[0], after[0]), (before[1], after[1]),
-                                   (before[2], after[2]) if before[2] is not None else None)
-        reason = self._judge(segment, gm, run, merges)
+            after, merged = self._form(gm, names, free=names)
+        segment = segments.Segment(names, before, after)
+        reason = self._judge(segment, gm, run, merged)
         if reason:
             return None, reason
-        macs = self.current_macs - segment.macs[0] + segment.macs[1]
+        macs = self.current_macs - before.macs + after.macs
         edits += [{"op": "pad_first", "conv": c} for c in moved]
         return _Candidate(run, kinds, tuple(m for m, _, _ in planned), tuple(p for _, p, _ in planned), edits, gm,
                           segment, macs), ""
 
-    def _judge(self, segment: segments.Segment, gm: fx.GraphModule, run: tuple[str, ...], merges: list) -> str | None:
+    def _judge(
+        self, segment: segments.Segment, gm: fx.GraphModule, run: tuple[str, ...], merged: MergeResult
+    ) -> str | None:
         """Why a candidate's final merged form is not worth it, or None when it is."""
-        if segment.layers[1] >= segment.layers[0] and segment.macs[1] >= segment.macs[0]:
-            refusal_reason = next((m for m in merges if isinstance(m, str)), None)
-            return refusal_reason or why_no_merge(gm, _node(gm, run[0]))
-        if self.s["by_latency"] and segment.latency is not None:
+        if not segment.shrinks:
+            return next(iter(merged.refused.values()), None) or why_no_merge(gm, _node(gm, run[0]))
+        before, after = segment.before, segment.after
+        if self.s["by_latency"] and segment.saving_ms is not None:
             if segment.saving_ms <= 0:
-                return (f"its segment merged into {segment.layers[1]} layer(s) runs no faster "
-                        f"({segment.latency[0].median:.4f} -> {segment.latency[1].median:.4f} ms measured)")
+                return (f"its segment merged into {after.layers} layer(s) runs no faster "
+                        f"({before.latency.median:.4f} -> {after.latency.median:.4f} ms measured)")
         elif segment.growth > self.s["max_flops_growth"]:
             return (f"its segment's final merged form would grow the work x{segment.growth:.2f} "
-                    f"({segment.macs[0]} -> {segment.macs[1]} MACs) > max_flops_growth {self.s['max_flops_growth']:g}")
+                    f"({before.macs} -> {after.macs} MACs) > max_flops_growth {self.s['max_flops_growth']:g}")
         return None
 
-    def _segment_cost(
-        self, gm: fx.GraphModule, names: list[str], *, free: Iterable[str], merges: bool = False
-    ) -> Any:
-        """(layers, MACs, latency) of segment ``names`` of ``gm`` once merged (and its merges or refusals)."""
+    def _form(
+        self, gm: fx.GraphModule, names: list[str], *, free: Iterable[str]
+    ) -> tuple[segments.Form, MergeResult]:
+        """Segment ``names`` of ``gm`` merged (planning: no weights), counted and timed."""
         sub, inputs = segments.extract(gm, names)
         merged = merge_layers(sub, inputs, max_flops_growth=self.s["max_flops_growth"],
                               allow_border=not self.s["pad_first"], verify=False, weights=False,
                               free=self.free | set(free))
         timing = segments.timing(self.table, merged.module, inputs) if self.s["by_latency"] else None
-        result = (layer_count(merged.module), cost.macs(merged.module, inputs), timing)
-        if not merges:
-            return result
-        return result, list(merged.merges) + list(merged.refused.values())
+        return segments.Form(layer_count(merged.module), cost.macs(merged.module, inputs), timing), merged
 
     def _padded_readers(self, working: fx.GraphModule, run: tuple[str, ...]) -> list[str]:
         moved = []
@@ -318,13 +316,11 @@ class _Run:
                       "offset": torch.from_numpy(means[branch.name])}]
             gm = _edited(working, edits, self.like)
             names = [n.name for n in working.graph.nodes if n in inside] + [add_name]
-            before = self._segment_cost(working, names, free=())
-            after = self._segment_cost(gm, [add_name], free=())
-            segment = segments.Segment(names, (before[0], after[0]), (before[1], after[1]),
-                                       (before[2], after[2]) if before[2] is not None else None)
-            if self.s["by_latency"] and segment.latency is not None and segment.saving_ms <= 0:
+            segment = segments.Segment(names, self._form(working, names, free=())[0],
+                                       self._form(gm, [add_name], free=())[0])
+            if self.s["by_latency"] and segment.saving_ms is not None and segment.saving_ms <= 0:
                 continue
-            macs = self.current_macs - segment.macs[0] + segment.macs[1]
+            macs = self.current_macs - segment.before.macs + segment.after.macs
             found.append(_Candidate(run, ("prune",), ("mean",), (), edits, gm, segment, macs))
         return found
 
@@ -350,7 +346,7 @@ class _Run:
         self.measure_losses(working, found)
         remaining = sites(working)
         order = {node.name: index for index, node in enumerate(remaining)}
-        savings = [c.segment.saving_ms if self.s["by_latency"] else c.segment.macs[0] - c.segment.macs[1]
+        savings = [c.segment.saving_ms if self.s["by_latency"] else c.segment.before.macs - c.segment.after.macs
                    for c in found]
         unit = need / _RESOLUTION
         options = [
@@ -599,9 +595,7 @@ def collapse(
             model=Collapsed(merged.module).eval() if keep_models else None,
             sites=step_sites, candidates=[c.label for c in chosen],
             latency=None if timing is None else timing.to_dict(),
-            segments=[{"label": c.label, "layers": list(c.segment.layers), "macs": list(c.segment.macs),
-                       "latency_ms": None if c.segment.latency is None
-                       else [t.to_dict() for t in c.segment.latency]} for c in chosen],
+            segments=[{"label": c.label, **c.segment.to_dict()} for c in chosen],
         )
         history.append(step)
         if not accepted and len(chosen) > 1:

@@ -4,7 +4,8 @@ A *segment* is the connected part of the graph that is linear once a run of site
 starting from the run's sites, every neighbour (input or reader) that merging sees through or
 merges (Conv, Linear, BatchNorm, linearized activations, Identity/Dropout, a residual Add, a
 global average pool, flatten) joins it; every other op (an activation that stays, a MaxPool, the
-model's input or output) bounds it. Removing the run merges the segment into as few ops as the
+model's input or output) bounds it, and so does a value several ops read (the residual stream
+between blocks), which no merge can absorb: it is the segment's input or output. Removing the run merges the segment into as few ops as the
 rules of :mod:`.rewrite` allow — an inverted residual ``pw → dw → pw (+ x)`` into one dense k×k
 conv, a residual block ``conv → conv + shortcut`` into one conv — so a candidate is judged by the
 cost of that *final* form against the segment as it is now (its sites still nonlinear), never by
@@ -20,7 +21,7 @@ the same structure and shapes are timed once.
 
 from __future__ import annotations
 
-__all__ = ["Segment", "extract", "merges_through", "segment", "signature", "timing"]
+__all__ = ["Form", "Segment", "extract", "merges_through", "segment", "signature", "timing"]
 
 import copy
 import dataclasses
@@ -45,22 +46,44 @@ from normfold.torch.layer_collapse.graph import (
 from normfold.torch.layer_collapse.rewrite import shape_of
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """A segment merged as far as the rules go: its Conv/Linear calls, MACs per sample, latency."""
+
+    layers: int
+    macs: int
+    latency: Timing | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"layers": self.layers, "macs": self.macs,
+                "latency": None if self.latency is None else self.latency.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
 class Segment:
-    """A segment's nodes (graph order) and its cost before and after the removal."""
+    """A segment's nodes (graph order), merged as it is now (``before``) and after the removal."""
 
     nodes: list[str]
-    layers: tuple[int, int] = (0, 0)  # Conv/Linear calls (before, after)
-    macs: tuple[int, int] = (0, 0)  # per sample
-    latency: tuple[Timing, Timing] | None = None
+    before: Form
+    after: Form
 
     @property
     def growth(self) -> float:
-        return self.macs[1] / self.macs[0] if self.macs[0] else float("inf")
+        return self.after.macs / self.before.macs if self.before.macs else float("inf")
 
     @property
     def saving_ms(self) -> float | None:
-        return None if self.latency is None else self.latency[0].median - self.latency[1].median
+        if self.before.latency is None or self.after.latency is None:
+            return None
+        return self.before.latency.median - self.after.latency.median
+
+    @property
+    def shrinks(self) -> bool:
+        """Whether the removal loses layers or MACs."""
+        return self.after.layers < self.before.layers or self.after.macs < self.before.macs
+
+    def to_dict(self) -> dict[str, object]:
+        return {"before": self.before.to_dict(), "after": self.after.to_dict()}
 
 
 def merges_through(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -85,8 +108,12 @@ def segment(gm: fx.GraphModule, sites: Iterable[str], *, start: str | None = Non
         if node in inside:
             continue
         inside.add(node)
-        neighbours = [a for a in node.all_input_nodes] + list(node.users)
-        for other in neighbours:
+        site = node.name in removed
+        # A value several ops read (a residual stream) is an input of the segment, never merged:
+        # the segment stops there, except at its own sites.
+        inputs = [a for a in node.all_input_nodes if site or len(a.users) == 1 or a.name in removed]
+        readers = [u for u in node.users if site or len(node.users) == 1 or u.name in removed]
+        for other in inputs + readers:
             if other not in inside and (other.name in removed or merges_through(gm, other)):
                 stack.append(other)
     return [n for n in gm.graph.nodes if n in inside]

@@ -1,0 +1,81 @@
+"""The rule table (normfold.passes.rules) and the one refusal idiom (normfold.errors.Refusal)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx_ir as ir
+import pytest
+from onnxscript.rewriter._basics import MatchResult
+
+from normfold import io
+from normfold.errors import Refusal
+from normfold.passes import PassOptions, create_passes
+from normfold.passes import rules as registry
+from normfold.passes.base import PassRecord, RecordingRule
+from tests.conftest import conv_bn_relu_model
+
+
+def _sweep_names(pass_name: str, options: PassOptions) -> list[str]:
+    return [name for name, _ in registry.sweeps(pass_name, PassRecord(pass_name), options, None)]
+
+
+def test_sweeps_follow_the_table_for_each_target_and_option() -> None:
+    assert _sweep_names("fuse-norm", PassOptions(target="onnx")) == ["groupnorm", "norm", "affine"]
+    assert _sweep_names("fuse-norm", PassOptions(target="onnxruntime")) == ["groupnorm", "norm", "affine", "skip"]
+    assert _sweep_names("fold-bn", PassOptions()) == ["fold"]
+    assert _sweep_names("fold-bn", PassOptions(lower_standalone_bn=True)) == ["fold", "lower"]
+
+
+def test_the_table_carries_the_opset_of_what_each_rule_writes() -> None:
+    needs = {line.make.func.__name__ if hasattr(line.make, "func") else line.make.__name__: line.opset
+             for line in registry.RULES if line.survey}
+    assert needs == {"GroupNormFusion": 21, "LayerNormFusion": 17, "RMSNormFusion": 23}
+    built = [rule for _, rules in registry.sweeps("fuse-norm", PassRecord("fuse-norm"), PassOptions(), None)
+             for rule in rules]
+    assert {type(rule).__name__: rule.opset for rule in built}["RMSNormFusion"] == 23
+
+
+class _RefuseRelu(RecordingRule):
+    """A rule as a contributor would write one: it refuses every Relu after a BatchNorm (the
+    conv_bn_relu model's one Relu) and finds no site anywhere else."""
+
+    def __init__(self, record: PassRecord, options: PassOptions, _shared: Any) -> None:
+        super().__init__(record, options)
+
+    def pattern(self, op: Any, x: Any) -> Any:
+        return op.Relu(x, _outputs=["y"])
+
+    def check(self, context: Any, x: ir.Value, y: ir.Value, **_: Any) -> MatchResult:
+        producer = x.producer()
+        if producer is None or producer.op_type != "BatchNormalization":
+            return MatchResult().fail("not after a BatchNorm: no site")
+        raise Refusal("a Relu after a BatchNorm is refused by this test rule", measured=1.5)
+
+    def rewrite(self, op: Any, **_: Any) -> None:
+        raise AssertionError("a refused site is never rewritten")
+
+
+def test_a_rule_added_to_the_table_runs_and_its_refusal_is_one_report_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "RULES", registry.RULES + (registry.Rule("fold-affine", "fold", _RefuseRelu),))
+    model = io.load(conv_bn_relu_model())
+    fold_affine = create_passes(["fold-affine"], PassOptions())[1]
+    fold_affine(model)
+    assert fold_affine.record.refused == [
+        {"node": "relu", "reason": "a Relu after a BatchNorm is refused by this test rule", "measured": 1.5}
+    ]
+
+
+def test_a_refusal_without_a_node_is_reported_against_the_site() -> None:
+    record = PassRecord("demo")
+    with record.refusing("site_a"):
+        raise Refusal("no exact rewrite")
+    with record.refusing("site_b"):
+        raise Refusal("said of another node", node="other")
+    with record.refusing("site_c"):
+        pass
+    record.refuse(Refusal("a second reason is not kept"), "site_a")
+    assert record.refused == [
+        {"node": "site_a", "reason": "no exact rewrite"},
+        {"node": "other", "reason": "said of another node"},
+    ]
