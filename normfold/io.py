@@ -463,6 +463,8 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
     for attribute in node.attribute:
+        if attribute.ref_attr_name:  # a function body's reference to its caller's attribute
+            continue
         kind = attribute.type
         if kind == onnx.AttributeProto.TENSOR:
             yield attribute.t
@@ -486,6 +488,8 @@ def _attribute_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     nodes += [node for function in proto.functions for node in function.node]
     for node in nodes:
         for attribute in node.attribute:
+            if attribute.ref_attr_name:
+                continue
             if attribute.type == onnx.AttributeProto.TENSOR:
                 yield attribute.t
             elif attribute.type == onnx.AttributeProto.TENSORS:

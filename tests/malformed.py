@@ -10,7 +10,6 @@ from __future__ import annotations
 
 __all__ = ["BAD", "UNUSUAL", "base_model", "external_copy"]
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,6 +143,23 @@ def _with_function() -> onnx.ModelProto:
     model.opset_import.append(helper.make_opsetid("local", 1))
     relu = model.graph.node[2]
     relu.op_type, relu.domain = "Shift", "local"
+    return model
+
+
+def _with_attribute_reference() -> onnx.ModelProto:
+    """Relu then a call of ``local.AddK``, whose body's Constant takes the caller's tensor ``k``
+    (an attribute reference: a TENSOR attribute with no tensor in the body)."""
+    model = base_model()
+    constant = helper.make_node("Constant", [], ["k"])
+    constant.attribute.append(onnx.AttributeProto(name="value", ref_attr_name="k", type=onnx.AttributeProto.TENSOR))
+    function = helper.make_function("local", "AddK", ["a"], ["b"],
+                                    [constant, helper.make_node("Add", ["a", "k"], ["b"])],
+                                    [helper.make_opsetid("", 17)], attributes=["k"])
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node[-1].output[0] = "relu_out"
+    model.graph.node.append(helper.make_node("AddK", ["relu_out"], ["y"], domain="local", name="add_k",
+                                             k=numpy_helper.from_array(np.array(0.5, np.float32), "k")))
     return model
 
 
@@ -426,6 +442,7 @@ UNUSUAL: dict[str, Builder] = {
     "sparse-constant": _changed(lambda m: None, lambda: _with_constant("sparse")),
     "constant": _changed(lambda m: None, lambda: _with_constant("value")),
     "function": _changed(lambda m: None, _with_function),
+    "function-attribute-reference": _changed(lambda m: None, _with_attribute_reference),
     "if": _changed(lambda m: None, _with_if),
     "loop": _changed(lambda m: None, _with_loop),
     "scan": _changed(lambda m: None, _with_scan),
