@@ -56,7 +56,7 @@ from torch import fx, nn
 from normfold.examples import digits
 from normfold.models.resnet import BasicBlock
 from normfold.torch import collapse
-from normfold.torch.layer_collapse import calibrate, cost, driver, segments
+from normfold.torch.layer_collapse import calibrate, cost, driver
 from normfold.torch.layer_collapse.driver import trace
 from normfold.torch.layer_collapse.graph import (
     activation_of, channel_axis, is_add, is_conv, padding_of, readers_of, sites, source_of,
