@@ -405,10 +405,11 @@ def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float)
     rows = [header]
     for task, by_seed in results.items():
         for method in METHODS:
-            if not any(method in r for r in by_seed.values()):
+            ran = [r for r in by_seed.values() if method in r]  # a method may run on some seeds only
+            if not ran:
                 continue
             speedups, drops, macs, removed, seconds = [], [], [], [], []
-            for result in by_seed.values():
+            for result in ran:
                 dense = result["dense_folded"]
                 best = best_within(result, method, points) or {**dense, "removed": 0}
                 speedups.append(dense["ort"]["median_ms"] / best["ort"]["median_ms"])
@@ -416,7 +417,7 @@ def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float)
                 macs.append(best["macs"] / dense["macs"])
                 removed.append(best["removed"])
                 seconds.append(result[method]["seconds"])
-            rows.append((task, method, str(len(by_seed)), _spread(speedups, "x"), _spread(drops, " pt"),
+            rows.append((task, method, str(len(ran)), _spread(speedups, "x"), _spread(drops, " pt"),
                          _spread(macs, ""), _spread(removed, ""), f"{statistics.median(seconds):.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
