@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from benchmarks import torchvision_schemas
 from normfold.examples import digits
 from normfold.models.resnet import BasicBlock
 from normfold.torch import collapse
@@ -155,17 +156,10 @@ def torchvision_models() -> Any:
 
     if importlib.util.find_spec("torchvision") is None:
         raise SystemExit("the torchvision tasks need torchvision: pip install 'normfold[bench]'")
-    if not _schemas:
-        library = torch.library.Library("torchvision", "DEF")
-        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _schemas.append(library)
+    torchvision_schemas.define()
     import torchvision
 
     return torchvision.models
-
-
-_schemas: list[Any] = []  # the torchvision schema library, kept alive once defined
 
 
 TASKS: dict[str, tuple[Callable[[int], digits.Digits], Callable[[], nn.Module]]] = {

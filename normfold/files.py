@@ -20,8 +20,9 @@ The promises (docs/reliability.md names the test that holds each):
    gone, and, for a staging folder killed mid-commit, the data file it had moved in (if its
    model never was) or the old data it had still to remove (if its model was).
 
-``commit_hook``, when set, is called with the name of each commit step (``"data"`` after the
-data files are in place, ``"model"`` after the model's rename): a test stops a save there.
+``commit_hook``, when set, is called with the name of each commit step (``"staged"`` when all
+files are written, ``"data"`` after the data files are in place, ``"model"`` after the model's
+rename): a test stops a save there.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class Staging:
         ``obsolete()`` names: called under the folder's lock, it reads the OUT being replaced."""
         data = list(data)
         with writing(self.target), _folder_lock(self.parent):
+            _hook("staged")
             old = sorted(set(obsolete()) - set(data))
             manifest = {"output": self.target.name, "data": data, "obsolete": old}
             (self.folder / _MANIFEST).write_text(json.dumps(manifest))

@@ -425,6 +425,8 @@ def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
     where = f"{where} external data {location!r}"
     if not location:
         raise InputError(f"{where}: no location given")
+    if "\0" in location:
+        raise InputError(f"{where}: a NUL byte in the location (refused, not read)")
     if os.path.isabs(location) or ".." in Path(location).parts:
         raise InputError(f"{where}: points outside the model's folder (refused, not read)")
     data = folder / location
@@ -461,6 +463,8 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
     for attribute in node.attribute:
+        if attribute.ref_attr_name:  # a function body's reference to its caller's attribute
+            continue
         kind = attribute.type
         if kind == onnx.AttributeProto.TENSOR:
             yield attribute.t
@@ -484,6 +488,8 @@ def _attribute_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     nodes += [node for function in proto.functions for node in function.node]
     for node in nodes:
         for attribute in node.attribute:
+            if attribute.ref_attr_name:
+                continue
             if attribute.type == onnx.AttributeProto.TENSOR:
                 yield attribute.t
             elif attribute.type == onnx.AttributeProto.TENSORS:

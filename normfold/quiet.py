@@ -82,8 +82,11 @@ def quiet_command(debug: bool) -> Iterator[None]:
     if debug:
         from normfold import runtime
 
-        runtime.LOG_SEVERITY = 2
-        yield
+        previous_severity, runtime.LOG_SEVERITY = runtime.LOG_SEVERITY, 2
+        try:
+            yield
+        finally:
+            runtime.LOG_SEVERITY = previous_severity
         return
     previous = logging.root.manager.disable
     with warnings.catch_warnings():

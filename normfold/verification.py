@@ -84,6 +84,7 @@ from normfold import low_precision
 from normfold.errors import InputError, first_line
 from normfold.inputs import check_inputs, generate_inputs, load_inputs, model_inputs, write_inputs
 from normfold.io import ModelLike, check, load
+from normfold.options import VerifyOptions, split
 from normfold.progress import Steps
 from normfold.runtime import ort_reason, session
 
@@ -291,20 +292,16 @@ class VerificationReport:
 def verify(
     reference: ModelLike,
     candidate: ModelLike,
+    options: VerifyOptions | None = None,
     *,
-    inputs: str | Path | Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
-    dims: Mapping[str, int] | None = None,
-    samples: int = 3,
-    rtol: float | None = None,
-    atol: float | None = None,
-    reference_precision: Literal["model", "float64"] = "model",
-    seed: int = 0,
     progress: bool = False,
     reference_model: ir.Model | None = None,
-    localize: bool = False,
-    save_inputs: str | os.PathLike | None = None,
+    **settings: Any,
 ) -> VerificationReport:
     """Run both models on the same inputs and compare every output (rules in the module doc).
+
+    ``options`` (:class:`~normfold.options.VerifyOptions`, or its fields as keywords:
+    ``inputs=``, ``rtol=``, ``localize=True`` ...) say how.
 
     ``inputs`` (an ``.npz`` path, one mapping, or a list of mappings, one per sample) replaces
     the random samples; then ``samples`` is ignored and ``dims`` must not be given. Models
@@ -316,6 +313,10 @@ def verify(
     the samples used to this ``.npz`` (:func:`normfold.inputs.write_inputs`; ``inputs`` reads it
     back).
     """
+    options = split(settings, options or VerifyOptions())[0]
+    inputs, dims, samples, seed = options.inputs, options.dims, options.samples, options.seed
+    rtol, atol, reference_precision = options.rtol, options.atol, options.reference_precision
+    localize, save_inputs = options.localize, options.save_inputs
     if reference_precision not in ("model", "float64"):
         raise InputError(f"reference precision {reference_precision!r}: expected 'model' or 'float64'")
     for name, value in (("rtol", rtol), ("atol", atol)):
@@ -720,7 +721,7 @@ def _compare_all(
         rule = "atol + rtol * max|ref|"
         if low and baseline_abs is not None:
             limit += low_precision.FACTOR * baseline_abs
-            rule = f"{low_precision.FACTOR:g} x the reference's own error {baseline_abs:.3g} + {rule} (float64)"
+            rule = f"{low_precision.FACTOR:g} x the reference's own error {baseline_abs:.3g} + {rule}"
         elif low:
             limit *= low_precision.FACTOR + 1
             rule = f"{low_precision.FACTOR + 1:g} x ({rule})"

@@ -32,28 +32,14 @@ import abc
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern as _pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.errors import Refusal
-
-Target = Literal["onnx", "onnxruntime"]
-
-
-@dataclasses.dataclass(frozen=True)
-class PassOptions:
-    """Settings that several passes read; the CLI flags of the same names set them."""
-
-    target: Target = "onnx"
-    max_opset: int | None = None
-    freeze_initializer_inputs: bool = False
-    lower_standalone_bn: bool = False
-    # Emit onnxruntime's Skip*Normalization ops (target onnxruntime) even where measured slower.
-    skip_ops: bool = False
-
+from normfold.options import PassOptions
 
 @dataclasses.dataclass
 class PassRecord:

@@ -15,6 +15,8 @@ Rule:
   3. ``Constant`` nodes become initializers, so passes see every constant the same way.
   4. Nodes and functions whose outputs nobody reads are removed; the graph is put in
      topological order.
+  5. The bodies of model-local functions are left as they are (no pass rewrites them); the
+     report notes each function that remains.
 
 An ``Identity`` whose input is itself an output of the graph stays too: onnx_ir 1.1's
 ``IdentityEliminationPass`` would merge the two outputs into one value (a Scan body's carried
@@ -56,6 +58,7 @@ class CleanupPass(NormfoldPass):
         before = Counter(node.op_type for node in model.graph.all_nodes())
         modified = False
         symbolic = ir.passes.Sequential(
+            common.NameFixPass(),  # onnxruntime evaluates constants by value name
             _constant_folding.FoldConstantsPass(
                 shape_inference=False,
                 input_size_limit=_FOLD_INPUT_LIMIT,
@@ -84,6 +87,12 @@ class CleanupPass(NormfoldPass):
         for op_type, count in sorted((before - after).items()):
             self.record.by_op[op_type] = count
             self.record.applied += count
+        for function in model.functions.values():
+            ops = sorted({node.op_type for node in function})
+            self.record.notes.append(
+                f"function {function.domain}::{function.name} ({', '.join(ops)}) left as it is: "
+                "the passes rewrite the main graph and its subgraphs, not function bodies"
+            )
         return modified or result.modified
 
 

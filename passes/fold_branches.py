@@ -3,10 +3,13 @@
 This is the deployment step of RepVGG, MobileOne, ACNet and DBB ("structural
 re-parameterization"), done on the exported graph. Rule:
 
-1. A *sum* is a tree of ``Add`` / ``Sum`` nodes whose inner results have no other reader; its
-   *leaves* are the values it adds.
+1. A *sum* is a tree of ``Add`` / ``Sum`` / ``Sub`` nodes whose inner results have no other
+   reader; its *leaves* are the values it adds, each with its sign (a ``Sub``'s second input is
+   subtracted).
 2. A leaf is a *branch* of the tensor ``x`` it reads when it is one of (each optionally followed
-   by an inference-form BatchNormalization with constant parameters):
+   by an inference-form BatchNormalization with constant parameters, then by a ``Mul`` by a
+   constant with one value per channel or one for all — a layer scale; a constant of another
+   shape is refused with the reason):
 
    * ``Conv(x)`` with a constant weight and bias — any kernel: ``k×k``, ``1×1``, ``1×k``,
      ``k×1`` (ACNet);
@@ -16,6 +19,13 @@ re-parameterization"), done on the exported graph. Rule:
    * ``AveragePool(x)`` counting padded zeros (``count_include_pad=1`` or no pads),
      ``ceil_mode=0`` (DBB);
    * ``x`` itself — a BN of ``x`` is the identity branch of RepVGG and MobileOne.
+
+   A leaf ``Conv(x)`` (or its BN) that is the only branch of ``x`` in its sum is read as the
+   identity branch of the Conv's output ``y`` instead when another leaf is a Conv of ``y``:
+   RepGhost's ``BN(DWConv(y)) + BN(y)`` and FastViT's ``MobileOneBlock`` after a Conv, where
+   ``y = Conv(x)`` is read by both; a ``Mul``/BN leaf sharing no source is read as the identity
+   of its own output. FastViT's RepMixer, ``x + γ·(BN(DWConv(x)) + BN(x) − BN(x))``, merges in
+   two sites: the difference, then the residual around its scaled Conv.
 
 3. The branches of one ``x`` in one sum merge when at least one of them is a Conv reading ``x``
    directly: the one with the largest kernel is the *reference*. Every other branch must read
@@ -29,7 +39,8 @@ re-parameterization"), done on the exported graph. Rule:
    the stored tensors and cast once to the reference weight's dtype — refused when that cast
    overflows, flushes a nonzero value to 0, or computes farther from the sum of the branches
    than the precision rule allows (``normfold.math.fold_precision``). It replaces the merged
-   leaves in the sum; other leaves stay, added to it in their order.
+   leaves in the sum (the signs are in its kernel); other leaves stay, added to it or
+   subtracted from it in their order, except a constant 0 of one value, which is dropped.
 
 A branch that does not fit (mismatched padding or stride, other groups, an intermediate value
 that another node reads, non-constant weights, a training-form BN, …) stays in the sum and is
@@ -53,6 +64,7 @@ from __future__ import annotations
 
 __all__ = ["FoldBranchesPass"]
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -82,7 +94,7 @@ from normfold.passes._fold_graph import (
     tensor_dtype,
 )
 
-_SUMS = frozenset({"Add", "Sum"})
+_SUMS = frozenset({"Add", "Sum", "Sub"})
 
 
 @dataclasses.dataclass
@@ -106,6 +118,7 @@ class _Branch:
     bias_value: ir.Value | None = None
     conv: ir.Node | None = None
     reads: Reads | None = None
+    post: np.ndarray | None = None  # the leaf's sign times a Mul by constants: () or (C,)
 
     @property
     def end(self) -> ir.Node | None:
@@ -156,8 +169,44 @@ def _conv(node: ir.Node, reads: Reads) -> tuple[np.ndarray, np.ndarray | None, t
     return weight, bias, (window, *_geometry(node, window))
 
 
-def _read_branch(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
-    """``leaf`` as a branch; raises :class:`Refusal` for a linear-looking leaf that cannot be."""
+def _scale(leaf: ir.Value, reads: Reads) -> tuple[ir.Value, ir.Node, np.ndarray] | None:
+    """``leaf = Mul(v, c)`` with ``c`` constant: ``(v, the Mul, c)``; None for any other leaf.
+    Whether ``c`` has one value per channel is checked once the branch's rank is known."""
+    producer = leaf.producer()
+    if producer is None or producer.op_type != "Mul" or producer.domain != "":
+        return None
+    for index in (0, 1):
+        probe = Reads(reads.freeze_inputs)
+        try:
+            constant = read_constant(producer.inputs[index], "scale", probe)
+        except Refusal:
+            continue
+        reads.frozen.extend(v for v in probe.frozen if v not in reads.frozen)
+        return producer.inputs[1 - index], producer, constant
+    return None
+
+
+def _read_branch(leaf: ir.Value, model: ir.Model, reads: Reads, sign: float = 1.0, *,
+                 identity: bool = False) -> _Branch:
+    """``leaf`` (added with ``sign``) as a branch, a per-channel ``Mul`` by constants at its end
+    included; ``identity``: read it as the identity branch of what is under that Mul and BN.
+    Raises :class:`Refusal` for a linear-looking leaf that cannot be a branch."""
+    read = _identity_branch if identity else _read_unscaled
+    scaled = _scale(leaf, reads)
+    if scaled is None:
+        branch = read(leaf, model, reads)
+        branch.post = None if sign == 1.0 else np.asarray(sign)
+        return branch
+    inner, mul, scale = scaled
+    branch = read(inner, model, reads)
+    branch.leaf, branch.nodes = leaf, [*branch.nodes, mul]
+    branch.post = sign * scale
+    branch.label = f"{branch.label} × {describe(mul)}"
+    return branch
+
+
+def _read_unscaled(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
+    """``leaf`` as a branch without a scale of its own."""
     nodes: list[ir.Node] = []
     inner, affine = leaf, None
     producer = leaf.producer()
@@ -167,9 +216,7 @@ def _read_branch(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
         inner = producer.inputs[0]
         producer = inner.producer()
     if producer is None or producer.domain != "" or producer.op_type not in ("Conv", "AveragePool"):
-        label = describe(leaf.producer()) if affine is not None else f"'{leaf.name}'"
-        return _Branch(leaf, inner, f"identity {label}", "identity", nodes, None, None, None,
-                       None, None, None, None, affine, reads=reads)
+        return _identity_branch(leaf, model, reads)
     nodes.insert(0, producer)
     if producer.op_type == "AveragePool":
         window = _ints(producer, "kernel_shape", ())
@@ -194,6 +241,19 @@ def _read_branch(leaf: ir.Value, model: ir.Model, reads: Reads) -> _Branch:
                      conv=producer, reads=reads)
     _compose_pointwise(branch, model, reads)
     return branch
+
+
+def _identity_branch(leaf: ir.Value, model: ir.Model, reads: Reads, *, strip: bool = True
+                     ) -> _Branch:
+    """``leaf`` as ``x`` or ``BN(x)``: the identity branch of ``x``, whatever produces ``x``
+    (``strip=False``: the identity branch of ``leaf`` itself)."""
+    producer = leaf.producer() if strip else None
+    if producer is not None and producer.op_type == "BatchNormalization" and producer.domain == "":
+        affine = batchnorm_affine(producer, opset_of(producer, model), reads)
+        return _Branch(leaf, producer.inputs[0], f"identity {describe(producer)}", "identity",
+                       [producer], None, None, None, None, None, None, None, affine, reads=reads)
+    return _Branch(leaf, leaf, f"identity '{leaf.name}'", "identity", [], None, None, None, None,
+                   None, None, None, None, reads=reads)
 
 
 def _compose_pointwise(branch: _Branch, model: ir.Model, reads: Reads) -> None:
@@ -255,22 +315,35 @@ def _check_readers(branch: _Branch, tree: set[ir.Node]) -> None:
             )
 
 
-def _sum_tree(root: ir.Node) -> tuple[list[ir.Node], list[ir.Value]]:
-    """The Add/Sum nodes of the sum rooted at ``root`` and its leaves, in input order."""
+def _sum_tree(root: ir.Node) -> tuple[list[ir.Node], list[tuple[ir.Value, float]]]:
+    """The Add/Sum/Sub nodes of the sum rooted at ``root`` and its leaves with their signs
+    (a ``Sub``'s second input is subtracted), in input order."""
     nodes, leaves = [root], []
 
-    def visit(node: ir.Node) -> None:
-        for value in node.inputs:
+    def visit(node: ir.Node, sign: float) -> None:
+        for index, value in enumerate(node.inputs):
+            term = -sign if node.op_type == "Sub" and index == 1 else sign
             inner = value.producer() if value is not None else None
             if (inner is not None and inner.op_type in _SUMS and inner.domain == ""
                     and not value.is_graph_output() and len(value.uses()) == 1):
                 nodes.append(inner)
-                visit(inner)
+                visit(inner, term)
             elif value is not None:
-                leaves.append(value)
+                leaves.append((value, term))
 
-    visit(root)
+    visit(root, 1.0)
     return nodes, leaves
+
+
+def _is_zero(leaf: ir.Value, total: ir.Value) -> bool:
+    """``leaf`` is one constant 0 that broadcasts into ``total`` without adding axes: a term
+    that changes nothing (timm's MobileOneBlock starts its sum at ``0``; dynamo keeps it)."""
+    if leaf.const_value is None or leaf.is_graph_input():
+        return False
+    rank = len(total.shape) if total.shape is not None else None
+    constant = leaf.const_value.numpy()
+    fits = constant.ndim == 0 or (rank is not None and constant.ndim <= rank)
+    return fits and constant.size == 1 and not np.any(constant)
 
 
 def _is_root(node: ir.Node) -> bool:
@@ -307,13 +380,26 @@ class FoldBranchesPass(NormfoldPass):
         tree = set(tree_nodes)
         groups: dict[int, list[_Branch]] = {}
         sources: dict[int, ir.Value] = {}
-        for leaf in leaves:
-            reads = Reads(self.options.freeze_initializer_inputs)
+        read: list[_Branch] = []
+        signs = {id(leaf): sign for leaf, sign in leaves}
+        for leaf, sign in leaves:
             try:
-                branch = _read_branch(leaf, model, reads)
+                read.append(_read_branch(leaf, model, Reads(self.options.freeze_initializer_inputs),
+                                         sign))
             except Refusal as refusal:
                 self._refuse_leaf(leaf, refusal.reason)
+        # (BN of) Conv(x) is also the identity branch of the Conv's output y: read it so when it
+        # is the only branch of x and other leaves are Conv branches of y (rule 2).
+        counts = collections.Counter(id(branch.source) for branch in read)
+        conv_sources = {id(branch.source) for branch in read if branch.kind == "conv"}
+        for index, branch in enumerate(read):
+            if counts[id(branch.source)] > 1:
                 continue
+            for alternative in self._alternatives(model, branch, signs[id(branch.leaf)]):
+                if id(alternative.source) in conv_sources:
+                    read[index] = alternative
+                    break
+        for branch in read:
             groups.setdefault(id(branch.source), []).append(branch)
             sources[id(branch.source)] = branch.source
         replacements: dict[int, tuple[ir.Value, list[_Branch]]] = {}
@@ -331,16 +417,17 @@ class FoldBranchesPass(NormfoldPass):
         # The merged Conv takes the place of its first leaf; the group's other leaves go.
         merged_leaves = {id(b.leaf) for _, used in replacements.values() for b in used}
         first_leaf = {id(used[0].leaf): value for value, used in replacements.values()}
-        terms: list[ir.Value] = []
-        for leaf in leaves:
+        terms: list[tuple[ir.Value, float]] = []
+        for leaf, sign in leaves:
             if id(leaf) in first_leaf:
-                terms.append(first_leaf.pop(id(leaf)))
-            elif id(leaf) not in merged_leaves:
-                terms.append(leaf)
+                terms.append((first_leaf.pop(id(leaf)), 1.0))  # the signs are in its kernel
+            elif id(leaf) not in merged_leaves and not _is_zero(leaf, root.outputs[0]):
+                terms.append((leaf, sign))
+        terms.sort(key=lambda term: term[1] < 0)  # a merged Conv (added) comes before any Sub
         dtype = new_nodes[0].outputs[0].dtype
-        total = terms[0]
-        for index, term in enumerate(terms[1:], 1):
-            add = ir.node("Add", [total, term], name=f"{root.name}/sum{index}")
+        total = terms[0][0]
+        for index, (term, sign) in enumerate(terms[1:], 1):
+            add = ir.node("Add" if sign > 0 else "Sub", [total, term], name=f"{root.name}/sum{index}")
             add.outputs[0].dtype = dtype
             new_nodes.append(add)
             total = add.outputs[0]
@@ -350,6 +437,23 @@ class FoldBranchesPass(NormfoldPass):
             model.graph, root, [root], new_nodes, [root.outputs[0]], [total]
         )
         return len(replacements)
+
+    def _alternatives(self, model: ir.Model, branch: _Branch, sign: float) -> list[_Branch]:
+        """Other readings of a leaf that is the only branch of its source: the identity branch
+        of the value under its Mul and BN (when it is read as a Conv), then of the leaf itself."""
+        readings = []
+        if branch.kind != "identity":
+            try:
+                readings.append(_read_branch(branch.leaf, model,
+                                             Reads(self.options.freeze_initializer_inputs), sign,
+                                             identity=True))
+            except Refusal:
+                pass
+        if branch.nodes:
+            plain = _identity_branch(branch.leaf, model, Reads(False), strip=False)
+            plain.post = None if sign == 1.0 else np.asarray(sign)
+            readings.append(plain)
+        return readings
 
     def _refuse_leaf(self, leaf: ir.Value, reason: str) -> None:
         producer = leaf.producer()
@@ -434,9 +538,36 @@ class FoldBranchesPass(NormfoldPass):
             except Refusal as refusal:
                 refusals.append((branch, refusal.reason))
                 continue
-            parts.append((kernel, bias, branch.affine))
+            try:
+                affine = _with_post(branch, out_channels, len(reference.window) + 2)
+            except Refusal as refusal:
+                refusals.append((branch, refusal.reason))
+                continue
+            parts.append((kernel, bias, affine))
             used.append(branch)
         return reference, parts, used, refusals
+
+
+def _with_post(branch: _Branch, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The branch's BN affine followed by its sign and constant scale (``post``), which must
+    hold one value per channel of a rank-``rank`` tensor (or one for all)."""
+    if branch.post is None:
+        return branch.affine
+    post = branch.post
+    if post.size == 1:
+        post = np.full(channels, float(post.reshape(())))
+    else:
+        shape = (1,) * (rank - post.ndim) + post.shape  # broadcast: aligned to the right
+        if post.ndim > rank or shape[0] != 1 or shape[1] != channels or any(d != 1 for d in shape[2:]):
+            raise Refusal(
+                f"{branch.label} multiplies by a constant of shape {list(branch.post.shape)}, not "
+                f"one value per channel of its {channels}: no kernel holds it"
+            )
+        post = post.reshape(-1)
+    if branch.affine is None:
+        return post, np.zeros(channels)
+    scale, shift = branch.affine
+    return post * scale, post * shift
 
 
 def _branch_kernel(branch: _Branch, reference: _Branch, out_channels: int, in_per_group: int,

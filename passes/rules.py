@@ -36,7 +36,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from normfold.passes.base import PassOptions, PassRecord, RecordingRule, Target
+from normfold.options import Target
+from normfold.passes.base import PassOptions, PassRecord, RecordingRule
 from normfold.passes.fold_affine_producer import FoldAffineIntoProducer
 from normfold.passes.fold_bn_consumer import FoldBnIntoConsumer
 from normfold.passes.fold_bn_lower import LowerBatchNorm

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 __all__ = ["BAD", "UNUSUAL", "base_model", "external_copy"]
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,6 +143,23 @@ def _with_function() -> onnx.ModelProto:
     model.opset_import.append(helper.make_opsetid("local", 1))
     relu = model.graph.node[2]
     relu.op_type, relu.domain = "Shift", "local"
+    return model
+
+
+def _with_attribute_reference() -> onnx.ModelProto:
+    """Relu then a call of ``local.AddK``, whose body's Constant takes the caller's tensor ``k``
+    (an attribute reference: a TENSOR attribute with no tensor in the body)."""
+    model = base_model()
+    constant = helper.make_node("Constant", [], ["k"])
+    constant.attribute.append(onnx.AttributeProto(name="value", ref_attr_name="k", type=onnx.AttributeProto.TENSOR))
+    function = helper.make_function("local", "AddK", ["a"], ["b"],
+                                    [constant, helper.make_node("Add", ["a", "k"], ["b"])],
+                                    [helper.make_opsetid("", 17)], attributes=["k"])
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node[-1].output[0] = "relu_out"
+    model.graph.node.append(helper.make_node("AddK", ["relu_out"], ["y"], domain="local", name="add_k",
+                                             k=numpy_helper.from_array(np.array(0.5, np.float32), "k")))
     return model
 
 
@@ -385,6 +401,8 @@ BAD: dict[str, Builder] = {
     "ext-length-text": lambda f: _edit_external(f, "length", "1e3"),
     "ext-length-negative": lambda f: _edit_external(f, "length", "-4"),
     "ext-location-empty": lambda f: _edit_external(f, "location", ""),
+    "ext-location-nul": lambda f: _edit_external(f, "location", "in.data\0x"),
+    "ext-offset-huge": lambda f: _edit_external(f, "offset", "9" * 30),
     "ext-missing": _missing_data,
     "ext-short": _short_data,
     "ext-is-folder": _data_is_folder,
@@ -403,6 +421,7 @@ BAD: dict[str, Builder] = {
         "absolute", _with_loop, lambda m: m.graph.node[0].attribute[0].g.initializer[0]),
     "dim-negative": _changed(_input_dim(-5)),
     "dim-huge": _changed(_input_dim(10**12)),
+    "dim-2^62": _changed(_input_dim(2**62)),
     "initializer-dim-huge": _changed(_huge_initializer),
     "two-writers": _changed(_two_writers),
     "initializer-twice": _changed(_initializer_twice),
@@ -423,6 +442,7 @@ UNUSUAL: dict[str, Builder] = {
     "sparse-constant": _changed(lambda m: None, lambda: _with_constant("sparse")),
     "constant": _changed(lambda m: None, lambda: _with_constant("value")),
     "function": _changed(lambda m: None, _with_function),
+    "function-attribute-reference": _changed(lambda m: None, _with_attribute_reference),
     "if": _changed(lambda m: None, _with_if),
     "loop": _changed(lambda m: None, _with_loop),
     "scan": _changed(lambda m: None, _with_scan),

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import os
 import re
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,7 +64,8 @@ class Block:
 
     @property
     def label(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        where = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page.name
+        return f"{where}:{self.line}"
 
     @property
     def runs(self) -> bool:
@@ -169,7 +170,7 @@ def test_slow_snippet_runs(block: Block, tmp_path: Path) -> None:
 
 def test_blocks_are_well_formed() -> None:
     """Known flags only; every no-run block says why; setup lines have the pinned install."""
-    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    extras = set(importlib.metadata.metadata("normfold").get_all("Provides-Extra") or [])
     for block in ALL_BLOCKS:
         assert block.flags <= FLAGS, f"{block.label}: unknown flags {sorted(block.flags - FLAGS)}"
         if block.flags:
@@ -182,7 +183,7 @@ def test_blocks_are_well_formed() -> None:
             match = SETUP_PREFIX.match(block.code.strip())
             assert match, f"{block.label}: a setup block is one line: {SETUP_PREFIX.pattern}"
             unknown = set(match.group("extras").split(",")) - extras
-            assert not unknown, f"{block.label}: pyproject.toml has no extra {sorted(unknown)}"
+            assert not unknown, f"{block.label}: normfold has no extra {sorted(unknown)}"
 
 
 def test_readme_front_page() -> None:
@@ -197,9 +198,25 @@ def test_readme_front_page() -> None:
     assert tests and tests.group(0) in ci.splitlines(), "the README's test line is not .ci/run's"
 
 
+def test_the_runner_fails_on_a_broken_snippet(tmp_path: Path) -> None:
+    """The harness can fail: a failing command, and a Python block that uses a name only an
+    earlier block defined (each block runs in a fresh namespace)."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```bash\nnormfold verify missing.onnx missing.onnx\n```\n\n"
+        "```python\nvalue = 1\n```\n\n```python\nprint(value)\n```\n"
+    )
+    failing_command, defines, uses = blocks(page)
+    with pytest.raises(AssertionError, match="exited 2"):
+        run_block(failing_command, tmp_path)
+    run_block(defines, tmp_path)
+    with pytest.raises(NameError):
+        run_block(uses, tmp_path)
+
+
 # ---- links -------------------------------------------------------------------------------------
 
-_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](image)
 
 
 def _without_fences(page: Path) -> str:
@@ -226,8 +243,7 @@ def anchors(page: Path) -> set[str]:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(page: Path) -> None:
     broken = []
-    for groups in _LINK.findall(_prose(page)):
-        target = next(g for g in groups if g)
+    for target in _LINK.findall(_prose(page)):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
             continue
         path_part, _, anchor = target.partition("#")
@@ -242,9 +258,8 @@ def test_relative_links_resolve(page: Path) -> None:
 def _linked_files(page: Path) -> set[Path]:
     return {
         (page.parent / target.partition("#")[0]).resolve()
-        for groups in _LINK.findall(_prose(page))
-        for target in groups
-        if target and not target.startswith("#")
+        for target in _LINK.findall(_prose(page))
+        if not target.startswith("#")
     }
 
 

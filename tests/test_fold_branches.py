@@ -161,6 +161,105 @@ def test_plain_skip_goes_into_the_kernel_centre_and_other_terms_stay() -> None:
     assert op_types(model) == ["Conv", "Add"]
 
 
+@pytest.mark.parametrize("identity_bn", [True, False])
+def test_identity_of_a_conv_output_merges_with_its_depthwise_conv(identity_bn: bool) -> None:
+    """timm's RepGhost (and FastViT's PatchEmbed after a Conv): ``y = Conv(x)`` is read by a
+    depthwise Conv and by the sum, ``BN(DWConv(y)) + BN(y)``. The ``BN(y)`` leaf is also
+    ``BN(Conv(x))``; it is the identity branch of ``y`` here, merged into the depthwise Conv."""
+    rng = np.random.default_rng(13)
+    primary, ip = conv("x", "y1", rng, (1, 1), name="primary")
+    cheap, ic = conv_bn("y1", "a", rng, (3, 3), name="cheap", group=C)
+    if identity_bn:
+        ident, ii = bn_node("y1", "b", C, rng, name="fusion_bn")
+        nodes, inits, other = primary + cheap + [ident], ip + ic + ii, "b"
+    else:
+        nodes, inits, other = primary + cheap, ip + ic, "y1"
+    nodes.append(helper.make_node("Add", ["a", other], ["y"], name="add"))
+    model, record = fold(block_model(nodes, inits))
+    assert op_types(model) == ["Conv", "Conv"]
+    assert record["applied"] == 1 and record["refused"] == []
+    assert record["sites"][0]["into"] == "cheap/branches"
+    assert any(label.startswith("identity") for label in record["sites"][0]["branches"])
+
+
+def repmixer_block(rng: np.random.Generator) -> tuple[list, list]:
+    """timm's FastViT RepMixer: ``x + γ·(mixer(x) − norm(x))``, ``mixer`` a depthwise
+    MobileOneBlock (``BN(DWConv3×3(x)) + BN(x)``), ``norm`` its identity BN alone, ``γ`` of
+    shape (C, 1, 1)."""
+    mixer, im = conv_bn("x", "a", rng, (3, 3), name="mixer", group=C)
+    ident, ii = bn_node("x", "b", C, rng, name="mixer.identity")
+    norm, inorm = bn_node("x", "n", C, rng, name="norm.identity")
+    gamma = array("gamma", rng.uniform(0.5, 1.5, size=(C, 1, 1)))
+    nodes = mixer + [ident, norm,
+                     helper.make_node("Add", ["a", "b"], ["m"], name="mixer.add"),
+                     helper.make_node("Sub", ["m", "n"], ["d"], name="sub"),
+                     helper.make_node("Mul", ["d", "gamma"], ["g"], name="layer_scale"),
+                     helper.make_node("Add", ["x", "g"], ["y"], name="residual")]
+    return nodes, im + ii + inorm + [gamma]
+
+
+def test_fastvit_repmixer_becomes_one_conv() -> None:
+    """The Sub's subtracted BN and the layer scale (a per-channel Mul) are part of the kernel:
+    the inner difference merges first, then the residual around its scaled Conv."""
+    model, record = fold(block_model(*repmixer_block(np.random.default_rng(14))))
+    assert op_types(model) == ["Conv"]
+    assert record["applied"] == 2 and record["refused"] == []
+
+
+def test_sub_of_conv_branches_and_a_scaled_difference_in_the_default_passes() -> None:
+    rng = np.random.default_rng(15)
+    proto = block_model(*repmixer_block(rng))
+    feeds = feeds_for(proto)
+    model = io.load(proto)
+    for each in create_passes(None, PassOptions()):
+        each(model)
+    assert op_types(model) == ["Conv"]
+    assert rel_error(runtime.run(model, feeds), runtime.run(proto, feeds)) < 1e-5
+
+
+def test_subtracted_conv_and_a_subtracted_other_tensor() -> None:
+    """``(x − BN(Conv3×3(x))) − z``: the Conv's kernel enters negated beside the identity, and
+    ``z`` (another tensor) stays subtracted from the merged Conv."""
+    rng = np.random.default_rng(17)
+    nc, ic = conv_bn("x", "a", rng, (3, 3), name="c3")
+    nodes = nc + [helper.make_node("Sub", ["x", "a"], ["d"], name="sub1"),
+                  helper.make_node("Sub", ["d", "z"], ["y"], name="sub2")]
+    proto = make(nodes, ic, {"x": ("N", C, 5, 5), "z": ("N", C, 5, 5)}, ["y"])
+    model, record = fold(proto)
+    assert op_types(model) == ["Conv", "Sub"]
+    assert record["applied"] == 1
+
+
+def test_dynamo_zero_terms_go_with_the_merge() -> None:
+    """timm's MobileOneBlock starts its sum at ``0``; dynamo without its optimizer keeps
+    ``Add(BN(x), 0)`` in the RepMixer's norm and mixer. The zeros go, the block is one Conv."""
+    rng = np.random.default_rng(18)
+    block, inits = repmixer_block(rng)
+    nodes = []
+    for node in block:
+        nodes.append(node)
+        if node.op_type == "BatchNormalization" and node.input[0] == "x":
+            name = node.output[0]
+            node.output[0] = f"{name}.bn"
+            nodes.append(helper.make_node("Add", [f"{name}.bn", "zero"], [name], name=f"{name}.plus0"))
+    model, record = fold(block_model(nodes, inits + [array("zero", np.zeros(()))]))
+    assert op_types(model) == ["Conv"]
+    assert record["applied"] == 2
+
+
+def test_scale_that_is_not_per_channel_keeps_its_branch() -> None:
+    """``x + Conv(x)·s`` with ``s`` varying along the width: no kernel holds it; the sum stays."""
+    rng = np.random.default_rng(16)
+    nc, ic = conv("x", "a", rng, (3, 3), name="c3")
+    scale = array("s", rng.uniform(0.5, 1.5, size=(1, 1, 1, 6)))
+    nodes = nc + [helper.make_node("Mul", ["a", "s"], ["g"], name="scale"),
+                  helper.make_node("Add", ["x", "g"], ["y"], name="residual")]
+    model, record = fold(block_model(nodes, ic + [scale]))
+    assert op_types(model) == ["Conv", "Mul", "Add"]
+    assert record["applied"] == 0
+    assert "not one value per channel" in record["refused"][0]["reason"]
+
+
 def test_float16_merge_is_judged_against_float32() -> None:
     """Merged in float64 and cast once: no further from the float32 run than the fp16 graph."""
     nodes32, inits32 = repvgg_block(np.random.default_rng(6))

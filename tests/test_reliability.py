@@ -63,7 +63,7 @@ def test_malformed_input_exits_2_with_one_line_and_touches_nothing(
     reasons = set()
     for verb in ("optimize", "verify", "inspect"):
         capfd.readouterr()
-        assert main([*_argv(verb, path, tmp_path), "-q"]) == 2, verb
+        assert main(_argv(verb, path, tmp_path)) == 2, verb
         line = _one_line(capfd)
         assert str(path) in line, line
         reasons.add(line.split(": ", 3)[-1])
@@ -99,6 +99,16 @@ def test_batchnorms_inside_subgraphs_are_folded(tmp_path: Path) -> None:
         assert result.verified
         assert "BatchNormalization" in result.report["ops_before"]
         assert "BatchNormalization" not in result.report["ops_after"]
+
+
+def test_function_bodies_are_left_with_a_reason(tmp_path: Path) -> None:
+    import normfold
+
+    result = normfold.optimize(UNUSUAL["function"](tmp_path))
+    assert result.verified
+    cleanup = result.report["passes"][0]
+    assert cleanup["name"] == "cleanup"
+    assert any("function local::Shift" in note and "left as it is" in note for note in cleanup["notes"])
 
 
 # --- 6: verify checks both models -------------------------------------------------------------
@@ -216,7 +226,7 @@ def _save_killed_at(step: str, model: onnx.ModelProto, out: Path) -> int:
     return process.exitcode
 
 
-@pytest.mark.parametrize("step", ["data", "model"])
+@pytest.mark.parametrize("step", ["staged", "data", "model"])
 def test_a_kill_between_the_renames_leaves_a_consistent_pair(tmp_path: Path, step: str) -> None:
     out = tmp_path / "o.onnx"
     old, new = _model(1.0), _model(2.0)
@@ -226,7 +236,7 @@ def test_a_kill_between_the_renames_leaves_a_consistent_pair(tmp_path: Path, ste
     assert _save_killed_at(step, new, out) == 9
     left = {p.name for p in tmp_path.iterdir()} - old_files
     assert any(name.startswith(".normfold-") for name in left)  # the killed run's staging folder
-    if step == "data":  # killed before the model's rename: the old pair stands
+    if step in ("staged", "data"):  # killed before the model's rename: the old pair stands
         np.testing.assert_array_equal(_outputs(out), expected)
     else:  # killed after it: the new pair stands
         np.testing.assert_allclose(_outputs(out), _outputs_of(new), rtol=1e-6)

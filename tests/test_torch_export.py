@@ -21,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from benchmarks import torchvision_schemas  # noqa: E402
 import normfold  # noqa: E402
 from normfold import runtime  # noqa: E402
 from normfold.errors import InputError, VerificationError  # noqa: E402
@@ -317,17 +318,8 @@ def test_zoo_bert_through_dynamo_with_dict_inputs(tmp_path: Path) -> None:
     _check_written(out, zoo.module, {"batch": 4, "seq": 5}, kwargs=True)
 
 
-_SCHEMAS: list = []
-
-
 def _torchvision():
-    # The registry's torchvision is a CUDA build whose ops do not load against the CPU torch;
-    # the model definitions only need the op schemas it registers fake kernels for.
-    if not hasattr(torch.ops.torchvision, "nms"):
-        library = torch.library.Library("torchvision", "DEF")
-        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _SCHEMAS.append(library)  # kept alive: a dropped Library unregisters its schemas
+    torchvision_schemas.define()
     return pytest.importorskip("torchvision")
 
 

@@ -175,3 +175,61 @@ def test_untraceable_module_is_reported() -> None:
 
     merged, report = reparameterize_with_report(Branchy().eval())
     assert report.merged == [] and "cannot trace" in report.refused[0].reason
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass that calls ``F.batch_norm`` itself after
+    ``_assert(x.ndim == 4)``, then its ``drop`` and ``act`` (both Identity here)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected 4D input")
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class TimmConvNormAct(nn.Module):
+    def __init__(self, c: int, k: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+        self.bn = BatchNormAct2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class TimmRepVggBlock(nn.Module):
+    """timm's RepVggBlock forward, ``drop_path`` (Identity at rate 0) between the two adds."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.identity = BatchNormAct2d(c)
+        self.conv_kxk, self.conv_1x1 = TimmConvNormAct(c, 3), TimmConvNormAct(c, 1)
+        self.drop_path, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.identity(x)
+        x = self.conv_1x1(x) + self.conv_kxk(x)
+        x = self.drop_path(x)
+        x += identity
+        return self.act(x)
+
+
+def test_timm_spelling_functional_batchnorm_and_asserts() -> None:
+    module = _randomize(TimmRepVggBlock)
+    merged, report = reparameterize_with_report(module)
+    assert len(report.merged) == 1 and len(report.merged[0].branches) == 3
+    assert _counts(merged) == (1, 0)
+    # The shape asserts now read the merged Conv's output: nothing keeps the branches alive.
+    calls = [n for n in merged.graph.nodes if n.op == "call_module"]
+    assert [type(merged.get_submodule(n.target)).__name__ for n in calls].count("Conv2d") == 1
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(module).double()(x)
+        torch.testing.assert_close(copy.deepcopy(merged).double()(x), expected, rtol=1e-6,
+                                   atol=1e-6 * float(expected.abs().max()))

@@ -13,7 +13,7 @@ argument groups of :mod:`.options`, and the function the subcommand runs.
 
 from __future__ import annotations
 
-__all__ = ["main"]
+__all__ = ["main", "parser"]
 
 import argparse
 import sys
@@ -28,10 +28,10 @@ EXIT_INTERNAL = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argument_parser = parser()
+    args = argument_parser.parse_args(argv)
     if not hasattr(args, "run"):
-        parser.print_help()
+        argument_parser.print_help()
         return options.EXIT_BAD_INPUT
     try:
         with quiet_command(args.debug):
@@ -68,14 +68,15 @@ def _environment_problem(error: OSError | MemoryError) -> str:
     return f"{where}: {error.strerror or first_line(error)}"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    """The ``normfold`` argument parser (its verbs and their flags), for :func:`main` and tools."""
+    built = argparse.ArgumentParser(
         prog="normfold",
         description="Fold BatchNorm, fuse normalization patterns and verify ONNX graphs with onnxruntime.",
     )
-    parser.add_argument("--version", action="version", version=f"normfold {__version__}")
+    built.add_argument("--version", action="version", version=f"normfold {__version__}")
     groups = options.Groups.create()
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    commands = built.add_subparsers(title="commands", metavar="COMMAND")
     for verb in (optimize, verify, inspect, collapse, passes):
         verb.add_command(commands, groups)
-    return parser
+    return built

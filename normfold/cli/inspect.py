@@ -23,6 +23,6 @@ def run(args: argparse.Namespace) -> int:
     from normfold.jobs.inspect import inspect
     from normfold.report import format_inspect
 
-    report = inspect(args.input, target=args.target, max_opset=args.max_opset)
+    report = inspect(args.input, options.pass_options(args))
     print(json.dumps(report, indent=2) if args.json else format_inspect(report))
     return options.EXIT_OK

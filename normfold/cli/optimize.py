@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     passes = options.names(args.passes)
     if passes is not None:
         check_exact_passes([name for name in passes if name not in BY_NAME or not BY_NAME[name].exact])
-    dims = options.dims(args.dims)
+    pass_options, verify_options = options.pass_options(args), options.verify_options(args)
     if args.example == "list":
         print(_zoo_list())
         return options.EXIT_OK
@@ -65,18 +65,9 @@ def run(args: argparse.Namespace) -> int:
     result = optimize(
         source,
         passes=passes,
-        target=args.target,
-        max_opset=args.max_opset,
+        options=pass_options,
         verify=not args.no_verify,
-        freeze_initializer_inputs=args.freeze_initializer_inputs,
-        lower_standalone_bn=args.lower_standalone_bn,
-        skip_ops=args.skip_ops,
-        inputs=args.inputs,
-        dims=dims,
-        samples=args.samples,
-        rtol=args.rtol,
-        atol=args.atol,
-        save_inputs=args.save_inputs,
+        verify_options=verify_options,
         show_progress=not args.quiet,
     )
     table = result.verification.format_table() if result.verification else None

@@ -1,19 +1,27 @@
-"""The argument groups the verbs share, and the parsing of their values.
+"""The argument groups the verbs share, and the options objects they build.
 
 A flag that several verbs take is defined once here, in a parent parser, so it means the same
 thing everywhere: ``common`` (``--debug``, ``--quiet``), ``compare`` (inputs, dims, samples,
 tolerances: how two models are run and compared) and ``targets`` (``--target``,
-``--max-opset``: what the passes may emit).
+``--max-opset``: what the passes may emit). A flag's destination is the name of the field it
+sets in :class:`~normfold.options.PassOptions` or :class:`~normfold.options.VerifyOptions`;
+:func:`pass_options` and :func:`verify_options` build those once from the parsed arguments, so
+a new option is a field, its flag in its group (or in the one verb that takes it) and the code
+that reads it.
 """
 
 from __future__ import annotations
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "Groups", "dims", "names"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "Groups", "dims", "names", "pass_options", "verify_options"]
 
 import argparse
 import dataclasses
+from typing import Any, TypeVar
 
 from normfold.errors import InputError
+from normfold.options import PassOptions, VerifyOptions
+
+_Options = TypeVar("_Options", PassOptions, VerifyOptions)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -44,6 +52,21 @@ class Groups:
                              help="op set of the output: standard ONNX (default) or onnxruntime contrib ops")
         targets.add_argument("--max-opset", type=int, help="never raise the model's opset above N")
         return cls(common, compare, targets)
+
+
+def pass_options(args: argparse.Namespace) -> PassOptions:
+    """The :class:`PassOptions` the parsed flags set (the ``targets`` group and the verb's own)."""
+    return _built(PassOptions, args)
+
+
+def verify_options(args: argparse.Namespace) -> VerifyOptions:
+    """The :class:`VerifyOptions` the parsed flags set (the ``compare`` group and the verb's own)."""
+    return _built(VerifyOptions, args, dims=dims(args.dims))
+
+
+def _built(kind: type[_Options], args: argparse.Namespace, **parsed: Any) -> _Options:
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(kind) if hasattr(args, field.name)}
+    return kind(**{**values, **parsed})
 
 
 def names(value: str | None) -> list[str] | None:

@@ -24,7 +24,7 @@ def add_command(commands: Any, groups: options.Groups) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dims = options.dims(args.dims)  # a usage error answers before onnx and onnxruntime load
+    checks = options.verify_options(args)  # a usage error answers before onnx and onnxruntime load
 
     from normfold.jobs.common import check_paths
     from normfold.report import write_json
@@ -33,19 +33,7 @@ def run(args: argparse.Namespace) -> int:
     check_paths({"--report": args.report, "--save-inputs": args.save_inputs},
                 models=[args.reference, args.candidate], inputs=[args.inputs])
 
-    report = verify(
-        args.reference,
-        args.candidate,
-        inputs=args.inputs,
-        dims=dims,
-        samples=args.samples,
-        rtol=args.rtol,
-        atol=args.atol,
-        reference_precision=args.reference_precision,
-        progress=not args.quiet,
-        localize=args.localize,
-        save_inputs=args.save_inputs,
-    )
+    report = verify(args.reference, args.candidate, checks, progress=not args.quiet)
     if args.report:
         write_json(args.report, report.to_dict())
     print(report.format_table())

@@ -25,6 +25,7 @@ import numpy as np
 
 from normfold import io, runtime
 from normfold.errors import InputError
+from normfold.files import write_atomic
 from normfold.report import write_json
 
 
@@ -97,7 +98,8 @@ def _export(module: Any, test_x: Any, output: Path) -> dict[str, Any]:
     """Export ``module`` to ``output`` atomically and measure it in onnxruntime against torch."""
     import torch
 
-    with tempfile.TemporaryDirectory(prefix=".normfold-", dir=output.parent) as folder:
+    # Exported in the system temp folder: a kill leaves nothing next to OUT (io.save stages OUT).
+    with tempfile.TemporaryDirectory(prefix="normfold-example-") as folder:
         staged = Path(folder) / output.name
         torch.onnx.export(
             module.eval(), (test_x[:2],), str(staged), dynamo=False, opset_version=17,
@@ -160,14 +162,7 @@ def _plot(report: dict[str, Any], path: Path, name: str) -> None:
     right.set_ylabel("MACs per sample (M)")
     right.set_title("work (BN folded, merged)")
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(prefix=".normfold-", suffix=".png", dir=path.parent)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        figure.savefig(temporary, dpi=100)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; a plot is for sharing
-        os.replace(temporary, path)
+        write_atomic(path, lambda file: figure.savefig(file, format="png", dpi=100))
     finally:
         plt.close(figure)
-        Path(temporary).unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from normfold.errors import VerificationError
 from normfold.jobs import common
 from normfold.inputs import load_inputs
 from normfold.passes import DEFAULT_PASSES, PassOptions, create_passes
-from normfold.passes.base import Target
+from normfold.options import Target
 from normfold.passes.collapse import CollapsePass
 from normfold.verification import verify
 

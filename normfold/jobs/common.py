@@ -60,6 +60,8 @@ def check_paths(
             raise InputError(f"--external-data {external_data}: must be a plain file name (it is written next to -o)")
         out = dict(written)["-o"]
         written.append(("--external-data", out.parent / external_data))
+    if not written:
+        return
     read: list[tuple[str, Path]] = []
     for model in models:
         if model is not None and Path(model).is_file():

@@ -17,26 +17,28 @@ import onnx_ir as ir
 from normfold import io
 from normfold.jobs import common
 from normfold.jobs.optimize import optimize
+from normfold.options import split
 from normfold.passes import PassOptions
-from normfold.passes.base import Target
 from normfold.passes.collapse import COLLAPSE_SITES, CollapsePass
 from normfold.verification import check_runs
 
 
-def inspect(source: io.ModelLike, *, target: Target = "onnx", max_opset: int | None = None) -> dict[str, Any]:
+def inspect(source: io.ModelLike, options: PassOptions | None = None, **settings: Any) -> dict[str, Any]:
     """What ``optimize`` would do to ``source``: its sites and refusals, nothing verified or saved.
 
+    ``options`` (or its fields as keywords: ``target=``, ``max_opset=``) as for ``optimize``.
     The file is read once: optimize and the collapse survey each work on their own copy of it.
     The model must load and run once in onnxruntime, as ``optimize`` needs of its input: a file
     that optimize and verify refuse, inspect refuses too.
     """
+    (options,) = split(settings, options or PassOptions())
     model, _ = common.working_copy(source)
     check_runs(model, common.source_label(source))
-    result = optimize(model, target=target, max_opset=max_opset, verify=False)
+    result = optimize(model, options=options, verify=False)
     report = result.report
     del report["input"], report["output"]
     report = {"model": common.source_label(source), **report}
-    report["collapse"] = _collapse_candidates(model, PassOptions(target=target, max_opset=max_opset))
+    report["collapse"] = _collapse_candidates(model, options)
     return report
 
 

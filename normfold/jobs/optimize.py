@@ -23,21 +23,19 @@ __all__ = ["OptimizeResult", "optimize"]
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from normfold import io, progress
 from normfold.errors import InputError, VerificationError
 from normfold.jobs import common
 from normfold.opset import model_opset
+from normfold.options import VerifyOptions, split
 from normfold.passes import PassOptions, create_passes
-from normfold.passes.base import Target
 from normfold.verification import VerificationReport
-from normfold.verification import check_runs
 from normfold.verification import verify as run_verification
 
 
@@ -72,37 +70,26 @@ def optimize(
     source: io.ModelLike,
     *,
     passes: Sequence[str] | None = None,
-    target: Target = "onnx",
-    max_opset: int | None = None,
+    options: PassOptions | None = None,
     verify: bool = True,
-    freeze_initializer_inputs: bool = False,
-    lower_standalone_bn: bool = False,
-    skip_ops: bool = False,
-    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
-    dims: Mapping[str, int] | None = None,
-    samples: int = 3,
-    rtol: float | None = None,
-    atol: float | None = None,
-    save_inputs: str | os.PathLike | None = None,
+    verify_options: VerifyOptions | None = None,
     show_progress: bool = False,
+    **settings: Any,
 ) -> OptimizeResult:
     """Run the exact passes (default: all) on ``source`` and verify the result against it.
 
-    ``save_inputs`` writes the inputs verification used to an ``.npz`` (``inputs`` reads it).
-    ``show_progress`` shows each step that takes longer than a second on stderr (also the
-    result's :meth:`~OptimizeResult.save`).
+    ``options`` says what the passes may do, ``verify_options`` how the result is compared with
+    ``source`` (:mod:`normfold.options`); ``settings`` are fields of either, as keywords
+    (``target="onnxruntime"``, ``max_opset=17``, ``rtol=1e-4``, ``save_inputs="x.npz"`` ...),
+    applied over them. ``show_progress`` shows each step that takes longer than a second on
+    stderr (also the result's :meth:`~OptimizeResult.save`).
     """
+    options, checks = split(settings, options or PassOptions(), verify_options or VerifyOptions())
+    target, max_opset = options.target, options.max_opset
     if target not in ("onnx", "onnxruntime"):
         raise InputError(f"unknown target {target!r}; choose 'onnx' or 'onnxruntime'")
-    if skip_ops and target != "onnxruntime":
+    if options.skip_ops and target != "onnxruntime":
         raise InputError("--skip-ops emits onnxruntime contrib ops: it needs --target onnxruntime")
-    options = PassOptions(
-        target=target,
-        max_opset=max_opset,
-        freeze_initializer_inputs=freeze_initializer_inputs,
-        lower_standalone_bn=lower_standalone_bn,
-        skip_ops=skip_ops,
-    )
     pass_list = create_passes(None if passes is None else list(passes), options)
     steps = ["load", *(p.name for p in pass_list), "check"] + (["verify"] if verify else []) + ["save"]
     bar = progress.Steps(steps, enabled=show_progress)
@@ -130,8 +117,7 @@ def optimize(
         # Verification shows its own progress, one line per session (reference, candidate).
         with bar.step("verify", show=False):
             verification = run_verification(
-                reference, model, inputs=inputs, dims=dims, samples=samples, rtol=rtol, atol=atol,
-                progress=show_progress, reference_model=unchanged, save_inputs=save_inputs,
+                reference, model, checks, progress=show_progress, reference_model=unchanged
             )
         report["verification"] = verification.to_dict()
     bar.close()

@@ -6,13 +6,18 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
 
 1. ``module`` is copied (unless ``inplace``) and traced with ``torch.fx.symbolic_trace`` (a
    module that cannot be traced is left as it is, and the report says why). A *sum* is a tree
-   of ``+`` / ``torch.add`` calls whose inner results nothing else reads; its leaves are the
-   values it adds (a constant 0 — MobileOne's ``identity_out = 0`` — is dropped).
-2. A leaf is a *branch* of the tensor ``x`` it reads when it is, optionally followed by a
-   ``BatchNorm1d/2d/3d`` in eval mode with running statistics: a call of an
+   of ``+`` / ``torch.add`` calls whose inner results nothing else reads (``nn.Identity`` calls
+   between them, timm's ``drop_path`` at rate 0, are looked through); its leaves are the values
+   it adds (a constant 0 — MobileOne's ``identity_out = 0`` — is dropped).
+2. A leaf is a *branch* of the tensor ``x`` it reads when it is, optionally followed by an
+   eval-mode BatchNorm with running statistics (a call of an ``nn.BatchNorm1d/2d/3d`` module,
+   or the ``F.batch_norm`` call on stored statistics that torch.fx records inside a BatchNorm
+   subclass such as timm's ``BatchNormAct2d``) and ``nn.Identity`` calls: a call of an
    ``nn.Conv1d/2d/3d`` (exactly those classes, ``padding_mode='zeros'``) on ``x``; a k×k Conv
    of a 1×1 Conv of ``x`` (DBB; exact when the k×k Conv does not pad or the 1×1 branch gives 0
-   on a zero input); an ``nn.AvgPool1d/2d/3d`` counting padded zeros; or ``x`` itself.
+   on a zero input); an ``nn.AvgPool1d/2d/3d`` counting padded zeros; or ``x`` itself. A
+   branch's values may be read by other calls only for their rank or shape (timm's
+   ``_assert(x.ndim == 4)``): those then read the merged Conv's output, which has the same.
 3. The branches of one ``x`` merge when one of them is a Conv of ``x`` and every other one reads
    the same windows centred in its kernel (strides, groups, channels, dilations, pads:
    :func:`normfold.math.branches.sub_kernel_offsets`). The merged Conv is a new module (a
@@ -32,7 +37,9 @@ __all__ = ["MergedSum", "RefusedBranch", "ReparamReport", "reparameterize", "rep
 
 import copy
 import dataclasses
+import functools
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +55,10 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ADDS = (operator.add, operator.iadd, torch.add)
+# Calls that read only a tensor's shape (timm's ``_assert(x.ndim == 4)``): they do not need the
+# branch's values, and read the merged Conv's output as well.
+_RANK_READS = frozenset({"ndim", "dim"})
+_SHAPE_READS = frozenset({"shape", "size"})
 # Agreement on the probe, relative to its largest output, per parameter dtype's epsilon.
 _PROBE_ULPS = 64
 
@@ -97,7 +108,7 @@ class _Branch:
     label: str
     kind: str  # conv | pointwise+conv | pool | identity
     nodes: list[fx.Node]  # the calls in the branch, in order
-    modules: list[nn.Module]  # what they call, for the probe
+    steps: list[Callable[[torch.Tensor], torch.Tensor]]  # the same in float64, for the probe
     kernel: np.ndarray | None = None
     bias: np.ndarray | None = None
     window: tuple[int, ...] | None = None
@@ -135,7 +146,7 @@ def reparameterize_with_report(
         return work, report
     modules = dict(traced.named_modules())
     merged = 0
-    for root in [n for n in traced.graph.nodes if _is_root(n)]:
+    for root in [n for n in traced.graph.nodes if _is_root(n, modules)]:
         merged += _fold_sum(traced, root, modules, report)
     if not merged:
         return work, report
@@ -151,21 +162,39 @@ def _is_add(node: Any) -> bool:
         and len(node.args) == 2 and not node.kwargs
 
 
-def _is_root(node: fx.Node) -> bool:
+def _through_identities(node: Any, modules: dict[str, nn.Module]) -> tuple[Any, list[fx.Node]]:
+    """``node`` with the single-reader ``nn.Identity`` calls before it skipped (timm's
+    ``drop_path`` at rate 0), and the skipped calls."""
+    skipped = []
+    while _call(node, modules, (nn.Identity,)) is not None and len(node.args[0].users) == 1:
+        skipped.append(node)
+        node = node.args[0]
+    return node, skipped
+
+
+def _is_root(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An add whose result does not go, through Identity calls at most, into another add."""
     if not _is_add(node):
         return False
-    users = list(node.users)
-    return len(users) != 1 or not _is_add(users[0])
+    while len(node.users) == 1:
+        (user,) = node.users
+        if _is_add(user):
+            return False
+        if _call(user, modules, (nn.Identity,)) is None:
+            return True
+        node = user
+    return True
 
 
-def _sum_tree(root: fx.Node) -> tuple[set[fx.Node], list[Any]]:
+def _sum_tree(root: fx.Node, modules: dict[str, nn.Module]) -> tuple[set[fx.Node], list[Any]]:
     nodes, leaves = {root}, []
 
     def visit(node: fx.Node) -> None:
         for arg in node.args:
-            if _is_add(arg) and len(arg.users) == 1:
-                nodes.add(arg)
-                visit(arg)
+            inner, skipped = _through_identities(arg, modules)
+            if _is_add(inner) and len(inner.users) == 1:
+                nodes.update([inner, *skipped])
+                visit(inner)
             else:
                 leaves.append(arg)
 
@@ -205,29 +234,93 @@ def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], ...]:
     return window, tuple(conv.stride), pads, tuple(conv.dilation)
 
 
-def _read_branch(leaf: fx.Node, modules: dict[str, nn.Module]) -> _Branch:
+def _shape_read(user: fx.Node) -> str | None:
+    """``"rank"`` or ``"shape"`` when ``user`` reads only that of its input, else None."""
+    if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
+        attribute = user.args[1]
+    elif user.op == "call_method" and user.target in _RANK_READS | _SHAPE_READS:
+        attribute = user.target
+    else:
+        return None
+    return "rank" if attribute in _RANK_READS else "shape" if attribute in _SHAPE_READS else None
+
+
+def _value_readers(node: fx.Node) -> list[fx.Node]:
+    return [user for user in node.users if _shape_read(user) is None]
+
+
+def _module_step(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return copy.deepcopy(module).to(torch.float64)(x)
+
+    return step
+
+
+def _fetch(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        raise _Refused(f"a BatchNorm statistic `{node}` is computed, not a stored tensor")
+    return functools.reduce(getattr, node.target.split("."), gm)
+
+
+def _batchnorm_at(node: Any, gm: fx.GraphModule, modules: dict[str, nn.Module]
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], Callable] | None:
+    """``(affine, float64 step)`` when ``node`` is an eval-mode BatchNorm: a call of an
+    ``nn.BatchNorm1d/2d/3d`` module, or of ``F.batch_norm`` on stored statistics (what torch.fx
+    records inside a BatchNorm subclass such as timm's ``BatchNormAct2d``)."""
+    bn = _call(node, modules, _BATCHNORMS)
+    if bn is not None:
+        return _bn_affine(bn), _module_step(bn)
+    if not (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target is nn.functional.batch_norm):
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    given = dict(zip(names, node.args)) | dict(node.kwargs)
+    if given.get("training", False) is not False:
+        raise _Refused(f"`{node.name}` normalizes with batch statistics (training=True)")
+    mean, var = _fetch(gm, given.get("running_mean")), _fetch(gm, given.get("running_var"))
+    if mean is None or var is None:
+        raise _Refused(f"`{node.name}` has no running statistics")
+    weight, bias = _fetch(gm, given.get("weight")), _fetch(gm, given.get("bias"))
+    eps = float(given.get("eps", 1e-5))
+    channels = mean.numel()
+    scale, shift = bnm.bn_scale_shift(
+        _f64(weight) if weight is not None else np.ones(channels),
+        _f64(bias) if bias is not None else np.zeros(channels),
+        _f64(mean), _f64(var), eps,
+    )
+    tensors = [None if t is None else t.detach().to("cpu", torch.float64) for t in (mean, var, weight, bias)]
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, tensors[0], tensors[1], tensors[2], tensors[3], False, 0.0, eps)
+
+    return (scale, shift), step
+
+
+def _read_branch(leaf: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> _Branch:
     nodes: list[fx.Node] = []
-    mods: list[nn.Module] = []
+    mods: list[Callable] = []
     inner, affine = leaf, None
-    # timm's ConvNormAct(apply_act=False) ends in an nn.Identity call.
+    # timm's ConvNormAct(apply_act=False) ends in nn.Identity calls (its act and drop).
     while (identity := _call(inner, modules, (nn.Identity,))) is not None:
         nodes.insert(0, inner)
-        mods.insert(0, identity)
+        mods.insert(0, _module_step(identity))
         inner = inner.args[0]
-    bn = _call(inner, modules, _BATCHNORMS)
-    if bn is not None:
-        affine = _bn_affine(bn)
+    found = _batchnorm_at(inner, gm, modules)
+    if found is not None:
+        affine, step = found
         nodes.insert(0, inner)
-        mods.insert(0, bn)
+        mods.insert(0, step)
         inner = inner.args[0]
     conv = _call(inner, modules, _CONVS)
     pool = _call(inner, modules, _POOLS)
     if conv is None and pool is None:
         return _Branch(leaf, inner, f"identity {leaf.name}", "identity", nodes, mods, affine=affine)
-    if len(inner.users) != 1:
-        raise _Refused(f"`{inner.name}` is also read by {sorted(u.name for u in inner.users)}")
+    if len(_value_readers(inner)) != 1:
+        raise _Refused(f"`{inner.name}` is also read by {sorted(u.name for u in _value_readers(inner))}")
     nodes.insert(0, inner)
-    mods.insert(0, conv if conv is not None else pool)
+    mods.insert(0, _module_step(conv if conv is not None else pool))
     if pool is not None:
         window = _tuple(pool.kernel_size, pool)
         strides = _tuple(pool.stride, pool)
@@ -246,7 +339,7 @@ def _read_branch(leaf: fx.Node, modules: dict[str, nn.Module]) -> _Branch:
                      kernel=_f64(conv.weight), bias=_f64(conv.bias), window=window,
                      strides=strides, pads=pads, dilations=dilations, group=conv.groups,
                      affine=affine, conv=conv, conv_target=inner.target)
-    _compose_pointwise(branch, modules)
+    _compose_pointwise(branch, gm, modules)
     return branch
 
 
@@ -255,16 +348,17 @@ def _tuple(value: Any, pool: nn.Module) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * rank
 
 
-def _compose_pointwise(branch: _Branch, modules: dict[str, nn.Module]) -> None:
+def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
     """A k×k Conv reading a 1×1 Conv (through a BN, maybe) becomes a branch of the 1×1's input."""
     middle = branch.nodes[0].args[0]
-    extra, mid_affine = [], None
-    bn = _call(middle, modules, _BATCHNORMS)
-    if bn is not None:
-        try:
-            mid_affine = _bn_affine(bn)
-        except _Refused:
-            return
+    extra, mid_affine, mid_steps = [], None, []
+    try:
+        found = _batchnorm_at(middle, gm, modules)
+    except _Refused:
+        return
+    if found is not None:
+        mid_affine, step = found
+        mid_steps.append(step)
         extra.append(middle)
         middle = middle.args[0]
     first = _call(middle, modules, _CONVS)
@@ -275,7 +369,9 @@ def _compose_pointwise(branch: _Branch, modules: dict[str, nn.Module]) -> None:
         return
     chain = [middle, *extra, branch.nodes[0]]
     if any(len(node.users) != 1 for node in chain[:-1]):
-        return  # the 1×1 result is needed elsewhere: the k×k Conv is the branch on its own
+        # The 1×1 result is needed elsewhere (even for its shape alone, which differs from the
+        # merged Conv's): the k×k Conv is the branch on its own.
+        return
     weight, bias = _f64(first.weight), _f64(first.bias)
     if mid_affine is not None:
         weight, bias = bnm.fold_after_conv(weight, bias, *mid_affine)
@@ -287,7 +383,7 @@ def _compose_pointwise(branch: _Branch, modules: dict[str, nn.Module]) -> None:
     branch.kernel, branch.bias = bm.compose_pointwise(weight, bias, branch.kernel, branch.bias,
                                                       branch.group)
     branch.nodes[:0] = [middle, *extra]
-    branch.modules[:0] = [first, *(modules[node.target] for node in extra)]
+    branch.steps[:0] = [_module_step(first), *mid_steps]
     branch.source = middle.args[0]
     branch.label = f"{middle.target} → {branch.label}"
     branch.kind = "pointwise+conv"
@@ -295,9 +391,9 @@ def _compose_pointwise(branch: _Branch, modules: dict[str, nn.Module]) -> None:
 
 def _check_readers(branch: _Branch, tree: set[fx.Node]) -> None:
     for node in branch.nodes[:-1]:
-        if len(node.users) != 1:
-            raise _Refused(f"`{node.name}` is also read by {sorted(u.name for u in node.users)}")
-    if branch.nodes and any(user not in tree for user in branch.leaf.users):
+        if len(_value_readers(node)) != 1:
+            raise _Refused(f"`{node.name}` is also read by {sorted(u.name for u in _value_readers(node))}")
+    if branch.nodes and any(user not in tree for user in _value_readers(branch.leaf)):
         raise _Refused(f"`{branch.leaf.name}` is also read outside the sum: merging would keep it")
 
 
@@ -364,8 +460,8 @@ def _merged_conv(reference: _Branch, weight: np.ndarray, bias: np.ndarray) -> nn
 
 
 def _run_branch(branch: _Branch, x: torch.Tensor) -> torch.Tensor:
-    for module in branch.modules:
-        x = copy.deepcopy(module).to(torch.float64)(x)
+    for step in branch.steps:
+        x = step(x)
     return x
 
 
@@ -390,14 +486,14 @@ def _probe_mismatch(used: list[_Branch], merged: nn.Module, reference: _Branch) 
 
 def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
               report: ReparamReport) -> int:
-    tree, leaves = _sum_tree(root)
+    tree, leaves = _sum_tree(root, modules)
     leaves = [leaf for leaf in leaves if not (isinstance(leaf, (int, float)) and leaf == 0)]
     groups: dict[fx.Node, list[_Branch]] = {}
     for leaf in leaves:
         if not isinstance(leaf, fx.Node):
             continue
         try:
-            branch = _read_branch(leaf, modules)
+            branch = _read_branch(leaf, gm, modules)
         except _Refused as refusal:
             report.refused.append(RefusedBranch(leaf.name, refusal.reason))
             continue
@@ -432,8 +528,14 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             continue
         name = _fresh_name(gm, f"{reference.conv_target}_reparam")
         gm.add_submodule(name, merged)
-        with gm.graph.inserting_before(root):
+        # Right after its input: the shape readers of the branches (timm's asserts) move to it.
+        with gm.graph.inserting_after(source):
             node = gm.graph.call_module(name, (source,))
+        for branch in used:
+            for inner in branch.nodes:
+                for user in list(inner.users):
+                    if _shape_read(user) is not None:
+                        user.replace_input_with(inner, node)
         replacements[source] = (node, used)
         report.merged.append(MergedSum(root.name, name, tuple(b.label for b in used)))
     if not replacements:
