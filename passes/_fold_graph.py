@@ -30,6 +30,7 @@ __all__ = [
     "any_op",
     "attribute",
     "batchnorm_affine",
+    "batchnorm_statistics",
     "cast_tensor",
     "conv_pads_of",
     "describe",
@@ -291,6 +292,13 @@ def batchnorm_affine(bn: ir.Node, opset: int, reads: Reads) -> tuple[np.ndarray,
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         raise Refusal("the BatchNormalization statistics give a non-finite scale or shift")
     return scale, shift
+
+
+def batchnorm_statistics(bn: ir.Node, reads: Reads) -> tuple[np.ndarray, np.ndarray]:
+    """The running mean and standard deviation of a BatchNormalization's input, float64: the
+    inputs it was fitted to, where the precision checks put their probes."""
+    mean, var = (read_constant(v, "BatchNormalization statistic", reads) for v in bn.inputs[3:5])
+    return mean, np.sqrt(np.maximum(var, 0.0))
 
 
 class _OpTypeIn(_pattern_ir.StringPattern):
