@@ -159,7 +159,7 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
     print(f"latency: exporting {case.name}", file=sys.stderr)
     source = cached_export(case.model, case.variant, **case.size)
     feeds = generate_inputs(load(source), dims=case.dims, seed=0)
-    input_off, input_on = session(source, threads=threads, prepack=True), session(source, optimize=True, threads=threads)
+    input_off, input_on = session(source, threads=threads, prepack=True, spinning=True), session(source, optimize=True, threads=threads)
     names = [o.name for o in input_off.get_outputs()]
     reference = dict(zip(names, input_off.run(names, feeds)))
 
@@ -181,7 +181,7 @@ def time_case(case: Case, folder: Path, *, warmup: int, runs: int, threads: int)
             timings.append(Timing(tool, "off", [], [], error=error))
             continue
         try:
-            off, on = session(path, threads=threads, prepack=True), session(path, optimize=True, threads=threads)
+            off, on = session(path, threads=threads, prepack=True, spinning=True), session(path, optimize=True, threads=threads)
             outputs = dict(zip(names, off.run(names, feeds)))
         except Exception as exc:  # onnxruntime's own untyped errors: the output does not run
             timings.append(Timing(tool, "off", [], [], error=ort_reason(exc)))

@@ -225,7 +225,7 @@ def _latency_child(model: str, feeds_path: str, outputs_path: str, runs: int, th
     feeds = dict(np.load(feeds_path))
     result: dict[str, Any] = {}
     for optimized in (False, True):
-        sess = session(model, optimize=optimized, threads=threads, prepack=True)
+        sess = session(model, optimize=optimized, threads=threads, prepack=True, spinning=True)
         outputs = sess.run(None, feeds)  # warm-up
         if not optimized:
             names = [o.name for o in sess.get_outputs()]

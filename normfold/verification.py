@@ -721,7 +721,7 @@ def _compare_all(
         rule = "atol + rtol * max|ref|"
         if low and baseline_abs is not None:
             limit += low_precision.FACTOR * baseline_abs
-            rule = f"{low_precision.FACTOR:g} x the reference's own error {baseline_abs:.3g} + {rule} (float64)"
+            rule = f"{low_precision.FACTOR:g} x the reference's own error {baseline_abs:.3g} + {rule}"
         elif low:
             limit *= low_precision.FACTOR + 1
             rule = f"{low_precision.FACTOR + 1:g} x ({rule})"

@@ -30,9 +30,11 @@ __all__ = [
     "any_op",
     "attribute",
     "batchnorm_affine",
+    "batchnorm_statistics",
     "cast_tensor",
     "conv_pads_of",
     "describe",
+    "fixed_tensor",
     "freeze",
     "initializer",
     "opset_of",
@@ -74,31 +76,46 @@ class Reads:
     frozen: list[ir.Value] = dataclasses.field(default_factory=list)
 
 
+def fixed_tensor(value: ir.Value, reads: Reads | None) -> ir.TensorProtocol | None:
+    """``value``'s tensor when the graph fixes it (an initializer, a ``Constant`` node's output),
+    else None: the one rule every rewrite reads constants by.
+
+    An initializer that is also a graph input (old exporters' ``keep_initializers_as_inputs``)
+    is only a default: a caller may feed other values. It counts as a constant only when
+    ``reads`` freezes inputs (``--freeze-initializer-inputs``), which lists it in
+    ``reads.frozen`` so the rewrite removes the input (:func:`freeze`).
+    """
+    if value.is_graph_input():
+        if reads is None or not reads.freeze_inputs or value.const_value is None:
+            return None
+        if value not in reads.frozen:
+            reads.frozen.append(value)
+        return value.const_value
+    return ir.convenience.get_const_tensor(value)
+
+
 def read_constant(value: ir.Value | None, what: str, reads: Reads) -> np.ndarray:
-    """``value``'s tensor as float64, or :class:`Refusal` naming ``what`` and why it is not one."""
+    """``value``'s float tensor as float64 (:func:`fixed_tensor`), or :class:`Refusal` naming
+    ``what`` and why it is not one."""
     if value is None:
         raise Refusal(f"{what} is missing")
     name = f"'{value.name}'" if value.name else "(unnamed)"
-    if value.is_graph_input():
-        if value.const_value is None:
-            raise Refusal(
-                f"{what} {name} is a graph input with no initializer: it is not a constant"
-            )
-        if not reads.freeze_inputs:
+    tensor = fixed_tensor(value, reads)
+    if tensor is None:
+        if value.is_graph_input() and value.const_value is None:
+            raise Refusal(f"{what} {name} is a graph input with no initializer: it is not a constant")
+        if value.is_graph_input():
             raise Refusal(
                 f"{what} {name} is a graph input: a caller could feed other values, so folding "
                 "would change the model (--freeze-initializer-inputs folds its initializer and "
                 "removes the input)"
             )
-        if value not in reads.frozen:
-            reads.frozen.append(value)
-    if value.const_value is None:
         producer = value.producer()
         origin = f"computed at run time by {describe(producer)}" if producer else "not a constant"
         raise Refusal(f"{what} {name} is {origin}")
-    if not tensor_dtype(value).is_floating_point():
-        raise Refusal(f"{what} {name} has dtype {tensor_dtype(value)}, not a floating-point type")
-    return np.asarray(value.const_value.numpy()).astype(np.float64)
+    if not tensor.dtype.is_floating_point():
+        raise Refusal(f"{what} {name} has dtype {tensor.dtype}, not a floating-point type")
+    return np.asarray(tensor.numpy()).astype(np.float64)
 
 
 def require_graph(context: Any) -> None:
@@ -275,6 +292,13 @@ def batchnorm_affine(bn: ir.Node, opset: int, reads: Reads) -> tuple[np.ndarray,
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         raise Refusal("the BatchNormalization statistics give a non-finite scale or shift")
     return scale, shift
+
+
+def batchnorm_statistics(bn: ir.Node, reads: Reads) -> tuple[np.ndarray, np.ndarray]:
+    """The running mean and standard deviation of a BatchNormalization's input, float64: the
+    inputs it was fitted to, where the precision checks put their probes."""
+    mean, var = (read_constant(v, "BatchNormalization statistic", reads) for v in bn.inputs[3:5])
+    return mean, np.sqrt(np.maximum(var, 0.0))
 
 
 class _OpTypeIn(_pattern_ir.StringPattern):

@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normfold.errors import Refusal
+from normfold.passes._fold_graph import fixed_tensor
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
@@ -54,13 +55,15 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
     Besides initializers and Constant outputs: a constant reshaped (Reshape/Squeeze/Unsqueeze/
     Flatten) or broadcast (Expand) to a fully static inferred shape — TorchScript reshapes a
     weight to ``(1, C, 1, 1)`` with a shape computed from the input's — and a constant cast
-    (Cast, or CastLike to a value of known dtype, as dynamo writes it). Never a graph input,
-    even one with an initializer (old exporters' ``keep_initializers_as_inputs``).
+    (Cast, or CastLike to a value of known dtype, as dynamo writes it). Initializers that are
+    also graph inputs follow :func:`~normfold.passes._fold_graph.fixed_tensor`'s rule; fuse-norm
+    does not freeze them, so they are never constants here.
     """
-    if value is None or value.is_graph_input():
-        # An initializer that is also a graph input is a default the user may override.
+    if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = fixed_tensor(value, None)
+    if tensor is None and value.is_graph_input():
+        return None
     if tensor is not None:
         try:
             return tensor.numpy()

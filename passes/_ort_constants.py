@@ -30,8 +30,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from normfold import runtime
+from normfold import low_precision, runtime
 from normfold.errors import InputError
+from normfold.math import fold_precision
+from normfold.verification import float64_model
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ _NON_DETERMINISTIC = frozenset(
     {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
 )
 _SINGLE_READER_OPS = frozenset({"Transpose"})
+_LOW_PRECISION = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
 def _is_constant(value: ir.Value | None) -> bool:
@@ -70,6 +73,8 @@ def _foldable_nodes(graph: ir.Graph, input_size_limit: int) -> list[ir.Node]:
             continue
         if not all(_is_constant(v) or v in produced for v in node.inputs):
             continue
+        if _narrows_to_low_precision(node):
+            continue
         large = [
             v for v in node.inputs
             if v is not None and v.const_value is not None and v.const_value.size > input_size_limit
@@ -79,6 +84,26 @@ def _foldable_nodes(graph: ir.Graph, input_size_limit: int) -> list[ir.Node]:
         folding.append(node)
         produced.update(node.outputs)
     return folding
+
+
+def _narrows_to_low_precision(node: ir.Node) -> bool:
+    """A Cast (or CastLike) of a wider float to float16/bfloat16: onnxruntime elides that
+    rounding when the reader runs in float32 (its inserted Casts cancel), so a folded float16
+    constant would be rounded where the running graph is not. The Cast stays."""
+    if node.op_type == "Cast" and "to" in node.attributes:
+        target = ir.DataType(node.attributes["to"].as_int())
+    elif node.op_type == "CastLike" and len(node.inputs) > 1:
+        target = _dtype_of(node.inputs[1])
+    else:
+        return False
+    source = _dtype_of(node.inputs[0]) if node.inputs else None
+    return target in _LOW_PRECISION and source is not None and source.is_floating_point() and source.itemsize > 2
+
+
+def _dtype_of(value: ir.Value | None) -> ir.DataType | None:
+    if value is None:
+        return None
+    return value.const_value.dtype if value.const_value is not None else value.dtype
 
 
 def _frontier(nodes: list[ir.Node]) -> list[ir.Value]:
@@ -92,8 +117,11 @@ def _frontier(nodes: list[ir.Node]) -> list[ir.Value]:
     ]
 
 
-def _evaluate(model: ir.Model, nodes: list[ir.Node], wanted: list[ir.Value]) -> dict[ir.Value, np.ndarray]:
-    """``wanted`` computed by onnxruntime from a model of ``nodes`` alone (raises InputError)."""
+def _evaluate(
+    model: ir.Model, nodes: list[ir.Node], wanted: list[ir.Value], *, widen: bool = False
+) -> dict[ir.Value, np.ndarray]:
+    """``wanted`` computed by onnxruntime from a model of ``nodes`` alone (raises InputError);
+    ``widen``: from that model converted to float32 (``verification.float64_model``)."""
     mapping: dict[ir.Value, ir.Value] = {}
     initializers: list[ir.Value] = []
     copies: list[ir.Node] = []
@@ -130,17 +158,17 @@ def _evaluate(model: ir.Model, nodes: list[ir.Node], wanted: list[ir.Value]) -> 
         opset_imports=dict(model.opset_imports),
     )
     sub = ir.Model(graph, ir_version=model.ir_version)
+    if widen:
+        sub = float64_model(sub, ir.DataType.FLOAT)
     # Imported here: a model with nothing to fold (most exports) never pays for onnxruntime.
     import onnxruntime as ort
 
+    sess = runtime.session(sub)  # InputError when onnxruntime cannot build it
+    # A kernel that fails at run time is an expected outcome here, not a message for the user.
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
     try:
-        sess = runtime.session(sub)
-        # A kernel that fails at run time is an expected outcome here, not a message for the user.
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4
         arrays = sess.run([value.name for value in wanted], {}, quiet)
-    except InputError:
-        raise
     except Exception as error:  # onnxruntime raises its own untyped errors
         raise InputError(str(error)) from None
     return dict(zip(wanted, arrays, strict=True))
@@ -175,6 +203,37 @@ def _evaluate_one_by_one(model: ir.Model, nodes: list[ir.Node]) -> dict[ir.Value
     return known
 
 
+def _low_precision_values(
+    model: ir.Model, nodes: list[ir.Node], values: dict[ir.Value, np.ndarray]
+) -> dict[ir.Value, np.ndarray | None]:
+    """float16/bfloat16 constants from the float32 run of their subgraph, rounded once.
+
+    onnxruntime runs float16 ops in float32 and keeps float32 between them, so the running graph
+    holds these values unrounded; the folded constant is their float32 value rounded once, and
+    a value that overflows or flushes to 0 in that rounding is not folded (None). Without a
+    float32 run, no 16-bit value is folded.
+    """
+    low = [
+        v for v, array in values.items()
+        if isinstance(array, np.ndarray) and low_precision.is_low_precision(array.dtype)
+    ]
+    if not low:
+        return {}
+    try:
+        wide = _evaluate(model, nodes, low, widen=True)
+    except InputError as error:
+        logger.info("constant folding: no float32 run of the float16 constants (%s)", error)
+        return dict.fromkeys(low)
+    result: dict[ir.Value, np.ndarray | None] = {}
+    for value in low:
+        dtype = values[value].dtype
+        if fold_precision.cast_problem(wide[value], dtype, "constant") is not None:
+            result[value] = None
+        else:
+            result[value] = np.asarray(low_precision.rounded(wide[value], dtype)).astype(dtype)
+    return result
+
+
 def fold_with_onnxruntime(model: ir.Model, *, input_size_limit: int, output_size_limit: int) -> int:
     """Replace the main graph's constant subgraphs by their onnxruntime values (rule above).
 
@@ -191,11 +250,12 @@ def fold_with_onnxruntime(model: ir.Model, *, input_size_limit: int, output_size
     except InputError as error:
         logger.info("constant folding: one session failed (%s); trying node by node", error)
         values = _evaluate_one_by_one(model, nodes)
+    values.update(_low_precision_values(model, nodes, values))
     replaced = 0
     for value in wanted:
         array = values.get(value)
         if not isinstance(array, np.ndarray) or array.dtype == object:
-            continue  # sequences, maps and strings stay as they are
+            continue  # sequences, maps and strings stay as they are (or were refused)
         source_size = sum(
             v.const_value.size for v in value.producer().inputs if v is not None and v.const_value is not None
         )

@@ -193,12 +193,16 @@ def read_producer(
 
 
 def fold_into_producer(
-    site: ProducerSite, scale: np.ndarray, shift: np.ndarray
+    site: ProducerSite,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    statistics: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The float64 weight and bias of ``scale·site + shift`` (one value per output channel).
 
     Refuses (``Refusal``) when the weights' dtype cannot hold them: see ``require_castable`` and
-    ``require_precise``.
+    ``require_precise``; ``statistics`` (a BN's input mean and standard deviation per channel)
+    put the probes where the BN's inputs lie.
     """
     group = attribute(site.node, "group", 1)
     trans_b = bool(attribute(site.node, "transB", 0))
@@ -214,7 +218,7 @@ def fold_into_producer(
     dtype = tensor_dtype(site.weight_value)
     require_castable({"weight": weight, "bias": bias}, dtype)
 
-    def probes() -> tuple[np.ndarray, np.ndarray]:
+    def probes(law: fp.Affine | None) -> tuple[np.ndarray, np.ndarray]:
         # Gemm computes alpha·A·B + beta·C: both sides carry alpha in their rows.
         factor = alpha if site.kind == "Gemm" else 1.0
         rows = fp.output_rows(site.kind, site.weight, group=group, trans_b=trans_b) * factor
@@ -224,10 +228,14 @@ def fold_into_producer(
             old_bias = beta * old_bias
         return fp.site_outputs(
             rows, old_bias, folded_rows, fp.channel_vector(bias, site.channels), dtype.numpy(),
-            after=fp.Affine(scale, shift),
+            after=fp.Affine(scale, shift), statistics=law,
         )
 
-    require_precise(probes, dtype)
+    # Standard-normal inputs (what verification feeds) and, for a BN in float16/bfloat16, the
+    # inputs it was fitted to (float32 rounds too finely for them to matter).
+    require_precise(lambda: probes(None), dtype)
+    if statistics is not None and fp.is_low_precision(dtype.numpy()) and np.any(statistics[1] > 0):
+        require_precise(lambda: probes(fp.Affine(statistics[1], statistics[0])), dtype)
     return weight, bias
 
 

@@ -58,6 +58,7 @@ class CleanupPass(NormfoldPass):
         before = Counter(node.op_type for node in model.graph.all_nodes())
         modified = False
         symbolic = ir.passes.Sequential(
+            common.NameFixPass(),  # onnxruntime evaluates constants by value name
             _constant_folding.FoldConstantsPass(
                 shape_inference=False,
                 input_size_limit=_FOLD_INPUT_LIMIT,

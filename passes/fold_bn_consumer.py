@@ -51,6 +51,7 @@ from normfold.passes._fold_graph import (
     Reads,
     any_op,
     attribute,
+    batchnorm_statistics,
     conv_pads_of,
     describe,
     freeze,
@@ -185,14 +186,16 @@ def _require_representable(
     folded: _Folded,
     scale: np.ndarray,
     shift: np.ndarray,
+    statistics: tuple[np.ndarray, np.ndarray],
     reads: Reads,
 ) -> None:
-    """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``)."""
+    """Refuse a fold the weights' dtype cannot hold (see ``require_castable``/``require_precise``);
+    ``statistics`` are the BN's mean and standard deviation per feature, the probes' law."""
     new_weight, new_bias, bias_value = folded.weight, folded.bias, folded.bias_value
     dtype = tensor_dtype(consumer.inputs[1])
     require_castable({"weight": new_weight, "bias": new_bias}, dtype)
 
-    def probes() -> tuple[np.ndarray, np.ndarray]:
+    def probes(follow_statistics: bool) -> tuple[np.ndarray, np.ndarray]:
         kind = consumer.op_type
         trans_b = bool(attribute(consumer, "transB", 0))
         rows, per_channel = fp.input_rows(kind, weight, trans_b=trans_b)
@@ -216,9 +219,14 @@ def _require_representable(
             fp.channel_vector(new_bias, channels),
             dtype.numpy(),
             before=fp.Affine(columns(scale), columns(shift)),
+            probe=fp.Affine(columns(statistics[1]), columns(statistics[0])) if follow_statistics else None,
         )
 
-    require_precise(probes, dtype)
+    # Standard-normal inputs (what verification feeds) and, in float16/bfloat16, the inputs the
+    # BN was fitted to (float32 rounds too finely for them to matter).
+    require_precise(lambda: probes(False), dtype)
+    if fp.is_low_precision(dtype.numpy()) and np.any(statistics[1] > 0):
+        require_precise(lambda: probes(True), dtype)
 
 
 class FoldBnIntoConsumer(FoldRule):
@@ -277,7 +285,10 @@ class FoldBnIntoConsumer(FoldRule):
             folded = _fold_gemm(consumer, weight, scale, shift, reads)
         else:
             folded = _fold_matmul(consumer, weight, scale, shift)
-        _require_representable(consumer, weight, folded, scale, shift, reads)
+        # The BN's statistics describe its input: the probes follow them.
+        mean, std = batchnorm_statistics(bn, reads)
+        statistics = (fm.repeat_channels(mean, where.block), fm.repeat_channels(std, where.block))
+        _require_representable(consumer, weight, folded, scale, shift, statistics, reads)
         self._plan = _ConsumerFold(bn, consumer, chain, x, weight_value, folded, reads)
         return MatchResult()
 

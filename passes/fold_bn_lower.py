@@ -6,8 +6,11 @@ affine map ``s·x + t`` (:func:`normfold.math.batchnorm.bn_scale_shift`, float64
 replaced by ``Mul`` and ``Add`` with ``s`` and ``t`` as new initializers shaped ``[C, 1, …]``
 for the input's rank, cast once to the input's dtype. Refused, with the reason: the training
 forms and parameters that are not constants (:func:`~normfold.passes._fold_graph.batchnorm_affine`),
-an input of unknown rank, and constants the dtype cannot hold. Runs after the folds, on what
-they left (see :mod:`normfold.passes.fold_bn`).
+an input of unknown rank, constants the dtype cannot hold, and a map that cancels: ``x·s + t``
+rounds the product before adding ``t``, so where ``|μ·s|`` dwarfs the output (the BN computes
+``s·(x − μ) + β``) the lowered form is refused (probed with the BN's own statistics,
+:func:`normfold.math.fold_precision.lowered_outputs`). Runs after the folds, on what they left
+(see :mod:`normfold.passes.fold_bn`).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import onnx_ir as ir
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold.errors import Refusal
+from normfold.math import fold_precision
 from normfold.passes._fold_graph import (
     FoldRule,
     Reads,
+    batchnorm_statistics,
     freeze,
     initializer,
     rank_of,
     require_castable,
+    require_precise,
     tensor_dtype,
 )
 
@@ -61,6 +67,8 @@ class LowerBatchNorm(FoldRule):
             )
         dtype = x.dtype or normalized.dtype or tensor_dtype(bn.inputs[1])
         require_castable({"scale": scale, "shift": shift}, dtype)
+        mean, std = batchnorm_statistics(bn, reads)
+        require_precise(lambda: fold_precision.lowered_outputs(scale, shift, mean, std, dtype.numpy()), dtype)
         shape = (scale.size,) + (1,) * (rank - 2)
         self._plan = _Lowering(bn, scale.reshape(shape), shift.reshape(shape), dtype, reads)
         return MatchResult()

@@ -29,6 +29,7 @@ from typing import Any
 import onnx_ir as ir
 from normfold.passes.base import PassOptions, PassRecord
 from normfold.errors import Refusal
+from normfold.passes._fold_graph import batchnorm_statistics
 from normfold.passes._producer_site import (
     ProducerFold,
     ProducerFoldRule,
@@ -72,6 +73,6 @@ class FoldBnIntoProducer(ProducerFoldRule):
                 f"the BatchNormalization has {scale.size} channels, "
                 f"{site.label} produces {site.channels}"
             )
-        weight, bias = fold_into_producer(site, scale, shift)
+        weight, bias = fold_into_producer(site, scale, shift, batchnorm_statistics(bn, reads))
         self._plan = ProducerFold(bn, site, weight, bias, reads, how="producer")
         return MatchResult()

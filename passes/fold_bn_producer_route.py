@@ -38,6 +38,7 @@ from normfold.passes._channel_route import ROUTE_OPS, Route, follow
 from normfold.errors import Refusal
 from normfold.passes._fold_graph import (
     any_op,
+    batchnorm_statistics,
     describe,
     freeze,
 )
@@ -121,7 +122,7 @@ class FoldBnThroughShapes(ProducerFoldRule):
                 f"the BatchNormalization has {scale.size} channels, "
                 f"{site.label} produces {site.channels}"
             )
-        weight, bias = fold_into_producer(site, scale, shift)
+        weight, bias = fold_into_producer(site, scale, shift, batchnorm_statistics(bn, reads))
         self._plan = _RoutedFold(bn, site, weight, bias, reads, "producer-route", chain, produced)
         return MatchResult()
 

@@ -1,9 +1,13 @@
-"""Small ONNX models built in code for the tests that need a graph but not the torch zoo."""
+"""Small ONNX models built in code for the tests that need a graph but not the torch zoo, and
+the ``cli`` fixture that runs ``normfold`` commands in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +55,40 @@ def conv_bn_path(tmp_path: Path) -> Path:
     return path
 
 
+@dataclasses.dataclass
+class CliResult:
+    """What a ``normfold`` command did: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Cli = Callable[..., CliResult]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """Run ``normfold ARGS`` in this process (``normfold.cli.main``), as a shell would see it:
+    the exit status, stdout and stderr. No new interpreter per command: the CLI tests stay fast."""
+    from normfold.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> CliResult:
+        capsys.readouterr()
+        with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+            try:
+                code = main(list(args))
+            except SystemExit as done:  # argparse: --help, --version, usage errors
+                code = done.code if isinstance(done.code, int) else 2
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m normfold ARGS`` the way a user's shell would."""
+    """Run ``python -m normfold ARGS`` in a new interpreter, the way a user's shell would (for the
+    few tests about the process itself; the others use the in-process :func:`cli` fixture)."""
     return subprocess.run(
         [sys.executable, "-m", "normfold", *args],
         capture_output=True,

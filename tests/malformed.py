@@ -10,7 +10,6 @@ from __future__ import annotations
 
 __all__ = ["BAD", "UNUSUAL", "base_model", "external_copy"]
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import normfold
 from normfold.errors import InputError
-from tests.conftest import conv_bn_relu_model, run_cli
+from tests.conftest import Cli, conv_bn_relu_model, run_cli
 
 
 def _digest(path: Path) -> str:
@@ -65,20 +65,20 @@ def _custom_domain(model: onnx.ModelProto) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_MODELS))
-def test_optimize_bad_input_exits_2_and_writes_nothing(tmp_path: Path, kind: str) -> None:
+def test_optimize_bad_input_exits_2_and_writes_nothing(tmp_path: Path, kind: str, cli: Cli) -> None:
     path = tmp_path / "in.onnx"
     BAD_MODELS[kind](path)
     before = {p.name for p in tmp_path.iterdir()}
-    result = run_cli("optimize", str(path), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json"))
+    result = cli("optimize", str(path), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json"))
     _assert_clean_failure(result, tmp_path, before, code=2, names=str(path))
 
 
-def test_missing_input_file(tmp_path: Path) -> None:
-    result = run_cli("optimize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "out.onnx"))
+def test_missing_input_file(tmp_path: Path, cli: Cli) -> None:
+    result = cli("optimize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "out.onnx"))
     _assert_clean_failure(result, tmp_path, set(), code=2, names="absent.onnx")
 
 
-def test_external_data_outside_folder_is_refused(tmp_path: Path) -> None:
+def test_external_data_outside_folder_is_refused(tmp_path: Path, cli: Cli) -> None:
     folder = tmp_path / "m"
     folder.mkdir()
     path = folder / "in.onnx"
@@ -91,39 +91,39 @@ def test_external_data_outside_folder_is_refused(tmp_path: Path) -> None:
                 entry.value = "../in.data"
     onnx.save(model, path)
     before = {p.name for p in folder.iterdir()}
-    result = run_cli("optimize", str(path), "-o", str(folder / "out.onnx"))
+    result = cli("optimize", str(path), "-o", str(folder / "out.onnx"))
     _assert_clean_failure(result, folder, before, code=2, names="outside the model's folder")
 
 
-def test_output_equal_to_input_is_refused(conv_bn_path: Path) -> None:
+def test_output_equal_to_input_is_refused(conv_bn_path: Path, cli: Cli) -> None:
     digest = _digest(conv_bn_path)
-    result = run_cli("optimize", str(conv_bn_path), "-o", str(conv_bn_path))
+    result = cli("optimize", str(conv_bn_path), "-o", str(conv_bn_path))
     _assert_clean_failure(result, conv_bn_path.parent, {conv_bn_path.name}, code=2, names="refusing to overwrite")
     assert _digest(conv_bn_path) == digest
 
 
-def test_unknown_pass_and_bad_dims_are_usage_errors(conv_bn_path: Path) -> None:
+def test_unknown_pass_and_bad_dims_are_usage_errors(conv_bn_path: Path, cli: Cli) -> None:
     folder = conv_bn_path.parent
     out = str(folder / "out.onnx")
-    result = run_cli("optimize", str(conv_bn_path), "-o", out, "--passes", "fold-everything")
+    result = cli("optimize", str(conv_bn_path), "-o", out, "--passes", "fold-everything")
     _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="unknown pass 'fold-everything'")
-    result = run_cli("optimize", str(conv_bn_path), "-o", out, "--dims", "batch:2")
+    result = cli("optimize", str(conv_bn_path), "-o", out, "--dims", "batch:2")
     _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="--dims")
 
 
-def test_optimize_refuses_the_approximate_pass_and_points_to_its_command(conv_bn_path: Path) -> None:
+def test_optimize_refuses_the_approximate_pass_and_points_to_its_command(conv_bn_path: Path, cli: Cli) -> None:
     folder = conv_bn_path.parent
-    result = run_cli("optimize", str(conv_bn_path), "-o", str(folder / "out.onnx"), "--passes", "fold-bn,collapse")
+    result = cli("optimize", str(conv_bn_path), "-o", str(folder / "out.onnx"), "--passes", "fold-bn,collapse")
     _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="`normfold collapse`")
     with pytest.raises(InputError, match="normfold collapse"):
         normfold.optimize(conv_bn_path, passes=["collapse"])
 
 
-def test_optimize_writes_model_and_report(conv_bn_path: Path) -> None:
+def test_optimize_writes_model_and_report(conv_bn_path: Path, cli: Cli) -> None:
     folder = conv_bn_path.parent
     digest = _digest(conv_bn_path)
     out, report_path = folder / "out.onnx", folder / "report.json"
-    result = run_cli("optimize", str(conv_bn_path), "-o", str(out), "--report", str(report_path))
+    result = cli("optimize", str(conv_bn_path), "-o", str(out), "--report", str(report_path))
     assert result.returncode == 0, result.stderr
     assert "PASSED" in result.stdout
     assert _digest(conv_bn_path) == digest
@@ -137,8 +137,8 @@ def test_optimize_writes_model_and_report(conv_bn_path: Path) -> None:
     assert {p.name for p in folder.iterdir()} == {"conv_bn.onnx", "out.onnx", "report.json"}
 
 
-def test_verify_exit_codes(tmp_path: Path, conv_bn_path: Path) -> None:
-    same = run_cli("verify", str(conv_bn_path), str(conv_bn_path), "--report", str(tmp_path / "v.json"))
+def test_verify_exit_codes(tmp_path: Path, conv_bn_path: Path, cli: Cli) -> None:
+    same = cli("verify", str(conv_bn_path), str(conv_bn_path), "--report", str(tmp_path / "v.json"))
     assert same.returncode == 0, same.stderr
     assert "PASSED" in same.stdout
     assert json.loads((tmp_path / "v.json").read_text())["passed"] is True
@@ -148,25 +148,25 @@ def test_verify_exit_codes(tmp_path: Path, conv_bn_path: Path) -> None:
         numpy_helper.from_array(numpy_helper.to_array(other.graph.initializer[0]) * 1.01, other.graph.initializer[0].name)
     )
     onnx.save(other, tmp_path / "other.onnx")
-    different = run_cli("verify", str(conv_bn_path), str(tmp_path / "other.onnx"))
+    different = cli("verify", str(conv_bn_path), str(tmp_path / "other.onnx"))
     assert different.returncode == 1
     assert "FAILED" in different.stdout
 
 
-def test_inspect_json_and_table(conv_bn_path: Path) -> None:
-    result = run_cli("inspect", str(conv_bn_path), "--json")
+def test_inspect_json_and_table(conv_bn_path: Path, cli: Cli) -> None:
+    result = cli("inspect", str(conv_bn_path), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ops_before"] == {"Conv": 1, "BatchNormalization": 1, "Relu": 1}
     assert [p["name"] for p in report["passes"]][0] == "cleanup"
-    table = run_cli("inspect", str(conv_bn_path))
+    table = cli("inspect", str(conv_bn_path))
     assert table.returncode == 0 and "BatchNormalization 1" in table.stdout
 
 
-def test_passes_lists_registry() -> None:
+def test_passes_lists_registry(cli: Cli) -> None:
     from normfold.passes import REGISTRY
 
-    result = run_cli("passes")
+    result = cli("passes")
     assert result.returncode == 0
     for name in REGISTRY:
         assert name in result.stdout
@@ -179,11 +179,11 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0 and "cleanup" in result.stdout
 
 
-def test_missing_external_data_is_refused(tmp_path: Path) -> None:
+def test_missing_external_data_is_refused(tmp_path: Path, cli: Cli) -> None:
     path = tmp_path / "in.onnx"
     onnx.save(conv_bn_relu_model(), path, save_as_external_data=True, location="in.data", size_threshold=0)
     (tmp_path / "in.data").unlink()
-    result = run_cli("optimize", str(path), "-o", str(tmp_path / "out.onnx"))
+    result = cli("optimize", str(path), "-o", str(tmp_path / "out.onnx"))
     _assert_clean_failure(result, tmp_path, {"in.onnx"}, code=2, names="missing external data")
 
 
@@ -197,13 +197,13 @@ def test_missing_external_data_is_refused(tmp_path: Path) -> None:
     ],
     ids=["wrong-name", "wrong-rank", "wrong-dim", "wrong-dtype"],
 )
-def test_mismatched_inputs_file(tmp_path: Path, conv_bn_path: Path, arrays, message: str) -> None:
+def test_mismatched_inputs_file(tmp_path: Path, conv_bn_path: Path, arrays, message: str, cli: Cli) -> None:
     npz = tmp_path / "inputs.npz"
     np.savez(npz, **arrays)
     before = {p.name for p in tmp_path.iterdir()}
-    result = run_cli("optimize", str(conv_bn_path), "-o", str(tmp_path / "out.onnx"), "--inputs", str(npz))
+    result = cli("optimize", str(conv_bn_path), "-o", str(tmp_path / "out.onnx"), "--inputs", str(npz))
     _assert_clean_failure(result, tmp_path, before, code=2, names=message)
-    result = run_cli("verify", str(conv_bn_path), str(conv_bn_path), "--inputs", str(npz))
+    result = cli("verify", str(conv_bn_path), str(conv_bn_path), "--inputs", str(npz))
     _assert_clean_failure(result, tmp_path, before, code=2, names="inputs.npz")
 
 

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normfold import io, runtime
 from normfold.jobs.collapse import collapse_onnx
-from tests.conftest import run_cli
+from tests.conftest import Cli
 
 
 def _bn(name: str, source: str, beta: np.ndarray, gamma: np.ndarray, rng) -> tuple[onnx.NodeProto, list]:
@@ -221,12 +221,12 @@ def test_each_onnx_merge_rule_is_exact(form):
     np.testing.assert_allclose(runtime.run(model, feed)["y"], runtime.run(proto, feed)["y"], rtol=1e-4, atol=1e-4)
 
 
-def test_cli_collapses_writes_and_reports(tmp_path: Path):
+def test_cli_collapses_writes_and_reports(tmp_path: Path, cli: Cli):
     source = tmp_path / "in.onnx"
     onnx.save(_tlc_model(), source)
     calibration = tmp_path / "calibration.npz"
     np.savez(calibration, **_feeds(1)[0])
-    done = run_cli("collapse", str(source), "-o", str(tmp_path / "out.onnx"), "--max-deviation", "0.01",
+    done = cli("collapse", str(source), "-o", str(tmp_path / "out.onnx"), "--max-deviation", "0.01",
                    "--calibration", str(calibration), "--report", str(tmp_path / "r.json"), "-q")
     assert done.returncode == 0, done.stderr
     assert "deviation of y" in done.stdout and "approximate" in done.stdout
@@ -238,12 +238,12 @@ def test_cli_collapses_writes_and_reports(tmp_path: Path):
     assert report["nodes_after"] < report["nodes_before"]
 
 
-def test_cli_usage_errors_exit_2(tmp_path: Path):
+def test_cli_usage_errors_exit_2(tmp_path: Path, cli: Cli):
     source = tmp_path / "in.onnx"
     onnx.save(_tlc_model(), source)
-    both = run_cli("collapse", str(source), "-o", str(tmp_path / "o.onnx"), "--remove", "1", "--max-deviation", "1")
+    both = cli("collapse", str(source), "-o", str(tmp_path / "o.onnx"), "--remove", "1", "--max-deviation", "1")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
-    missing = run_cli("collapse", "-o", str(tmp_path / "o.onnx"))
+    missing = cli("collapse", "-o", str(tmp_path / "o.onnx"))
     assert missing.returncode == 2 and "give an input model" in missing.stderr
     assert not (tmp_path / "o.onnx").exists()
 

@@ -17,7 +17,6 @@ from normfold.errors import InputError  # noqa: E402
 from normfold.examples import digits  # noqa: E402
 from normfold.torch import collapse  # noqa: E402
 from normfold.torch.layer_collapse import format_report  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +115,11 @@ def test_untraceable_models_are_refused():
         collapse(Branchy(), [torch.ones(1, 2)], evaluate=lambda m: 0.0, example_inputs=torch.ones(1, 2))
 
 
-def test_the_embedded_example_writes_model_report_and_plot(tmp_path, monkeypatch):
+@pytest.mark.slow  # trains a digits CNN
+def test_the_embedded_example_writes_model_report_and_plot(tmp_path, cli):
     pytest.importorskip("matplotlib")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # shared cores: see one_thread
     out = tmp_path / "cnn.onnx"
-    done = run_cli("collapse", "--example", "digits-cnn", "-o", str(out), "--epochs", "2",
+    done = cli("collapse", "--example", "digits-cnn", "-o", str(out), "--epochs", "2",
                    "--finetune-epochs", "1", "--max-accuracy-drop", "1", "-q")
     assert done.returncode == 0, done.stderr
     report = json.loads(out.with_suffix(".json").read_text())

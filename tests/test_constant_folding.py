@@ -142,3 +142,34 @@ def test_a_node_onnxruntime_cannot_run_is_left_alone() -> None:
     assert erf.inputs[0].name == "a" and erf.outputs[0].uses()
     folded = [v.const_value.numpy() for v in model.graph.initializers.values() if v.name == "neg_w"]
     np.testing.assert_array_equal(folded[0], -np.arange(3, dtype=np.float32))
+
+
+def test_float16_constants_come_from_the_float32_run() -> None:
+    """onnxruntime keeps float32 between float16 ops: ``(c·1e3)·1e-2`` never overflows when the
+    graph runs, so its intermediate ``c·1e3`` (past 65504 in float16) must not be folded alone;
+    and a Cast of float32 weights to float16 stays (the running graph elides that rounding)."""
+    nodes = [
+        helper.make_node("Mul", ["c", "big"], ["scaled"]),
+        helper.make_node("Mul", ["x", "scaled"], ["a"]),
+        helper.make_node("Mul", ["a", "small"], ["b"]),
+        helper.make_node("Cast", ["w32"], ["w"], to=TensorProto.FLOAT16),
+        helper.make_node("Add", ["b", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fp16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [3])],
+        [
+            numpy_helper.from_array(np.array([100.0, 200.0, 1.0], np.float16), "c"),
+            numpy_helper.from_array(np.array(1e3, np.float16), "big"),
+            numpy_helper.from_array(np.array(1e-2, np.float16), "small"),
+            numpy_helper.from_array(np.array([0.1, 0.2, 0.3], np.float32), "w32"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _folded(proto)
+    ops = sorted(node.op_type for node in model.graph)
+    assert ops.count("Mul") == 3 and "Cast" in ops  # nothing folded that float16 cannot hold
+    feeds = {"x": np.ones(3, np.float16)}
+    np.testing.assert_array_equal(runtime.run(ir.to_proto(model), feeds)["y"], runtime.run(proto, feeds)["y"])

@@ -877,12 +877,15 @@ def zoo_feeds() -> dict[tuple[str, bool], dict[str, np.ndarray]]:
     }
 
 
-def _zoo_variants() -> list[str]:
+def _zoo_variants() -> list:
+    """Every export variant; the default one and ts13-inputs (initializers as graph inputs) run
+    by default, the rest of the matrix is slow (.ci/run)."""
     try:
-        from normfold.models.export import VARIANTS
+        from normfold.models.export import DEFAULT_VARIANT, VARIANTS
     except ImportError:
         return []
-    return list(VARIANTS)
+    return [pytest.param(v, marks=[] if v in (DEFAULT_VARIANT, "ts13-inputs") else [pytest.mark.slow])
+            for v in VARIANTS]
 
 
 @pytest.mark.parametrize("variant", _zoo_variants())

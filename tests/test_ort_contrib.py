@@ -18,7 +18,7 @@ from onnx import TensorProto, helper
 
 from normfold import io, ort_contrib, runtime
 from normfold.errors import InputError
-from tests.conftest import run_cli
+from tests.conftest import Cli
 
 
 def _norm_model(op_type: str, opset: int, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
@@ -74,12 +74,12 @@ def test_layer_normalization_from_17_is_onnx_own() -> None:
 
 
 @pytest.mark.parametrize("op_type", ["NoSuchNormalization", "SkipLayerNormalization"])
-def test_unknown_default_domain_ops_still_refused(op_type: str, tmp_path: Path) -> None:
+def test_unknown_default_domain_ops_still_refused(op_type: str, tmp_path: Path, cli: Cli) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(_norm_model(op_type, 17), path)
     with pytest.raises(InputError, match="fails onnx.checker: No Op registered for " + op_type):
         io.load(path)
-    result = run_cli("inspect", str(path))
+    result = cli("inspect", str(path))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and op_type in result.stderr
 
@@ -91,7 +91,7 @@ def test_the_check_still_checks_the_rest() -> None:
         io.load(proto)
 
 
-def test_verify_accepts_onnxruntime_transformers_output(tmp_path: Path) -> None:
+def test_verify_accepts_onnxruntime_transformers_output(tmp_path: Path, cli: Cli) -> None:
     """A graph someone else fused with onnxruntime's own optimizer can be checked against its source."""
     pytest.importorskip("torch")
     from onnxruntime.transformers.optimizer import optimize_model
@@ -103,7 +103,7 @@ def test_verify_accepts_onnxruntime_transformers_output(tmp_path: Path) -> None:
     optimize_model(str(source), model_type="gpt2", opt_level=1, use_gpu=False).save_model_to_file(str(fused))
     ops = {(n.domain, n.op_type) for n in onnx.load(fused).graph.node}
     assert ("", "SimplifiedLayerNormalization") in ops or ("com.microsoft", "SkipSimplifiedLayerNormalization") in ops
-    result = run_cli("verify", str(source), str(fused), "--quiet")
+    result = cli("verify", str(source), str(fused), "--quiet")
     assert result.returncode == 0, result.stderr
 
 

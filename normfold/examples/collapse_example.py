@@ -98,7 +98,8 @@ def _export(module: Any, test_x: Any, output: Path) -> dict[str, Any]:
     """Export ``module`` to ``output`` atomically and measure it in onnxruntime against torch."""
     import torch
 
-    with tempfile.TemporaryDirectory(prefix=".normfold-", dir=output.parent) as folder:
+    # Exported in the system temp folder: a kill leaves nothing next to OUT (io.save stages OUT).
+    with tempfile.TemporaryDirectory(prefix="normfold-example-") as folder:
         staged = Path(folder) / output.name
         torch.onnx.export(
             module.eval(), (test_x[:2],), str(staged), dynamo=False, opset_version=17,
