@@ -158,8 +158,10 @@ def test_real_timm_models_are_reparameterized_like_timm_does(tmp_path: Path) -> 
     """timm's RepVGG, MobileOne, LeViT, FastViT and RepGhost, exported with TorchScript and
     dynamo: every BN folded, every multi-branch block one Conv (as many Convs as timm's own
     ``reparameterize_model`` leaves), verified in onnxruntime with optimizations off."""
+    from benchmarks import timm_reparam, torchvision_schemas
+
+    torchvision_schemas.define()  # before timm imports torchvision
     pytest.importorskip("timm")
-    from benchmarks import timm_reparam
 
     models = {name: size for name, size in timm_reparam.DEFAULT_MODELS.items() if name != "mobileone_s1"}
     rows = timm_reparam.run(models, ("ts17-nofold", "dynamo18"), tmp_path, progress=False)
