@@ -40,7 +40,7 @@ re-parameterization"), done on the exported graph. Rule:
    overflows, flushes a nonzero value to 0, or computes farther from the sum of the branches
    than the precision rule allows (``normfold.math.fold_precision``). It replaces the merged
    leaves in the sum (the signs are in its kernel); other leaves stay, added to it or
-   subtracted from it in their order.
+   subtracted from it in their order, except a constant 0 of one value, which is dropped.
 
 A branch that does not fit (mismatched padding or stride, other groups, an intermediate value
 that another node reads, non-constant weights, a training-form BN, …) stays in the sum and is
@@ -335,6 +335,17 @@ def _sum_tree(root: ir.Node) -> tuple[list[ir.Node], list[tuple[ir.Value, float]
     return nodes, leaves
 
 
+def _is_zero(leaf: ir.Value, total: ir.Value) -> bool:
+    """``leaf`` is one constant 0 that broadcasts into ``total`` without adding axes: a term
+    that changes nothing (timm's MobileOneBlock starts its sum at ``0``; dynamo keeps it)."""
+    if leaf.const_value is None or leaf.is_graph_input():
+        return False
+    rank = len(total.shape) if total.shape is not None else None
+    constant = leaf.const_value.numpy()
+    fits = constant.ndim == 0 or (rank is not None and constant.ndim <= rank)
+    return fits and constant.size == 1 and not np.any(constant)
+
+
 def _is_root(node: ir.Node) -> bool:
     if node.op_type not in _SUMS or node.domain != "":
         return False
@@ -410,7 +421,7 @@ class FoldBranchesPass(NormfoldPass):
         for leaf, sign in leaves:
             if id(leaf) in first_leaf:
                 terms.append((first_leaf.pop(id(leaf)), 1.0))  # the signs are in its kernel
-            elif id(leaf) not in merged_leaves:
+            elif id(leaf) not in merged_leaves and not _is_zero(leaf, root.outputs[0]):
                 terms.append((leaf, sign))
         terms.sort(key=lambda term: term[1] < 0)  # a merged Conv (added) comes before any Sub
         dtype = new_nodes[0].outputs[0].dtype

@@ -130,3 +130,41 @@ def test_the_speed_benchmark_times_whole_commands_and_compares_with_the_peer(tmp
     assert list(folder.iterdir()) == []  # each output is removed after its run
     table = speed.table(summary, 1)
     assert "normfold --no-verify" in table and "median of 1 runs" in table
+
+
+def test_the_timm_benchmark_counts_multi_branch_sums() -> None:
+    """Its ``sums`` column: a RepVGG block is one sum of branches of x, none once merged; a
+    residual around a Conv of another tensor is none."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from benchmarks.timm_reparam import branch_sums
+    from normfold import io
+    from normfold.passes.fold_branches import FoldBranchesPass
+    from tests.test_fold_branches import block_model, conv, repvgg_block
+
+    block = io.load(block_model(*repvgg_block(np.random.default_rng(0))))
+    assert branch_sums(block) == 1
+    FoldBranchesPass()(block)
+    assert branch_sums(block) == 0
+    nodes, inits = conv("x", "a", np.random.default_rng(1), (3, 3), name="c")
+    other, other_inits = conv("a", "b", np.random.default_rng(2), (3, 3), name="d")
+    residual = nodes + other + [onnx.helper.make_node("Add", ["b", "x"], ["y"], name="add")]
+    assert branch_sums(ir.from_proto(block_model(residual, inits + other_inits))) == 0
+
+
+@pytest.mark.slow
+def test_real_timm_models_are_reparameterized_like_timm_does(tmp_path: Path) -> None:
+    """timm's RepVGG, MobileOne, LeViT, FastViT and RepGhost, exported with TorchScript and
+    dynamo: every BN folded, every multi-branch block one Conv (as many Convs as timm's own
+    ``reparameterize_model`` leaves), verified in onnxruntime with optimizations off."""
+    pytest.importorskip("timm")
+    from benchmarks import timm_reparam
+
+    models = {name: size for name, size in timm_reparam.DEFAULT_MODELS.items() if name != "mobileone_s1"}
+    rows = timm_reparam.run(models, ("ts17-nofold", "dynamo18"), tmp_path, progress=False)
+    assert len(rows) == 2 * len(models)
+    for row in rows:
+        assert row.failures == [], (row.model, row.variant, row.failures)
+        assert row.bn[1] == 0, (row.model, row.variant, row.refused)
+        assert row.convs == row.timm_convs, (row.model, row.variant)

@@ -230,6 +230,23 @@ def test_subtracted_conv_and_a_subtracted_other_tensor() -> None:
     assert record["applied"] == 1
 
 
+def test_dynamo_zero_terms_go_with_the_merge() -> None:
+    """timm's MobileOneBlock starts its sum at ``0``; dynamo without its optimizer keeps
+    ``Add(BN(x), 0)`` in the RepMixer's norm and mixer. The zeros go, the block is one Conv."""
+    rng = np.random.default_rng(18)
+    block, inits = repmixer_block(rng)
+    nodes = []
+    for node in block:
+        nodes.append(node)
+        if node.op_type == "BatchNormalization" and node.input[0] == "x":
+            name = node.output[0]
+            node.output[0] = f"{name}.bn"
+            nodes.append(helper.make_node("Add", [f"{name}.bn", "zero"], [name], name=f"{name}.plus0"))
+    model, record = fold(block_model(nodes, inits + [array("zero", np.zeros(()))]))
+    assert op_types(model) == ["Conv"]
+    assert record["applied"] == 2
+
+
 def test_scale_that_is_not_per_channel_keeps_its_branch() -> None:
     """``x + Conv(x)·s`` with ``s`` varying along the width: no kernel holds it; the sum stays."""
     rng = np.random.default_rng(16)
