@@ -57,7 +57,7 @@ from benchmarks import torchvision_schemas
 from normfold.examples import digits
 from normfold.models.resnet import BasicBlock
 from normfold.torch import collapse
-from normfold.torch.layer_collapse import calibrate, cost, driver, segments
+from normfold.torch.layer_collapse import calibrate, cost, driver
 from normfold.torch.layer_collapse.driver import trace
 from normfold.torch.layer_collapse.graph import (
     activation_of, channel_axis, is_add, is_conv, padding_of, readers_of, sites, source_of,
@@ -399,10 +399,11 @@ def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float)
     rows = [header]
     for task, by_seed in results.items():
         for method in METHODS:
-            if not any(method in r for r in by_seed.values()):
+            ran = [r for r in by_seed.values() if method in r]  # a method may run on some seeds only
+            if not ran:
                 continue
             speedups, drops, macs, removed, seconds = [], [], [], [], []
-            for result in by_seed.values():
+            for result in ran:
                 dense = result["dense_folded"]
                 best = best_within(result, method, points) or {**dense, "removed": 0}
                 speedups.append(dense["ort"]["median_ms"] / best["ort"]["median_ms"])
@@ -410,7 +411,7 @@ def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float)
                 macs.append(best["macs"] / dense["macs"])
                 removed.append(best["removed"])
                 seconds.append(result[method]["seconds"])
-            rows.append((task, method, str(len(by_seed)), _spread(speedups, "x"), _spread(drops, " pt"),
+            rows.append((task, method, str(len(ran)), _spread(speedups, "x"), _spread(drops, " pt"),
                          _spread(macs, ""), _spread(removed, ""), f"{statistics.median(seconds):.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
