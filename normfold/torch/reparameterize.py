@@ -12,7 +12,8 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
 2. A leaf is a *branch* of the tensor ``x`` it reads when it is, optionally followed by an
    eval-mode BatchNorm with running statistics (a call of an ``nn.BatchNorm1d/2d/3d`` module,
    or the ``F.batch_norm`` call on stored statistics that torch.fx records inside a BatchNorm
-   subclass such as timm's ``BatchNormAct2d``) and ``nn.Identity`` calls: a call of an
+   subclass such as timm's ``BatchNormAct2d``) and ``nn.Identity`` calls (before the BN too:
+   RepGhost's ``fusion_bn(fusion_conv(x))`` with an Identity ``fusion_conv``): a call of an
    ``nn.Conv1d/2d/3d`` (exactly those classes, ``padding_mode='zeros'``) on ``x``; a k×k Conv
    of a 1×1 Conv of ``x`` (DBB; exact when the k×k Conv does not pad or the 1×1 branch gives 0
    on a zero input); an ``nn.AvgPool1d/2d/3d`` counting padded zeros; or ``x`` itself. A
@@ -26,7 +27,10 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
 4. Every merge is probe-verified: on a seeded float64 probe, the merged Conv and the original
    branches (run as they are, their parameters in float64) agree within a tolerance set by the
    model's dtype; a site that does not is refused. Every refusal has its reason in a
-   :class:`ReparamReport`.
+   :class:`ReparamReport`, a :class:`normfold.errors.Refusal` turned into a report line.
+5. Nothing is skipped silently: branches of one tensor that do not merge (no Conv among them,
+   every Conv refused, none fitting the Conv) and a BatchNorm branch alone in its sum (FastViT's
+   identity-only ``norm``) are refused with the reason, so every BatchNorm a sum leaves is named.
 
 Run :func:`normfold.torch.fold_batchnorm` before or after it for Conv + BN pairs outside sums.
 """
@@ -46,7 +50,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from normfold.errors import first_line
+from normfold.errors import Refusal, first_line
 from normfold.math import batchnorm as bnm
 from normfold.math import branches as bm
 from normfold.math import padding
@@ -93,12 +97,6 @@ class ReparamReport:
             "merged": [dataclasses.asdict(site) for site in self.merged],
             "refused": [dataclasses.asdict(site) for site in self.refused],
         }
-
-
-class _Refused(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -217,9 +215,9 @@ def _f64(tensor: torch.Tensor | None) -> np.ndarray | None:
 
 def _bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     if bn.training:
-        raise _Refused("its BatchNorm is in training mode (call .eval())")
+        raise Refusal("its BatchNorm is in training mode (call .eval())")
     if bn.running_mean is None or bn.running_var is None:
-        raise _Refused("its BatchNorm has no running statistics")
+        raise Refusal("its BatchNorm has no running statistics")
     channels = bn.num_features
     gamma = _f64(bn.weight) if bn.weight is not None else np.ones(channels)
     beta = _f64(bn.bias) if bn.bias is not None else np.zeros(channels)
@@ -228,7 +226,7 @@ def _bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
 
 def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], ...]:
     if conv.padding_mode != "zeros":
-        raise _Refused(f"it pads with '{conv.padding_mode}', not zeros")
+        raise Refusal(f"it pads with '{conv.padding_mode}', not zeros")
     window = tuple(conv.kernel_size)
     pads = padding.torch_conv_pads(conv.padding, window, conv.dilation)
     return window, tuple(conv.stride), pads, tuple(conv.dilation)
@@ -260,7 +258,7 @@ def _fetch(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if node is None:
         return None
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        raise _Refused(f"a BatchNorm statistic `{node}` is computed, not a stored tensor")
+        raise Refusal(f"a BatchNorm statistic `{node}` is computed, not a stored tensor")
     return functools.reduce(getattr, node.target.split("."), gm)
 
 
@@ -278,10 +276,10 @@ def _batchnorm_at(node: Any, gm: fx.GraphModule, modules: dict[str, nn.Module]
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
     given = dict(zip(names, node.args)) | dict(node.kwargs)
     if given.get("training", False) is not False:
-        raise _Refused(f"`{node.name}` normalizes with batch statistics (training=True)")
+        raise Refusal(f"`{node.name}` normalizes with batch statistics (training=True)")
     mean, var = _fetch(gm, given.get("running_mean")), _fetch(gm, given.get("running_var"))
     if mean is None or var is None:
-        raise _Refused(f"`{node.name}` has no running statistics")
+        raise Refusal(f"`{node.name}` has no running statistics")
     weight, bias = _fetch(gm, given.get("weight")), _fetch(gm, given.get("bias"))
     eps = float(given.get("eps", 1e-5))
     channels = mean.numel()
@@ -313,12 +311,19 @@ def _read_branch(leaf: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module
         nodes.insert(0, inner)
         mods.insert(0, step)
         inner = inner.args[0]
+        # RepGhost's ``fusion_bn(fusion_conv(x))`` with ``fusion_conv = nn.Identity()``: the
+        # identity branch of ``x``, read by the cheap depthwise Conv as well.
+        while (identity := _call(inner, modules, (nn.Identity,))) is not None \
+                and len(_value_readers(inner)) == 1:
+            nodes.insert(0, inner)
+            mods.insert(0, _module_step(identity))
+            inner = inner.args[0]
     conv = _call(inner, modules, _CONVS)
     pool = _call(inner, modules, _POOLS)
     if conv is None and pool is None:
         return _Branch(leaf, inner, f"identity {leaf.name}", "identity", nodes, mods, affine=affine)
     if len(_value_readers(inner)) != 1:
-        raise _Refused(f"`{inner.name}` is also read by {sorted(u.name for u in _value_readers(inner))}")
+        raise Refusal(f"`{inner.name}` is also read by {sorted(u.name for u in _value_readers(inner))}")
     nodes.insert(0, inner)
     mods.insert(0, _module_step(conv if conv is not None else pool))
     if pool is not None:
@@ -326,11 +331,11 @@ def _read_branch(leaf: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module
         strides = _tuple(pool.stride, pool)
         pads = _tuple(pool.padding, pool)
         if pool.ceil_mode:
-            raise _Refused(f"{inner.name} has ceil_mode=True: its last window may be partial")
+            raise Refusal(f"{inner.name} has ceil_mode=True: its last window may be partial")
         if any(pads) and not pool.count_include_pad:
-            raise _Refused(f"{inner.name} pads without count_include_pad")
+            raise Refusal(f"{inner.name} pads without count_include_pad")
         if getattr(pool, "divisor_override", None):
-            raise _Refused(f"{inner.name} has a divisor_override")
+            raise Refusal(f"{inner.name} has a divisor_override")
         return _Branch(leaf, inner.args[0], inner.name, "pool", nodes, mods, window=window,
                        strides=strides, pads=(*pads, *pads), dilations=(1,) * len(window),
                        affine=affine)
@@ -354,7 +359,7 @@ def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, n
     extra, mid_affine, mid_steps = [], None, []
     try:
         found = _batchnorm_at(middle, gm, modules)
-    except _Refused:
+    except Refusal:
         return
     if found is not None:
         mid_affine, step = found
@@ -376,7 +381,7 @@ def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, n
     if mid_affine is not None:
         weight, bias = bnm.fold_after_conv(weight, bias, *mid_affine)
     if any(branch.pads) and bias is not None and np.any(bias):
-        raise _Refused(
+        raise Refusal(
             f"{branch.label} zero-pads the output of the 1×1 {middle.target}, which is its bias "
             "(nonzero) on a zero input: the merged Conv's border would differ"
         )
@@ -392,9 +397,9 @@ def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, n
 def _check_readers(branch: _Branch, tree: set[fx.Node]) -> None:
     for node in branch.nodes[:-1]:
         if len(_value_readers(node)) != 1:
-            raise _Refused(f"`{node.name}` is also read by {sorted(u.name for u in _value_readers(node))}")
+            raise Refusal(f"`{node.name}` is also read by {sorted(u.name for u in _value_readers(node))}")
     if branch.nodes and any(user not in tree for user in _value_readers(branch.leaf)):
-        raise _Refused(f"`{branch.leaf.name}` is also read outside the sum: merging would keep it")
+        raise Refusal(f"`{branch.leaf.name}` is also read outside the sum: merging would keep it")
 
 
 def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.ndarray]:
@@ -407,17 +412,17 @@ def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.
     else:
         window, strides, pads, dilations = branch.window, branch.strides, branch.pads, branch.dilations
     if strides != reference.strides:
-        raise _Refused(f"{branch.label} has strides {list(strides)}, {reference.label} {list(reference.strides)}")
+        raise Refusal(f"{branch.label} has strides {list(strides)}, {reference.label} {list(reference.strides)}")
     if branch.kind in ("identity", "pool"):
         if out_channels != in_per_group * group:
-            raise _Refused(f"{branch.label} keeps {in_per_group * group} channels, "
+            raise Refusal(f"{branch.label} keeps {in_per_group * group} channels, "
                            f"{reference.label} makes {out_channels}")
         kernel = (bm.identity_kernel(out_channels, group, spatial) if branch.kind == "identity"
                   else bm.average_pool_kernel(out_channels, group, window))
         bias = np.zeros(out_channels)
     else:
         if branch.group != group or branch.kernel.shape[:2] != (out_channels, in_per_group):
-            raise _Refused(f"{branch.label} has a {list(branch.kernel.shape)} weight in "
+            raise Refusal(f"{branch.label} has a {list(branch.kernel.shape)} weight in "
                            f"{branch.group} group(s), {reference.label} a "
                            f"{list(reference.kernel.shape)} one in {group}")
         kernel = branch.kernel
@@ -426,7 +431,7 @@ def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.
         offsets = bm.sub_kernel_offsets(window, pads, dilations, reference.window,
                                         reference.pads, reference.dilations)
     except ValueError as error:
-        raise _Refused(f"{branch.label} does not fit in {reference.label}: {error}") from None
+        raise Refusal(f"{branch.label} does not fit in {reference.label}: {error}") from None
     return bm.pad_kernel(kernel, offsets, reference.window), bias
 
 
@@ -435,7 +440,7 @@ def _fit(branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
     for branch in branches:
         try:
             kernel, bias = _branch_kernel(branch, reference)
-        except _Refused as refusal:
+        except Refusal as refusal:
             refusals.append((branch, refusal.reason))
             continue
         if branch.affine is not None:
@@ -494,24 +499,29 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             continue
         try:
             branch = _read_branch(leaf, gm, modules)
-        except _Refused as refusal:
+        except Refusal as refusal:
             report.refused.append(RefusedBranch(leaf.name, refusal.reason))
             continue
         groups.setdefault(branch.source, []).append(branch)
     replacements: dict[fx.Node, tuple[fx.Node, list[_Branch]]] = {}
     for source, branches in groups.items():
         if len(branches) < 2 or not any(b.kind == "conv" for b in branches):
+            _refuse_unmergeable(source, branches, report)
             continue
         ready = []
         for branch in branches:
             try:
                 _check_readers(branch, tree)
-            except _Refused as refusal:
+            except Refusal as refusal:
                 report.refused.append(RefusedBranch(branch.leaf.name, refusal.reason))
                 continue
             ready.append(branch)
         convs = [b for b in ready if b.kind == "conv"]
         if not convs:
+            for branch in ready:
+                report.refused.append(RefusedBranch(
+                    branch.leaf.name, f"every Conv branch of `{source.name}` in this sum was "
+                    "refused: nothing is left to merge it into"))
             continue
         largest = max(int(np.prod(b.window)) for b in convs)
         attempts = [_fit(ready, c) for c in convs if int(np.prod(c.window)) == largest]
@@ -519,6 +529,9 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         for branch, reason in refusals:
             report.refused.append(RefusedBranch(branch.leaf.name, reason))
         if len(used) < 2:
+            if ready != used or len(ready) > 1:
+                report.refused.append(RefusedBranch(
+                    root.name, f"no other branch of `{source.name}` fits in {reference.label}"))
             continue
         weight = np.sum([k for k, _ in parts], axis=0)
         bias = np.sum([b for _, b in parts], axis=0)
@@ -554,6 +567,28 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             total = gm.graph.call_function(operator.add, (total, term))
     root.replace_all_uses_with(total)
     return len(replacements)
+
+
+def _refuse_unmergeable(source: fx.Node, branches: list[_Branch], report: ReparamReport) -> None:
+    """The reasons a group of branches of ``source`` with no Conv to merge into stays.
+
+    A lone Conv (+ BN) branch is no multi-branch site (:func:`normfold.torch.fold_batchnorm`
+    folds its BN); a BatchNorm branch of a tensor that no Conv branch shares — FastViT's
+    ``norm`` (a MobileOne block with the identity branch only), two BNs of one tensor — has
+    nothing to merge into, and the report says so, so no BN is left without a reason.
+    """
+    if len(branches) < 2 and branches[0].kind != "identity":
+        return
+    if len(branches) < 2 and branches[0].affine is None:
+        return  # ``x`` itself as a term: a residual connection, not a branch of a block
+    for branch in branches:
+        if len(branches) < 2:
+            reason = (f"the only branch of `{source.name}` in this sum is a BatchNorm of it, and "
+                      f"no Conv branch of `{source.name}` is there to merge it into")
+        else:
+            reason = (f"none of the {len(branches)} branches of `{source.name}` in this sum is a "
+                      "Conv to merge them into")
+        report.refused.append(RefusedBranch(branch.leaf.name, reason))
 
 
 def _fresh_name(gm: fx.GraphModule, base: str) -> str:
