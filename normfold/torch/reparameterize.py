@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from normfold.errors import first_line
+from normfold.errors import Refusal, first_line
 from normfold.math import batchnorm as bnm
 from normfold.math import branches as bm
 from normfold.math import padding
@@ -87,18 +87,17 @@ class ReparamReport:
     merged: list[MergedSum] = dataclasses.field(default_factory=list)
     refused: list[RefusedBranch] = dataclasses.field(default_factory=list)
 
+    def refuse(self, node: str, refusal: Refusal) -> None:
+        """Report ``refusal`` of the branch or sum ``node``: the one place a :class:`Refusal`
+        becomes a :class:`RefusedBranch`."""
+        self.refused.append(RefusedBranch(node, refusal.reason))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "applied": len(self.merged),
             "merged": [dataclasses.asdict(site) for site in self.merged],
             "refused": [dataclasses.asdict(site) for site in self.refused],
         }
-
-
-class _Refused(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -141,8 +140,7 @@ def reparameterize_with_report(
     try:
         traced = fx.symbolic_trace(work)
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
-        report.refused.append(RefusedBranch(type(module).__name__,
-                                            f"torch.fx cannot trace it: {first_line(error)}"))
+        report.refuse(type(module).__name__, Refusal(f"torch.fx cannot trace it: {first_line(error)}"))
         return work, report
     modules = dict(traced.named_modules())
     merged = 0
@@ -217,9 +215,9 @@ def _f64(tensor: torch.Tensor | None) -> np.ndarray | None:
 
 def _bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     if bn.training:
-        raise _Refused("its BatchNorm is in training mode (call .eval())")
+        raise Refusal("its BatchNorm is in training mode (call .eval())")
     if bn.running_mean is None or bn.running_var is None:
-        raise _Refused("its BatchNorm has no running statistics")
+        raise Refusal("its BatchNorm has no running statistics")
     channels = bn.num_features
     gamma = _f64(bn.weight) if bn.weight is not None else np.ones(channels)
     beta = _f64(bn.bias) if bn.bias is not None else np.zeros(channels)
@@ -228,7 +226,7 @@ def _bn_affine(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
 
 def _conv_geometry(conv: nn.Module) -> tuple[tuple[int, ...], ...]:
     if conv.padding_mode != "zeros":
-        raise _Refused(f"it pads with '{conv.padding_mode}', not zeros")
+        raise Refusal(f"it pads with '{conv.padding_mode}', not zeros")
     window = tuple(conv.kernel_size)
     pads = padding.torch_conv_pads(conv.padding, window, conv.dilation)
     return window, tuple(conv.stride), pads, tuple(conv.dilation)
@@ -260,7 +258,7 @@ def _fetch(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     if node is None:
         return None
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        raise _Refused(f"a BatchNorm statistic `{node}` is computed, not a stored tensor")
+        raise Refusal(f"a BatchNorm statistic `{node}` is computed, not a stored tensor")
     return functools.reduce(getattr, node.target.split("."), gm)
 
 
@@ -278,10 +276,10 @@ def _batchnorm_at(node: Any, gm: fx.GraphModule, modules: dict[str, nn.Module]
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
     given = dict(zip(names, node.args)) | dict(node.kwargs)
     if given.get("training", False) is not False:
-        raise _Refused(f"`{node.name}` normalizes with batch statistics (training=True)")
+        raise Refusal(f"`{node.name}` normalizes with batch statistics (training=True)")
     mean, var = _fetch(gm, given.get("running_mean")), _fetch(gm, given.get("running_var"))
     if mean is None or var is None:
-        raise _Refused(f"`{node.name}` has no running statistics")
+        raise Refusal(f"`{node.name}` has no running statistics")
     weight, bias = _fetch(gm, given.get("weight")), _fetch(gm, given.get("bias"))
     eps = float(given.get("eps", 1e-5))
     channels = mean.numel()
@@ -318,7 +316,7 @@ def _read_branch(leaf: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module
     if conv is None and pool is None:
         return _Branch(leaf, inner, f"identity {leaf.name}", "identity", nodes, mods, affine=affine)
     if len(_value_readers(inner)) != 1:
-        raise _Refused(f"`{inner.name}` is also read by {sorted(u.name for u in _value_readers(inner))}")
+        raise Refusal(f"`{inner.name}` is also read by {sorted(u.name for u in _value_readers(inner))}")
     nodes.insert(0, inner)
     mods.insert(0, _module_step(conv if conv is not None else pool))
     if pool is not None:
@@ -326,11 +324,11 @@ def _read_branch(leaf: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module
         strides = _tuple(pool.stride, pool)
         pads = _tuple(pool.padding, pool)
         if pool.ceil_mode:
-            raise _Refused(f"{inner.name} has ceil_mode=True: its last window may be partial")
+            raise Refusal(f"{inner.name} has ceil_mode=True: its last window may be partial")
         if any(pads) and not pool.count_include_pad:
-            raise _Refused(f"{inner.name} pads without count_include_pad")
+            raise Refusal(f"{inner.name} pads without count_include_pad")
         if getattr(pool, "divisor_override", None):
-            raise _Refused(f"{inner.name} has a divisor_override")
+            raise Refusal(f"{inner.name} has a divisor_override")
         return _Branch(leaf, inner.args[0], inner.name, "pool", nodes, mods, window=window,
                        strides=strides, pads=(*pads, *pads), dilations=(1,) * len(window),
                        affine=affine)
@@ -354,7 +352,7 @@ def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, n
     extra, mid_affine, mid_steps = [], None, []
     try:
         found = _batchnorm_at(middle, gm, modules)
-    except _Refused:
+    except Refusal:
         return
     if found is not None:
         mid_affine, step = found
@@ -376,7 +374,7 @@ def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, n
     if mid_affine is not None:
         weight, bias = bnm.fold_after_conv(weight, bias, *mid_affine)
     if any(branch.pads) and bias is not None and np.any(bias):
-        raise _Refused(
+        raise Refusal(
             f"{branch.label} zero-pads the output of the 1×1 {middle.target}, which is its bias "
             "(nonzero) on a zero input: the merged Conv's border would differ"
         )
@@ -392,9 +390,9 @@ def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, n
 def _check_readers(branch: _Branch, tree: set[fx.Node]) -> None:
     for node in branch.nodes[:-1]:
         if len(_value_readers(node)) != 1:
-            raise _Refused(f"`{node.name}` is also read by {sorted(u.name for u in _value_readers(node))}")
+            raise Refusal(f"`{node.name}` is also read by {sorted(u.name for u in _value_readers(node))}")
     if branch.nodes and any(user not in tree for user in _value_readers(branch.leaf)):
-        raise _Refused(f"`{branch.leaf.name}` is also read outside the sum: merging would keep it")
+        raise Refusal(f"`{branch.leaf.name}` is also read outside the sum: merging would keep it")
 
 
 def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.ndarray]:
@@ -407,17 +405,17 @@ def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.
     else:
         window, strides, pads, dilations = branch.window, branch.strides, branch.pads, branch.dilations
     if strides != reference.strides:
-        raise _Refused(f"{branch.label} has strides {list(strides)}, {reference.label} {list(reference.strides)}")
+        raise Refusal(f"{branch.label} has strides {list(strides)}, {reference.label} {list(reference.strides)}")
     if branch.kind in ("identity", "pool"):
         if out_channels != in_per_group * group:
-            raise _Refused(f"{branch.label} keeps {in_per_group * group} channels, "
+            raise Refusal(f"{branch.label} keeps {in_per_group * group} channels, "
                            f"{reference.label} makes {out_channels}")
         kernel = (bm.identity_kernel(out_channels, group, spatial) if branch.kind == "identity"
                   else bm.average_pool_kernel(out_channels, group, window))
         bias = np.zeros(out_channels)
     else:
         if branch.group != group or branch.kernel.shape[:2] != (out_channels, in_per_group):
-            raise _Refused(f"{branch.label} has a {list(branch.kernel.shape)} weight in "
+            raise Refusal(f"{branch.label} has a {list(branch.kernel.shape)} weight in "
                            f"{branch.group} group(s), {reference.label} a "
                            f"{list(reference.kernel.shape)} one in {group}")
         kernel = branch.kernel
@@ -426,7 +424,7 @@ def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.
         offsets = bm.sub_kernel_offsets(window, pads, dilations, reference.window,
                                         reference.pads, reference.dilations)
     except ValueError as error:
-        raise _Refused(f"{branch.label} does not fit in {reference.label}: {error}") from None
+        raise Refusal(f"{branch.label} does not fit in {reference.label}: {error}") from None
     return bm.pad_kernel(kernel, offsets, reference.window), bias
 
 
@@ -435,8 +433,8 @@ def _fit(branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
     for branch in branches:
         try:
             kernel, bias = _branch_kernel(branch, reference)
-        except _Refused as refusal:
-            refusals.append((branch, refusal.reason))
+        except Refusal as refusal:
+            refusals.append((branch, refusal))
             continue
         if branch.affine is not None:
             kernel, bias = bnm.fold_after_conv(kernel, bias, *branch.affine)
@@ -465,8 +463,9 @@ def _run_branch(branch: _Branch, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _probe_mismatch(used: list[_Branch], merged: nn.Module, reference: _Branch) -> str | None:
-    """Why the merged Conv does not compute the branches' sum on a seeded float64 probe."""
+def _require_probe_match(used: list[_Branch], merged: nn.Module, reference: _Branch) -> None:
+    """Raise :class:`Refusal` unless the merged Conv computes the branches' sum on a seeded
+    float64 probe."""
     conv = reference.conv
     spatial = tuple(2 * k * d + 3 for k, d in zip(conv.kernel_size, conv.dilation))
     generator = torch.Generator().manual_seed(0)
@@ -475,13 +474,12 @@ def _probe_mismatch(used: list[_Branch], merged: nn.Module, reference: _Branch) 
         expected = sum(_run_branch(branch, x) for branch in used)
         actual = copy.deepcopy(merged).to(torch.float64)(x)
     if actual.shape != expected.shape:
-        return f"the merged Conv gives shape {list(actual.shape)}, the branches {list(expected.shape)}"
+        raise Refusal(f"the merged Conv gives shape {list(actual.shape)}, the branches {list(expected.shape)}")
     scale = float(expected.abs().max())
     error = float((actual - expected).abs().max())
     limit = _PROBE_ULPS * torch.finfo(conv.weight.dtype).eps * max(scale, 1.0)
     if not error <= limit:
-        return f"on a probe the merged Conv is {error:.3g} away from the branches (limit {limit:.3g})"
-    return None
+        raise Refusal(f"on a probe the merged Conv is {error:.3g} away from the branches (limit {limit:.3g})")
 
 
 def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
@@ -494,8 +492,8 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             continue
         try:
             branch = _read_branch(leaf, gm, modules)
-        except _Refused as refusal:
-            report.refused.append(RefusedBranch(leaf.name, refusal.reason))
+        except Refusal as refusal:
+            report.refuse(leaf.name, refusal)
             continue
         groups.setdefault(branch.source, []).append(branch)
     replacements: dict[fx.Node, tuple[fx.Node, list[_Branch]]] = {}
@@ -506,8 +504,8 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         for branch in branches:
             try:
                 _check_readers(branch, tree)
-            except _Refused as refusal:
-                report.refused.append(RefusedBranch(branch.leaf.name, refusal.reason))
+            except Refusal as refusal:
+                report.refuse(branch.leaf.name, refusal)
                 continue
             ready.append(branch)
         convs = [b for b in ready if b.kind == "conv"]
@@ -516,15 +514,17 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         largest = max(int(np.prod(b.window)) for b in convs)
         attempts = [_fit(ready, c) for c in convs if int(np.prod(c.window)) == largest]
         reference, parts, used, refusals = max(attempts, key=lambda a: len(a[2]))
-        for branch, reason in refusals:
-            report.refused.append(RefusedBranch(branch.leaf.name, reason))
+        for branch, refusal in refusals:
+            report.refuse(branch.leaf.name, refusal)
         if len(used) < 2:
             continue
         weight = np.sum([k for k, _ in parts], axis=0)
         bias = np.sum([b for _, b in parts], axis=0)
         merged = _merged_conv(reference, weight, bias)
-        if (problem := _probe_mismatch(used, merged, reference)) is not None:
-            report.refused.append(RefusedBranch(root.name, problem))
+        try:
+            _require_probe_match(used, merged, reference)
+        except Refusal as refusal:
+            report.refuse(root.name, refusal)
             continue
         name = _fresh_name(gm, f"{reference.conv_target}_reparam")
         gm.add_submodule(name, merged)
