@@ -428,7 +428,17 @@ def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.
     return bm.pad_kernel(kernel, offsets, reference.window), bias
 
 
-def _fit(branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
+@dataclasses.dataclass
+class _Fit:
+    """The branches of one sum that fit in ``reference`` (check) and what the rewrite sums."""
+
+    reference: _Branch
+    parts: list[tuple[np.ndarray, np.ndarray]]  # (kernel, bias), BN folded, padded to the reference
+    used: list[_Branch]  # the branches ``parts`` come from, in the same order
+    refusals: list[tuple[_Branch, Refusal]]  # the branches that do not fit, and why
+
+
+def _fit(branches: list[_Branch], reference: _Branch) -> _Fit:
     parts, used, refusals = [], [], []
     for branch in branches:
         try:
@@ -440,7 +450,7 @@ def _fit(branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
             kernel, bias = bnm.fold_after_conv(kernel, bias, *branch.affine)
         parts.append((kernel, bias))
         used.append(branch)
-    return reference, parts, used, refusals
+    return _Fit(reference, parts, used, refusals)
 
 
 def _merged_conv(reference: _Branch, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
@@ -513,8 +523,9 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             continue
         largest = max(int(np.prod(b.window)) for b in convs)
         attempts = [_fit(ready, c) for c in convs if int(np.prod(c.window)) == largest]
-        reference, parts, used, refusals = max(attempts, key=lambda a: len(a[2]))
-        for branch, refusal in refusals:
+        fit = max(attempts, key=lambda a: len(a.used))
+        reference, parts, used = fit.reference, fit.parts, fit.used
+        for branch, refusal in fit.refusals:
             report.refuse(branch.leaf.name, refusal)
         if len(used) < 2:
             continue
