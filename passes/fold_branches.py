@@ -126,6 +126,16 @@ class _Branch:
         return self.leaf.producer()
 
 
+@dataclasses.dataclass
+class _Fit:
+    """The branches of one sum that fit in ``reference`` (check) and what the rewrite sums."""
+
+    reference: _Branch
+    parts: list[tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]]  # (kernel, bias, affine)
+    used: list[_Branch]  # the branches ``parts`` come from, in the same order
+    refusals: list[tuple[_Branch, Refusal]]  # the branches that do not fit, and why
+
+
 def _ints(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     value = attribute(node, name, None)
     return default if value is None else tuple(int(v) for v in value)
@@ -477,9 +487,10 @@ class FoldBranchesPass(NormfoldPass):
         largest = max(int(np.prod(b.window)) for b in convs)
         attempts = [self._fit(ready, candidate) for candidate in convs
                     if int(np.prod(candidate.window)) == largest]
-        reference, parts, used, refusals = max(attempts, key=lambda a: len(a[2]))
-        for branch, reason in refusals:
-            self._refuse_leaf(branch.leaf, reason)
+        fit = max(attempts, key=lambda a: len(a.used))
+        reference, parts, used = fit.reference, fit.parts, fit.used
+        for branch, refusal in fit.refusals:
+            self._refuse_leaf(branch.leaf, refusal.reason)
         group = reference.group
         if len(used) < 2:
             return None
@@ -526,9 +537,9 @@ class FoldBranchesPass(NormfoldPass):
         )
         return node, used
 
-    def _fit(self, branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
-        """``(reference, parts, used, refusals)``: the branches that fit in it, each part its
-        ``(kernel, bias, affine)`` with the kernel padded to the reference's size."""
+    def _fit(self, branches: list[_Branch], reference: _Branch) -> _Fit:
+        """The branches that fit in ``reference``, each part its ``(kernel, bias, affine)`` with
+        the kernel padded to the reference's size."""
         out_channels, in_per_group = reference.kernel.shape[:2]
         parts, used, refusals = [], [], []
         for branch in branches:
@@ -536,16 +547,16 @@ class FoldBranchesPass(NormfoldPass):
                 kernel, bias = _branch_kernel(branch, reference, out_channels, in_per_group,
                                               reference.group, len(reference.window))
             except Refusal as refusal:
-                refusals.append((branch, refusal.reason))
+                refusals.append((branch, refusal))
                 continue
             try:
                 affine = _with_post(branch, out_channels, len(reference.window) + 2)
             except Refusal as refusal:
-                refusals.append((branch, refusal.reason))
+                refusals.append((branch, refusal))
                 continue
             parts.append((kernel, bias, affine))
             used.append(branch)
-        return reference, parts, used, refusals
+        return _Fit(reference, parts, used, refusals)
 
 
 def _with_post(branch: _Branch, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | None:

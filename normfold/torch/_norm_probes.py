@@ -16,11 +16,14 @@ module that each take one tensor:
    what the replacement does too.
 4. Output shapes and dtypes are equal and every output is finite; a probe on which either
    module raises is a mismatch.
+
+A mismatch raises :class:`normfold.errors.Refusal` with the reason; the caller decides whether
+it refuses the site or tries another replacement.
 """
 
 from __future__ import annotations
 
-__all__ = ["base_probes", "mismatch"]
+__all__ = ["base_probes", "require_match"]
 
 import copy
 import math
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normfold.errors import first_line
+from normfold.errors import Refusal, first_line
 
 _FLOAT64_RTOL = 1e-6
 # Units in the last place allowed between two correct roundings of the same normalization.
@@ -51,10 +54,11 @@ def base_probes(shapes: Sequence[tuple[int, ...]], normalized_ndim: int) -> list
     return probes
 
 
-def mismatch(
+def require_match(
     original: nn.Module, new: nn.Module, probes: Sequence[torch.Tensor], eps: float, dtype: torch.dtype
-) -> str | None:
-    """Why ``new`` does not compute what ``original`` computes on ``probes``, or None if it does."""
+) -> None:
+    """Return if ``new`` computes what ``original`` computes on ``probes``; else raise
+    :class:`Refusal` saying where they differ."""
     checks = [(torch.float64, _FLOAT64_RTOL)]
     if dtype != torch.float64:
         checks.append((dtype, _ULPS * torch.finfo(dtype).eps))
@@ -73,11 +77,12 @@ def mismatch(
                         warnings.simplefilter("ignore")
                         want, got = a(probe), b(probe)
                 except Exception as error:  # noqa: BLE001  (any failure on a probe: it is not this norm)
-                    return f"probe {list(x.shape)} raised {type(error).__name__}: {first_line(error)}"
+                    raise Refusal(
+                        f"probe {list(x.shape)} raised {type(error).__name__}: {first_line(error)}"
+                    ) from error
                 why = _compare(want, got, rtol)
                 if why is not None:
-                    return f"{why} on a {probe_dtype} probe {list(x.shape)} scaled by {scale:g}"
-    return None
+                    raise Refusal(f"{why} on a {probe_dtype} probe {list(x.shape)} scaled by {scale:g}")
 
 
 def _compare(want: Any, got: Any, rtol: float) -> str | None:

@@ -43,7 +43,6 @@ import builtins
 import copy
 import dataclasses
 import functools
-import logging
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +51,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from normfold.errors import InputError, first_line
+from normfold.errors import InputError, Refusal, first_line
 from normfold.torch._norm_patterns import (
     Affine,
     Site,
@@ -60,10 +59,8 @@ from normfold.torch._norm_patterns import (
     find_sites,
     is_float32_cast,
 )
-from normfold.torch._norm_probes import base_probes, mismatch
+from normfold.torch._norm_probes import base_probes, require_match
 from normfold.torch.fuse_norms import FuseNormsReport
-
-logger = logging.getLogger(__name__)
 
 _OPS: dict[str, Callable[..., torch.Tensor]] = {
     "layer_norm": F.layer_norm, "rms_norm": F.rms_norm, "group_norm": F.group_norm,
@@ -91,10 +88,10 @@ def fuse_norm_calls_with_report(
     positions = {node: i for i, node in enumerate(gm.graph.nodes)}
     rewrites = []
     for site in find_sites(gm.graph):
-        decided = _decide(gm, site, positions)
-        if isinstance(decided, str):
-            report.refused.append({"node": site.outputs[0].name, "reason": decided})
-            logger.info("fuse_norm_calls refused %s: %s", site.outputs[0].name, decided)
+        try:
+            decided = _decide(gm, site, positions)
+        except Refusal as refusal:
+            report.refuse(refusal, node=site.outputs[0].name)
             continue
         entry = {"node": decided.outputs[0].name, "as": decided.call.describe()}
         if decided.kept:
@@ -217,38 +214,39 @@ def _attribute(gm: fx.GraphModule, param: _Param) -> str:
     return name
 
 
-def _decide(gm: fx.GraphModule, site: Site, positions: dict[fx.Node, int]) -> _Rewrite | str:
-    """The verified rewrite of ``site`` with the longest affine that joins, or why there is none."""
+def _decide(gm: fx.GraphModule, site: Site, positions: dict[fx.Node, int]) -> _Rewrite:
+    """The verified rewrite of ``site`` with the longest affine that joins; raises
+    :class:`Refusal` saying why when there is none."""
     if site.refusal is not None:
-        return site.refusal
+        raise Refusal(site.refusal)
     kept: list[str] = []
     for affine in (*site.affines, None):
-        attempt = _attempt(gm, site, affine, positions)
-        if isinstance(attempt, _Rewrite):
-            attempt.kept = "; ".join(kept)
-            return attempt
-        if affine is None:
-            return f"{attempt} (with an affine: {'; '.join(kept)})" if kept else attempt
-        kept.append(f"`{affine.outputs[0].name}`: {attempt}")
+        try:
+            attempt = _attempt(gm, site, affine, positions)
+        except Refusal as why:
+            if affine is not None:
+                kept.append(f"`{affine.outputs[0].name}`: {why.reason}")
+                continue
+            if kept:
+                raise Refusal(f"{why.reason} (with an affine: {'; '.join(kept)})") from None
+            raise
+        attempt.kept = "; ".join(kept)
+        return attempt
     raise AssertionError("unreachable: the last attempt has no affine")
 
 
 def _attempt(
     gm: fx.GraphModule, site: Site, affine: Affine | None, positions: dict[fx.Node, int]
-) -> _Rewrite | str:
-    """The rewrite of ``site`` with ``affine`` (None: the core alone) if it passes the probes."""
+) -> _Rewrite:
+    """The rewrite of ``site`` with ``affine`` (None: the core alone) if it passes the probes;
+    raises :class:`Refusal` saying why when it does not."""
     assert site.eps is not None
-    params = _params(gm, site, affine, positions)
-    if isinstance(params, str):
-        return params
-    weight, bias = params
+    weight, bias = _params(gm, site, affine, positions)
     if site.kind == "group_norm" and weight is None:
-        return ("without a [C] weight the channel count is not in the graph, and F.group_norm needs it "
-                "divisible by the groups (the hand-written view groups any C * H * W)")
+        raise Refusal("without a [C] weight the channel count is not in the graph, and F.group_norm needs it "
+                      "divisible by the groups (the hand-written view groups any C * H * W)")
     outputs, nodes = (site.outputs, site.nodes) if affine is None else (affine.outputs, affine.nodes)
     original = _subgraph(gm, nodes, set(site.x), outputs[0])
-    if isinstance(original, str):
-        return original
     shapes, normalized_ndim, call_shape = _probe_shapes(site, weight)
     probes = base_probes(shapes, normalized_ndim)
     dtype = _model_dtype(gm, nodes)
@@ -258,53 +256,53 @@ def _attempt(
     failure = None
     for upcast, cast_back in forms:
         call = _Call(site.kind, call_shape, site.eps, upcast, cast_back)
-        why = mismatch(original, _replacement(call, weight, bias), probes, site.eps, dtype)
-        if why is None:
-            return _Rewrite(site, call, outputs, nodes, weight, bias, kept="")
-        failure = failure or why
-    return f"outputs differ from F.{site.kind}{'' if affine is None else ' with this affine'}: {failure}"
+        try:
+            require_match(original, _replacement(call, weight, bias), probes, site.eps, dtype)
+        except Refusal as why:
+            failure = failure or why.reason
+            continue
+        return _Rewrite(site, call, outputs, nodes, weight, bias, kept="")
+    raise Refusal(f"outputs differ from F.{site.kind}{'' if affine is None else ' with this affine'}: {failure}")
 
 
 def _params(
     gm: fx.GraphModule, site: Site, affine: Affine | None, positions: dict[fx.Node, int]
-) -> tuple[_Param | None, _Param | None] | str:
-    """The F. call's weight and bias from ``affine``, or why the affine cannot join."""
+) -> tuple[_Param | None, _Param | None]:
+    """The F. call's weight and bias from ``affine``; raises :class:`Refusal` saying why when
+    the affine cannot join."""
     if affine is None:
         return None, None
     if affine.refusal is not None:
-        return affine.refusal
+        raise Refusal(affine.refusal)
     found = []
     for node in (affine.weight, affine.bias):
         if node is None:
             found.append(None)
             continue
         value = _evaluate(gm, node, positions)
-        if isinstance(value, str):
-            return value
         found.append(_Param(value, node.target if node.op == "get_attr" else None, _source(node, positions)))
     weight, bias = found
     assert weight is not None
     shape = tuple(weight.value.shape)
     if site.kind == "group_norm":
         if len(shape) != 1 or affine.channels not in (None, shape[0]):
-            return f"weight shape {list(shape)} is not [C] as written in its view"
+            raise Refusal(f"weight shape {list(shape)} is not [C] as written in its view")
     elif len(shape) != site.dims:
         last = "the last dim" if site.dims == 1 else f"the last {site.dims} dims"
-        return f"weight shape {list(shape)} is not the normalized shape ({last})"
+        raise Refusal(f"weight shape {list(shape)} is not the normalized shape ({last})")
     if bias is not None and tuple(bias.value.shape) != shape:
-        return f"bias shape {list(bias.value.shape)} != weight shape {list(shape)}"
+        raise Refusal(f"bias shape {list(bias.value.shape)} != weight shape {list(shape)}")
     return weight, bias
 
 
-def _evaluate(gm: fx.GraphModule, node: fx.Node, positions: dict[fx.Node, int]) -> torch.Tensor | str:
-    """The value of ``node``, computed from parameters and literals as the model computes it."""
+def _evaluate(gm: fx.GraphModule, node: fx.Node, positions: dict[fx.Node, int]) -> torch.Tensor:
+    """The value of ``node``, computed from parameters and literals as the model computes it;
+    raises :class:`Refusal` when it is not a floating-point tensor computed from those alone."""
     module = _subgraph(gm, closure([node], set(), positions), set(), node)
-    if isinstance(module, str):
-        return module
     with torch.no_grad():
         value = module()
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        return f"`{node.name}` is not a floating-point tensor"
+        raise Refusal(f"`{node.name}` is not a floating-point tensor")
     return value
 
 
@@ -313,9 +311,10 @@ def _source(node: fx.Node, positions: dict[fx.Node, int]) -> str:
     return attributes[0] if attributes else node.name
 
 
-def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], cut: set[fx.Node], output: fx.Node) -> fx.GraphModule | str:
+def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], cut: set[fx.Node], output: fx.Node) -> fx.GraphModule:
     """A module computing ``output`` from one input (standing for every node of ``cut``) and
-    ``gm``'s attributes, by copying ``nodes``; or why it would read something else."""
+    ``gm``'s attributes, by copying ``nodes``; raises :class:`Refusal` when it would read
+    something else."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     if cut:
@@ -323,7 +322,9 @@ def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], cut: set[fx.Node], outpu
         env.update(dict.fromkeys(cut, x))
     for node in nodes:
         if node.op not in ("call_function", "call_method", "get_attr"):
-            return f"`{output.name}` is also computed from `{node.name}` ({node.op}), not only from x and parameters"
+            raise Refusal(
+                f"`{output.name}` is also computed from `{node.name}` ({node.op}), not only from x and parameters"
+            )
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(env[output])
     return fx.GraphModule(gm, graph)

@@ -43,7 +43,8 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.torch._norm_patterns import norm_eps_literals
-from normfold.torch._norm_probes import base_probes, mismatch
+from normfold.errors import Refusal
+from normfold.torch._norm_probes import base_probes, require_match
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ class FuseNormsReport:
     replaced: list[dict[str, str]] = dataclasses.field(default_factory=list)
     refused: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
+    def refuse(self, refusal: Refusal, **where: str) -> None:
+        """Report ``refusal`` of the site ``where`` names (``module=...`` or ``node=...``): the one
+        place a torch normalization :class:`Refusal` becomes a report entry."""
+        self.refused.append({**where, "reason": refusal.reason, **refusal.details})
+        logger.info("refused %s: %s", ", ".join(where.values()), refusal.reason)
+
     def to_dict(self) -> dict[str, Any]:
         return {"replaced": [dict(r) for r in self.replaced], "refused": [dict(r) for r in self.refused]}
 
@@ -85,13 +92,13 @@ def fuse_norms_with_report(module: nn.Module) -> tuple[nn.Module, FuseNormsRepor
         if not _is_candidate(sub):
             continue
         label = name or _ROOT
-        found = _replacement(sub)
-        if isinstance(found, str):
-            report.refused.append({"module": label, "reason": found})
-            logger.info("fuse_norms refused %s: %s", label, found)
-        else:
-            replacements[name] = found
-            report.replaced.append({"module": label, "as": _describe(found)})
+        try:
+            found = _replacement(sub)
+        except Refusal as refusal:
+            report.refuse(refusal, module=label)
+            continue
+        replacements[name] = found
+        report.replaced.append({"module": label, "as": _describe(found)})
     for name, new in replacements.items():
         if not name:
             return new, report
@@ -122,25 +129,28 @@ def _eps(module: nn.Module) -> float | None:
     return found.pop() if len(found) == 1 else None
 
 
-def _replacement(module: nn.Module) -> nn.Module | str:
-    """The torch normalization that computes what ``module`` computes, or why there is none."""
+def _replacement(module: nn.Module) -> nn.Module:
+    """The torch normalization that computes what ``module`` computes; raises :class:`Refusal`
+    saying why when there is none."""
     params = list(module.parameters(recurse=False))
     if not 1 <= len(params) <= 2 or any(p.shape != params[0].shape for p in params):
         shapes = ", ".join(str(tuple(p.shape)) for p in params) or "none"
-        return f"parameters are not a normalization's affine (a weight and an optional bias of one shape): {shapes}"
+        raise Refusal(f"parameters are not a normalization's affine (a weight and an optional bias of one shape): {shapes}")
     eps = _eps(module)
     if eps is None:
-        return "no float eps or variance_epsilon attribute, and no one literal eps in its traced forward"
+        raise Refusal("no float eps or variance_epsilon attribute, and no one literal eps in its traced forward")
     candidates = _candidates(module, params, eps)
     tried = []
     dtype = params[0].dtype
     for kind, build, shapes in candidates:
         new = build()
-        why = mismatch(module, new, base_probes(shapes, len(shapes[0]) - 2), eps, dtype)
-        if why is None:
-            return new
-        tried.append(f"{kind}: {why}")
-    return "outputs match no torch normalization (" + "; ".join(tried) + ")"
+        try:
+            require_match(module, new, base_probes(shapes, len(shapes[0]) - 2), eps, dtype)
+        except Refusal as why:
+            tried.append(f"{kind}: {why.reason}")
+            continue
+        return new
+    raise Refusal("outputs match no torch normalization (" + "; ".join(tried) + ")")
 
 
 _Candidate = tuple[str, Callable[[], nn.Module], list[tuple[int, ...]]]

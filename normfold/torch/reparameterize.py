@@ -29,7 +29,7 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
    model's dtype; a site that does not is refused. Every refusal has its reason in a
    :class:`ReparamReport`, a :class:`normfold.errors.Refusal` turned into a report line.
 5. Nothing is skipped silently: branches of one tensor that do not merge (no Conv among them,
-   every Conv refused, none fitting the Conv) and a BatchNorm branch alone in its sum (FastViT's
+   every Conv refused, one not fitting the Conv) and a BatchNorm branch alone in its sum (FastViT's
    identity-only ``norm``) are refused with the reason, so every BatchNorm a sum leaves is named.
 
 Run :func:`normfold.torch.fold_batchnorm` before or after it for Conv + BN pairs outside sums.
@@ -91,6 +91,11 @@ class ReparamReport:
     merged: list[MergedSum] = dataclasses.field(default_factory=list)
     refused: list[RefusedBranch] = dataclasses.field(default_factory=list)
 
+    def refuse(self, node: str, refusal: Refusal) -> None:
+        """Report ``refusal`` of the branch or sum ``node``: the one place a :class:`Refusal`
+        becomes a :class:`RefusedBranch`."""
+        self.refused.append(RefusedBranch(node, refusal.reason))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "applied": len(self.merged),
@@ -139,8 +144,7 @@ def reparameterize_with_report(
     try:
         traced = fx.symbolic_trace(work)
     except Exception as error:  # fx raises TraceError, TypeError, AttributeError, ...
-        report.refused.append(RefusedBranch(type(module).__name__,
-                                            f"torch.fx cannot trace it: {first_line(error)}"))
+        report.refuse(type(module).__name__, Refusal(f"torch.fx cannot trace it: {first_line(error)}"))
         return work, report
     modules = dict(traced.named_modules())
     merged = 0
@@ -435,19 +439,29 @@ def _branch_kernel(branch: _Branch, reference: _Branch) -> tuple[np.ndarray, np.
     return bm.pad_kernel(kernel, offsets, reference.window), bias
 
 
-def _fit(branches: list[_Branch], reference: _Branch) -> tuple[Any, ...]:
+@dataclasses.dataclass
+class _Fit:
+    """The branches of one sum that fit in ``reference`` (check) and what the rewrite sums."""
+
+    reference: _Branch
+    parts: list[tuple[np.ndarray, np.ndarray]]  # (kernel, bias), BN folded, padded to the reference
+    used: list[_Branch]  # the branches ``parts`` come from, in the same order
+    refusals: list[tuple[_Branch, Refusal]]  # the branches that do not fit, and why
+
+
+def _fit(branches: list[_Branch], reference: _Branch) -> _Fit:
     parts, used, refusals = [], [], []
     for branch in branches:
         try:
             kernel, bias = _branch_kernel(branch, reference)
         except Refusal as refusal:
-            refusals.append((branch, refusal.reason))
+            refusals.append((branch, refusal))
             continue
         if branch.affine is not None:
             kernel, bias = bnm.fold_after_conv(kernel, bias, *branch.affine)
         parts.append((kernel, bias))
         used.append(branch)
-    return reference, parts, used, refusals
+    return _Fit(reference, parts, used, refusals)
 
 
 def _merged_conv(reference: _Branch, weight: np.ndarray, bias: np.ndarray) -> nn.Module:
@@ -470,8 +484,9 @@ def _run_branch(branch: _Branch, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _probe_mismatch(used: list[_Branch], merged: nn.Module, reference: _Branch) -> str | None:
-    """Why the merged Conv does not compute the branches' sum on a seeded float64 probe."""
+def _require_probe_match(used: list[_Branch], merged: nn.Module, reference: _Branch) -> None:
+    """Raise :class:`Refusal` unless the merged Conv computes the branches' sum on a seeded
+    float64 probe."""
     conv = reference.conv
     spatial = tuple(2 * k * d + 3 for k, d in zip(conv.kernel_size, conv.dilation))
     generator = torch.Generator().manual_seed(0)
@@ -480,13 +495,12 @@ def _probe_mismatch(used: list[_Branch], merged: nn.Module, reference: _Branch) 
         expected = sum(_run_branch(branch, x) for branch in used)
         actual = copy.deepcopy(merged).to(torch.float64)(x)
     if actual.shape != expected.shape:
-        return f"the merged Conv gives shape {list(actual.shape)}, the branches {list(expected.shape)}"
+        raise Refusal(f"the merged Conv gives shape {list(actual.shape)}, the branches {list(expected.shape)}")
     scale = float(expected.abs().max())
     error = float((actual - expected).abs().max())
     limit = _PROBE_ULPS * torch.finfo(conv.weight.dtype).eps * max(scale, 1.0)
     if not error <= limit:
-        return f"on a probe the merged Conv is {error:.3g} away from the branches (limit {limit:.3g})"
-    return None
+        raise Refusal(f"on a probe the merged Conv is {error:.3g} away from the branches (limit {limit:.3g})")
 
 
 def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
@@ -500,7 +514,7 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         try:
             branch = _read_branch(leaf, gm, modules)
         except Refusal as refusal:
-            report.refused.append(RefusedBranch(leaf.name, refusal.reason))
+            report.refuse(leaf.name, refusal)
             continue
         groups.setdefault(branch.source, []).append(branch)
     replacements: dict[fx.Node, tuple[fx.Node, list[_Branch]]] = {}
@@ -513,31 +527,31 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             try:
                 _check_readers(branch, tree)
             except Refusal as refusal:
-                report.refused.append(RefusedBranch(branch.leaf.name, refusal.reason))
+                report.refuse(branch.leaf.name, refusal)
                 continue
             ready.append(branch)
         convs = [b for b in ready if b.kind == "conv"]
         if not convs:
             for branch in ready:
-                report.refused.append(RefusedBranch(
-                    branch.leaf.name, f"every Conv branch of `{source.name}` in this sum was "
-                    "refused: nothing is left to merge it into"))
+                report.refuse(branch.leaf.name, Refusal(
+                    f"every Conv branch of `{source.name}` in this sum was refused: nothing is "
+                    "left to merge it into"))
             continue
         largest = max(int(np.prod(b.window)) for b in convs)
         attempts = [_fit(ready, c) for c in convs if int(np.prod(c.window)) == largest]
-        reference, parts, used, refusals = max(attempts, key=lambda a: len(a[2]))
-        for branch, reason in refusals:
-            report.refused.append(RefusedBranch(branch.leaf.name, reason))
-        if len(used) < 2:
-            if ready != used or len(ready) > 1:
-                report.refused.append(RefusedBranch(
-                    root.name, f"no other branch of `{source.name}` fits in {reference.label}"))
+        fit = max(attempts, key=lambda a: len(a.used))
+        reference, parts, used = fit.reference, fit.parts, fit.used
+        for branch, refusal in fit.refusals:
+            report.refuse(branch.leaf.name, refusal)
+        if len(used) < 2:  # every other branch is in fit.refusals, reported above
             continue
         weight = np.sum([k for k, _ in parts], axis=0)
         bias = np.sum([b for _, b in parts], axis=0)
         merged = _merged_conv(reference, weight, bias)
-        if (problem := _probe_mismatch(used, merged, reference)) is not None:
-            report.refused.append(RefusedBranch(root.name, problem))
+        try:
+            _require_probe_match(used, merged, reference)
+        except Refusal as refusal:
+            report.refuse(root.name, refusal)
             continue
         name = _fresh_name(gm, f"{reference.conv_target}_reparam")
         gm.add_submodule(name, merged)
@@ -588,7 +602,7 @@ def _refuse_unmergeable(source: fx.Node, branches: list[_Branch], report: Repara
         else:
             reason = (f"none of the {len(branches)} branches of `{source.name}` in this sum is a "
                       "Conv to merge them into")
-        report.refused.append(RefusedBranch(branch.leaf.name, reason))
+        report.refuse(branch.leaf.name, Refusal(reason))
 
 
 def _fresh_name(gm: fx.GraphModule, base: str) -> str:
