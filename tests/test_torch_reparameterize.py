@@ -265,23 +265,24 @@ def test_repghost_identity_bn_through_identity_merges() -> None:
 
 
 class Leftovers(nn.Module):
-    """Sums with BatchNorm branches that have no Conv to merge into: FastViT's identity-only
-    MobileOne ``norm`` (``0 + BN(x)``) under a difference, two BNs of one tensor, and a
-    mergeable RepVGG-style sum beside them."""
+    """FastViT's RepMixer ``x + γ·(mixer(x) − norm(x))`` (``norm`` an identity-only MobileOne
+    block, ``0 + BN(x)``), which merges; then BatchNorm branches with no Conv to merge into —
+    two BNs of one tensor, a BN alone in its sum — beside a RepVGG-style sum that merges."""
 
     def __init__(self, c: int = 4) -> None:
         super().__init__()
         self.mixer = nn.Conv2d(c, c, 3, padding=1, groups=c)
-        self.norm, self.bn_a, self.bn_b = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.norm, self.bn_a, self.bn_b, self.lone = (nn.BatchNorm2d(c) for _ in range(4))
         self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
         self.identity = nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity_out = 0
         identity_out = identity_out + self.norm(x)
-        y = x + (self.mixer(x) - identity_out)
+        y = x + self.gamma * (self.mixer(x) - identity_out)
         z = self.bn_a(y) + self.bn_b(y)
-        return self.k3(z) + self.identity(z)
+        return self.k3(z) + self.identity(z) + self.lone(torch.relu(z))
 
 
 def test_report_names_every_batchnorm_left() -> None:
@@ -290,16 +291,34 @@ def test_report_names_every_batchnorm_left() -> None:
     module = _randomize(Leftovers)
     merged, report = reparameterize_with_report(module)
     folded, fold_report = fold_batchnorm_with_report(merged)
-    assert [site.branches for site in report.merged] == [("k3.0", "identity identity")]
+    assert sorted(sorted(site.branches) for site in report.merged) == [
+        ["identity identity", "k3.0"], ["identity norm", "identity x", "mixer"]]
     left = {name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert left == {"norm", "bn_a", "bn_b"}
+    assert left == {"bn_a", "bn_b", "lone"}
     refused = {site.node: site.reason for site in report.refused}
     assert set(refused) == left
-    assert "no Conv branch of `x`" in refused["norm"]
-    assert "none of the 2 branches of `add_1`" in refused["bn_a"]
+    assert "none of the 2 branches of `mixer_reparam`" in refused["bn_a"]
+    assert "no Conv branch of `relu`" in refused["lone"]
     assert left <= {site.bn for site in fold_report.refused}
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         expected = copy.deepcopy(module).double()(x)
         torch.testing.assert_close(copy.deepcopy(folded).double()(x), expected, rtol=1e-6,
                                    atol=1e-6 * float(expected.abs().max()))
+
+
+class SubtractedInput(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.k3, self.k1 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.k3(x) + self.k1(x) - t
+
+
+def test_a_subtracted_leftover_refuses_the_sum() -> None:
+    module = SubtractedInput().eval()
+    merged, report = reparameterize_with_report(module)
+    assert report.merged == [] and isinstance(merged, SubtractedInput)
+    assert [site.node for site in report.refused] == ["sub"]
+    assert "`t` stays in the sum subtracted or scaled" in report.refused[0].reason

@@ -6,9 +6,14 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
 
 1. ``module`` is copied (unless ``inplace``) and traced with ``torch.fx.symbolic_trace`` (a
    module that cannot be traced is left as it is, and the report says why). A *sum* is a tree
-   of ``+`` / ``torch.add`` calls whose inner results nothing else reads (``nn.Identity`` calls
+   of ``+`` / ``torch.add``, ``-`` / ``torch.sub`` calls and products by a constant (a number or
+   a stored tensor: a layer scale) whose inner results nothing else reads (``nn.Identity`` calls
    between them, timm's ``drop_path`` at rate 0, are looked through); its leaves are the values
-   it adds (a constant 0 — MobileOne's ``identity_out = 0`` — is dropped).
+   it adds, each with its coefficient (signs times constants; a constant 0 — MobileOne's
+   ``identity_out = 0`` — is dropped). FastViT's RepMixer ``x + γ·(mixer(x) − norm(x))`` is
+   one sum of three branches of ``x``. A coefficient must be per channel of the merged Conv's
+   output (:func:`normfold.math.batchnorm.per_channel`); a leaf that stays subtracted or scaled
+   refuses its whole sum, as the rebuilt sum only adds.
 2. A leaf is a *branch* of the tensor ``x`` it reads when it is, optionally followed by an
    eval-mode BatchNorm with running statistics (a call of an ``nn.BatchNorm1d/2d/3d`` module,
    or the ``F.batch_norm`` call on stored statistics that torch.fx records inside a BatchNorm
@@ -18,7 +23,9 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
    of a 1×1 Conv of ``x`` (DBB; exact when the k×k Conv does not pad or the 1×1 branch gives 0
    on a zero input); an ``nn.AvgPool1d/2d/3d`` counting padded zeros; or ``x`` itself. A
    branch's values may be read by other calls only for their rank or shape (timm's
-   ``_assert(x.ndim == 4)``): those then read the merged Conv's output, which has the same.
+   ``_assert(x.ndim == 4)``): those then read the merged Conv's output, which has the same. A Conv
+   or AvgPool whose values another call reads stays; the leaf is then the identity branch of
+   its output (through its BN: RepGhost's ``BN(y) + BN(DWConv(y))`` with ``y = Conv(x)``).
 3. The branches of one ``x`` merge when one of them is a Conv of ``x`` and every other one reads
    the same windows centred in its kernel (strides, groups, channels, dilations, pads:
    :func:`normfold.math.branches.sub_kernel_offsets`). The merged Conv is a new module (a
@@ -29,8 +36,8 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
    model's dtype; a site that does not is refused. Every refusal has its reason in a
    :class:`ReparamReport`, a :class:`normfold.errors.Refusal` turned into a report line.
 5. Nothing is skipped silently: branches of one tensor that do not merge (no Conv among them,
-   every Conv refused, one not fitting the Conv) and a BatchNorm branch alone in its sum (FastViT's
-   identity-only ``norm``) are refused with the reason, so every BatchNorm a sum leaves is named.
+   every Conv refused, one not fitting the Conv) and a BatchNorm branch alone in its sum (a BN of a
+   tensor no Conv branch of the sum reads) are refused with the reason, so every BatchNorm a sum leaves is named.
 
 Run :func:`normfold.torch.fold_batchnorm` before or after it for Conv + BN pairs outside sums.
 """
@@ -59,6 +66,8 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ADDS = (operator.add, operator.iadd, torch.add)
+_SUBS = (operator.sub, operator.isub, torch.sub)
+_MULS = (operator.mul, operator.imul, torch.mul)
 # Calls that read only a tensor's shape (timm's ``_assert(x.ndim == 4)``): they do not need the
 # branch's values, and read the merged Conv's output as well.
 _RANK_READS = frozenset({"ndim", "dim"})
@@ -120,6 +129,7 @@ class _Branch:
     dilations: tuple[int, ...] | None = None
     group: int = 1
     affine: tuple[np.ndarray, np.ndarray] | None = None
+    coefficient: torch.Tensor | None = None  # what the sum multiplies it by (None: 1)
     conv: nn.Module | None = None
     conv_target: str | None = None
 
@@ -148,7 +158,7 @@ def reparameterize_with_report(
         return work, report
     modules = dict(traced.named_modules())
     merged = 0
-    for root in [n for n in traced.graph.nodes if _is_root(n, modules)]:
+    for root in [n for n in traced.graph.nodes if _is_root(n, traced, modules)]:
         merged += _fold_sum(traced, root, modules, report)
     if not merged:
         return work, report
@@ -159,9 +169,33 @@ def reparameterize_with_report(
     return traced, report
 
 
-def _is_add(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ADDS \
+def _binary(node: Any, targets: tuple[Callable, ...]) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets \
         and len(node.args) == 2 and not node.kwargs
+
+
+def _scale_of(node: Any, gm: fx.GraphModule) -> tuple[fx.Node, torch.Tensor] | None:
+    """``(v, c)`` in float64 when ``node`` is ``v * c`` (either order) with ``c`` a number or a
+    stored floating-point tensor (a layer scale: timm's ``LayerScale2d``); else None. Whether
+    ``c`` is per channel is checked once the branch's Conv is known."""
+    if not _binary(node, _MULS):
+        return None
+    for index in (0, 1):
+        factor, value = node.args[index], node.args[1 - index]
+        if not isinstance(value, fx.Node):
+            continue
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+            return value, torch.tensor(float(factor), dtype=torch.float64)
+        if isinstance(factor, fx.Node) and factor.op == "get_attr":
+            tensor = functools.reduce(getattr, factor.target.split("."), gm)
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                return value, tensor.detach().to("cpu", torch.float64)
+    return None
+
+
+def _is_sum(node: Any, gm: fx.GraphModule) -> bool:
+    """``+``, ``-`` or a product by a constant: a node a sum tree goes through."""
+    return _binary(node, _ADDS + _SUBS) or _scale_of(node, gm) is not None
 
 
 def _through_identities(node: Any, modules: dict[str, nn.Module]) -> tuple[Any, list[fx.Node]]:
@@ -174,13 +208,13 @@ def _through_identities(node: Any, modules: dict[str, nn.Module]) -> tuple[Any, 
     return node, skipped
 
 
-def _is_root(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """An add whose result does not go, through Identity calls at most, into another add."""
-    if not _is_add(node):
+def _is_root(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> bool:
+    """A sum node whose result does not go, through Identity calls at most, into another."""
+    if not _is_sum(node, gm):
         return False
     while len(node.users) == 1:
         (user,) = node.users
-        if _is_add(user):
+        if _is_sum(user, gm):
             return False
         if _call(user, modules, (nn.Identity,)) is None:
             return True
@@ -188,19 +222,31 @@ def _is_root(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return True
 
 
-def _sum_tree(root: fx.Node, modules: dict[str, nn.Module]) -> tuple[set[fx.Node], list[Any]]:
+def _sum_tree(root: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]
+              ) -> tuple[set[fx.Node], list[tuple[Any, torch.Tensor | None]]]:
+    """The sum nodes of the tree at ``root`` and its leaves, each with its coefficient: None
+    for 1, else the float64 product of its signs (a ``-``'s second input is subtracted) and the
+    constants it is multiplied by — FastViT's RepMixer ``x + γ·(mixer(x) − norm(x))``."""
     nodes, leaves = {root}, []
 
-    def visit(node: fx.Node) -> None:
-        for arg in node.args:
+    def visit(node: fx.Node, coefficient: torch.Tensor | None) -> None:
+        scaled = _scale_of(node, gm)
+        if scaled is not None:
+            value, factor = scaled
+            terms = [(value, factor if coefficient is None else coefficient * factor)]
+        else:
+            minus = torch.tensor(-1.0, dtype=torch.float64) if coefficient is None else -coefficient
+            terms = [(node.args[0], coefficient),
+                     (node.args[1], minus if node.target in _SUBS else coefficient)]
+        for arg, term in terms:
             inner, skipped = _through_identities(arg, modules)
-            if _is_add(inner) and len(inner.users) == 1:
+            if _is_sum(inner, gm) and len(inner.users) == 1:
                 nodes.update([inner, *skipped])
-                visit(inner)
+                visit(inner, term)
             else:
-                leaves.append(arg)
+                leaves.append((arg, term))
 
-    visit(root)
+    visit(root, None)
     return nodes, leaves
 
 
@@ -327,7 +373,10 @@ def _read_branch(leaf: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module
     if conv is None and pool is None:
         return _Branch(leaf, inner, f"identity {leaf.name}", "identity", nodes, mods, affine=affine)
     if len(_value_readers(inner)) != 1:
-        raise Refusal(f"`{inner.name}` is also read by {sorted(u.name for u in _value_readers(inner))}")
+        # Its output is needed elsewhere, so it stays: what the leaf adds is the identity branch
+        # of that output (through the BN, if any) — RepGhost's ``BN(y) + BN(DWConv(y))`` with
+        # ``y = Conv(x)``, a residual ``y + f(y)``.
+        return _Branch(leaf, inner, f"identity {leaf.name}", "identity", nodes, mods, affine=affine)
     nodes.insert(0, inner)
     mods.insert(0, _module_step(conv if conv is not None else pool))
     if pool is not None:
@@ -459,6 +508,15 @@ def _fit(branches: list[_Branch], reference: _Branch) -> _Fit:
             continue
         if branch.affine is not None:
             kernel, bias = bnm.fold_after_conv(kernel, bias, *branch.affine)
+        if branch.coefficient is not None:
+            channels = kernel.shape[0]
+            try:
+                scale = bnm.per_channel(branch.coefficient.numpy(), len(reference.window) + 2, 1,
+                                        channels, of=f"{branch.label}")
+            except Refusal as refusal:
+                refusals.append((branch, refusal))
+                continue
+            kernel, bias = bnm.fold_after_conv(kernel, bias, scale, np.zeros(channels))
         parts.append((kernel, bias))
         used.append(branch)
     return _Fit(reference, parts, used, refusals)
@@ -492,7 +550,8 @@ def _require_probe_match(used: list[_Branch], merged: nn.Module, reference: _Bra
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((2, conv.in_channels, *spatial), generator=generator, dtype=torch.float64)
     with torch.no_grad():
-        expected = sum(_run_branch(branch, x) for branch in used)
+        expected = sum(_run_branch(branch, x) * (1 if branch.coefficient is None else branch.coefficient)
+                       for branch in used)
         actual = copy.deepcopy(merged).to(torch.float64)(x)
     if actual.shape != expected.shape:
         raise Refusal(f"the merged Conv gives shape {list(actual.shape)}, the branches {list(expected.shape)}")
@@ -505,10 +564,11 @@ def _require_probe_match(used: list[_Branch], merged: nn.Module, reference: _Bra
 
 def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
               report: ReparamReport) -> int:
-    tree, leaves = _sum_tree(root, modules)
-    leaves = [leaf for leaf in leaves if not (isinstance(leaf, (int, float)) and leaf == 0)]
+    tree, terms = _sum_tree(root, gm, modules)
+    terms = [(leaf, c) for leaf, c in terms if not (isinstance(leaf, (int, float)) and leaf == 0)]
+    leaves = [leaf for leaf, _ in terms]
     groups: dict[fx.Node, list[_Branch]] = {}
-    for leaf in leaves:
+    for leaf, coefficient in terms:
         if not isinstance(leaf, fx.Node):
             continue
         try:
@@ -516,8 +576,9 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         except Refusal as refusal:
             report.refuse(leaf.name, refusal)
             continue
+        branch.coefficient = coefficient
         groups.setdefault(branch.source, []).append(branch)
-    replacements: dict[fx.Node, tuple[fx.Node, list[_Branch]]] = {}
+    plans: list[tuple[fx.Node, _Branch, nn.Module, list[_Branch]]] = []
     for source, branches in groups.items():
         if len(branches) < 2 or not any(b.kind == "conv" for b in branches):
             _refuse_unmergeable(source, branches, report)
@@ -553,8 +614,21 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         except Refusal as refusal:
             report.refuse(root.name, refusal)
             continue
+        plans.append((source, reference, merged, used))
+    merged_leaves = {id(b.leaf) for *_, used in plans for b in used}
+    scaled = [leaf for leaf, c in terms if c is not None and id(leaf) not in merged_leaves]
+    if plans and scaled:
+        # The rebuilt sum adds its leaves as they are; a subtracted or scaled one would need
+        # its own Mul, which is not written.
+        report.refuse(root.name, Refusal(
+            f"{_describe(scaled[0])} stays in the sum subtracted or scaled, and the rebuilt sum "
+            "only adds: nothing in this sum is merged"))
+        return 0
+    replacements: dict[fx.Node, tuple[fx.Node, list[_Branch]]] = {}
+    for source, reference, merged, used in plans:
         name = _fresh_name(gm, f"{reference.conv_target}_reparam")
         gm.add_submodule(name, merged)
+        modules[name] = merged  # a later sum may read it
         # Right after its input: the shape readers of the branches (timm's asserts) move to it.
         with gm.graph.inserting_after(source):
             node = gm.graph.call_module(name, (source,))
@@ -567,17 +641,16 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         report.merged.append(MergedSum(root.name, name, tuple(b.label for b in used)))
     if not replacements:
         return 0
-    merged_leaves = {id(b.leaf) for _, used in replacements.values() for b in used}
     first = {id(used[0].leaf): node for node, used in replacements.values()}
-    terms = []
+    kept = []
     for leaf in leaves:
         if id(leaf) in first:
-            terms.append(first.pop(id(leaf)))
+            kept.append(first.pop(id(leaf)))
         elif id(leaf) not in merged_leaves:
-            terms.append(leaf)
-    total = terms[0]
+            kept.append(leaf)
+    total = kept[0]
     with gm.graph.inserting_before(root):
-        for term in terms[1:]:
+        for term in kept[1:]:
             total = gm.graph.call_function(operator.add, (total, term))
     root.replace_all_uses_with(total)
     return len(replacements)
@@ -587,9 +660,9 @@ def _refuse_unmergeable(source: fx.Node, branches: list[_Branch], report: Repara
     """The reasons a group of branches of ``source`` with no Conv to merge into stays.
 
     A lone Conv (+ BN) branch is no multi-branch site (:func:`normfold.torch.fold_batchnorm`
-    folds its BN); a BatchNorm branch of a tensor that no Conv branch shares — FastViT's
-    ``norm`` (a MobileOne block with the identity branch only), two BNs of one tensor — has
-    nothing to merge into, and the report says so, so no BN is left without a reason.
+    folds its BN); a BatchNorm branch of a tensor that no Conv branch shares (two BNs of one
+    tensor, a BN alone in its sum) has nothing to merge into, and the report says so, so no BN
+    is left without a reason.
     """
     if len(branches) < 2 and branches[0].kind != "identity":
         return
@@ -603,6 +676,10 @@ def _refuse_unmergeable(source: fx.Node, branches: list[_Branch], report: Repara
             reason = (f"none of the {len(branches)} branches of `{source.name}` in this sum is a "
                       "Conv to merge them into")
         report.refuse(branch.leaf.name, Refusal(reason))
+
+
+def _describe(leaf: Any) -> str:
+    return f"`{leaf.name}`" if isinstance(leaf, fx.Node) else f"the constant {leaf!r}"
 
 
 def _fresh_name(gm: fx.GraphModule, base: str) -> str:
