@@ -233,3 +233,73 @@ def test_timm_spelling_functional_batchnorm_and_asserts() -> None:
         expected = copy.deepcopy(module).double()(x)
         torch.testing.assert_close(copy.deepcopy(merged).double()(x), expected, rtol=1e-6,
                                    atol=1e-6 * float(expected.abs().max()))
+
+
+class RepGhostLike(nn.Module):
+    """timm's RepGhost module: ``fusion_bn(fusion_conv(y)) + cheap_bn(dwconv(y))`` with
+    ``fusion_conv = nn.Identity()``, ``y`` also read by the next block (its other readers)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.primary = nn.Sequential(nn.Conv2d(3, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.fusion_conv, self.fusion_bn = nn.Identity(), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.primary(x)
+        return torch.relu(self.cheap(y) + self.fusion_bn(self.fusion_conv(y))) * y
+
+
+def test_repghost_identity_bn_through_identity_merges() -> None:
+    module = _randomize(RepGhostLike)
+    merged, report = reparameterize_with_report(module)
+    assert len(report.merged) == 1 and report.refused == []
+    assert report.merged[0].branches == ("cheap.0", "identity fusion_bn")
+    # Only the primary Conv's BN is left, for fold_batchnorm.
+    assert _counts(merged) == (2, 1)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(module).double()(x)
+        torch.testing.assert_close(copy.deepcopy(merged).double()(x), expected, rtol=1e-6,
+                                   atol=1e-6 * float(expected.abs().max()))
+
+
+class Leftovers(nn.Module):
+    """Sums with BatchNorm branches that have no Conv to merge into: FastViT's identity-only
+    MobileOne ``norm`` (``0 + BN(x)``) under a difference, two BNs of one tensor, and a
+    mergeable RepVGG-style sum beside them."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.mixer = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm, self.bn_a, self.bn_b = nn.BatchNorm2d(c), nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+        self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity_out = 0
+        identity_out = identity_out + self.norm(x)
+        y = x + (self.mixer(x) - identity_out)
+        z = self.bn_a(y) + self.bn_b(y)
+        return self.k3(z) + self.identity(z)
+
+
+def test_report_names_every_batchnorm_left() -> None:
+    from normfold.torch import fold_batchnorm_with_report
+
+    module = _randomize(Leftovers)
+    merged, report = reparameterize_with_report(module)
+    folded, fold_report = fold_batchnorm_with_report(merged)
+    assert [site.branches for site in report.merged] == [("k3.0", "identity identity")]
+    left = {name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert left == {"norm", "bn_a", "bn_b"}
+    refused = {site.node: site.reason for site in report.refused}
+    assert set(refused) == left
+    assert "no Conv branch of `x`" in refused["norm"]
+    assert "none of the 2 branches of `add_1`" in refused["bn_a"]
+    assert left <= {site.bn for site in fold_report.refused}
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(module).double()(x)
+        torch.testing.assert_close(copy.deepcopy(folded).double()(x), expected, rtol=1e-6,
+                                   atol=1e-6 * float(expected.abs().max()))

@@ -12,7 +12,8 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
 2. A leaf is a *branch* of the tensor ``x`` it reads when it is, optionally followed by an
    eval-mode BatchNorm with running statistics (a call of an ``nn.BatchNorm1d/2d/3d`` module,
    or the ``F.batch_norm`` call on stored statistics that torch.fx records inside a BatchNorm
-   subclass such as timm's ``BatchNormAct2d``) and ``nn.Identity`` calls: a call of an
+   subclass such as timm's ``BatchNormAct2d``) and ``nn.Identity`` calls (before the BN too:
+   RepGhost's ``fusion_bn(fusion_conv(x))`` with an Identity ``fusion_conv``): a call of an
    ``nn.Conv1d/2d/3d`` (exactly those classes, ``padding_mode='zeros'``) on ``x``; a k×k Conv
    of a 1×1 Conv of ``x`` (DBB; exact when the k×k Conv does not pad or the 1×1 branch gives 0
    on a zero input); an ``nn.AvgPool1d/2d/3d`` counting padded zeros; or ``x`` itself. A
@@ -26,7 +27,10 @@ RepVGG, MobileOne, ACNet or DBB, without their own ``reparameterize()``:
 4. Every merge is probe-verified: on a seeded float64 probe, the merged Conv and the original
    branches (run as they are, their parameters in float64) agree within a tolerance set by the
    model's dtype; a site that does not is refused. Every refusal has its reason in a
-   :class:`ReparamReport`.
+   :class:`ReparamReport`, a :class:`normfold.errors.Refusal` turned into a report line.
+5. Nothing is skipped silently: branches of one tensor that do not merge (no Conv among them,
+   every Conv refused, one not fitting the Conv) and a BatchNorm branch alone in its sum (FastViT's
+   identity-only ``norm``) are refused with the reason, so every BatchNorm a sum leaves is named.
 
 Run :func:`normfold.torch.fold_batchnorm` before or after it for Conv + BN pairs outside sums.
 """
@@ -311,6 +315,13 @@ def _read_branch(leaf: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module
         nodes.insert(0, inner)
         mods.insert(0, step)
         inner = inner.args[0]
+        # RepGhost's ``fusion_bn(fusion_conv(x))`` with ``fusion_conv = nn.Identity()``: the
+        # identity branch of ``x``, read by the cheap depthwise Conv as well.
+        while (identity := _call(inner, modules, (nn.Identity,))) is not None \
+                and len(_value_readers(inner)) == 1:
+            nodes.insert(0, inner)
+            mods.insert(0, _module_step(identity))
+            inner = inner.args[0]
     conv = _call(inner, modules, _CONVS)
     pool = _call(inner, modules, _POOLS)
     if conv is None and pool is None:
@@ -509,6 +520,7 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
     replacements: dict[fx.Node, tuple[fx.Node, list[_Branch]]] = {}
     for source, branches in groups.items():
         if len(branches) < 2 or not any(b.kind == "conv" for b in branches):
+            _refuse_unmergeable(source, branches, report)
             continue
         ready = []
         for branch in branches:
@@ -520,6 +532,10 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             ready.append(branch)
         convs = [b for b in ready if b.kind == "conv"]
         if not convs:
+            for branch in ready:
+                report.refuse(branch.leaf.name, Refusal(
+                    f"every Conv branch of `{source.name}` in this sum was refused: nothing is "
+                    "left to merge it into"))
             continue
         largest = max(int(np.prod(b.window)) for b in convs)
         attempts = [_fit(ready, c) for c in convs if int(np.prod(c.window)) == largest]
@@ -527,7 +543,7 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
         reference, parts, used = fit.reference, fit.parts, fit.used
         for branch, refusal in fit.refusals:
             report.refuse(branch.leaf.name, refusal)
-        if len(used) < 2:
+        if len(used) < 2:  # every other branch is in fit.refusals, reported above
             continue
         weight = np.sum([k for k, _ in parts], axis=0)
         bias = np.sum([b for _, b in parts], axis=0)
@@ -565,6 +581,28 @@ def _fold_sum(gm: fx.GraphModule, root: fx.Node, modules: dict[str, nn.Module],
             total = gm.graph.call_function(operator.add, (total, term))
     root.replace_all_uses_with(total)
     return len(replacements)
+
+
+def _refuse_unmergeable(source: fx.Node, branches: list[_Branch], report: ReparamReport) -> None:
+    """The reasons a group of branches of ``source`` with no Conv to merge into stays.
+
+    A lone Conv (+ BN) branch is no multi-branch site (:func:`normfold.torch.fold_batchnorm`
+    folds its BN); a BatchNorm branch of a tensor that no Conv branch shares — FastViT's
+    ``norm`` (a MobileOne block with the identity branch only), two BNs of one tensor — has
+    nothing to merge into, and the report says so, so no BN is left without a reason.
+    """
+    if len(branches) < 2 and branches[0].kind != "identity":
+        return
+    if len(branches) < 2 and branches[0].affine is None:
+        return  # ``x`` itself as a term: a residual connection, not a branch of a block
+    for branch in branches:
+        if len(branches) < 2:
+            reason = (f"the only branch of `{source.name}` in this sum is a BatchNorm of it, and "
+                      f"no Conv branch of `{source.name}` is there to merge it into")
+        else:
+            reason = (f"none of the {len(branches)} branches of `{source.name}` in this sum is a "
+                      "Conv to merge them into")
+        report.refuse(branch.leaf.name, Refusal(reason))
 
 
 def _fresh_name(gm: fx.GraphModule, base: str) -> str:
