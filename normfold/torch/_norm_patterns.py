@@ -34,7 +34,7 @@ The rule (what :func:`find_sites` reports; :mod:`normfold.torch.fuse_norm_calls`
    such as Gemma's ``1 + w``); for GroupNorm they are ``p.view(1, C, 1, ...)`` of a parameter
    expression ``p`` over x's rank. ``y * activation`` and ``y * w + residual`` are no affines.
    A candidate that cannot join (``F.rms_norm`` has no bias, the normalized value is read
-   elsewhere, x's rank is unknown) carries the reason.
+   elsewhere, x's rank is unknown) carries its :class:`~normfold.errors.Refusal`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ import torch
 from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 from torch.nn import functional as F
+
+from normfold.errors import Refusal
 
 _VALUE, _PARAM, _CONST = 0, 1, 2
 _METADATA = frozenset({"shape", "dtype", "device", "ndim"})
@@ -91,7 +93,7 @@ class Affine:
     bias: fx.Node | None
     outputs: list[fx.Node]
     nodes: list[fx.Node]
-    refusal: str | None = None
+    refusal: Refusal | None = None
     channels: int | None = None
 
 
@@ -105,7 +107,7 @@ class Site:
     x: list[fx.Node]
     outputs: list[fx.Node]
     nodes: list[fx.Node]
-    refusal: str | None
+    refusal: Refusal | None
     eps: float | None = None
     dims: int = 1
     groups: int = 0
@@ -294,70 +296,75 @@ def _site(
     site = Site(core.kind, x, outputs, nodes, refusal=None)
     if core.near_miss is not None:
         unbiased = _number(values.get("correction")) and values["correction"] != 0
-        site.refusal = core.near_miss + (f", and the variance is unbiased (correction={values['correction']!r})"
-                                         if unbiased else "")
+        site.refusal = Refusal(core.near_miss + (
+            f", and the variance is unbiased (correction={values['correction']!r})" if unbiased else ""))
         return site
-    site.refusal = (_core_refusal(canonical, core.kind, values, site) or _leak(nodes, computed, outputs)
-                    or _mutation(x, nodes, outputs, positions))
-    if site.refusal is None:
-        for with_bias, affine_match in affines.get(anchor, []):
-            affine = _affine_candidate(canonical, positions, site, values, computed, with_bias, affine_match)
-            if affine is not None:
-                site.affines.append(affine)
+    try:
+        _check_core(canonical, core.kind, values, site)
+        _check_leak(nodes, computed, outputs)
+        _check_mutation(x, nodes, outputs, positions)
+    except Refusal as refusal:
+        site.refusal = refusal
+        return site
+    for with_bias, affine_match in affines.get(anchor, []):
+        affine = _affine_candidate(canonical, positions, site, values, computed, with_bias, affine_match)
+        if affine is not None:
+            site.affines.append(affine)
     return site
 
 
-def _core_refusal(canonical: _Canonical, kind: str, values: dict[str, Any], site: Site) -> str | None:
-    """Rule 3 on the matched literals; fills ``site``'s eps, dims, groups and rank."""
+def _check_core(canonical: _Canonical, kind: str, values: dict[str, Any], site: Site) -> None:
+    """Rule 3 on the matched literals (raises :class:`Refusal`); fills ``site``'s eps, dims,
+    groups and rank."""
     dims = values["dim"]
     if not (isinstance(dims, tuple) and dims and all(type(d) is int for d in dims)):
-        return f"reduces over {_show(canonical, dims)}, not literal dims"
+        raise Refusal(f"reduces over {_show(canonical, dims)}, not literal dims")
     if values["keepdim"] is not True:
-        return "keepdim is not True: the statistics are not broadcast back over the normalized dims"
+        raise Refusal("keepdim is not True: the statistics are not broadcast back over the normalized dims")
     correction = values.get("correction", 0)
     if not (_number(correction) and correction == 0):
-        return (f"unbiased variance (correction={_show(canonical, correction)}): F.{kind} divides by "
-                f"the number of elements, not by that number minus the correction")
+        raise Refusal(f"unbiased variance (correction={_show(canonical, correction)}): F.{kind} divides by "
+                      f"the number of elements, not by that number minus the correction")
     eps = values["eps"]
     if not _number(eps):
-        return f"eps is {_show(canonical, eps)}, not a literal number"
+        raise Refusal(f"eps is {_show(canonical, eps)}, not a literal number")
     if not (math.isfinite(eps) and eps >= 0):
-        return f"eps {eps!r} is not a non-negative finite number"
+        raise Refusal(f"eps {eps!r} is not a non-negative finite number")
     site.eps = float(eps)
     if kind == "group_norm":
-        return _group_refusal(canonical, values, site, dims)
+        _check_group(canonical, values, site, dims)
+        return
     if any(d >= 0 for d in dims):
-        return (f"reduces dims {dims}, counted from the front, while F.{kind} normalizes trailing dims: "
-                f"whether they trail depends on the input's rank, which the traced graph does not hold "
-                f"(a channels-first norm over dim 1 of NCHW does not normalize trailing dims)")
+        raise Refusal(f"reduces dims {dims}, counted from the front, while F.{kind} normalizes trailing dims: "
+                      f"whether they trail depends on the input's rank, which the traced graph does not hold "
+                      f"(a channels-first norm over dim 1 of NCHW does not normalize trailing dims)")
     if sorted(dims) != list(range(-len(dims), 0)):
-        return f"reduces dims {dims}, not trailing dims -k..-1 as F.{kind} does"
+        raise Refusal(f"reduces dims {dims}, not trailing dims -k..-1 as F.{kind} does")
     site.dims = len(dims)
-    return None
 
 
-def _group_refusal(canonical: _Canonical, values: dict[str, Any], site: Site, dims: tuple[int, ...]) -> str | None:
+def _check_group(canonical: _Canonical, values: dict[str, Any], site: Site, dims: tuple[int, ...]) -> None:
     x = values["x"]
     groups = values["groups"]
     if type(groups) is not int or groups <= 0:
-        return f"the grouped view's group count {_show(canonical, groups)} is not a positive literal"
+        raise Refusal(f"the grouped view's group count {_show(canonical, groups)} is not a positive literal")
     if _dim_of(values["n"], x) != 0:
-        return f"the grouped view's first dim {_show(canonical, values['n'])} is not x's batch dim"
+        raise Refusal(f"the grouped view's first dim {_show(canonical, values['n'])} is not x's batch dim")
     if dims not in ((-1,), (2,)):
-        return f"reduces the grouped view (n, groups, -1) over dims {dims}, not its last dim"
+        raise Refusal(f"reduces the grouped view (n, groups, -1) over dims {dims}, not its last dim")
     back = values["back"]
     if _is_shape_of(back, x):
         site.rank = None
     elif isinstance(back, tuple) and [_dim_of(d, x) for d in back] == list(range(len(back))) and len(back) >= 2:
         site.rank = len(back)
     else:
-        return f"the grouped result is viewed as {_show(canonical, back)}, not back to x's shape"
+        raise Refusal(f"the grouped result is viewed as {_show(canonical, back)}, not back to x's shape")
     site.groups = groups
-    return None
 
 
-def _leak(nodes: list[fx.Node], computed: set[fx.Node], outputs: list[fx.Node]) -> str | None:
-    """Why a node computed from the site's intermediates is read outside ``nodes``, if one is."""
+def _check_leak(nodes: list[fx.Node], computed: set[fx.Node], outputs: list[fx.Node]) -> None:
+    """Raise :class:`Refusal` if a node computed from the site's intermediates is read outside
+    ``nodes``."""
     inside = set(nodes)
     private: set[fx.Node] = set()
     for node in nodes:
@@ -365,22 +372,21 @@ def _leak(nodes: list[fx.Node], computed: set[fx.Node], outputs: list[fx.Node]) 
             private.add(node)
             outside = [user.name for user in node.users if user not in inside]
             if outside and node not in outputs:
-                return f"intermediate `{node.name}` is also read by `{outside[0]}`"
-    return None
+                raise Refusal(f"intermediate `{node.name}` is also read by `{outside[0]}`")
 
 
-def _mutation(
+def _check_mutation(
     x: list[fx.Node], nodes: list[fx.Node], outputs: list[fx.Node], positions: dict[fx.Node, int]
-) -> str | None:
-    """Why the F. call, placed at the site's output, would read an x the site did not read:
-    an in-place method (``x.mul_(...)``) on x or on a node of the site before its output."""
+) -> None:
+    """Raise :class:`Refusal` if the F. call, placed at the site's output, would read an x the
+    site did not read: an in-place method (``x.mul_(...)``) on x or on a node of the site before
+    its output."""
     end = max(positions[node] for node in outputs)
     for node in (*x, *nodes):
         for user in node.users:
             name = user.target if user.op == "call_method" else ""
             if name.endswith("_") and not name.startswith("_") and positions[user] < end:
-                return f"`{user.name}` changes `{node.name}` in place while the site reads it"
-    return None
+                raise Refusal(f"`{user.name}` changes `{node.name}` in place while the site reads it")
 
 
 def _affine_candidate(
@@ -399,36 +405,39 @@ def _affine_candidate(
         return None
     outputs = canonical.origins[match.returning_nodes[0]]
     nodes = closure(outputs, set(site.x), positions)
-    refusal = _leak(nodes, computed | canonical.originals(_computed(match)), outputs)
+    refusal = None
     channels = None
-    if refusal is None and site.kind == "rms_norm" and with_bias:
-        refusal = "F.rms_norm has no bias"
-    if refusal is None and site.kind == "group_norm":
-        unwrapped = []
-        for operand in operands:
-            under, refusal = _group_param(canonical, operand, values["x"], site.rank)
-            if refusal is not None:
-                break
-            unwrapped.append(under)
-            channels = channels or _written_channels(operand)
-        else:
+    try:
+        _check_leak(nodes, computed | canonical.originals(_computed(match)), outputs)
+        if site.kind == "rms_norm" and with_bias:
+            raise Refusal("F.rms_norm has no bias")
+        if site.kind == "group_norm":
+            unwrapped = []
+            for operand in operands:
+                unwrapped.append(_group_param(canonical, operand, values["x"], site.rank))
+                channels = channels or _written_channels(operand)
             operands = unwrapped
+    except Refusal as why:
+        refusal = why
     originals = [canonical.origins[v][0] for v in operands]
     return Affine(originals[0], originals[1] if with_bias else None, outputs, nodes, refusal, channels)
 
 
-def _group_param(canonical: _Canonical, v: fx.Node, x: fx.Node, rank: int | None) -> tuple[fx.Node, str | None]:
-    """``p`` for a GroupNorm affine operand ``p.view(1, C, 1, ...)`` over x's rank, or why not."""
+def _group_param(canonical: _Canonical, v: fx.Node, x: fx.Node, rank: int | None) -> fx.Node:
+    """``p`` for a GroupNorm affine operand ``p.view(1, C, 1, ...)`` over x's rank; raises
+    :class:`Refusal` saying why not."""
     if rank is None:
-        return v, "x's rank is not in the graph (viewed back with x.shape), so the affine's broadcast is unknown"
+        raise Refusal("x's rank is not in the graph (viewed back with x.shape), so the affine's broadcast is unknown")
     if not (v.op == "call_function" and v.target is torch.reshape and isinstance(v.args[1], tuple)):
-        return v, f"`{canonical.origins[v][0].name}` is not a parameter viewed as (1, C, 1, ...)"
+        raise Refusal(f"`{canonical.origins[v][0].name}` is not a parameter viewed as (1, C, 1, ...)")
     under, shape = v.args
     ok = (len(shape) == rank and shape[0] == 1 and all(type(s) is int and s == 1 for s in shape[2:])
           and (type(shape[1]) is int or _dim_of(shape[1], x) == 1))
     if not ok or canonical.kinds[under] != _PARAM:
-        return v, f"`{canonical.origins[v][0].name}` is not a parameter viewed as (1, C, 1, ...) over x's rank {rank}"
-    return under, None
+        raise Refusal(
+            f"`{canonical.origins[v][0].name}` is not a parameter viewed as (1, C, 1, ...) over x's rank {rank}"
+        )
+    return under
 
 
 def _written_channels(v: fx.Node) -> int | None:

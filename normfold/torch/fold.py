@@ -73,7 +73,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from normfold.errors import InputError, first_line
+from normfold.errors import InputError, Refusal, first_line
 from normfold.math import channel_route
 from normfold.math import batchnorm as fm
 from normfold.math import fold_precision
@@ -150,6 +150,11 @@ class FoldReport:
     folded: list[FoldedSite] = dataclasses.field(default_factory=list)
     refused: list[RefusedSite] = dataclasses.field(default_factory=list)
     untraced: list[UntracedModule] = dataclasses.field(default_factory=list)
+
+    def refuse(self, bn: str, call: str, refusal: Refusal) -> None:
+        """Report ``refusal`` of the BatchNorm call ``call`` (of module ``bn``): the one place a
+        :class:`Refusal` becomes a :class:`RefusedSite`."""
+        self.refused.append(RefusedSite(bn, call, refusal.reason))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable form: ``{"folded": [...], "refused": [...], "untraced": [...]}``."""
@@ -248,74 +253,68 @@ class _Folder:
             if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
                 continue
             producer, chain = _through_reshapes(_bn_input(node))
-            reason = self._graph_site_refusal(node, producer, chain, modules, scope)
-            if reason is None:
-                sites.append((node, producer))
-            else:
-                self.report.refused.append(
-                    RefusedSite(_join(scope, node.target), _call(scope, node), reason)
-                )
+            try:
+                self._check_graph_site(node, producer, chain, modules, scope)
+            except Refusal as refusal:
+                self.report.refuse(_join(scope, node.target), _call(scope, node), refusal)
+                continue
+            sites.append((node, producer))
         if not sites:
             return False
         self._rewrite(gm, sites, modules, scope)
         return True
 
-    def _graph_site_refusal(
+    def _check_graph_site(
         self,
         node: fx.Node,
         producer: Any,
         chain: list[fx.Node],
         modules: dict[str, nn.Module],
         scope: str,
-    ) -> str | None:
+    ) -> None:
+        """Raise :class:`Refusal` unless the BatchNorm call ``node`` folds into ``producer``."""
         bn = modules[node.target]
-        reason = _bn_refusal(bn)
-        if reason is not None:
-            return reason
+        _check_bn(bn)
         if not isinstance(producer, fx.Node) or producer.op != "call_module":
             what = producer.name if isinstance(producer, fx.Node) else repr(producer)
-            return f"its input `{what}` is not the output of a Conv, ConvTranspose or Linear module"
+            raise Refusal(f"its input `{what}` is not the output of a Conv, ConvTranspose or Linear module")
         layer = modules[producer.target]
-        reason = _layer_refusal(layer, _join(scope, producer.target))
-        if reason is not None:
-            return reason
+        _check_layer(layer, _join(scope, producer.target))
         for value, reader in zip([producer, *chain], [*chain, node]):
             # A reader of the shape alone (timm's ``reshape_as(x)``) needs no unscaled values.
             others = sorted(user.name for user in value.users
                             if user is not reader and not _reads_shape_only(user, value))
             if others:
-                return (f"the output of `{_join(scope, value.target if value is producer else value.name)}` "
-                        "is also read by " + ", ".join(f"`{name}`" for name in others))
+                raise Refusal(f"the output of `{_join(scope, value.target if value is producer else value.name)}` "
+                              "is also read by " + ", ".join(f"`{name}`" for name in others))
         if chain:
-            return self._route_refusal(layer, bn, chain)
+            self._check_route(layer, bn, chain)
+            return
         layer_input = producer.args[0] if producer.args else None
-        return _pair_refusal(
-            layer, bn, self.ranks.get(id(bn)), lambda: _graph_rank(layer_input, modules)
-        )
+        _check_pair(layer, bn, self.ranks.get(id(bn)), lambda: _graph_rank(layer_input, modules))
 
-    def _route_refusal(self, layer: nn.Module, bn: nn.Module, chain: list[fx.Node]) -> str | None:
-        """Why ``bn(reshapes(layer(x)))`` is not exactly a folded layer, or None: the reshapes
+    def _check_route(self, layer: nn.Module, bn: nn.Module, chain: list[fx.Node]) -> None:
+        """Raise :class:`Refusal` unless ``bn(reshapes(layer(x)))`` is exactly a folded layer: the reshapes
         must carry the layer's output channels onto the BN's axis 1 unmerged, proved on the
         shapes ``example_inputs`` gave (:func:`normfold.math.channel_route.reshape_route`)."""
         through = ", ".join(f"`{n.name}`" for n in chain)
         out_shapes, in_shapes = self.shapes.get(id(layer), set()), self.shapes.get(id(bn), set())
         if not out_shapes or not in_shapes:
-            return (f"it reads the {type(layer).__name__} through {through}: pass example_inputs "
-                    "to show where the reshapes put the channels")
+            raise Refusal(f"it reads the {type(layer).__name__} through {through}: pass example_inputs "
+                          "to show where the reshapes put the channels")
         if len(out_shapes) > 1 or len(in_shapes) > 1:
-            return f"the layer or the BatchNorm is called with several shapes, through {through}"
+            raise Refusal(f"the layer or the BatchNorm is called with several shapes, through {through}")
         (out_shape,), (in_shape,) = out_shapes, in_shapes
         channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         axis = len(out_shape) - 1 if isinstance(layer, nn.Linear) else 1
         try:
             route = channel_route.reshape_route(out_shape, in_shape, axis, 1, channels)
         except ValueError as error:
-            return f"through {through}: {error}"
+            raise Refusal(f"through {through}: {error}") from None
         if route != (1, 1) or bn.num_features != channels:
-            return (f"{through} carry the {type(layer).__name__}'s {channels} channels to axis "
-                    f"{route[0]} (block {route[1]}) of the {bn.num_features}-channel "
-                    f"{type(bn).__name__}'s input, not onto its axis 1")
-        return None
+            raise Refusal(f"{through} carry the {type(layer).__name__}'s {channels} channels to axis "
+                          f"{route[0]} (block {route[1]}) of the {bn.num_features}-channel "
+                          f"{type(bn).__name__}'s input, not onto its axis 1")
 
     def _rewrite(
         self,
@@ -372,8 +371,8 @@ class _Folder:
             if isinstance(child, _BatchNorm):
                 path = _join(scope, name)
                 self.left_untraced.append(path)
-                why = f"called from `{label}`, whose forward torch.fx cannot trace ({reason})"
-                self.report.refused.append(RefusedSite(path, path, why))
+                why = Refusal(f"called from `{label}`, whose forward torch.fx cannot trace ({reason})")
+                self.report.refuse(path, path, why)
 
     def _fold_sequential(self, seq: nn.Sequential, scope: str) -> None:
         """Fold adjacent (layer, BatchNorm) children of a plain Sequential.
@@ -387,17 +386,14 @@ class _Folder:
                 continue
             path = _join(scope, str(index))
             layer = children[index - 1] if index else None
-            reason = _bn_refusal(bn)
-            if reason is None and layer is None:
-                reason = "it is the first module of the Sequential, so its input is not a layer's"
-            if reason is None:
-                reason = _layer_refusal(layer, _join(scope, str(index - 1)))
-            if reason is None:
-                reason = _pair_refusal(
-                    layer, bn, self.ranks.get(id(bn)), lambda: _sequential_rank(children, index - 1)
-                )
-            if reason is not None:
-                self.report.refused.append(RefusedSite(path, path, reason))
+            try:
+                _check_bn(bn)
+                if layer is None:
+                    raise Refusal("it is the first module of the Sequential, so its input is not a layer's")
+                _check_layer(layer, _join(scope, str(index - 1)))
+                _check_pair(layer, bn, self.ranks.get(id(bn)), lambda: _sequential_rank(children, index - 1))
+            except Refusal as refusal:
+                self.report.refuse(path, path, refusal)
                 continue
             seq[index - 1] = _folded_layer(layer, bn)
             seq[index] = nn.Identity()
@@ -449,40 +445,39 @@ def _reads_shape_only(user: fx.Node, value: fx.Node) -> bool:
 # -- exactness checks ------------------------------------------------------------------------
 
 
-def _bn_refusal(bn: nn.Module) -> str | None:
-    """Why this BatchNorm module cannot be folded anywhere, or None."""
+def _check_bn(bn: nn.Module) -> None:
+    """Raise :class:`Refusal` if this BatchNorm module cannot be folded anywhere."""
     if type(bn) not in _BATCHNORMS:
-        return f"it is a {type(bn).__name__}, not a BatchNorm1d/2d/3d or SyncBatchNorm"
+        raise Refusal(f"it is a {type(bn).__name__}, not a BatchNorm1d/2d/3d or SyncBatchNorm")
     if bn.training:
-        return "it is in training mode, where it normalizes with batch statistics (call .eval())"
+        raise Refusal("it is in training mode, where it normalizes with batch statistics (call .eval())")
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        return "track_running_stats=False: it always normalizes with batch statistics"
+        raise Refusal("track_running_stats=False: it always normalizes with batch statistics")
     if _has_hooks(bn):
-        return "it has forward hooks, which the fold would skip"
-    return None
+        raise Refusal("it has forward hooks, which the fold would skip")
 
 
-def _layer_refusal(layer: nn.Module, path: str) -> str | None:
-    """Why the module before a BatchNorm cannot take the fold, or None."""
+def _check_layer(layer: nn.Module, path: str) -> None:
+    """Raise :class:`Refusal` if the module before a BatchNorm cannot take the fold."""
     if type(layer) in _LAYERS:
         if _has_hooks(layer):
-            return f"`{path}` has forward hooks, which would see the folded output"
-        return None
+            raise Refusal(f"`{path}` has forward hooks, which would see the folded output")
+        return
     name = type(layer).__name__
     for base in _LAYERS:
         if isinstance(layer, base):
-            return (f"its input comes from `{path}`, a {name}: a subclass of {base.__name__} "
-                    "may compute differently")
-    return f"its input comes from `{path}` ({name}), not a Conv, ConvTranspose or Linear module"
+            raise Refusal(f"its input comes from `{path}`, a {name}: a subclass of {base.__name__} "
+                          "may compute differently")
+    raise Refusal(f"its input comes from `{path}` ({name}), not a Conv, ConvTranspose or Linear module")
 
 
-def _pair_refusal(
+def _check_pair(
     layer: nn.Module,
     bn: nn.Module,
     observed: set[int] | None,
     graph_rank: Callable[[], int | None],
-) -> str | None:
-    """Why ``bn(layer(x))`` is not exactly a folded layer, or None.
+) -> None:
+    """Raise :class:`Refusal` unless ``bn(layer(x))`` is exactly a folded layer.
 
     Exact iff the BatchNorm's axis 1 is the layer's output-channel axis, i.e. the BatchNorm sees
     a tensor of the weight's rank: batched ``(N, C, *k)`` after a Conv, ``(N, C)`` after a Linear.
@@ -491,8 +486,8 @@ def _pair_refusal(
     kind, bn_kind = type(layer).__name__, type(bn).__name__
     channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if bn.num_features != channels:
-        return (f"{bn_kind} has {bn.num_features} features but {kind} produces {channels} "
-                "channels: its axis 1 is not the layer's output channel")
+        raise Refusal(f"{bn_kind} has {bn.num_features} features but {kind} produces {channels} "
+                      "channels: its axis 1 is not the layer's output channel")
     if observed:
         ranks, source = set(observed), "with example_inputs"
     elif isinstance(layer, nn.Linear) and (rank := graph_rank()) is not None:
@@ -505,24 +500,24 @@ def _pair_refusal(
             ranks = {need}  # a Conv's input is taken to be batched
     if ranks != {need}:
         if need in ranks:
-            return (f"{bn_kind} may see a {need}-d {kind} output (foldable) or a "
-                    f"{max(ranks - {need})}-d one, where axis 1 is not the {kind}'s output "
-                    "channel: pass example_inputs to show which")
+            raise Refusal(f"{bn_kind} may see a {need}-d {kind} output (foldable) or a "
+                          f"{max(ranks - {need})}-d one, where axis 1 is not the {kind}'s output "
+                          "channel: pass example_inputs to show which")
         seen = "/".join(str(r) for r in sorted(ranks))
-        return (f"{bn_kind} sees a {seen}-d {kind} output ({source}) and normalizes its axis 1, "
-                f"which is not the {kind}'s output channel")
-    return _dtype_refusal(layer, bn)
+        raise Refusal(f"{bn_kind} sees a {seen}-d {kind} output ({source}) and normalizes its axis 1, "
+                      f"which is not the {kind}'s output channel")
+    _check_dtype(layer, bn)
 
 
-def _dtype_refusal(layer: nn.Module, bn: nn.Module) -> str | None:
-    """Why the folded weights would not survive the cast to the layer's dtype, or None: overflow,
-    a nonzero value flushed to 0, or more error than the unfolded pair (``fold_precision``, the
-    rule the ONNX folds apply)."""
+def _check_dtype(layer: nn.Module, bn: nn.Module) -> None:
+    """Raise :class:`Refusal` if the folded weights would not survive the cast to the layer's
+    dtype: overflow, a nonzero value flushed to 0, or more error than the unfolded pair
+    (``fold_precision``, the rule the ONNX folds apply)."""
     weight, bias = _folded_arrays(layer, bn)
     dtype = _numpy_dtype(layer.weight.dtype)
     for what, array in (("weight", weight), ("bias", bias)):
         if (problem := fold_precision.cast_problem(array, dtype, what)) is not None:
-            return problem
+            raise Refusal(problem)
     kind = "ConvTranspose" if isinstance(layer, _ConvTransposeNd) else "Gemm" if isinstance(layer, nn.Linear) else "Conv"
     groups = getattr(layer, "groups", 1)
     # A Linear's weight (out, in) is a Gemm B with transB.
@@ -533,7 +528,8 @@ def _dtype_refusal(layer: nn.Module, bn: nn.Module) -> str | None:
     reference, folded = fold_precision.site_outputs(
         rows, old_bias, folded_rows, bias, dtype, after=fold_precision.Affine(scale, shift)
     )
-    return fold_precision.precision_problem(reference, folded, dtype)
+    if (problem := fold_precision.precision_problem(reference, folded, dtype)) is not None:
+        raise Refusal(problem)
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

@@ -218,7 +218,7 @@ def _decide(gm: fx.GraphModule, site: Site, positions: dict[fx.Node, int]) -> _R
     """The verified rewrite of ``site`` with the longest affine that joins; raises
     :class:`Refusal` saying why when there is none."""
     if site.refusal is not None:
-        raise Refusal(site.refusal)
+        raise site.refusal
     kept: list[str] = []
     for affine in (*site.affines, None):
         try:
@@ -273,7 +273,7 @@ def _params(
     if affine is None:
         return None, None
     if affine.refusal is not None:
-        raise Refusal(affine.refusal)
+        raise affine.refusal
     found = []
     for node in (affine.weight, affine.bias):
         if node is None:

@@ -135,7 +135,9 @@ def _replacement(module: nn.Module) -> nn.Module:
     params = list(module.parameters(recurse=False))
     if not 1 <= len(params) <= 2 or any(p.shape != params[0].shape for p in params):
         shapes = ", ".join(str(tuple(p.shape)) for p in params) or "none"
-        raise Refusal(f"parameters are not a normalization's affine (a weight and an optional bias of one shape): {shapes}")
+        raise Refusal(
+            f"parameters are not a normalization's affine (a weight and an optional bias of one shape): {shapes}"
+        )
     eps = _eps(module)
     if eps is None:
         raise Refusal("no float eps or variance_epsilon attribute, and no one literal eps in its traced forward")
