@@ -80,7 +80,7 @@ def load(source: ModelLike, *, check: bool = True) -> ir.Model:
     if isinstance(source, onnx.ModelProto):
         return _deserialize(_prepared(source, None), source, "<ModelProto>", check)
     path = Path(source)
-    proto = read_proto(path)
+    proto = _parsed_earlier(path) or read_proto(path)
     model = _deserialize(_prepared(proto, path), path, str(path), check)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
@@ -106,7 +106,35 @@ def input_files(path: str | os.PathLike) -> set[Path]:
     """The files loading the model at ``path`` reads: the model and its external data
     (resolved), every location checked as :func:`load` checks it."""
     path = Path(path)
-    return {path.resolve(), *_check_tensors(read_proto(path), path)}
+    proto = read_proto(path)
+    found = {path.resolve(), *_check_tensors(proto, path)}
+    # A CLI job checks its paths and then loads the same file: keep the parse (a large model's
+    # takes a tenth of a second) for that load to take.
+    global _PARSED
+    _PARSED = (_file_key(path), proto)
+    return found
+
+
+# The proto :func:`input_files` parsed last, with :func:`_file_key` of its file; :func:`load`
+# takes it (a load may change the proto: it is handed out once).
+_PARSED: tuple[tuple[object, ...], onnx.ModelProto] | None = None
+
+
+def _file_key(path: Path) -> tuple[object, ...]:
+    """What identifies the file's current content: its resolved path and identity, size and
+    modification time (a rewrite changes the time, a replacement the inode)."""
+    stat = path.stat()
+    return (path.resolve(), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _parsed_earlier(path: Path) -> onnx.ModelProto | None:
+    """The proto :func:`input_files` parsed from ``path`` if the file is unchanged since, once."""
+    global _PARSED
+    if _PARSED is None or not path.is_file():
+        return None
+    key, proto = _PARSED
+    _PARSED = None
+    return proto if key == _file_key(path) else None
 
 
 def _prepared(proto: onnx.ModelProto, path: Path | None) -> onnx.ModelProto:

@@ -221,8 +221,10 @@ def fold_into_producer(
     def probes(law: fp.Affine | None) -> tuple[np.ndarray, np.ndarray]:
         # Gemm computes alpha·A·B + beta·C: both sides carry alpha in their rows.
         factor = alpha if site.kind == "Gemm" else 1.0
-        rows = fp.output_rows(site.kind, site.weight, group=group, trans_b=trans_b) * factor
-        folded_rows = fp.output_rows(site.kind, weight, group=group, trans_b=trans_b) * factor
+        rows = fp.output_rows(site.kind, site.weight, group=group, trans_b=trans_b)
+        folded_rows = fp.output_rows(site.kind, weight, group=group, trans_b=trans_b)
+        if factor != 1.0:  # skips copying every weight for the common case
+            rows, folded_rows = rows * factor, folded_rows * factor
         old_bias = None if site.bias is None else fp.channel_vector(site.bias, site.channels)
         if old_bias is not None and site.kind == "Gemm":
             old_bias = beta * old_bias

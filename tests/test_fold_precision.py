@@ -275,3 +275,13 @@ def test_torch_fold_refuses_what_float16_cannot_hold() -> None:
     module = torch.nn.Sequential(conv, bn).eval().half()
     folded, report = fold_batchnorm_with_report(module)
     assert not report.folded and "65504" in report.refused[0].reason
+
+
+@pytest.mark.parametrize("channels", [4, 512])
+def test_probe_products_agree_with_exact_sums_through_both_routes(channels: int) -> None:
+    # Small products run in einsum's loop, large ones (8 x 512 x 4608) in single-threaded BLAS:
+    # both must give the float64 product (summation order aside).
+    rng = np.random.default_rng(1)
+    x, rows = rng.standard_normal((8, 4608)), rng.standard_normal((channels, 4608))
+    exact = np.array([[float(np.sum(xi * r, dtype=np.longdouble)) for r in rows] for xi in x])
+    np.testing.assert_allclose(fp._probe_product(x, rows), exact, rtol=0, atol=1e-10)

@@ -40,6 +40,20 @@ def test_load_accepts_path_proto_and_ir_model(conv_bn_path: Path) -> None:
     assert [n.op_type for n in from_proto.graph] == ["Conv", "BatchNormalization", "Relu"]
 
 
+def test_load_after_input_files_reads_the_file_as_it_is_now(tmp_path: Path) -> None:
+    # input_files keeps its parse for the load that follows: a file changed in between must be
+    # read again, and a kept parse is handed out once.
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_model(channels=4), path)
+    io.input_files(path)
+    assert io.load(path).graph.initializers["w"].shape[0] == 4
+    io.input_files(path)
+    onnx.save(conv_bn_relu_model(channels=6), path)
+    assert io.load(path).graph.initializers["w"].shape[0] == 6
+    first, second = io.load(path), io.load(path)
+    assert first.graph.initializers["w"].shape[0] == second.graph.initializers["w"].shape[0] == 6
+
+
 def test_external_data_stays_memory_mapped(tmp_path: Path) -> None:
     model = io.load(_external_copy(tmp_path))
     assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)

@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 import dataclasses
+import functools
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -211,10 +213,28 @@ def lowered_outputs(
 
 
 def _probe_product(x: Array, rows: Array) -> Array:
-    """``x @ rows.T`` without BLAS. The probes are few (8 rows), and OpenBLAS's threads spin
-    for them: on a loaded 2-core machine one 8x4608 by 4608x512 product took 330 ms through
-    BLAS and 22 ms through einsum's own loop (a ResNet-34's fold-bn: 8.8 s against 0.5 s)."""
-    return np.einsum("pk,ok->po", x, rows)
+    """``x @ rows.T``, through BLAS on one thread when the product is large, einsum's own loop
+    otherwise. The probes are few (8 rows), and OpenBLAS's threads spin for them: on a loaded
+    2-core machine one 8x4608 by 4608x512 product took 330 ms through multithreaded BLAS and
+    22 ms through einsum (a ResNet-34's fold-bn: 8.8 s against 0.5 s); single-threaded BLAS
+    takes a quarter of einsum's time (1.4 ms against 5.8 ms on an idle machine). Small products
+    skip BLAS: limiting its threads costs about 50 µs a call."""
+    if x.shape[0] * rows.size < _BLAS_MIN_PRODUCT:
+        return np.einsum("pk,ok->po", x, rows)
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return x @ rows.T
+
+
+# Multiply-adds from which a probe product goes through single-threaded BLAS.
+_BLAS_MIN_PRODUCT = 1 << 20
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    # Imported and created on first use (about 10 ms): models with small layers never need it.
+    import threadpoolctl
+
+    return threadpoolctl.ThreadpoolController()
 
 
 def _intermediate(array: Array, dtype: object) -> Array:
