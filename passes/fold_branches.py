@@ -294,15 +294,10 @@ def _compose_pointwise(branch: _Branch, model: ir.Model, reads: Reads) -> None:
         value = node.outputs[0]
         if value.is_graph_output() or any(user is not reader for user, _ in value.uses()):
             return  # the 1×1 result is needed elsewhere: the k×k Conv is the branch on its own
-    if mid_affine is not None:
-        weight, bias = fm.fold_after_conv(weight, bias, *mid_affine)
-    if any(branch.pads) and bias is not None and np.any(bias):
-        raise Refusal(
-            f"{describe(conv)} zero-pads the output of the 1×1 {describe(first)}, which is its "
-            "bias (nonzero) on a zero input: the merged Conv's border would differ"
-        )
-    branch.kernel, branch.bias = bm.compose_pointwise(weight, bias, branch.kernel, branch.bias,
-                                                      branch.group)
+    branch.kernel, branch.bias = bm.prepend_pointwise(
+        weight, bias, mid_affine, branch.kernel, branch.bias, branch.group,
+        padded=any(branch.pads), first_name=describe(first), second_name=describe(conv),
+    )
     branch.nodes[:0] = [first, *extra]
     branch.source = first.inputs[0]
     branch.label = f"{describe(first)} → {branch.label}"

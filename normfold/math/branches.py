@@ -35,6 +35,7 @@ __all__ = [
     "compose_pointwise",
     "identity_kernel",
     "pad_kernel",
+    "prepend_pointwise",
     "sub_kernel_offsets",
 ]
 
@@ -43,6 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from normfold.errors import Refusal
+from normfold.math.batchnorm import fold_after_conv
 
 Array = np.ndarray
 
@@ -152,3 +154,31 @@ def compose_pointwise(
                    * grouped_bias).sum(-1)
         bias = bias + spilled.reshape(out_channels)
     return kernel, bias
+
+
+def prepend_pointwise(
+    first: Array,
+    first_bias: Array | None,
+    middle_affine: tuple[Array, Array] | None,
+    second: Array,
+    second_bias: Array | None,
+    group: int,
+    *,
+    padded: bool,
+    first_name: str,
+    second_name: str,
+) -> tuple[Array, Array]:
+    """A 1×1 Conv ``first`` (then the per-channel ``middle_affine``, if any) before the Conv
+    ``second``, as one kernel and bias (:func:`compose_pointwise`).
+
+    Exact only when ``second`` pads nothing or the 1×1 output's bias is zero: zero padding
+    is applied to that output, which on a zero input is its bias. Otherwise :class:`Refusal`.
+    """
+    if middle_affine is not None:
+        first, first_bias = fold_after_conv(first, first_bias, *middle_affine)
+    if padded and first_bias is not None and np.any(first_bias):
+        raise Refusal(
+            f"{second_name} zero-pads the output of the 1×1 {first_name}, which is its bias "
+            "(nonzero) on a zero input: the merged Conv's border would differ"
+        )
+    return compose_pointwise(first, first_bias, second, second_bias, group)

@@ -430,16 +430,10 @@ def _compose_pointwise(branch: _Branch, gm: fx.GraphModule, modules: dict[str, n
         # The 1×1 result is needed elsewhere (even for its shape alone, which differs from the
         # merged Conv's): the k×k Conv is the branch on its own.
         return
-    weight, bias = _f64(first.weight), _f64(first.bias)
-    if mid_affine is not None:
-        weight, bias = bnm.fold_after_conv(weight, bias, *mid_affine)
-    if any(branch.pads) and bias is not None and np.any(bias):
-        raise Refusal(
-            f"{branch.label} zero-pads the output of the 1×1 {middle.target}, which is its bias "
-            "(nonzero) on a zero input: the merged Conv's border would differ"
-        )
-    branch.kernel, branch.bias = bm.compose_pointwise(weight, bias, branch.kernel, branch.bias,
-                                                      branch.group)
+    branch.kernel, branch.bias = bm.prepend_pointwise(
+        _f64(first.weight), _f64(first.bias), mid_affine, branch.kernel, branch.bias, branch.group,
+        padded=any(branch.pads), first_name=str(middle.target), second_name=branch.label,
+    )
     branch.nodes[:0] = [middle, *extra]
     branch.steps[:0] = [_module_step(first), *mid_steps]
     branch.source = middle.args[0]
