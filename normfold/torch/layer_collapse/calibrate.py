@@ -23,7 +23,8 @@ __all__ = [
 ]
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,18 @@ def make_batches(calibration: Iterable[Any], probe_samples: int | None) -> tuple
     return batches, probe
 
 
+@contextlib.contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode without gradients, then give it back its training mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
 def activation_statistics(
     gm: fx.GraphModule, batches: Sequence[Batch], axes: dict[str, int]
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -95,12 +108,9 @@ def activation_statistics(
             sums[n.name] = moments if previous is None else [p + m for p, m in zip(previous, moments)]
             return result
 
-    was_training = gm.training
-    gm.eval()
-    with torch.no_grad():
+    with _evaluating(gm):
         for batch in batches:
             _Recorder(gm).run(*batch.inputs)
-    gm.train(was_training)
     result = {}
     for name, (total, squares, output, count) in sums.items():
         mean = total / count
@@ -123,12 +133,9 @@ def output_means(gm: fx.GraphModule, batches: Sequence[Batch], names: set[str]) 
                 sums[n.name] = (total + x.sum(dims), count + x.numel() // x.shape[1])
             return result
 
-    was_training = gm.training
-    gm.eval()
-    with torch.no_grad():
+    with _evaluating(gm):
         for batch in batches:
             _Recorder(gm).run(*batch.inputs)
-    gm.train(was_training)
     return {name: (total / count).numpy() for name, (total, count) in sums.items()}
 
 
@@ -143,9 +150,7 @@ def probe_losses(
 ) -> np.ndarray:
     """The loss of ``model`` on each probe batch (``references``: dense outputs, when no targets)."""
     losses = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with _evaluating(model):
         for index, batch in enumerate(batches):
             output = model(*batch.inputs)
             if batch.target is not None:
@@ -153,5 +158,4 @@ def probe_losses(
             else:
                 loss = (loss_fn or F.mse_loss)(output, references[index])
             losses.append(float(loss))
-    model.train(was_training)
     return np.asarray(losses, dtype=np.float64)
