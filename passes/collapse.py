@@ -18,6 +18,31 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
    within X, and refuses it with the measured deviation otherwise.
    Deviation: over the calibration inputs (or three random draws shaped from the model), the
    largest ``|y − y_ref|`` of any output divided by that output's largest ``|y_ref|``.
+   ``target_latency=R`` (a budget) chooses the removals **jointly** instead:
+
+   a. A candidate is a run of up to ``max_segment_sites`` activations consecutive in graph
+      order (activations that cannot be removed count too, so a run never jumps one) whose
+      linearization lets layers merge — the two activations of an inverted residual make one
+      candidate although each alone grows the work. Merges are then not limited by
+      ``max_flops_growth``: a candidate is judged by its final merged form.
+   b. Its cost is the **whole model** with it applied, batch 1, by :class:`CostMeter`: the
+      onnxruntime latency (``ORT_ENABLE_ALL``, one thread; the median of ``latency_repeats``
+      rounds of ``latency_runs`` runs, IQR kept; timings cached by structure and input shapes),
+      or its MACs when ``measure_latency`` is False. Its saving is the BN-folded dense model's
+      cost minus that; a candidate saving nothing is refused with both numbers. Timing the
+      whole model rather than the segment keeps every layout effect of the merge in the number
+      and needs no subgraph extraction; the price is that on a large model one candidate's
+      saving can drown in the whole model's spread (the report has both).
+   c. Its predicted loss is the sum of its sites' scores, or with ``calibration`` the output
+      deviation measured with it alone. With ``max_deviation`` given, a candidate over it is
+      refused, and so is the lossiest run of a joint choice over it (then the choice is made
+      again without it).
+   d. :func:`normfold.math.collapse_select.choose` (a dynamic program) picks the runs saving
+      at least ``(1 − R)`` × the dense cost with the least summed loss; two runs are separated
+      by a kept activation unless a fan-out between them stops any merge across. When no
+      choice reaches the budget, the one saving the most is applied and a note says so.
+      :attr:`CollapsePass.selection` holds every candidate (cost, saving, loss, refused or
+      chosen), the dense cost and the predicted cost (dense minus the summed savings).
 5. A linearized site becomes ``a·y + c`` per channel: folded into the BatchNorm's scale and
    shift in BN mode (``γ' = a·γ``, ``β' = a·β + c``), a ``Mul``/``Add`` pair otherwise. Then
    ``fold-bn`` and ``fold-affine`` (exact) fold those into the neighbouring layers and the merge
@@ -316,8 +341,8 @@ class CollapsePass(NormfoldPass):
                 row["loss"] = row["deviation"] if self.calibration is not None else row["score"]
                 rows.append(row)
                 if row["saving"] <= 0:
-                    reason = (f"its final merged form runs no faster ({_amount(dense_cost, unit_name)} -> "
-                              f"{_amount(cost, unit_name)} for the whole model)")
+                    reason = (f"its final merged form {'runs no faster' if meter.measure else 'costs no fewer MACs'} "
+                              f"(the whole model {_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)})")
                 elif bounded and row["deviation"] > self.max_deviation:
                     reason = (f"with it the output deviation would be {row['deviation']:.3g} "
                               f"> max_deviation {self.max_deviation:g}")
@@ -373,6 +398,9 @@ class CollapsePass(NormfoldPass):
             selection["feasible"] = need <= 0
             selection["predicted_cost"] = dense_cost
         selection["chosen"] = labels
+        # A site refused alone but removed in a chosen run is not refused: its row keeps the reason.
+        removed = {site.node for site in chosen}
+        self.record.keep_refusals_of({r["node"] for r in self.record.refused if r["node"] not in removed})
         if not selection["feasible"]:
             self.record.notes.append(
                 f"collapse: target_latency {self.target_latency:g} not reachable: the best choice is predicted at "
