@@ -29,7 +29,8 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
       onnxruntime latency (``ORT_ENABLE_ALL``, one thread; the median of ``latency_repeats``
       rounds of ``latency_runs`` runs, IQR kept; timings cached by structure and input shapes),
       or its MACs when ``measure_latency`` is False. Its saving is the BN-folded dense model's
-      cost minus that; a candidate saving nothing is refused with both numbers. Timing the
+      cost minus that; a candidate saving nothing, or (timed) no more than the larger IQR of
+      the two timings, is refused with the numbers. Timing the
       whole model rather than the segment keeps every layout effect of the merge in the number
       and needs no subgraph extraction; the price is that on a large model one candidate's
       saving can drown in the whole model's spread (the report has both).
@@ -314,6 +315,7 @@ class CollapsePass(NormfoldPass):
         unit_name = "ms" if meter.measure else "MACs"
         dense = dense_form(reference)
         dense_cost = meter.cost(dense)
+        dense_spread = meter.timing(dense).iqr if meter.measure else 0.0
         bounded = self.max_deviation is not None
         rows: list[dict[str, Any]] = []
         runs: dict[str, list[_Site]] = {}
@@ -340,9 +342,15 @@ class CollapsePass(NormfoldPass):
                     row["deviation"] = _deviation(trial, feeds, expected)["max_rel_deviation"]
                 row["loss"] = row["deviation"] if self.calibration is not None else row["score"]
                 rows.append(row)
-                if row["saving"] <= 0:
+                # A saving inside the spread of either timing is noise, not a measured gain.
+                spread = max(dense_spread, row["latency"]["iqr_ms"]) if meter.measure else 0.0
+                if row["saving"] <= spread:
                     reason = (f"its final merged form {'runs no faster' if meter.measure else 'costs no fewer MACs'} "
                               f"(the whole model {_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)})")
+                    if row["saving"] > 0:
+                        reason = (f"its saving is within the timings' spread (the whole model "
+                                  f"{_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)}, "
+                                  f"IQR up to {spread:.4f} ms)")
                 elif bounded and row["deviation"] > self.max_deviation:
                     reason = (f"with it the output deviation would be {row['deviation']:.3g} "
                               f"> max_deviation {self.max_deviation:g}")
