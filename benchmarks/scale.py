@@ -157,18 +157,24 @@ def run_limited(command: list[str], *, memory_limit_mb: float, timeout: float) -
 # --- building the models -----------------------------------------------------------------
 
 
-def build(name: str, variant: str) -> Path:
-    """The cached export of large model ``name`` (exported in a child process on first use)."""
+def build(name: str, variant: str, args: argparse.Namespace) -> Path:
+    """The cached export of large model ``name`` (exported in a child process on first use,
+    killed above ``--memory-limit-gb`` resident, or what the machine has available less 2 GB,
+    so that an export too large for the machine fails alone instead of pushing out other work)."""
     zoo, size, _ = LARGE_MODELS[name]
     code = (
-        "import sys; from normfold.models.export import cached_export; "
-        f"print(cached_export({zoo!r}, {variant!r}, **{size!r}))"
+        "import json; from normfold.models.export import cached_export\n"
+        f"try: print(json.dumps({{'path': str(cached_export({zoo!r}, {variant!r}, **{size!r}))}}))\n"
+        "except Exception as error: print(json.dumps({'error': f'{type(error).__name__}: {error}'.splitlines()[0]}))"
     )
     print(f"building {name} ({variant}; cached after the first run)", file=sys.stderr)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"cannot build {name}: {result.stderr.strip().splitlines()[-1:]}")
-    return Path(result.stdout.strip().splitlines()[-1])
+    stdout, _, killed = run_limited([sys.executable, "-c", code], memory_limit_mb=args.memory_limit_gb * 1024,
+                                    timeout=args.build_timeout)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"error": killed or "no result"}
+    if killed or "path" not in result:
+        raise RuntimeError(f"cannot build {name}: {killed or result['error']}")
+    return Path(result["path"])
 
 
 # --- part 1: tools --------------------------------------------------------------------------
@@ -398,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-variants", default="ts13-keepbn,dynamo18")
     parser.add_argument("--memory-limit-gb", type=float, default=18.0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per tool run")
+    parser.add_argument("--build-timeout", type=float, default=3600.0, help="seconds for exporting one model")
     parser.add_argument("--workdir", help="folder for the tools' outputs (default: the system's temporary folder)")
     parser.add_argument("--json", help="write every result here")
     args = parser.parse_args(argv)
@@ -414,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="normfold-scale-", dir=args.workdir) as folder:
         for model in models:
-            source = build(model, args.variant)
+            source = build(model, args.variant, args)
             tool_rows += bench_model(model, source, args.tools.split(","), Path(folder), args)
             save_json()
     if tool_rows:

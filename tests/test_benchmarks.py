@@ -109,6 +109,13 @@ def test_the_collapse_benchmark_runs_every_method_on_a_small_task(tmp_path: Path
     # DepthShrinker's fixed choice: the inner ReLU of each of the 8 BasicBlocks, merged
     (shrunk,) = result["depthshrinker"]["steps"]
     assert shrunk["removed"] == 8 and shrunk["layers_merged"] >= 8
+    assert shrunk["blocks"] == {"blocks": 8, "one_conv": 8, "none": 0}  # each block now one conv
+    assert shrunk["max_merge_error"] <= 1e-10
+    for method in bench.METHODS:
+        for step in result[method]["steps"]:  # the ONNX export matches the module (ORT, optimizations off)
+            assert step["onnx_check"]["max_rel"] <= 1e-4 and step["onnx_check"]["argmax_agreement"] == 1.0
+    (reference,) = result["reference"]["steps"] or [{"blocks": {"blocks": 8, "one_conv": 0, "none": 0}}]
+    assert reference["blocks"]["one_conv"] == 0  # identity replacement merges nothing
 
 
 def test_the_speed_benchmark_times_whole_commands_and_compares_with_the_peer(tmp_path: Path) -> None:
