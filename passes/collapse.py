@@ -327,7 +327,11 @@ class CollapsePass(NormfoldPass):
             "predicted_cost": dense_cost, "measured_cost": dense_cost, "feasible": target >= dense_cost,
         }
         chosen: list[_Site] = []
-        current, deviation = dense_cost, None
+        # Candidates are costed against the graph with nothing linearized but folded and merged as
+        # their trials are (layers already adjacent merge there too), not against the dense form.
+        start = reference.clone()
+        self._collapse(start, [], PassRecord(self.name), growth=math.inf)
+        current, deviation = meter.cost(start), None
         for step in range(1, self.max_steps + 1):
             if current <= target:
                 break
