@@ -297,3 +297,16 @@ def test_cli_bad_budget_exits_2_and_writes_nothing(tmp_path: Path, cli: Cli, arg
     assert done.returncode == 2 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"] and source.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_zoo_mobilenetv2_merges_whole_inverted_residuals_under_a_macs_budget():
+    from normfold.models.export import cached_export
+
+    job = collapse_onnx(cached_export("mobilenetv2"), target_latency=0.7, measure_latency=False)
+    summary, cost = job.report["collapse"], job.report["cost"]
+    assert summary["feasible"] and cost["output"]["macs"] <= 0.7 * cost["dense"]["macs"]
+    assert cost["output"]["macs"] == cost["predicted"]["macs"]
+    pairs = [label for label in summary["chosen"] if label.count("+") == 1
+             and label.split("+")[0].split("/conv/")[0] == label.split("+")[1].split("/conv/")[0]]
+    assert pairs, summary["chosen"]  # both activations of one block, which alone would grow the work
