@@ -164,10 +164,12 @@ class CollapsePass(NormfoldPass):
             raise InputError("collapse: max_segment_sites, latency_runs and max_steps must be >= 1, "
                              "latency_repeats >= 3 (for a spread)")
         self.remove = remove
-        # With a budget the deviation is a bound only when asked for; otherwise it is the rule.
+        # The default bound holds under a budget too: a collapse without fine-tuning that meets
+        # its latency by changing the output beyond it is not what anyone asked for. An infinite
+        # bound is none (nothing to measure, and JSON has no infinity).
         self.max_deviation = (
-            DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None and target_latency is None
-            else max_deviation
+            DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None
+            else None if max_deviation == math.inf else max_deviation
         )
         self.calibration = list(calibration) if calibration is not None else None
         self.max_flops_growth = max_flops_growth
