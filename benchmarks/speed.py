@@ -99,7 +99,11 @@ def _run(command: list[str]) -> dict[str, Any]:
         process.returncode = os.waitstatus_to_exitcode(status)
         stderr.seek(0)
         lines = stderr.read().decode(errors="replace").strip().splitlines()
-    result: dict[str, Any] = {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}  # Linux: KiB
+    result: dict[str, Any] = {
+        "seconds": seconds,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # Linux: KiB
+    }
     if process.returncode != 0:
         result["error"] = f"exit {process.returncode}: {lines[-1][:160] if lines else ''}"
     return result
@@ -135,6 +139,7 @@ def summarize(results: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, 
             rows[tool] = {
                 "median_s": statistics.median(seconds),
                 "min_s": min(seconds),
+                "median_cpu_s": statistics.median(r["cpu_s"] for r in good),
                 "peak_rss_mb": max(r["peak_rss_mb"] or 0 for r in good),
                 "runs": len(good),
             }
@@ -148,7 +153,7 @@ def summarize(results: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, 
 
 
 def table(summary: dict[str, dict[str, dict[str, Any]]], runs: int) -> str:
-    header = f"{'case':<12}{'tool':<22}{'median s':>10}{'min s':>8}{'peak MB':>9}  ratio to peer"
+    header = f"{'case':<12}{'tool':<22}{'median s':>10}{'min s':>8}{'cpu s':>7}{'peak MB':>9}  ratio to peer"
     lines = [header, "-" * len(header)]
     for case, rows in summary.items():
         for tool, row in rows.items():
@@ -156,10 +161,11 @@ def table(summary: dict[str, dict[str, dict[str, Any]]], runs: int) -> str:
                 lines.append(f"{case:<12}{tool:<22}  fails: {row['error']}")
                 continue
             ratio = f"{row['ratio']:.2f}x {row['vs']}" if "ratio" in row else ""
-            lines.append(f"{case:<12}{tool:<22}{row['median_s']:>10.2f}{row['min_s']:>8.2f}"
+            lines.append(f"{case:<12}{tool:<22}{row['median_s']:>10.2f}{row['min_s']:>8.2f}{row['median_cpu_s']:>7.2f}"
                          f"{row['peak_rss_mb']:>9.0f}  {ratio}")
     lines.append(f"(wall seconds of the whole command, start-up included; median of {runs} runs, round-robin, "
-                 "os.sync() before each; ratio = normfold's median / the peer's median)")
+                 "os.sync() before each; cpu s = median user+sys CPU seconds of the process and its threads; "
+                 "ratio = normfold's median / the peer's median)")
     return "\n".join(lines)
 
 

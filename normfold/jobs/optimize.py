@@ -25,7 +25,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
@@ -35,8 +35,9 @@ from normfold.jobs import common
 from normfold.opset import model_opset
 from normfold.options import VerifyOptions, split
 from normfold.passes import PassOptions, create_passes
-from normfold.verification import VerificationReport
-from normfold.verification import verify as run_verification
+
+if TYPE_CHECKING:
+    from normfold.verification import VerificationReport
 
 
 @dataclasses.dataclass
@@ -114,6 +115,9 @@ def optimize(
     report.update(common.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
     verification = None
     if verify:
+        # Imported here: --no-verify never pays for onnxruntime's helpers, inputs and tqdm.
+        from normfold.verification import verify as run_verification
+
         # Verification shows its own progress, one line per session (reference, candidate).
         with bar.step("verify", show=False):
             verification = run_verification(
