@@ -50,6 +50,7 @@ import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx_ir as ir
@@ -170,7 +171,16 @@ def write_inputs(path: str | os.PathLike, samples: Sequence[Mapping[str, np.ndar
         arrays = dict(samples[0])
     else:
         arrays = {f"{_SAMPLE_PREFIX}{k}/{name}": array for k, sample in enumerate(samples) for name, array in sample.items()}
-    return write_atomic(path, lambda file: np.savez(file, **arrays))
+    return write_atomic(path, lambda file: _savez(file, arrays))
+
+
+def _savez(file: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
+    """What ``np.savez(file, **arrays)`` writes, for any input name: as keywords, an input named
+    ``file`` collides with savez's own parameter."""
+    with zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 _SAMPLE_PREFIX = "sample_"

@@ -6,9 +6,9 @@ folded graph most names differ, but the ones the two graphs share by name (a fol
 the output name of the BatchNorm it absorbed, a fused LayerNorm the name of the last op it
 replaced) carry the same value in both. :func:`first_divergence`:
 
-1. takes the tensors that a node of each graph produces under the same name (graph inputs and
-   weights are not intermediates; values of unknown element type cannot be graph outputs and
-   are left out after onnx's shape inference);
+1. takes the tensors that a node of each graph produces under the same name, graph outputs
+   included (graph inputs and weights are not intermediates; tensors inside If/Loop/Scan bodies
+   cannot be exposed; values that are not tensors, such as sequences, are left out);
 2. runs each model once on one sample, with those tensors exposed as outputs, one session at a
    time (the reference's is dropped before the candidate's is built; only the shared tensors'
    values are kept in between);
@@ -18,27 +18,49 @@ replaced) carry the same value in both. :func:`first_divergence`:
    produce it in each graph and its errors.
 
 The sample is the one on which the outputs differed most (relative to their tolerance), so the
-walk looks where the failure is largest.
+walk looks where the failure is largest. float16/bfloat16 tensors are compared with the 16-bit
+reference within ``FACTOR + 1`` times their tolerance (the rule ``verify`` applies when no
+float32 reference can be built).
+
+:class:`Localization` says what was found, and when nothing was, why (``note``): the graphs
+share no tensor, none of the compared ones differs, or onnxruntime cannot run a model with its
+intermediates exposed (a failure to localize never fails the verification).
 """
 
 from __future__ import annotations
 
-__all__ = ["first_divergence", "worst_sample"]
+__all__ = ["Localization", "first_divergence", "worst_sample"]
 
+import dataclasses
 import gc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
-from normfold.runtime import run, session
+from normfold.errors import InputError, first_line
+from normfold.runtime import ort_reason, session
 
 Outputs = dict[str, np.ndarray]
 # Compares two lists of samples tensor by tensor, as verify compares outputs: name -> result with
 # ``passed``, ``max_abs_error`` and ``max_rel_error``.
 Compare = Callable[[list[Outputs], list[Outputs]], Mapping[str, Any]]
+
+
+@dataclasses.dataclass
+class Localization:
+    """What :func:`first_divergence` found.
+
+    ``divergence``: ``{"tensor", "reference_node", "candidate_node", "max_abs_error",
+    "max_rel_error"}`` or None; ``compared``: how many shared tensors both runs produced and
+    were compared; ``note``: one sentence for people (always set when ``divergence`` is None,
+    and when the first divergence is a graph output, since then no intermediate differs).
+    """
+
+    divergence: dict[str, Any] | None
+    compared: int
+    note: str | None = None
 
 
 def first_divergence(
@@ -48,35 +70,46 @@ def first_divergence(
     compare: Compare,
     *,
     candidate_sample: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, Any] | None:
-    """The first tensor shared by name that differs beyond tolerance, or None when none does.
+) -> Localization:
+    """The first tensor shared by name that differs beyond tolerance (see the module doc).
 
     ``sample`` feeds the reference (``candidate_sample`` the candidate, when its inputs are a
-    subset). The result is ``{"tensor", "reference_node", "candidate_node", "max_abs_error",
-    "max_rel_error"}``.
+    subset).
     """
     shared = _shared_tensors(reference, candidate)
     if not shared:
-        return None
-    expected = _run_exposing(reference, shared, sample)
-    gc.collect()
-    got = _run_exposing(candidate, shared, candidate_sample if candidate_sample is not None else sample)
-    gc.collect()
-    producers = {name: (ref_node, cand_node) for name, ref_node, cand_node in shared}
-    for name, _, _ in shared:  # in the candidate's order
+        return Localization(None, 0, "the graphs share no tensor by name: nothing to compare")
+    try:
+        expected = _run_exposing(reference, shared, sample, "the reference")
+        gc.collect()
+        got = _run_exposing(candidate, shared, candidate_sample if candidate_sample is not None else sample,
+                            "the candidate")
+        gc.collect()
+    except _CannotExpose as error:
+        return Localization(None, 0, f"could not localize: {error}")
+    outputs = {value.name for value in candidate.graph.outputs}
+    compared = 0
+    for name, ref_node, cand_node in shared:  # in the candidate's order
         if name not in expected or name not in got:
             continue
+        compared += 1
         result = compare([{name: expected[name]}], [{name: got[name]}])[name]
         if not result.passed:
-            ref_node, cand_node = producers[name]
-            return {
+            divergence = {
                 "tensor": name,
                 "reference_node": ref_node,
                 "candidate_node": cand_node,
                 "max_abs_error": _json_number(result.max_abs_error),
                 "max_rel_error": _json_number(result.max_rel_error),
             }
-    return None
+            note = None
+            if name in outputs:  # the walk reached an output: no intermediate tells more
+                before = (f"none of the {compared - 1} tensor(s) the graphs share by name before it differs"
+                          if compared > 1 else "the graphs share no tensor by name before it")
+                note = f"{name!r} is a graph output: {before}"
+            return Localization(divergence, compared, note)
+    return Localization(None, compared, f"none of the {compared} tensor(s) the graphs share by name differs "
+                                        "on the sample where the outputs differ most")
 
 
 def worst_sample(ref_outputs: Sequence[Outputs], cand_outputs: Sequence[Outputs], compare: Compare) -> int:
@@ -107,22 +140,40 @@ def _shared_tensors(reference: ir.Model, candidate: ir.Model) -> list[tuple[str,
     return shared
 
 
-def _run_exposing(model: ir.Model, shared: list[tuple[str, str, str]], sample: Mapping[str, np.ndarray]) -> Outputs:
-    """Run a copy of ``model`` with the shared tensors (those of known element type) as outputs."""
+class _CannotExpose(Exception):
+    """onnxruntime cannot build or run a model with its shared tensors exposed."""
+
+
+def _run_exposing(
+    model: ir.Model, shared: list[tuple[str, str, str]], sample: Mapping[str, np.ndarray], label: str
+) -> Outputs:
+    """Run a copy of ``model`` with the shared tensors as outputs; returns those that are tensors."""
     probe = model.clone()  # shares the weights
-    # Graph outputs need an element type; exporters leave many intermediates untyped.
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(probe)
     wanted = {name for name, _, _ in shared}
     present = {value.name for value in probe.graph.outputs}
     for node in probe.graph:
         for value in node.outputs:
-            if value.name in wanted and value.name not in present and value.dtype is not None:
+            # Exporters leave many intermediates untyped: onnxruntime infers the type of an
+            # untyped graph output itself. (onnx_ir's ShapeInferencePass would type a sequence
+            # as a tensor of its element type, which onnxruntime then refuses to load.)
+            declared = value.type is None or isinstance(value.type, ir.TensorType)
+            if value.name in wanted and value.name not in present and declared:
                 probe.graph.outputs.append(value)
                 present.add(value.name)
-    sess = session(probe)
-    outputs = run(sess, dict(sample))
+    try:
+        sess = session(probe)
+    except InputError as error:
+        raise _CannotExpose(f"onnxruntime cannot load {label} with its shared tensors as outputs: "
+                            f"{ort_reason(error)}") from None
+    # A sequence, map or optional cannot be compared as an array.
+    names = [out.name for out in sess.get_outputs() if out.name in wanted and out.type.startswith("tensor(")]
+    try:
+        arrays = sess.run(names, dict(sample))
+    except Exception as error:  # onnxruntime raises its own untyped errors
+        raise _CannotExpose(f"onnxruntime cannot run {label} with its shared tensors as outputs: "
+                            f"{first_line(error)}") from None
     del sess
-    return {name: array for name, array in outputs.items() if name in wanted}
+    return {name: np.asarray(array) for name, array in zip(names, arrays)}
 
 
 def _json_number(value: float) -> float | str | None:

@@ -71,7 +71,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import ml_dtypes
 import numpy as np
@@ -87,6 +87,9 @@ from normfold.io import ModelLike, check, load
 from normfold.options import VerifyOptions, split
 from normfold.progress import Steps
 from normfold.runtime import ort_reason, session
+
+if TYPE_CHECKING:
+    from normfold.localize import Localization
 
 logger = logging.getLogger(__name__)
 
@@ -214,13 +217,17 @@ class VerificationReport:
     float32_ops: list[str] = dataclasses.field(default_factory=list)
     peak_rss_mb: dict[str, float] = dataclasses.field(default_factory=dict)
     # With ``localize``: where the graphs start to differ (:mod:`normfold.localize`), None when
-    # the outputs agree or no shared intermediate differs.
+    # the outputs agree or no shared tensor differs; ``localize_note`` says why nothing was
+    # found, or that the first divergence is a graph output.
     localized: bool = False
     first_divergence: dict[str, Any] | None = None
+    localize_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (what ``normfold verify --report`` writes)."""
-        localized = {"first_divergence": self.first_divergence} if self.localized else {}
+        localized = (
+            {"first_divergence": self.first_divergence, "localize_note": self.localize_note} if self.localized else {}
+        )
         return {
             "passed": self.passed,
             "max_abs_error": _json_float(self.max_abs_error),
@@ -263,13 +270,14 @@ class VerificationReport:
         lines.extend(self.problems)
         if self.first_divergence is not None:
             d = self.first_divergence
+            note = f" ({self.localize_note})" if self.localize_note else ""
             lines.append(
                 f"first divergence: tensor {d['tensor']!r} (reference node {d['reference_node']!r}, candidate node "
                 f"{d['candidate_node']!r}): max abs {_number(_float(d['max_abs_error']))}, "
-                f"max rel {_number(_float(d['max_rel_error']))}"
+                f"max rel {_number(_float(d['max_rel_error']))}{note}"
             )
         elif self.localized and not self.passed:
-            lines.append("first divergence: no intermediate tensor the graphs share by name differs; only the outputs do")
+            lines.append(f"first divergence: none found: {self.localize_note}")
         if self.float32_ops:
             lines.append(
                 "float64 reference ran these ops in float32 (onnxruntime's CPU provider cannot run "
@@ -374,11 +382,16 @@ def verify(
         steps.close()
 
     comparisons = _compare_all(ref_outputs, f64_outputs, cand_outputs, run_problem, rtol, atol)
-    divergence = None
-    failed = bool(problems) or not all(c.passed for c in comparisons.values())
-    if localize and failed and cand_outputs is not None:
+    divergence, note = None, None
+    if localize and cand_outputs is None:
+        note = "not localized: the candidate did not run"
+    elif localize and all(c.passed for c in comparisons.values()):
+        # Passed, or failed for a reason no tensor carries (checker, interface): nothing to find.
+        note = None if not problems else "not localized: every output agrees; the problems above are the failure"
+    elif localize:
         started = time.perf_counter()
-        divergence = _localize(ref_model, cand_model, feeds, cand_feeds, ref_outputs, cand_outputs, rtol, atol)
+        found = _localize(ref_model, cand_model, feeds, cand_feeds, ref_outputs, cand_outputs, rtol, atol)
+        divergence, note = found.divergence, found.note
         steps.seconds["localize"] = time.perf_counter() - started
     return _report(
         comparisons,
@@ -391,6 +404,7 @@ def verify(
         peak_rss_mb=dict(steps.peak_rss_mb),
         localized=localize,
         first_divergence=divergence,
+        localize_note=note,
     )
 
 
@@ -470,7 +484,7 @@ def _localize(
     cand_outputs: list[Outputs],
     rtol: float | None,
     atol: float | None,
-) -> dict[str, Any] | None:
+) -> Localization:
     """The first shared tensor beyond tolerance, on the sample where the outputs differ most."""
     from normfold.localize import first_divergence, worst_sample
 

@@ -18,6 +18,32 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
    within X, and refuses it with the measured deviation otherwise.
    Deviation: over the calibration inputs (or three random draws shaped from the model), the
    largest ``|y − y_ref|`` of any output divided by that output's largest ``|y_ref|``.
+   ``target_latency=R`` (a budget) chooses the removals **jointly** instead:
+
+   a. A candidate is a run of up to ``max_segment_sites`` activations consecutive in graph
+      order (activations that cannot be removed count too, so a run never jumps one) whose
+      linearization lets layers merge — the two activations of an inverted residual make one
+      candidate although each alone grows the work. Merges are then not limited by
+      ``max_flops_growth``: a candidate is judged by its final merged form.
+   b. Its cost is the **whole model** with it applied, batch 1, by :class:`CostMeter`: the
+      onnxruntime latency (``ORT_ENABLE_ALL``, one thread; the median of ``latency_repeats``
+      rounds of ``latency_runs`` runs, IQR kept; timings cached by structure and input shapes),
+      or its MACs when ``measure_latency`` is False. Its saving is the BN-folded dense model's
+      cost minus that; a candidate saving nothing, or (timed) no more than the larger IQR of
+      the two timings, is refused with the numbers. Timing the
+      whole model rather than the segment keeps every layout effect of the merge in the number
+      and needs no subgraph extraction; the price is that on a large model one candidate's
+      saving can drown in the whole model's spread (the report has both).
+   c. Its predicted loss is the sum of its sites' scores, or with ``calibration`` the output
+      deviation measured with it alone. With ``max_deviation`` given, a candidate over it is
+      refused, and so is the lossiest run of a joint choice over it (then the choice is made
+      again without it).
+   d. :func:`normfold.math.collapse_select.choose` (a dynamic program) picks the runs saving
+      at least ``(1 − R)`` × the dense cost with the least summed loss; two runs are separated
+      by a kept activation unless a fan-out between them stops any merge across. When no
+      choice reaches the budget, the one saving the most is applied and a note says so.
+      :attr:`CollapsePass.selection` holds every candidate (cost, saving, loss, refused or
+      chosen), the dense cost and the predicted cost (dense minus the summed savings).
 5. A linearized site becomes ``a·y + c`` per channel: folded into the BatchNorm's scale and
    shift in BN mode (``γ' = a·γ``, ``β' = a·β + c``), a ``Mul``/``Add`` pair otherwise. Then
    ``fold-bn`` and ``fold-affine`` (exact) fold those into the neighbouring layers and the merge
@@ -33,9 +59,10 @@ since it verifies the final model itself) the pass measures nothing and ``deviat
 
 from __future__ import annotations
 
-__all__ = ["COLLAPSE_SITES", "CollapsePass", "DEFAULT_MAX_DEVIATION"]
+__all__ = ["COLLAPSE_SITES", "CollapsePass", "CostMeter", "DEFAULT_MAX_DEVIATION", "dense_form"]
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,7 +91,9 @@ from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
 
 from normfold import runtime
+from normfold.latency import LatencyTable, Timing
 from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
+from normfold.math.collapse_select import Option, choose, quantize
 from normfold.errors import InputError
 from normfold.inputs import generate_inputs
 
@@ -72,6 +101,8 @@ DEFAULT_MAX_DEVIATION = 0.01
 # The activations a collapse site can be (Clip as ReLU6).
 COLLAPSE_SITES = ("Relu", "LeakyRelu", "PRelu", "Clip")
 _LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# Savings are quantized for the dynamic program in this fraction of what the budget needs.
+_RESOLUTION = 200
 
 
 @dataclasses.dataclass
@@ -105,19 +136,46 @@ class CollapsePass(NormfoldPass):
         max_flops_growth: float = 1.0,
         samples: int = 3,
         measure: bool = True,
+        target_latency: float | None = None,
+        measure_latency: bool = True,
+        max_segment_sites: int = 2,
+        latency_runs: int = 50,
+        latency_repeats: int = 5,
+        meter: CostMeter | None = None,
     ) -> None:
         super().__init__(options)
         if remove is not None and max_deviation is not None:
             raise InputError("collapse: give either remove or max_deviation, not both")
+        if remove is not None and target_latency is not None:
+            raise InputError("collapse: give either remove or target_latency, not both")
         if remove is not None and remove < 0:
             raise InputError(f"collapse: remove must be >= 0, not {remove}")
+        if target_latency is not None and not 0 < target_latency <= 1:
+            raise InputError(f"collapse: target_latency is a ratio in (0, 1], not {target_latency:g}")
+        if max_deviation is not None and not max_deviation >= 0:
+            raise InputError(f"collapse: max_deviation must be >= 0, not {max_deviation:g}")
+        if max_segment_sites < 1 or latency_runs < 1 or latency_repeats < 3:
+            raise InputError("collapse: max_segment_sites and latency_runs must be >= 1, "
+                             "latency_repeats >= 3 (for a spread)")
         self.remove = remove
-        self.max_deviation = DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None else max_deviation
+        # With a budget the deviation is a bound only when asked for; otherwise it is the rule.
+        self.max_deviation = (
+            DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None and target_latency is None
+            else max_deviation
+        )
         self.calibration = list(calibration) if calibration is not None else None
         self.max_flops_growth = max_flops_growth
         self.samples = samples
         self.measure = measure
+        self.target_latency = target_latency
+        self.measure_latency = measure_latency
+        self.max_segment_sites = max_segment_sites
+        self.latency_settings = {"runs": latency_runs, "repeats": latency_repeats}
         self.deviation: dict[str, Any] | None = None
+        # With target_latency: what was measured and chosen (see _budget); the meter that timed it
+        # (a caller's, to share its timings, else one built with the latency settings above).
+        self.selection: dict[str, Any] | None = None
+        self.meter = meter
 
     def apply(self, model: ir.Model) -> bool:
         common.NameFixPass()(model)
@@ -126,21 +184,24 @@ class CollapsePass(NormfoldPass):
         feeds = self.calibration or [generate_inputs(reference, seed=k) for k in range(self.samples)]
         expected = [runtime.run(reference, f) for f in feeds]
         sites = self._sites(reference, feeds)
-        candidates = []
-        for site in sorted(sites, key=lambda s: s.score):
-            trial = reference.clone()
-            record = PassRecord(self.name)
-            if self._collapse(trial, [site], record):
-                candidates.append(site)
-            else:
-                reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
-                self.record.refuse(Refusal(reason), site.node)
-        chosen, deviation = self._choose(reference, candidates, feeds, expected)
+        if self.target_latency is not None:
+            chosen, deviation = self._budget(reference, sites, feeds, expected)
+        else:
+            candidates = []
+            for site in sorted(sites, key=lambda s: s.score):
+                trial = reference.clone()
+                record = PassRecord(self.name)
+                if self._collapse(trial, [site], record):
+                    candidates.append(site)
+                else:
+                    reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
+                    self.record.refuse(Refusal(reason), site.node)
+            chosen, deviation = self._choose(reference, candidates, feeds, expected)
         if not chosen:
             self.record.notes.append("collapse: no activation removed")
             self.deviation = {"max_rel_deviation": 0.0, "max_abs_deviation": 0.0}
             return False
-        self._collapse(model, chosen, self.record)
+        self._collapse(model, chosen, self.record, growth=self._growth)
         for site in chosen:
             self.record.site(site.node, op=site.op, how="linearized", mode=site.mode, score=site.score,
                              **{k: v for k, v in site.plan.to_dict().items() if k != "score"})
@@ -153,6 +214,11 @@ class CollapsePass(NormfoldPass):
             )
         )
         return True
+
+    @property
+    def _growth(self) -> float:
+        # Under a budget a candidate is judged by its final form's measured cost, not per merge.
+        return math.inf if self.target_latency is not None else self.max_flops_growth
 
     # -- sites ------------------------------------------------------------------------------
     def _sites(self, model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> list[_Site]:
@@ -236,9 +302,125 @@ class CollapsePass(NormfoldPass):
             chosen, deviation = chosen + [site], measured
         return chosen, deviation
 
+    def _budget(
+        self, reference: ir.Model, sites: list[_Site], feeds: list[dict], expected: list[dict]
+    ) -> tuple[list[_Site], dict[str, Any] | None]:
+        """The removals chosen jointly to meet ``target_latency`` (the segment DP; rules in the module doc)."""
+        nodes = [n for n in reference.graph if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx")]
+        position = {node.name: k for k, node in enumerate(nodes)}
+        found = sorted(sites, key=lambda s: position[s.node])
+        if self.meter is None:
+            self.meter = CostMeter(reference, feeds[0], measure=self.measure_latency, **self.latency_settings)
+        meter = self.meter
+        unit_name = "ms" if meter.measure else "MACs"
+        dense = dense_form(reference)
+        dense_cost = meter.cost(dense)
+        dense_spread = meter.timing(dense).iqr if meter.measure else 0.0
+        bounded = self.max_deviation is not None
+        rows: list[dict[str, Any]] = []
+        runs: dict[str, list[_Site]] = {}
+        for length in range(1, self.max_segment_sites + 1):
+            for k in range(len(found) - length + 1):
+                run = found[k:k + length]
+                first = position[run[0].node]
+                if [position[s.node] for s in run] != list(range(first, first + length)):
+                    continue  # an activation that cannot be removed lies between them
+                label = "+".join(s.node for s in run)
+                trial = reference.clone()
+                record = PassRecord(self.name)
+                if not self._collapse(trial, run, record, growth=math.inf):
+                    if length == 1:
+                        reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
+                        self.record.refuse(Refusal(reason), label)
+                    continue
+                cost = meter.cost(trial)
+                row: dict[str, Any] = {"sites": [s.node for s in run], "cost": cost, "saving": dense_cost - cost,
+                                       "score": sum(s.score for s in run)}
+                if meter.measure:
+                    row["latency"] = meter.timing(trial).to_dict()
+                if self.calibration is not None or bounded:
+                    row["deviation"] = _deviation(trial, feeds, expected)["max_rel_deviation"]
+                row["loss"] = row["deviation"] if self.calibration is not None else row["score"]
+                rows.append(row)
+                # A saving inside the spread of either timing is noise, not a measured gain.
+                spread = max(dense_spread, row["latency"]["iqr_ms"]) if meter.measure else 0.0
+                if row["saving"] <= spread:
+                    reason = (f"its final merged form {'runs no faster' if meter.measure else 'costs no fewer MACs'} "
+                              f"(the whole model {_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)})")
+                    if row["saving"] > 0:
+                        reason = (f"its saving is within the timings' spread (the whole model "
+                                  f"{_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)}, "
+                                  f"IQR up to {spread:.4f} ms)")
+                elif bounded and row["deviation"] > self.max_deviation:
+                    reason = (f"with it the output deviation would be {row['deviation']:.3g} "
+                              f"> max_deviation {self.max_deviation:g}")
+                else:
+                    runs[label] = run
+                    continue
+                row["refused"] = reason
+                self.record.refuse(Refusal(reason), label)
+        need = dense_cost * (1.0 - self.target_latency)
+        selection: dict[str, Any] = {
+            "by": "latency" if meter.measure else "macs", "unit": unit_name,
+            "target_latency": self.target_latency, "dense_cost": dense_cost, "need": need,
+            "dense_latency": meter.timing(dense).to_dict() if meter.measure else None,
+            "options": rows, "max_segment_sites": self.max_segment_sites,
+        }
+        self.selection = selection
+        chosen: list[_Site] = []
+        labels: list[str] = []
+        deviation = None
+        if need > 0 and runs:
+            unit = need / _RESOLUTION
+            by_label = {"+".join(r["sites"]): r for r in rows}
+            options = [
+                Option(position[run[0].node], position[run[-1].node] + 1, q, by_label[label]["loss"], label)
+                for (label, run), q in zip(runs.items(), quantize([by_label[l]["saving"] for l in runs], unit))
+            ]
+            separate = [b for b in range(1, len(nodes)) if _separate(nodes[b - 1], nodes[b])]
+            while True:
+                picked = choose(options, len(nodes), math.ceil(need / unit), separate)
+                labels = [o.label for o in picked.options]
+                chosen = [site for label in labels for site in runs[label]]
+                selection["feasible"] = picked.feasible
+                if not bounded or not chosen:
+                    break
+                trial = reference.clone()
+                self._collapse(trial, chosen, PassRecord(self.name), growth=math.inf)
+                deviation = _deviation(trial, feeds, expected)
+                if deviation["max_rel_deviation"] <= self.max_deviation:
+                    break
+                # The joint deviation is over the bound: give up the choice's most lossy run.
+                worst = max(picked.options, key=lambda o: o.loss)
+                by_label[worst.label]["refused"] = reason = (
+                    f"with the other chosen removals the output deviation would be "
+                    f"{deviation['max_rel_deviation']:.3g} > max_deviation {self.max_deviation:g}"
+                )
+                self.record.refuse(Refusal(reason), worst.label)
+                options = [o for o in options if o.label != worst.label]
+                deviation = None
+            for label in labels:
+                by_label[label]["chosen"] = True
+            selection["predicted_cost"] = dense_cost - sum(by_label[label]["saving"] for label in labels)
+        else:
+            selection["feasible"] = need <= 0
+            selection["predicted_cost"] = dense_cost
+        selection["chosen"] = labels
+        # A site refused alone but removed in a chosen run is not refused: its row keeps the reason.
+        removed = {site.node for site in chosen}
+        self.record.keep_refusals_of({r["node"] for r in self.record.refused if r["node"] not in removed})
+        if not selection["feasible"]:
+            self.record.notes.append(
+                f"collapse: target_latency {self.target_latency:g} not reachable: the best choice is predicted at "
+                f"{_amount(selection['predicted_cost'], unit_name)} against {_amount(dense_cost, unit_name)} dense")
+        return chosen, deviation if self.measure else None
+
     # -- rewriting --------------------------------------------------------------------------
-    def _collapse(self, model: ir.Model, sites: list[_Site], record: PassRecord) -> int:
-        """Linearize ``sites`` in ``model``, fold, merge; returns the number of merges."""
+    def _collapse(self, model: ir.Model, sites: list[_Site], record: PassRecord, growth: float | None = None) -> int:
+        """Linearize ``sites`` in ``model``, fold, merge; returns the number of merges.
+
+        ``growth`` is the MACs growth a merge may have (default ``max_flops_growth``)."""
+        growth = self.max_flops_growth if growth is None else growth
         nodes = {n.name: n for n in model.graph}
         fresh = FreshNames(model)
         for site in sites:
@@ -249,12 +431,12 @@ class CollapsePass(NormfoldPass):
             FoldBatchNormPass(self.options)(model)
             FoldAffinePass(self.options)(model)
             rules = [
-                MergeConvConv(record, self.options, fresh, self.max_flops_growth),
-                ConvShortcut(record, self.options, fresh, self.max_flops_growth, form="conv-first"),
-                ConvShortcut(record, self.options, fresh, self.max_flops_growth, form="conv-second"),
-                ConvShortcut(record, self.options, fresh, self.max_flops_growth, form="projection"),
-                MergeGemmGemm(record, self.options, fresh, self.max_flops_growth),
-                ClassifierIntoConv(record, self.options, fresh, self.max_flops_growth),
+                MergeConvConv(record, self.options, fresh, growth),
+                ConvShortcut(record, self.options, fresh, growth, form="conv-first"),
+                ConvShortcut(record, self.options, fresh, growth, form="conv-second"),
+                ConvShortcut(record, self.options, fresh, growth, form="projection"),
+                MergeGemmGemm(record, self.options, fresh, growth),
+                ClassifierIntoConv(record, self.options, fresh, growth),
             ]
             count = apply_rules(model, rules)
             if not count:
@@ -264,6 +446,134 @@ class CollapsePass(NormfoldPass):
         return merges
 
 
+
+
+class CostMeter:
+    """The batch-1 cost of whole models like ``model``: onnxruntime latency, or MACs.
+
+    The input is ``feed`` cut to one sample along every input whose first dim is symbolic.
+
+    Latency is :func:`normfold.latency.measure` through a :class:`~normfold.latency.LatencyTable`
+    keyed by the model's structure (ops, attributes, wiring, weight shapes) and the input
+    shapes: a model of a structure already timed is not timed again. MACs count Conv,
+    ConvTranspose, Gemm and MatMul on the shapes inferred for ``feeds``.
+    """
+
+    def __init__(self, model: ir.Model, feed: Mapping[str, np.ndarray], *, measure: bool = True, runs: int = 50,
+                 repeats: int = 5) -> None:
+        self.feeds = _batch_one(model, feed)
+        self.measure = measure
+        self.table = LatencyTable(runs=runs, repeats=repeats)
+
+    def timing(self, model: ir.Model) -> Timing:
+        shapes = tuple((name, array.shape) for name, array in sorted(self.feeds.items()))
+        return self.table.get((_structure(model), shapes), lambda: (ir.to_proto(model), self.feeds))
+
+    def macs(self, model: ir.Model) -> int:
+        return _macs(model, self.feeds)
+
+    def cost(self, model: ir.Model) -> float:
+        """The measured median latency in ms, or the MACs when not measuring."""
+        return self.timing(model).median if self.measure else float(self.macs(model))
+
+
+def _amount(value: float, unit: str) -> str:
+    return f"{value:.4f} ms" if unit == "ms" else f"{value:.0f} MACs"
+
+
+def _batch_one(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feed`` cut to one sample along every input whose first dim is symbolic (batch 1)."""
+    result = {}
+    for value in model.graph.inputs:
+        if value.name not in feed:
+            continue
+        array = feed[value.name]
+        symbolic = value.shape is not None and len(value.shape) > 0 and not isinstance(value.shape[0], int)
+        result[value.name] = array[:1] if symbolic and array.ndim else array
+    return result
+
+
+def dense_form(model: ir.Model) -> ir.Model:
+    """The budget's reference: ``model`` with its BatchNorms and affines folded, nothing linearized."""
+    dense = model.clone()
+    FoldBatchNormPass()(dense)
+    FoldAffinePass()(dense)
+    common.RemoveUnusedNodesPass()(dense)
+    return dense
+
+
+def _separate(before: ir.Node, site: ir.Node) -> bool:
+    """Whether the layers between two consecutive sites cannot merge through each other.
+
+    Walking back from ``site``'s input through ops with one non-constant input, a value read
+    by more than one op (a residual stream that fans out) or an op with several non-constant
+    inputs stops any merge across; reaching ``before`` by a single-reader chain does not.
+    """
+    value = site.inputs[0]
+    while value is not None:
+        producer = value.producer()
+        if producer is before:
+            return False
+        if producer is None or len(list(value.uses())) > 1 or value.is_graph_output():
+            return True
+        moving = [v for v in producer.inputs if v is not None and v.const_value is None]
+        if len(moving) != 1:
+            return True
+        value = moving[0]
+    return True
+
+
+def _structure(model: ir.Model) -> tuple:
+    """A hashable description of ``model`` without weight values: ops, attributes, wiring, shapes."""
+    token: dict[int, Any] = {id(v): ("input", k) for k, v in enumerate(model.graph.inputs)}
+    rows: list[Any] = [tuple((str(v.dtype), str(v.shape)) for v in model.graph.inputs)]
+    for n, node in enumerate(model.graph):
+        inputs = []
+        for value in node.inputs:
+            if value is not None and value.const_value is not None:
+                inputs.append(("weight", str(value.const_value.dtype), tuple(value.const_value.shape)))
+            else:
+                inputs.append(None if value is None else token.get(id(value)))
+        attrs = tuple(sorted(
+            (name, (str(a.type), str(a.value.dtype), tuple(a.value.shape)) if a.type == ir.AttributeType.TENSOR
+             else repr(a.value)) for name, a in node.attributes.items()
+        ))
+        rows.append((node.domain, node.op_type, attrs, tuple(inputs)))
+        for k, output in enumerate(node.outputs):
+            token[id(output)] = (n, k)
+    rows.append(tuple(token.get(id(v)) for v in model.graph.outputs))
+    return tuple(rows)
+
+
+def _macs(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> int:
+    """Multiply-accumulates of the layers for inputs shaped as ``feeds`` (Refusal: a shape unknown)."""
+    shaped = model.clone()
+    for value in shaped.graph.inputs:
+        if value.name in feeds:
+            value.shape = ir.Shape(feeds[value.name].shape)
+    for value in shaped.graph.outputs:
+        value.shape = None  # the declared output shapes stay symbolic otherwise: infer them anew
+    infer_shapes(shaped)
+    total = 0
+    for node in shaped.graph:
+        if node.op_type not in _LAYERS or node.domain not in ("", "ai.onnx"):
+            continue
+        weight, output = node.inputs[1], node.outputs[0]
+        shapes = [v.shape if v is not None else None for v in (node.inputs[0], weight, output)]
+        if any(shape is None or not all(isinstance(d, int) for d in shape) for shape in shapes):
+            raise InputError(f"collapse: the MACs of {node.op_type} {node.name!r} need static shapes; "
+                             "measure latency instead")
+        source, kernel, result = (tuple(shape) for shape in shapes)
+        if node.op_type == "Conv":
+            total += math.prod(result) * math.prod(kernel[1:])
+        elif node.op_type == "ConvTranspose":
+            total += math.prod(source) * math.prod(kernel[1:])
+        elif node.op_type == "Gemm":
+            inner = kernel[1] if attribute(node, "transB", 0) else kernel[0]
+            total += math.prod(result) * inner
+        else:
+            total += math.prod(result) * source[-1]
+    return total
 
 
 def _activation(node: ir.Node) -> tuple[str, Any, float]:

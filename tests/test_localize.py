@@ -1,8 +1,12 @@
 """verify --localize: the first tensor the graphs share by name that differs, and where it comes from.
 
-Every case corrupts one Conv weight of a folded model (the candidate) and checks that localize
-names the first shared tensor downstream of that Conv, in the candidate's order, with the
-nodes that produce it in each graph; and that a correct candidate reports no divergence.
+Every case corrupts one weight of a folded model (the candidate: a Conv, Gemm or MatMul weight,
+a fused norm's scale, one read inside an If branch or a Loop body, the last layer's) and checks
+that localize names the first shared tensor downstream of it, in the candidate's order, with the
+nodes that produce it in each graph; that a correct candidate reports no divergence; and that
+when nothing can be localized the report says why. Graphs: hand-built chains (float32 and
+float16, external data, every intermediate renamed), one with If/Loop/sequence/ArgMax and four
+outputs, and (slow) TorchScript and dynamo exports of the zoo.
 Also here: --save-inputs, the error percentiles, --dims naming no dim of the model.
 """
 
@@ -58,10 +62,11 @@ def _chain_model(stages: int = 4, channels: int = 4) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _corrupt(model: ir.Model, conv: ir.Node) -> None:
-    weight = conv.inputs[1]
+def _corrupt(model: ir.Model, node: ir.Node) -> None:
+    """Replace the weight ``node`` reads second (a Conv/Gemm/MatMul weight, a norm's scale)."""
+    weight = node.inputs[1]
     array = weight.const_value.numpy()
-    weight.const_value = ir.tensor(-3 * array + 1, name=weight.name)
+    weight.const_value = ir.tensor((-3 * array.astype(np.float64) + 1).astype(array.dtype), name=weight.name)
 
 
 def _expected(model: ir.Model, reference: ir.Model, conv: ir.Node) -> str:
@@ -125,21 +130,39 @@ def test_cli_localize_prints_one_line_and_writes_the_key(chain: Path, tmp_path: 
                                              "max_rel_error"}
 
 
+# (zoo model, export variant, op types whose weight is corrupted): TorchScript and dynamo
+# exports, BN kept by the exporter, initializers as inputs, float16; Conv, Gemm, MatMul and the
+# scale of a norm fused by normfold or by the exporter.
+_ZOO_CASES = [
+    ("resnet", "ts13-keepbn", ("Conv", "Gemm")),
+    ("mobilenetv2", "ts13-inputs", ("Conv",)),
+    ("vgg", "dynamo18", ("Conv", "Gemm")),
+    ("convnext", "dynamo18", ("LayerNormalization", "MatMul", "Gemm")),
+    ("bert", "ts13", ("LayerNormalization", "MatMul")),
+    ("bert", "ts17-fp16", ("LayerNormalization", "MatMul")),
+    ("llama", "ts17", ("RMSNormalization", "MatMul")),
+    ("t5", "dynamo18", ("RMSNormalization", "MatMul")),
+    ("unet", "dynamo18", ("Conv", "GroupNormalization")),
+    ("levit", "ts17-keepbn", ("Conv", "MatMul", "Gemm")),
+    ("mobileone", "dynamo18", ("Conv",)),
+]
+
+
 @pytest.mark.slow
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_zoo_models_localize_any_corrupted_conv(data) -> None:
+def test_zoo_models_localize_any_corrupted_weight(data) -> None:
     pytest.importorskip("torch")
     from normfold.models.export import cached_export
 
-    name = data.draw(st.sampled_from(["resnet", "mobilenetv2", "vgg"]))
-    source = cached_export(name)
+    name, variant, ops = data.draw(st.sampled_from(_ZOO_CASES))
+    source = cached_export(name, variant)
     reference = normfold.load(source)
     folded = normfold.optimize(source, verify=False).model
-    convs = [n for n in folded.graph if n.op_type == "Conv"]
-    conv = convs[data.draw(st.integers(0, len(convs) - 1))]
-    _corrupt(folded, conv)
-    expected = _expected(folded, reference, conv)
+    nodes = [n for n in folded.graph if n.op_type in ops and n.inputs[1] is not None and n.inputs[1].const_value]
+    node = nodes[data.draw(st.integers(0, len(nodes) - 1))]
+    _corrupt(folded, node)
+    expected = _expected(folded, reference, node)
     report = normfold.verify(source, folded, localize=True, samples=1)
     assert not report.passed
     assert report.first_divergence["tensor"] == expected
@@ -165,7 +188,59 @@ def test_save_inputs_round_trips_and_percentiles_are_reported(chain: Path, tmp_p
     capsys.readouterr()
 
 
-def test_dims_naming_no_dim_of_the_model_is_exit_2_listing_its_dims(chain: Path, tmp_path: Path, capsys) -> None:
-    code = main(["verify", str(chain), str(chain), "--dims", "seq=4"])
+@pytest.mark.parametrize("verb", [
+    ["verify", "{model}", "{model}"],
+    ["optimize", "{model}", "-o", "{out}"],
+    ["optimize", "{model}", "-o", "{out}", "--no-verify"],  # unused, but still a name the model lacks
+    ["optimize", "{model}", "-o", "{out}", "--target", "onnxruntime", "--save-inputs", "{npz}"],
+])
+def test_dims_naming_no_dim_of_the_model_is_exit_2_listing_its_dims(
+    chain: Path, tmp_path: Path, capsys, verb: list[str]
+) -> None:
+    out, npz = tmp_path / "out.onnx", tmp_path / "x.npz"
+    argv = [arg.format(model=chain, out=out, npz=npz) for arg in verb]
+    before = chain.read_bytes()
+    code = main([*argv, "--dims", "batch=2,seq=4"])
     err = capsys.readouterr().err
-    assert code == 2 and "'seq'" in err and "batch" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "'seq'" in err and "(its symbols: batch)" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not npz.exists() and chain.read_bytes() == before
+
+
+_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+           "int64": TensorProto.INT64, "bool": TensorProto.BOOL}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    names=st.lists(st.sampled_from(["x", "file", "allow_pickle", "input/ids", "input:0", "sample_1"]),
+                   min_size=1, max_size=3, unique=True),
+    dtype=st.sampled_from(sorted(_DTYPES)),
+    samples=st.integers(1, 3),
+)
+def test_saved_inputs_read_back_as_the_same_samples(tmp_path: Path, names: list[str], dtype: str, samples: int) -> None:
+    """Any input name (one that is numpy.savez's own keyword, a path, a sample-like prefix), any
+    dtype verify feeds, one sample or several: what verify saves, --inputs reads back equal."""
+    from normfold.inputs import load_inputs, write_inputs
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", [name], [f"out{k}"], to=TensorProto.FLOAT) for k, name in enumerate(names)], "ids",
+        [helper.make_tensor_value_info(name, _DTYPES[dtype], ["batch", 3]) for name in names],
+        [helper.make_tensor_value_info(f"out{k}", TensorProto.FLOAT, ["batch", 3]) for k in range(len(names))],
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    saved = tmp_path / f"{dtype}-{samples}-{len(names)}.npz"
+    if dtype == "bfloat16":  # onnxruntime's Python API takes no bfloat16 array: written, not run
+        from normfold.inputs import generate_inputs
+
+        write_inputs(saved, [generate_inputs(model, seed=k) for k in range(samples)])
+    else:
+        assert normfold.verify(model, model, samples=samples, save_inputs=saved).passed
+    read = load_inputs(saved, model)
+    assert len(read) == samples
+    again = tmp_path / "again.npz"
+    write_inputs(again, read)
+    for first, second in zip(read, load_inputs(again, model)):
+        assert sorted(first) == sorted(names) and sorted(second) == sorted(names)
+        for name in names:
+            assert first[name].dtype == second[name].dtype and str(first[name].dtype) == dtype
+            np.testing.assert_array_equal(first[name].view(np.uint8), second[name].view(np.uint8))

@@ -1,7 +1,8 @@
 """``normfold collapse``: TLC layer collapse of an ONNX model, or the embedded digits example.
 
-    normfold collapse IN.onnx -o OUT.onnx (--remove N | --max-deviation X) [--calibration X.npz]
-                      [--report R.json] [--max-flops-growth G]
+    normfold collapse IN.onnx -o OUT.onnx (--remove N | --max-deviation X | --target-latency R [--max-deviation X])
+                      [--calibration X.npz] [--report R.json] [--max-flops-growth G] [--no-measure-latency]
+                      [--max-segment-sites N] [--latency-runs N] [--latency-repeats K]
     normfold collapse --example NAME -o OUT.onnx [--report R.json] [--plot P.png] [--epochs E]
                       [--target-latency R] [--distill A]
 
@@ -34,7 +35,8 @@ def add_command(commands: Any, groups: options.Groups) -> None:
     how = command.add_mutually_exclusive_group()
     how.add_argument("--remove", type=int, metavar="N", help="linearize the N lowest-scoring activations that merge")
     how.add_argument("--max-deviation", type=float, metavar="X",
-                     help="keep linearizing while max|y - y_ref| / max|y_ref| stays <= X (default 0.01)")
+                     help="keep linearizing while max|y - y_ref| / max|y_ref| stays <= X (default 0.01); "
+                          "with --target-latency a bound on the joint choice")
     command.add_argument("--calibration", metavar="X.npz",
                          help="model inputs (one array per input) for empirical scores and the deviation")
     command.add_argument("--max-flops-growth", type=float, default=1.0, metavar="G",
@@ -51,8 +53,17 @@ def add_command(commands: Any, groups: options.Groups) -> None:
     command.add_argument("--max-accuracy-drop", type=float, default=0.01,
                          help="with --example: stop when validation accuracy drops more (default 0.01)")
     command.add_argument("--target-latency", type=float, metavar="R",
-                         help="with --example: choose removals jointly (segment DP) until the batch-1 "
-                              "onnxruntime latency is R times the BN-folded dense model's, e.g. 0.8")
+                         help="choose removals jointly (segment DP) so that the batch-1 onnxruntime latency "
+                              "is R times the BN-folded dense model's, e.g. 0.8")
+    command.add_argument("--no-measure-latency", dest="measure_latency", action="store_false",
+                         help="with IN.onnx: count MACs instead of timing (--target-latency is then a MACs ratio)")
+    command.add_argument("--max-segment-sites", type=int, default=2, metavar="N",
+                         help="with IN.onnx and --target-latency: longest run of consecutive activations one "
+                              "candidate removes (default 2)")
+    command.add_argument("--latency-runs", type=int, default=50, metavar="N",
+                         help="with IN.onnx: timed runs per round (default 50)")
+    command.add_argument("--latency-repeats", type=int, default=5, metavar="K",
+                         help="with IN.onnx: rounds; latency is their median, with the IQR (default 5, at least 3)")
     command.add_argument("--distill", type=float, default=0.0, metavar="A",
                          help="with --example: fine-tune with logit distillation from the dense model, "
                               "loss (1-A)*CE + A*KD (default 0: plain cross-entropy)")
@@ -61,10 +72,16 @@ def add_command(commands: Any, groups: options.Groups) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target_latency is not None and not 0 < args.target_latency <= 1:
+        raise InputError(f"--target-latency is a ratio in (0, 1], not {args.target_latency:g}")
     if args.example:
         return _example(args)
     if args.input is None:
         raise InputError("collapse: give an input model (IN.onnx) or --example NAME")
+    if args.target_latency is not None and args.remove is not None:
+        raise InputError("collapse: give either --remove or --target-latency, not both")
+    if args.max_segment_sites < 1 or args.latency_runs < 1 or args.latency_repeats < 3:
+        raise InputError("collapse: --max-segment-sites and --latency-runs must be >= 1, --latency-repeats >= 3")
     from normfold.jobs.collapse import collapse_onnx
     from normfold.jobs.common import check_paths
     from normfold.report import format_passes_table, write_json
@@ -74,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     job = collapse_onnx(
         args.input, remove=args.remove, max_deviation=args.max_deviation, calibration=args.calibration,
         max_flops_growth=args.max_flops_growth, target=args.target,
-        max_opset=args.max_opset, show_progress=not args.quiet,
+        max_opset=args.max_opset, show_progress=not args.quiet, target_latency=args.target_latency,
+        measure_latency=args.measure_latency, max_segment_sites=args.max_segment_sites,
+        latency_runs=args.latency_runs, latency_repeats=args.latency_repeats,
     )
     job.save(args.output)
     if args.report:
@@ -87,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_passes_table(report["passes"]))
     print()
+    print(_cost_table(report["cost"]))
+    summary = report["collapse"]
+    if "chosen" in summary:
+        chosen = ", ".join(summary["chosen"]) or "none"
+        reached = "predicted to meet it" if summary["feasible"] else "not reachable; the most saving choice"
+        print(f"target {summary['target_latency']:g} x the dense model ({report['cost']['by']}): {reached}; "
+              f"removed jointly: {chosen}")
+    print()
     for name, output in measured["outputs"].items():
         print(f"deviation of {name}: max abs {output['max_abs_error']:.4g}, max rel {output['max_rel_error']:.4g}")
     print(f"measured over {measured['samples']} sample(s), onnxruntime with optimizations off "
@@ -95,11 +122,41 @@ def run(args: argparse.Namespace) -> int:
     return options.EXIT_OK
 
 
+def _cost_table(cost: dict[str, Any]) -> str:
+    """Input, dense (BN folded), predicted and output: MACs and batch-1 latency, median (IQR)."""
+    rows = [("model", "MACs", "ORT ms batch 1 (IQR)")]
+    predicted = cost.get("predicted", {})
+    for key, name in (("input", "input"), ("dense", "dense, BN folded"), ("predicted", "predicted"),
+                      ("output", "output")):
+        if key == "predicted":
+            if not predicted:
+                continue
+            macs = predicted.get("macs")
+            latency = predicted.get("latency_ms")
+            rows.append((name, _count(macs), "-" if latency is None else f"{latency:.4f}"))
+            continue
+        entry = cost[key]
+        timing = entry["latency"]
+        rows.append((name, _count(entry["macs"]),
+                     "not measured" if timing is None else f"{timing['median_ms']:.4f} (IQR {timing['iqr_ms']:.4f})"))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [f"{a.ljust(widths[0])}  {b.ljust(widths[1])}  {c}" for a, b, c in rows]
+    lines.insert(1, f"{'-' * widths[0]}  {'-' * widths[1]}  {'-' * len(rows[0][2])}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _count(macs: float | None) -> str:
+    if macs is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if macs >= scale:
+            return f"{macs / scale:.1f}{suffix}"
+    return f"{macs:.0f}"
+
+
 def _example(args: argparse.Namespace) -> int:
     if args.input:
         raise InputError("collapse: give either IN.onnx or --example, not both")
-    if args.target_latency is not None and not 0 < args.target_latency <= 1:
-        raise InputError(f"--target-latency is a ratio in (0, 1], not {args.target_latency:g}")
     if not 0 <= args.distill <= 1:
         raise InputError(f"--distill is a weight in [0, 1], not {args.distill:g}")
     from normfold.jobs.common import check_paths

@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from normfold import io, progress
 from normfold.errors import InputError, VerificationError
+from normfold.inputs import resolve_dims
 from normfold.jobs import common
 from normfold.opset import model_opset
 from normfold.options import VerifyOptions, split
@@ -100,6 +101,9 @@ def optimize(
     label = common.source_label(source)
     if max_opset is not None and model_opset(model) > max_opset:
         raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
+    if checks.dims:
+        # A --dims name the model lacks is bad input before any pass runs, verified or not.
+        resolve_dims(model, checks.dims)
     # Verification reads the input's interface from this copy (it shares the weights) instead
     # of parsing the file again; onnxruntime still runs the file itself.
     unchanged = model.clone() if verify and isinstance(reference, (str, os.PathLike)) else None
