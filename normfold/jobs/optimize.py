@@ -31,7 +31,6 @@ import onnx_ir as ir
 
 from normfold import io, progress
 from normfold.errors import InputError, VerificationError
-from normfold.inputs import resolve_dims
 from normfold.jobs import common
 from normfold.opset import model_opset
 from normfold.options import VerifyOptions, split
@@ -103,6 +102,8 @@ def optimize(
         raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
     if checks.dims:
         # A --dims name the model lacks is bad input before any pass runs, verified or not.
+        from normfold.inputs import resolve_dims  # here: a run without --dims never imports it
+
         resolve_dims(model, checks.dims)
     # Verification reads the input's interface from this copy (it shares the weights) instead
     # of parsing the file again; onnxruntime still runs the file itself.
