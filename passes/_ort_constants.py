@@ -158,7 +158,7 @@ def _evaluate(
     )
     sub = ir.Model(graph, ir_version=model.ir_version)
     # Imported here: a model with nothing to fold (most exports) never pays for onnxruntime,
-    # nor for the verification module (inputs, tqdm) that float64_model lives in.
+    # nor for the verification module that float64_model lives in.
     import onnxruntime as ort
 
     from normfold.verification import float64_model

@@ -31,7 +31,7 @@ example.
 
 from __future__ import annotations
 
-__all__ = ["RULES", "Rule", "may_apply", "op_types", "sweeps"]
+__all__ = ["FUSED_OPS", "RULES", "Rule", "may_apply", "op_types", "sweeps"]
 
 import dataclasses
 from collections.abc import Callable, Iterator
@@ -60,8 +60,9 @@ _ORT: tuple[Target, ...] = ("onnxruntime",)
 # Op types for ``Rule.needs``: what the patterns' roots and reductions are written with.
 _LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _REDUCTIONS = frozenset({"ReduceMean", "ReduceSum"})
-# What a fused normalization is emitted as (the affine rules absorb into nothing else).
-_FUSED = frozenset(
+# What a fused normalization is emitted as (``_norm_spec.emit``): the affine rules' checks take
+# only those, so they need one though their patterns are written with any producer.
+FUSED_OPS = frozenset(
     {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "GroupNormalization",
      "InstanceNormalization"}
 )
@@ -128,10 +129,10 @@ RULES: tuple[Rule, ...] = (
     Rule("fuse-norm", "norm", LocalResponseNorm,
          needs=(frozenset({"Div"}), frozenset({"AveragePool"}), frozenset({"Pow"}))),
     # ... then the cast back, scale and bias after a fused op ...
-    Rule("fuse-norm", "affine", AbsorbCast, needs=(frozenset({"Cast"}), _FUSED)),
-    *(Rule("fuse-norm", "affine", partial(AbsorbScale, order=order), needs=(frozenset({"Mul"}), _FUSED))
+    Rule("fuse-norm", "affine", AbsorbCast, needs=(frozenset({"Cast"}), FUSED_OPS)),
+    *(Rule("fuse-norm", "affine", partial(AbsorbScale, order=order), needs=(frozenset({"Mul"}), FUSED_OPS))
       for order in ("nw", "wn")),
-    *(Rule("fuse-norm", "affine", partial(AbsorbBias, order=order), needs=(frozenset({"Add"}), _FUSED))
+    *(Rule("fuse-norm", "affine", partial(AbsorbBias, order=order), needs=(frozenset({"Add"}), FUSED_OPS))
       for order in ("nb", "bn")),
     # ... and for onnxruntime, residual Add + norm into its Skip ops (refused unless skip_ops),
     # a residual sum plus a constant bias first (the op's bias input), then the plain sum.

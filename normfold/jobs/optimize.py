@@ -120,7 +120,7 @@ def optimize(
     report.update(common.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
     verification = None
     if verify:
-        # Imported here: --no-verify never pays for onnxruntime's helpers, inputs and tqdm.
+        # Imported here: --no-verify never imports verification (input generation, sessions).
         from normfold.verification import verify as run_verification
 
         # Verification shows its own progress, one line per session (reference, candidate).
