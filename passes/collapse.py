@@ -39,11 +39,15 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
       refused, and so is the lossiest run of a joint choice over it (then the choice is made
       again without it).
    d. :func:`normfold.math.collapse_select.choose` (a dynamic program) picks the runs saving
-      at least ``(1 − R)`` × the dense cost with the least summed loss; two runs are separated
-      by a kept activation unless a fan-out between them stops any merge across. When no
-      choice reaches the budget, the one saving the most is applied and a note says so.
-      :attr:`CollapsePass.selection` holds every candidate (cost, saving, loss, refused or
-      chosen), the dense cost and the predicted cost (dense minus the summed savings).
+      what the budget still needs (the current cost minus ``R`` × the dense cost) with the
+      least summed loss; two runs are separated by a kept activation unless a fan-out between
+      them stops any merge across. When no choice reaches the budget, the one saving the most.
+   e. The choice is applied and the whole model measured; a step that measures no better than
+      before is undone and ends the search. Savings measured one candidate at a time need not
+      add up, so while the measured cost is over the budget, another step (up to
+      ``max_steps``) chooses among the remaining activations, each candidate now costed on top
+      of the removals already made. :attr:`CollapsePass.selection` holds every step and every
+      candidate (cost, saving, loss, refused or chosen), the dense, predicted and measured cost.
 5. A linearized site becomes ``a·y + c`` per channel: folded into the BatchNorm's scale and
    shift in BN mode (``γ' = a·γ``, ``β' = a·β + c``), a ``Mul``/``Add`` pair otherwise. Then
    ``fold-bn`` and ``fold-affine`` (exact) fold those into the neighbouring layers and the merge
@@ -141,6 +145,7 @@ class CollapsePass(NormfoldPass):
         max_segment_sites: int = 2,
         latency_runs: int = 50,
         latency_repeats: int = 5,
+        max_steps: int = 3,
         meter: CostMeter | None = None,
     ) -> None:
         super().__init__(options)
@@ -154,8 +159,8 @@ class CollapsePass(NormfoldPass):
             raise InputError(f"collapse: target_latency is a ratio in (0, 1], not {target_latency:g}")
         if max_deviation is not None and not max_deviation >= 0:
             raise InputError(f"collapse: max_deviation must be >= 0, not {max_deviation:g}")
-        if max_segment_sites < 1 or latency_runs < 1 or latency_repeats < 3:
-            raise InputError("collapse: max_segment_sites and latency_runs must be >= 1, "
+        if max_segment_sites < 1 or latency_runs < 1 or max_steps < 1 or latency_repeats < 3:
+            raise InputError("collapse: max_segment_sites, latency_runs and max_steps must be >= 1, "
                              "latency_repeats >= 3 (for a spread)")
         self.remove = remove
         # With a budget the deviation is a bound only when asked for; otherwise it is the rule.
@@ -170,6 +175,7 @@ class CollapsePass(NormfoldPass):
         self.target_latency = target_latency
         self.measure_latency = measure_latency
         self.max_segment_sites = max_segment_sites
+        self.max_steps = max_steps
         self.latency_settings = {"runs": latency_runs, "repeats": latency_repeats}
         self.deviation: dict[str, Any] | None = None
         # With target_latency: what was measured and chosen (see _budget); the meter that timed it
@@ -305,17 +311,82 @@ class CollapsePass(NormfoldPass):
     def _budget(
         self, reference: ir.Model, sites: list[_Site], feeds: list[dict], expected: list[dict]
     ) -> tuple[list[_Site], dict[str, Any] | None]:
-        """The removals chosen jointly to meet ``target_latency`` (the segment DP; rules in the module doc)."""
-        nodes = [n for n in reference.graph if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx")]
-        position = {node.name: k for k, node in enumerate(nodes)}
-        found = sorted(sites, key=lambda s: position[s.node])
+        """The removals chosen jointly, step by step, to meet ``target_latency`` (rules in the module doc)."""
         if self.meter is None:
             self.meter = CostMeter(reference, feeds[0], measure=self.measure_latency, **self.latency_settings)
         meter = self.meter
-        unit_name = "ms" if meter.measure else "MACs"
+        unit = "ms" if meter.measure else "MACs"
         dense = dense_form(reference)
         dense_cost = meter.cost(dense)
-        dense_spread = meter.timing(dense).iqr if meter.measure else 0.0
+        target = self.target_latency * dense_cost
+        self.selection = selection = {
+            "by": "latency" if meter.measure else "macs", "unit": unit, "target_latency": self.target_latency,
+            "dense_cost": dense_cost, "target_cost": target,
+            "dense_latency": meter.timing(dense).to_dict() if meter.measure else None,
+            "max_segment_sites": self.max_segment_sites, "steps": [], "chosen": [], "options": [],
+            "predicted_cost": dense_cost, "measured_cost": dense_cost, "feasible": target >= dense_cost,
+        }
+        chosen: list[_Site] = []
+        current, deviation = dense_cost, None
+        for step in range(1, self.max_steps + 1):
+            if current <= target:
+                break
+            picked, row = self._step(reference, sites, chosen, current, target, feeds, expected)
+            row["step"] = step
+            selection["steps"].append(row)
+            selection["options"] += [{**option, "step": step} for option in row.pop("options")]
+            if not picked:
+                break
+            applied = reference.clone()
+            self._collapse(applied, chosen + picked, PassRecord(self.name), growth=math.inf)
+            row["measured_cost"] = measured = meter.cost(applied)
+            if meter.measure:
+                row["measured_latency"] = meter.timing(applied).to_dict()
+            if measured >= current:
+                # The candidates' savings did not add up on the whole model: give the step back.
+                row["undone"] = (f"the whole model measured {_amount(measured, unit)}, no less than "
+                                 f"{_amount(current, unit)} before the step")
+                for option in selection["options"]:
+                    if option["step"] == step and option.get("chosen"):
+                        option["chosen"] = False
+                self.record.notes.append(f"collapse: step {step} undone: {row['undone']}")
+                break
+            chosen += picked
+            current, deviation = measured, row.pop("deviation", None)
+            selection["chosen"] += row["chosen"]
+            selection["predicted_cost"] = row["predicted_cost"]
+            selection["measured_cost"] = measured
+        selection["feasible"] = selection["measured_cost"] <= target
+        if not selection["feasible"]:
+            self.record.notes.append(
+                f"collapse: target_latency {self.target_latency:g} not reached: the whole model measured "
+                f"{_amount(selection['measured_cost'], unit)} against {_amount(dense_cost, unit)} dense")
+        # A site refused alone but removed in a chosen run is not refused: its row keeps the reason.
+        removed = {site.node for site in chosen}
+        self.record.keep_refusals_of({r["node"] for r in self.record.refused if r["node"] not in removed})
+        if not self.measure:
+            return chosen, None
+        if deviation is None and chosen:
+            applied = reference.clone()
+            self._collapse(applied, chosen, PassRecord(self.name), growth=math.inf)
+            deviation = _deviation(applied, feeds, expected)
+        return chosen, deviation
+
+    def _step(
+        self, reference: ir.Model, sites: list[_Site], fixed: list[_Site], current: float, target: float,
+        feeds: list[dict], expected: list[dict],
+    ) -> tuple[list[_Site], dict[str, Any]]:
+        """One joint choice on top of the ``fixed`` removals, whose model costs ``current``."""
+        meter = self.meter
+        assert meter is not None
+        unit_name = "ms" if meter.measure else "MACs"
+        nodes = [n for n in reference.graph if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx")]
+        position = {node.name: k for k, node in enumerate(nodes)}
+        taken = {site.node for site in fixed}
+        found = sorted((s for s in sites if s.node not in taken), key=lambda s: position[s.node])
+        base = reference.clone()
+        self._collapse(base, fixed, PassRecord(self.name), growth=math.inf)
+        spread_now = meter.timing(base).iqr if meter.measure else 0.0
         bounded = self.max_deviation is not None
         rows: list[dict[str, Any]] = []
         runs: dict[str, list[_Site]] = {}
@@ -324,17 +395,17 @@ class CollapsePass(NormfoldPass):
                 run = found[k:k + length]
                 first = position[run[0].node]
                 if [position[s.node] for s in run] != list(range(first, first + length)):
-                    continue  # an activation that cannot be removed lies between them
+                    continue  # an activation that stays lies between them
                 label = "+".join(s.node for s in run)
                 trial = reference.clone()
                 record = PassRecord(self.name)
-                if not self._collapse(trial, run, record, growth=math.inf):
+                if not self._collapse(trial, fixed + run, record, growth=math.inf):
                     if length == 1:
                         reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
                         self.record.refuse(Refusal(reason), label)
                     continue
                 cost = meter.cost(trial)
-                row: dict[str, Any] = {"sites": [s.node for s in run], "cost": cost, "saving": dense_cost - cost,
+                row: dict[str, Any] = {"sites": [s.node for s in run], "cost": cost, "saving": current - cost,
                                        "score": sum(s.score for s in run)}
                 if meter.measure:
                     row["latency"] = meter.timing(trial).to_dict()
@@ -343,14 +414,12 @@ class CollapsePass(NormfoldPass):
                 row["loss"] = row["deviation"] if self.calibration is not None else row["score"]
                 rows.append(row)
                 # A saving inside the spread of either timing is noise, not a measured gain.
-                spread = max(dense_spread, row["latency"]["iqr_ms"]) if meter.measure else 0.0
-                if row["saving"] <= spread:
-                    reason = (f"its final merged form {'runs no faster' if meter.measure else 'costs no fewer MACs'} "
-                              f"(the whole model {_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)})")
-                    if row["saving"] > 0:
-                        reason = (f"its saving is within the timings' spread (the whole model "
-                                  f"{_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)}, "
-                                  f"IQR up to {spread:.4f} ms)")
+                spread = max(spread_now, row["latency"]["iqr_ms"]) if meter.measure else 0.0
+                change = f"the whole model {_amount(current, unit_name)} -> {_amount(cost, unit_name)}"
+                if row["saving"] <= 0:
+                    reason = f"its final merged form {'runs no faster' if meter.measure else 'costs no fewer MACs'} ({change})"
+                elif row["saving"] <= spread:
+                    reason = f"its saving is within the timings' spread ({change}, IQR up to {spread:.4f} ms)"
                 elif bounded and row["deviation"] > self.max_deviation:
                     reason = (f"with it the output deviation would be {row['deviation']:.3g} "
                               f"> max_deviation {self.max_deviation:g}")
@@ -359,61 +428,45 @@ class CollapsePass(NormfoldPass):
                     continue
                 row["refused"] = reason
                 self.record.refuse(Refusal(reason), label)
-        need = dense_cost * (1.0 - self.target_latency)
-        selection: dict[str, Any] = {
-            "by": "latency" if meter.measure else "macs", "unit": unit_name,
-            "target_latency": self.target_latency, "dense_cost": dense_cost, "need": need,
-            "dense_latency": meter.timing(dense).to_dict() if meter.measure else None,
-            "options": rows, "max_segment_sites": self.max_segment_sites,
-        }
-        self.selection = selection
-        chosen: list[_Site] = []
-        labels: list[str] = []
-        deviation = None
-        if need > 0 and runs:
-            unit = need / _RESOLUTION
-            by_label = {"+".join(r["sites"]): r for r in rows}
-            options = [
-                Option(position[run[0].node], position[run[-1].node] + 1, q, by_label[label]["loss"], label)
-                for (label, run), q in zip(runs.items(), quantize([by_label[l]["saving"] for l in runs], unit))
-            ]
-            separate = [b for b in range(1, len(nodes)) if _separate(nodes[b - 1], nodes[b])]
-            while True:
-                picked = choose(options, len(nodes), math.ceil(need / unit), separate)
-                labels = [o.label for o in picked.options]
-                chosen = [site for label in labels for site in runs[label]]
-                selection["feasible"] = picked.feasible
-                if not bounded or not chosen:
-                    break
-                trial = reference.clone()
-                self._collapse(trial, chosen, PassRecord(self.name), growth=math.inf)
-                deviation = _deviation(trial, feeds, expected)
-                if deviation["max_rel_deviation"] <= self.max_deviation:
-                    break
-                # The joint deviation is over the bound: give up the choice's most lossy run.
-                worst = max(picked.options, key=lambda o: o.loss)
-                by_label[worst.label]["refused"] = reason = (
-                    f"with the other chosen removals the output deviation would be "
-                    f"{deviation['max_rel_deviation']:.3g} > max_deviation {self.max_deviation:g}"
-                )
-                self.record.refuse(Refusal(reason), worst.label)
-                options = [o for o in options if o.label != worst.label]
-                deviation = None
-            for label in labels:
-                by_label[label]["chosen"] = True
-            selection["predicted_cost"] = dense_cost - sum(by_label[label]["saving"] for label in labels)
-        else:
-            selection["feasible"] = need <= 0
-            selection["predicted_cost"] = dense_cost
-        selection["chosen"] = labels
-        # A site refused alone but removed in a chosen run is not refused: its row keeps the reason.
-        removed = {site.node for site in chosen}
-        self.record.keep_refusals_of({r["node"] for r in self.record.refused if r["node"] not in removed})
-        if not selection["feasible"]:
-            self.record.notes.append(
-                f"collapse: target_latency {self.target_latency:g} not reachable: the best choice is predicted at "
-                f"{_amount(selection['predicted_cost'], unit_name)} against {_amount(dense_cost, unit_name)} dense")
-        return chosen, deviation if self.measure else None
+        need = current - target
+        step: dict[str, Any] = {"base_cost": current, "need": need, "options": rows, "chosen": [],
+                                "predicted_cost": current, "feasible": need <= 0}
+        if meter.measure:
+            step["base_latency"] = meter.timing(base).to_dict()
+        if need <= 0 or not runs:
+            return [], step
+        unit = need / _RESOLUTION
+        by_label = {"+".join(r["sites"]): r for r in rows}
+        options = [
+            Option(position[run[0].node], position[run[-1].node] + 1, q, by_label[label]["loss"], label)
+            for (label, run), q in zip(runs.items(), quantize([by_label[l]["saving"] for l in runs], unit))
+        ]
+        separate = [b for b in range(1, len(nodes)) if _separate(nodes[b - 1], nodes[b])]
+        while True:
+            picked = choose(options, len(nodes), math.ceil(need / unit), separate)
+            labels = [o.label for o in picked.options]
+            chosen = [site for label in labels for site in runs[label]]
+            if not bounded or not chosen:
+                break
+            trial = reference.clone()
+            self._collapse(trial, fixed + chosen, PassRecord(self.name), growth=math.inf)
+            deviation = _deviation(trial, feeds, expected)
+            if deviation["max_rel_deviation"] <= self.max_deviation:
+                step["deviation"] = deviation
+                break
+            # The joint deviation is over the bound: give up the choice's most lossy run.
+            worst = max(picked.options, key=lambda o: o.loss)
+            by_label[worst.label]["refused"] = reason = (
+                f"with the other chosen removals the output deviation would be "
+                f"{deviation['max_rel_deviation']:.3g} > max_deviation {self.max_deviation:g}"
+            )
+            self.record.refuse(Refusal(reason), worst.label)
+            options = [o for o in options if o.label != worst.label]
+        for label in labels:
+            by_label[label]["chosen"] = True
+        step.update(chosen=labels, feasible=picked.feasible,
+                    predicted_cost=current - sum(by_label[label]["saving"] for label in labels))
+        return chosen, step
 
     # -- rewriting --------------------------------------------------------------------------
     def _collapse(self, model: ir.Model, sites: list[_Site], record: PassRecord, growth: float | None = None) -> int:

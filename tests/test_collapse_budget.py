@@ -182,7 +182,7 @@ def test_the_deviation_bound_refuses_what_the_budget_would_take(tmp_path: Path):
         if "relu_b" in option["sites"]:
             assert "deviation would be" in option["refused"]
     assert bound.report["verification"]["max_rel_error"] <= 0.01
-    assert any("not reachable" in note for p in bound.report["passes"] for note in p.get("notes", []))
+    assert any("not reached" in note for p in bound.report["passes"] for note in p.get("notes", []))
 
 
 def test_latency_budget_reports_median_and_spread_and_predicts_from_savings():
@@ -194,19 +194,29 @@ def test_latency_budget_reports_median_and_spread_and_predicts_from_savings():
         assert timing["iqr_ms"] == pytest.approx(timing["q3_ms"] - timing["q1_ms"])
     chosen = [o for o in summary["options"] if o.get("chosen")]
     assert [("+".join(o["sites"])) for o in chosen] == summary["chosen"]
-    assert all(o["saving"] > 0 and "refused" not in o for o in chosen)
-    spread = cost["dense"]["latency"]["iqr_ms"]
+    steps = {step["step"]: step for step in summary["steps"]}
     for option in summary["options"]:
-        if "refused" in option:  # no saving beyond the spread of its timings (no deviation bound here)
-            assert option["saving"] <= max(spread, option["latency"]["iqr_ms"]), option
-        else:
-            assert option["saving"] > max(spread, option["latency"]["iqr_ms"]), option
+        # Refused: no saving beyond the spread of its timings (there is no deviation bound here).
+        spread = max(steps[option["step"]]["base_latency"]["iqr_ms"], option["latency"]["iqr_ms"])
+        assert ("refused" in option) == (option["saving"] <= spread), option
     # The pass timed the dense model; the job's dense row is the same model from the cache.
-    dense = cost["dense"]["latency"]["median_ms"]
-    assert cost["predicted"]["latency_ms"] == pytest.approx(dense - sum(o["saving"] for o in chosen))
+    assert summary["steps"][0]["base_cost"] == cost["dense"]["latency"]["median_ms"]
+    predicted = cost["dense"]["latency"]["median_ms"]
+    for step in summary["steps"]:
+        savings = sum(o["saving"] for o in chosen if o["step"] == step["step"])
+        if step["chosen"] and "undone" not in step:
+            assert step["predicted_cost"] == pytest.approx(step["base_cost"] - savings)
+            predicted = step["predicted_cost"]
+    assert cost["predicted"]["latency_ms"] == pytest.approx(predicted)
     assert cost["settings"]["models_timed"] <= len(summary["options"]) + 3
     _chosen_runs_are_apart(summary)
     assert len(summary["sites"]) == job.report["collapse"]["removed"]
+    # Each step costs its candidates on top of the steps before; a kept step measured faster.
+    for before, step in zip(summary["steps"], summary["steps"][1:]):
+        assert step["base_cost"] == before["measured_cost"]
+    for step in summary["steps"]:
+        if "measured_cost" in step and "undone" not in step:
+            assert step["measured_cost"] < step["base_cost"]
 
 
 def test_the_deviation_is_measured_once(monkeypatch: pytest.MonkeyPatch):
@@ -242,6 +252,8 @@ def test_joint_choices_meet_the_macs_budget_and_merge_exactly(seed, depth, targe
     cost, summary = job.report["cost"], job.report["collapse"]
     # Savings of runs apart from each other add up exactly in MACs: the prediction is the result.
     assert cost["output"]["macs"] == cost["predicted"]["macs"]
+    assert all(step["measured_cost"] == step["predicted_cost"] for step in summary["steps"] if "measured_cost" in step)
+    assert len(summary["steps"]) <= 3
     if summary["feasible"]:
         assert cost["output"]["macs"] <= target * cost["dense"]["macs"] + 1e-9
     _chosen_runs_are_apart(summary)
@@ -274,6 +286,7 @@ def test_cli_target_latency_writes_model_table_and_report(tmp_path: Path, cli: C
     (["--target-latency", "0.8", "--remove", "1"], "either --remove or --target-latency"),
     (["--target-latency", "0.8", "--latency-repeats", "2"], "--latency-repeats >= 3"),
     (["--target-latency", "0.8", "--max-segment-sites", "0"], "--max-segment-sites"),
+    (["--target-latency", "0.8", "--max-steps", "0"], "--max-steps"),
 ])
 def test_cli_bad_budget_exits_2_and_writes_nothing(tmp_path: Path, cli: Cli, argv: list[str], message: str):
     source = tmp_path / "in.onnx"
