@@ -21,7 +21,8 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
    ``target_latency=R`` (a budget) chooses the removals **jointly** instead:
 
    a. A candidate is a run of up to ``max_segment_sites`` activations consecutive in graph
-      order (activations that cannot be removed count too, so a run never jumps one) whose
+      order among those that stay (one that cannot be removed counts, so a run never jumps it;
+      one removed in an earlier step does not: the layers around it are one segment now) whose
       linearization lets layers merge — the two activations of an inverted residual make one
       candidate although each alone grows the work. Merges are then not limited by
       ``max_flops_growth``: a candidate is judged by its final merged form.
@@ -327,7 +328,11 @@ class CollapsePass(NormfoldPass):
             "predicted_cost": dense_cost, "measured_cost": dense_cost, "feasible": target >= dense_cost,
         }
         chosen: list[_Site] = []
-        current, deviation = dense_cost, None
+        # Candidates are costed against the graph with nothing linearized but folded and merged as
+        # their trials are (layers already adjacent merge there too), not against the dense form.
+        start = reference.clone()
+        self._collapse(start, [], PassRecord(self.name), growth=math.inf)
+        current, deviation = meter.cost(start), None
         for step in range(1, self.max_steps + 1):
             if current <= target:
                 break
@@ -380,9 +385,12 @@ class CollapsePass(NormfoldPass):
         meter = self.meter
         assert meter is not None
         unit_name = "ms" if meter.measure else "MACs"
-        nodes = [n for n in reference.graph if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx")]
-        position = {node.name: k for k, node in enumerate(nodes)}
+        # Positions over the activations that stay: with the removed ones gone, the layers on both
+        # sides of them are one segment, so the runs either side touch (one choice, or a run).
         taken = {site.node for site in fixed}
+        nodes = [n for n in reference.graph
+                 if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx") and n.name not in taken]
+        position = {node.name: k for k, node in enumerate(nodes)}
         found = sorted((s for s in sites if s.node not in taken), key=lambda s: position[s.node])
         base = reference.clone()
         self._collapse(base, fixed, PassRecord(self.name), growth=math.inf)

@@ -265,6 +265,16 @@ def test_joint_choices_meet_the_macs_budget_and_merge_exactly(seed, depth, targe
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 
+def test_activations_either_side_of_a_removed_run_are_one_segment_in_the_next_step():
+    # Step 1 removes relu1+relu2; then relu0 and relu3 bound one segment: removing both is one
+    # run whose saving is measured together, not two savings that would be added (found by hypothesis).
+    job = collapse_onnx(_chain(0, [2, 2, 3, 3, 4], [3, 1, 3, 3], [-4.0] * 4), target_latency=0.5,
+                        measure_latency=False)
+    steps = job.report["collapse"]["steps"]
+    assert steps[0]["chosen"] == ["relu1+relu2"] and steps[1]["chosen"] == ["relu0+relu3"]
+    assert job.report["cost"]["output"]["macs"] == job.report["cost"]["predicted"]["macs"]
+
+
 def test_cli_target_latency_writes_model_table_and_report(tmp_path: Path, cli: Cli):
     source = tmp_path / "in.onnx"
     onnx.save(_tlc_model(), source)
@@ -297,3 +307,16 @@ def test_cli_bad_budget_exits_2_and_writes_nothing(tmp_path: Path, cli: Cli, arg
     assert done.returncode == 2 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"] and source.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_zoo_mobilenetv2_merges_whole_inverted_residuals_under_a_macs_budget():
+    from normfold.models.export import cached_export
+
+    job = collapse_onnx(cached_export("mobilenetv2"), target_latency=0.7, measure_latency=False)
+    summary, cost = job.report["collapse"], job.report["cost"]
+    assert summary["feasible"] and cost["output"]["macs"] <= 0.7 * cost["dense"]["macs"]
+    assert cost["output"]["macs"] == cost["predicted"]["macs"]
+    pairs = [label for label in summary["chosen"] if label.count("+") == 1
+             and label.split("+")[0].split("/conv/")[0] == label.split("+")[1].split("/conv/")[0]]
+    assert pairs, summary["chosen"]  # both activations of one block, which alone would grow the work
