@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from benchmarks import torchvision_schemas
+from normfold import runtime
 from normfold.examples import digits
 from normfold.models.resnet import BasicBlock
 from normfold.torch import collapse
@@ -65,8 +66,17 @@ from normfold.torch.layer_collapse.graph import (
 from normfold.torch.layer_collapse.rewrite import layer_count, merge_layers, record_shapes, shape_of
 
 METHODS = ("normfold", "depthshrinker", "reference", "random", "entropy")
-# The latency budget per task (a ratio to the BN-folded dense model), from issue 12's targets.
-BUDGETS = {"digits32/resnet18": 0.80, "digits32/mobilenet_v2": 0.85}
+# normfold's settings per task: the latency budget (a ratio to the BN-folded dense model) and
+# whether residual branches may be pruned. Issue 12 asks for ResNet-18 at <= 0.80x with >= 3 of 8
+# BasicBlocks reduced to one conv or none (pruning counts), and for MobileNetV2 at <= 0.85x with
+# >= 8 of its 16 expansion blocks merged into one conv (pruning does not count: merges only).
+# The budgets sit below those ceilings so that the timing noise of a whole model (up to 6%
+# between two sessions on a shared machine) does not decide; block counts are not targeted,
+# they follow from the budget.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "digits32/resnet18": {"target_latency": 0.70, "prune": True},
+    "digits32/mobilenet_v2": {"target_latency": 0.55, "prune": False},
+}
 
 
 # ---- data and models ------------------------------------------------------------------------
@@ -295,9 +305,10 @@ def depthshrinker(model: nn.Module, data: digits.Digits, *, finetune) -> list[di
             driver._apply(shrunk, {"op": "pad_first", "conv": readers[0].name}, like)
     _seeded_finetune(finetune, shrunk, 1, teacher=trace(model))
     free = [n.name for n in shrunk.graph.nodes]
-    merged = merge_layers(shrunk, (data.val_x[:8],), free=free).module
-    return [{"removed": len(chosen), "layers_merged": layer_count(working) - layer_count(merged),
-             "val_accuracy": digits.accuracy(merged, data.val_x, data.val_y), "model": merged}]
+    merged = merge_layers(shrunk, (data.val_x[:8],), free=free)
+    return [{"removed": len(chosen), "layers_merged": layer_count(working) - layer_count(merged.module),
+             "val_accuracy": digits.accuracy(merged.module, data.val_x, data.val_y), "model": merged.module,
+             "merges": [m.to_dict() for m in merged.merges]}]
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -313,6 +324,50 @@ def measure(model: nn.Module, data: digits.Digits, repeats: int) -> dict[str, An
         "activations": sum(1 for n in gm.graph.nodes if activation_of(gm, n) is not None),
         "ort": timing.to_dict(),
     }
+
+
+def block_counts(dense: nn.Module, final: nn.Module, merges: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of the dense model's blocks the final model computes with one conv, or none.
+
+    Blocks: torchvision's ``BasicBlock`` (and the zoo's) and MobileNetV2's ``InvertedResidual``
+    with an expansion conv (``expansion_blocks``; the one with expand ratio 1 is not counted).
+    A final conv stands for every dense conv merged into it (``merges``: the last step's
+    merges, from the unmerged model to the final one); a block is ``one_conv`` when exactly one
+    final conv holds its convs, ``none`` when none does (its branch was pruned).
+    """
+    origins: dict[str, set[str]] = {}
+    for merge in merges:
+        origins[merge["into"]] = set().union(origins.get(merge["into"], {merge["into"]}),
+                                             *(origins.get(r, {r}) for r in merge["removed"]))
+    gm, traced = trace(final), trace(dense)
+    finals = [origins.get(n.name, {n.name}) for n in gm.graph.nodes if is_conv(gm, n)]
+    counts = {"blocks": 0, "one_conv": 0, "none": 0}
+    for name, module in dense.named_modules():
+        kind = type(module).__name__
+        if kind == "InvertedResidual" and len(module.conv) < 4:
+            continue  # expand ratio 1: no expansion conv, not one of the expansion blocks
+        if kind not in ("BasicBlock", "InvertedResidual"):
+            continue
+        convs = {n.name for n in traced.graph.nodes if is_conv(traced, n) and n.target.startswith(name + ".")}
+        holders = sum(1 for origin in finals if origin & convs)
+        counts["blocks"] += 1
+        counts["one_conv"] += holders == 1
+        counts["none"] += holders == 0
+    return counts
+
+
+def onnx_check(module: nn.Module, data: digits.Digits) -> dict[str, float]:
+    """``module`` exported to ONNX (TorchScript exporter) against itself, in onnxruntime with
+    optimizations off, on eight test samples: max |difference|, relative to max |output|."""
+    x = data.test_x[:8]
+    model = cost.onnx_of(trace(module), (x,))
+    with torch.no_grad():
+        expected = module.eval()(x).numpy()
+    got = runtime.run(model, {model.graph.input[0].name: x.numpy()})
+    output = next(iter(got.values()))
+    return {"max_abs": float(np.abs(output - expected).max()),
+            "max_rel": float(np.abs(output - expected).max() / np.abs(expected).max()),
+            "argmax_agreement": float((output.argmax(1) == expected.argmax(1)).mean())}
 
 
 def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -343,7 +398,11 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
         else:
             settings: dict[str, Any] = dict(rank="probe", max_steps=args.max_steps)
             if method == "normfold":
-                settings = dict(target_latency=args.target_latency or BUDGETS.get(name, 0.8), max_steps=3)
+                settings = {"target_latency": 0.8, "prune": True, **SETTINGS.get(name, {}), "max_steps": 3}
+                if args.target_latency:
+                    settings["target_latency"] = args.target_latency
+                if args.prune != "task":
+                    settings["prune"] = args.prune == "on"
             elif method == "random":
                 settings["rank"] = random_order(seed)
             elif method == "entropy":
@@ -355,11 +414,16 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
                 measure_latency=method == "normfold", progress=False, **settings,
             )
             rows = [{"removed": s.activations_removed, "layers_merged": s.layers_merged,
-                     "val_accuracy": s.accuracy, "model": s.model, "candidates": s.candidates}
+                     "val_accuracy": s.accuracy, "model": s.model, "candidates": s.candidates,
+                     "merges": s.merges, "fit": s.fit}
                     for s in outcome.history if s.accepted]
         seconds = time.perf_counter() - start
         for row in rows:
-            row.update(measure(row.pop("model"), data, args.repeats))
+            model_row = row.pop("model")
+            row.update(measure(model_row, data, args.repeats))
+            row["blocks"] = block_counts(model, model_row, row.get("merges", []))
+            row["onnx_check"] = onnx_check(model_row, data)
+            row["max_merge_error"] = max((m.get("relative_error", 0.0) for m in row.get("merges", [])), default=0.0)
         result[method] = {"seconds": seconds, "steps": rows}
         print(f"  {name} seed {seed} {method}: {len(rows)} step(s), {seconds:.0f} s", flush=True)
     return result
@@ -373,18 +437,24 @@ def best_within(result: dict[str, Any], method: str, points: float) -> dict[str,
 
 
 def format_seed(name: str, seed: int, result: dict[str, Any]) -> str:
-    header = ("method", "removed", "merged", "test acc", "MACs", "ORT ms (IQR)")
+    header = ("method", "removed", "merged", "test acc", "MACs", "ORT ms (IQR)", "blocks 1 conv/none",
+              "ONNX rel err", "merge err")
     rows = [header]
 
     def ort(row: dict[str, Any]) -> str:
         return f"{row['ort']['median_ms']:.3f} ({row['ort']['iqr_ms']:.3f})"
 
     for label, row in (("dense", result["dense"]), ("dense, BN folded", result["dense_folded"])):
-        rows.append((label, "0", "0", f"{row['test_accuracy']:.4f}", f"{row['macs'] / 1e6:.2f}M", ort(row)))
+        rows.append((label, "0", "0", f"{row['test_accuracy']:.4f}", f"{row['macs'] / 1e6:.2f}M", ort(row),
+                     "", "", ""))
     for method in METHODS:
         for step in result.get(method, {}).get("steps", []):
+            blocks = step.get("blocks")
             rows.append((method, str(step["removed"]), str(step["layers_merged"]), f"{step['test_accuracy']:.4f}",
-                         f"{step['macs'] / 1e6:.2f}M", ort(step)))
+                         f"{step['macs'] / 1e6:.2f}M", ort(step),
+                         f"{blocks['one_conv']}/{blocks['none']} of {blocks['blocks']}" if blocks else "",
+                         f"{step['onnx_check']['max_rel']:.1e}" if "onnx_check" in step else "",
+                         f"{step['max_merge_error']:.1e}" if "max_merge_error" in step else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"## {name}, seed {seed} (dense trained in {result['train_seconds']:.0f} s)"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -395,14 +465,14 @@ def format_seed(name: str, seed: int, result: dict[str, Any]) -> str:
 def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float) -> str:
     """Per (task, method), over seeds: the speed-up at <= ``points`` accuracy drop, median [min, max]."""
     header = ("task", "method", "seeds", f"ORT speed-up at <={points:g} pt drop", "test acc drop", "MACs x",
-              "removed", "seconds")
+              "removed", "blocks one conv", "blocks none", "ONNX rel err (max)", "seconds")
     rows = [header]
     for task, by_seed in results.items():
         for method in METHODS:
             ran = [r for r in by_seed.values() if method in r]  # a method may run on some seeds only
             if not ran:
                 continue
-            speedups, drops, macs, removed, seconds = [], [], [], [], []
+            speedups, drops, macs, removed, seconds, one_conv, none, onnx = [], [], [], [], [], [], [], []
             for result in ran:
                 dense = result["dense_folded"]
                 best = best_within(result, method, points) or {**dense, "removed": 0}
@@ -411,12 +481,23 @@ def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float)
                 macs.append(best["macs"] / dense["macs"])
                 removed.append(best["removed"])
                 seconds.append(result[method]["seconds"])
+                blocks = best.get("blocks") or {"one_conv": 0, "none": 0}
+                one_conv.append(blocks["one_conv"])
+                none.append(blocks["none"])
+                if "onnx_check" in best:
+                    onnx.append(best["onnx_check"]["max_rel"])
             rows.append((task, method, str(len(ran)), _spread(speedups, "x"), _spread(drops, " pt"),
-                         _spread(macs, ""), _spread(removed, ""), f"{statistics.median(seconds):.0f}"))
+                         _spread(macs, ""), _spread(removed, ""), _counts(one_conv), _counts(none),
+                         f"{max(onnx):.1e}" if onnx else "-", f"{statistics.median(seconds):.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _counts(values: list[int]) -> str:
+    """Block counts, one per seed."""
+    return ",".join(str(v) for v in values)
 
 
 def _spread(values: list[float], unit: str) -> str:
@@ -472,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per step")
     parser.add_argument("--distill", type=float, default=0.5, help="logit-distillation weight in fine-tuning")
-    parser.add_argument("--target-latency", type=float, help="normfold's budget (default: per task, 0.80/0.85)")
+    parser.add_argument("--target-latency", type=float, help="normfold's budget (default: per task, SETTINGS)")
+    parser.add_argument("--prune", choices=("task", "on", "off"), default="task",
+                        help="normfold's branch pruning (default: per task, SETTINGS)")
     parser.add_argument("--max-drop", type=float, default=0.01, help="validation accuracy drop that stops a run")
     parser.add_argument("--max-drop-points", type=float, default=1.0, help="test accuracy drop for the summary")
     parser.add_argument("--max-steps", type=int, default=6, help="bound on the step-wise methods' steps")

@@ -1,6 +1,6 @@
 """normfold on billion-parameter models: speed and memory against the file's own read and write.
 
-    python -m benchmarks.scale [--models llama-1b,bert-base] [--tools normfold,onnx-ir,...]
+    python -m benchmarks.scale [--models llama-1b,bert-base,llama-150m] [--tools normfold,onnx-ir,...]
                                [--repeat 3] [--latency-runs 5] [--layers 2,8,32,128]
                                [--memory-limit-gb 18] [--timeout 600] [--json scale.json]
 
@@ -12,11 +12,14 @@ Three parts, one run:
    BERT at BERT-base's shape (12 layers, hidden 768, vocab 30522: 0.11 B parameters, one
    file). Both are exported by torch's dynamo exporter at opset 18 (``--variant``) in a child
    process and cached in the zoo cache (:func:`normfold.models.export.cached_export`; the
-   LLaMA takes about 1.5 minutes and 5 GB to build once). Each tool of
+   LLaMA takes about 1.5 minutes and 5 GB to build once; the export is killed above
+   ``--memory-limit-gb``, as a tool is). ``llama-150m`` is the everyday-speed benchmark's
+   150 M LLaMA (TorchScript, opset 17), handed to the tools with its weights moved to one
+   external data file (an onnx_ir load + save, not timed). Each tool of
    :mod:`benchmarks.tools` runs in its own process ``--repeat`` times, one process at a time,
    after ``os.sync()`` so no run pays for the previous one's writes: the table shows the min
    and median of the time the tool reports (imports included, interpreter start excluded),
-   the peak RSS of the process (``wait4``), both as ratios to ``onnx_ir`` load + save of the
+   the peak RSS of the process (its own ``VmHWM``), both as ratios to ``onnx_ir`` load + save of the
    same model, and what the tool did to the graph. A run that goes over ``--memory-limit-gb``
    of resident memory (or over what the machine has available less 2 GB; polled every 50 ms)
    or ``--timeout`` seconds is killed and recorded as failed with the reason, as is a tool
@@ -39,7 +42,7 @@ Needs the benchmark extra: ``pip install -e ".[bench]"``.
 
 from __future__ import annotations
 
-__all__ = ["LARGE_MODELS", "main"]
+__all__ = ["LARGE_MODELS", "LargeModel", "main"]
 
 import argparse
 import dataclasses
@@ -55,14 +58,31 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmarks.speed import CASES as SPEED_CASES
+
 ROOT = Path(__file__).resolve().parent.parent
 
-# Zoo size parameters of the large models, and the sequence length their latency is timed at.
-LARGE_MODELS: dict[str, tuple[str, dict[str, int], int]] = {
-    "llama-1b": (
+@dataclasses.dataclass(frozen=True)
+class LargeModel:
+    """A zoo model at a large size: its size parameters, the sequence length its latency is
+    timed at, its export variant (None: ``--variant``), and whether the benchmark hands the tools
+    a copy with every weight in one external data file (an export small enough to be one file)."""
+
+    zoo: str
+    size: dict[str, Any]
+    seq: int
+    variant: str | None = None
+    external: bool = False
+
+
+LARGE_MODELS: dict[str, LargeModel] = {
+    "llama-1b": LargeModel(
         "llama", {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 32000}, 32
     ),
-    "bert-base": ("bert", {"layers": 12, "hidden": 768, "heads": 12, "vocab": 30522}, 128),
+    "bert-base": LargeModel("bert", {"layers": 12, "hidden": 768, "heads": 12, "vocab": 30522}, 128),
+    # The everyday-speed benchmark's 150 M LLaMA (TorchScript, opset 17), weights moved to a data file.
+    "llama-150m": LargeModel(SPEED_CASES["llama-150m"][0], SPEED_CASES["llama-150m"][2], 32,
+                             variant=SPEED_CASES["llama-150m"][1], external=True),
 }
 BASELINE = "onnx-ir"
 DEFAULT_TOOLS = (
@@ -157,18 +177,41 @@ def run_limited(command: list[str], *, memory_limit_mb: float, timeout: float) -
 # --- building the models -----------------------------------------------------------------
 
 
-def build(name: str, variant: str) -> Path:
-    """The cached export of large model ``name`` (exported in a child process on first use)."""
-    zoo, size, _ = LARGE_MODELS[name]
+def build(name: str, variant: str, args: argparse.Namespace) -> Path:
+    """The cached export of large model ``name`` (exported in a child process on first use,
+    killed above ``--memory-limit-gb`` resident, or what the machine has available less 2 GB,
+    so that an export too large for the machine fails alone instead of pushing out other work)."""
+    spec = LARGE_MODELS[name]
+    variant = spec.variant or variant
     code = (
-        "import sys; from normfold.models.export import cached_export; "
-        f"print(cached_export({zoo!r}, {variant!r}, **{size!r}))"
+        "import json; from normfold.models.export import cached_export\n"
+        f"try: print(json.dumps({{'path': str(cached_export({spec.zoo!r}, {variant!r}, **{spec.size!r}))}}))\n"
+        "except Exception as error: print(json.dumps({'error': f'{type(error).__name__}: {error}'.splitlines()[0]}))"
     )
     print(f"building {name} ({variant}; cached after the first run)", file=sys.stderr)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"cannot build {name}: {result.stderr.strip().splitlines()[-1:]}")
-    return Path(result.stdout.strip().splitlines()[-1])
+    stdout, _, killed = run_limited([sys.executable, "-c", code], memory_limit_mb=args.memory_limit_gb * 1024,
+                                    timeout=args.build_timeout)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"error": killed or "no result"}
+    if killed or "path" not in result:
+        raise RuntimeError(f"cannot build {name}: {killed or result['error']}")
+    return Path(result["path"])
+
+
+def with_external_data(source: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """A copy of ``source`` in ``folder`` with every weight in one data file next to it
+    (``<name>.onnx.data``), written by onnx_ir in a child process (not timed; this process
+    stays small, so the tools it starts do not inherit its peak memory)."""
+    copy = folder / f"{source.stem}-external.onnx"
+    code = (
+        "import onnx_ir as ir; "
+        f"ir.save(ir.load({str(source)!r}), {str(copy)!r}, external_data={copy.name + '.data'!r}); print('{{}}')"
+    )
+    stdout, _, killed = run_limited([sys.executable, "-c", code], memory_limit_mb=args.memory_limit_gb * 1024,
+                                    timeout=args.timeout)
+    if killed or not stdout.strip():
+        raise RuntimeError(f"cannot write {copy}: {killed or 'onnx_ir failed'}")
+    return copy
 
 
 # --- part 1: tools --------------------------------------------------------------------------
@@ -198,9 +241,11 @@ def time_tool(model: str, tool: str, source: Path, out: Path, args: argparse.Nam
             [sys.executable, "-m", "benchmarks.tools", tool, str(source), str(out)],
             memory_limit_mb=args.memory_limit_gb * 1024, timeout=args.timeout,
         )
-        row.peak_rss_mb = max(row.peak_rss_mb, round(peak, 1))
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
         result = json.loads(lines[-1]) if lines else {"error": killed or "no result"}
+        # The tool's own high-water mark: wait4's starts from this process's (fork and exec
+        # keep it), so it would show this harness's memory for every tool below it.
+        row.peak_rss_mb = max(row.peak_rss_mb, round(result.get("peak_rss_mb") or peak, 1))
         if killed or "error" in result:
             row.status, row.detail = "failed", killed or result["error"]
             return row
@@ -271,7 +316,7 @@ def bench_model(model: str, source: Path, tools: list[str], folder: Path, args: 
     import normfold.io
     from normfold.inputs import generate_inputs
 
-    _, _, seq = LARGE_MODELS[model]
+    seq = LARGE_MODELS[model].seq
     feeds = folder / "feeds.npz"
     np.savez(feeds, **generate_inputs(normfold.io.load(source, check=False), dims={"batch": 1, "seq": seq}, seed=0))
     rows: list[ToolRow] = []
@@ -398,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling-variants", default="ts13-keepbn,dynamo18")
     parser.add_argument("--memory-limit-gb", type=float, default=18.0)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per tool run")
+    parser.add_argument("--build-timeout", type=float, default=3600.0, help="seconds for exporting one model")
     parser.add_argument("--workdir", help="folder for the tools' outputs (default: the system's temporary folder)")
     parser.add_argument("--json", help="write every result here")
     args = parser.parse_args(argv)
@@ -414,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="normfold-scale-", dir=args.workdir) as folder:
         for model in models:
-            source = build(model, args.variant)
+            source = build(model, args.variant, args)
+            if LARGE_MODELS[model].external:
+                source = with_external_data(source, Path(folder), args)
             tool_rows += bench_model(model, source, args.tools.split(","), Path(folder), args)
             save_json()
     if tool_rows:

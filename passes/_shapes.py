@@ -24,11 +24,20 @@ it saves its run and its import.
 
 Either step failing leaves the shapes as the steps before it left them: a pass then refuses
 the sites whose shapes stay unknown, it never guesses.
+
+After an opset conversion (:func:`shape_after_conversion`) every value keeps its meaning, name
+and shape (onnxscript's converter works on the values themselves; onnx's hands back the
+``value_info`` it was given); only the ``Constant`` nodes it adds (a ReduceMean's axes moved to
+an input) come without one. Those are shaped from their own value, and inference runs again only
+when some other value is still unknown, so a raise does not pay for inference twice.
+
+The inferred shapes are read from the inferred proto's ``value_info`` by name when the model has
+no subgraph (deserializing the whole proto again costs as much as the inference itself).
 """
 
 from __future__ import annotations
 
-__all__ = ["infer_shapes"]
+__all__ = ["infer_shapes", "shape_after_conversion"]
 
 import functools
 import importlib.util
@@ -64,6 +73,34 @@ def infer_shapes(model: ir.Model) -> None:
         return
     if completed is not None:
         _merge(model, completed, replace=False)
+
+
+def shape_after_conversion(model: ir.Model) -> None:
+    """Shape what an opset conversion left unshaped: its new ``Constant`` nodes from their
+    values; anything else by :func:`infer_shapes` (only then)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.outputs[0].shape is None:
+            value = node.attributes.get("value")
+            if value is not None and value.type == ir.AttributeType.TENSOR:
+                node.outputs[0].shape = ir.Shape(value.as_tensor().shape)
+                node.outputs[0].dtype = value.as_tensor().dtype
+    if not _all_known(model):
+        infer_shapes(model)
+
+
+def _all_known(model: ir.Model) -> bool:
+    """Whether every node output of every graph has a shape whose dims are all numbers or
+    names (none that onnx had to invent, ``unk__N``, nor unnamed ones)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            if not value.name:
+                continue
+            if value.shape is None:
+                return False
+            for dim in value.shape:
+                if not isinstance(dim, int) and (dim.value is None or dim.value.startswith("unk__")):
+                    return False
+    return True
 
 
 def _complete(proto: onnx.ModelProto) -> bool:
@@ -120,16 +157,44 @@ def _refines(new: ir.Shape, old: ir.Shape | None) -> bool:
 
 def _merge(model: ir.Model, inferred_proto: onnx.ModelProto, *, replace: bool) -> None:
     """Copy inferred shapes/dtypes onto ``model``: all of them with ``replace``, else refinements."""
-    inferred = ir.serde.deserialize_model(inferred_proto)
     interface = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
-    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
-        found = ir.convenience.create_value_mapping(inferred_graph)
+    for graph, found in zip(model.graphs(), _inferred_types(model, inferred_proto)):
         for name, value in ir.convenience.create_value_mapping(graph).items():
-            other = found.get(name)
-            if other is None or other.shape is None:
+            inferred = found.get(name)
+            if inferred is None:
                 continue
-            if value.shape is not None and (id(value) in interface or not (replace or _refines(other.shape, value.shape))):
+            shape, dtype = inferred
+            if shape is None:
                 continue
-            value.shape = other.shape
-            if other.dtype is not None:
-                value.dtype = other.dtype
+            if value.shape is not None and (id(value) in interface or not (replace or _refines(shape, value.shape))):
+                continue
+            value.shape = shape
+            if dtype is not None:
+                value.dtype = dtype
+
+
+def _inferred_types(
+    model: ir.Model, inferred_proto: onnx.ModelProto
+) -> list[dict[str, tuple[ir.Shape | None, ir.DataType | None]]]:
+    """The inferred shape and dtype of each named value, per graph of ``model`` (in the order
+    of ``model.graphs()``)."""
+    if len(list(model.graphs())) > 1:
+        # Subgraphs: their values are matched graph by graph on the deserialized proto.
+        inferred = ir.serde.deserialize_model(inferred_proto)
+        return [
+            {name: (value.shape, value.dtype) for name, value in ir.convenience.create_value_mapping(graph).items()}
+            for graph in inferred.graphs()
+        ]
+    graph = inferred_proto.graph
+    found: dict[str, tuple[ir.Shape | None, ir.DataType | None]] = {
+        tensor.name: (ir.Shape(tensor.dims), ir.DataType(tensor.data_type)) for tensor in graph.initializer
+    }
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        if not info.name or not info.HasField("type"):
+            continue
+        type_ = ir.serde.deserialize_type_proto_for_type(info.type)
+        found[info.name] = (
+            ir.serde.deserialize_type_proto_for_shape(info.type),
+            type_.dtype if type_ is not None else None,
+        )
+    return [found]

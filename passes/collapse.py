@@ -21,7 +21,8 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
    ``target_latency=R`` (a budget) chooses the removals **jointly** instead:
 
    a. A candidate is a run of up to ``max_segment_sites`` activations consecutive in graph
-      order (activations that cannot be removed count too, so a run never jumps one) whose
+      order among those that stay (one that cannot be removed counts, so a run never jumps it;
+      one removed in an earlier step does not: the layers around it are one segment now) whose
       linearization lets layers merge — the two activations of an inverted residual make one
       candidate although each alone grows the work. Merges are then not limited by
       ``max_flops_growth``: a candidate is judged by its final merged form.
@@ -29,7 +30,8 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
       onnxruntime latency (``ORT_ENABLE_ALL``, one thread; the median of ``latency_repeats``
       rounds of ``latency_runs`` runs, IQR kept; timings cached by structure and input shapes),
       or its MACs when ``measure_latency`` is False. Its saving is the BN-folded dense model's
-      cost minus that; a candidate saving nothing is refused with both numbers. Timing the
+      cost minus that; a candidate saving nothing, or (timed) no more than the larger IQR of
+      the two timings, is refused with the numbers. Timing the
       whole model rather than the segment keeps every layout effect of the merge in the number
       and needs no subgraph extraction; the price is that on a large model one candidate's
       saving can drown in the whole model's spread (the report has both).
@@ -38,11 +40,15 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
       refused, and so is the lossiest run of a joint choice over it (then the choice is made
       again without it).
    d. :func:`normfold.math.collapse_select.choose` (a dynamic program) picks the runs saving
-      at least ``(1 − R)`` × the dense cost with the least summed loss; two runs are separated
-      by a kept activation unless a fan-out between them stops any merge across. When no
-      choice reaches the budget, the one saving the most is applied and a note says so.
-      :attr:`CollapsePass.selection` holds every candidate (cost, saving, loss, refused or
-      chosen), the dense cost and the predicted cost (dense minus the summed savings).
+      what the budget still needs (the current cost minus ``R`` × the dense cost) with the
+      least summed loss; two runs are separated by a kept activation unless a fan-out between
+      them stops any merge across. When no choice reaches the budget, the one saving the most.
+   e. The choice is applied and the whole model measured; a step that measures no better than
+      before is undone and ends the search. Savings measured one candidate at a time need not
+      add up, so while the measured cost is over the budget, another step (up to
+      ``max_steps``) chooses among the remaining activations, each candidate now costed on top
+      of the removals already made. :attr:`CollapsePass.selection` holds every step and every
+      candidate (cost, saving, loss, refused or chosen), the dense, predicted and measured cost.
 5. A linearized site becomes ``a·y + c`` per channel: folded into the BatchNorm's scale and
    shift in BN mode (``γ' = a·γ``, ``β' = a·β + c``), a ``Mul``/``Add`` pair otherwise. Then
    ``fold-bn`` and ``fold-affine`` (exact) fold those into the neighbouring layers and the merge
@@ -86,11 +92,11 @@ from normfold.passes._fold_graph import (
     rank_of,
     read_constant,
 )
+from normfold.passes._collapse_cost import CostMeter, dense_form
 from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
 
 from normfold import runtime
-from normfold.latency import LatencyTable, Timing
 from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.math.collapse_select import Option, choose, quantize
 from normfold.errors import InputError
@@ -99,7 +105,6 @@ from normfold.inputs import generate_inputs
 DEFAULT_MAX_DEVIATION = 0.01
 # The activations a collapse site can be (Clip as ReLU6).
 COLLAPSE_SITES = ("Relu", "LeakyRelu", "PRelu", "Clip")
-_LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # Savings are quantized for the dynamic program in this fraction of what the budget needs.
 _RESOLUTION = 200
 
@@ -140,6 +145,7 @@ class CollapsePass(NormfoldPass):
         max_segment_sites: int = 2,
         latency_runs: int = 50,
         latency_repeats: int = 5,
+        max_steps: int = 3,
         meter: CostMeter | None = None,
     ) -> None:
         super().__init__(options)
@@ -153,14 +159,16 @@ class CollapsePass(NormfoldPass):
             raise InputError(f"collapse: target_latency is a ratio in (0, 1], not {target_latency:g}")
         if max_deviation is not None and not max_deviation >= 0:
             raise InputError(f"collapse: max_deviation must be >= 0, not {max_deviation:g}")
-        if max_segment_sites < 1 or latency_runs < 1 or latency_repeats < 3:
-            raise InputError("collapse: max_segment_sites and latency_runs must be >= 1, "
+        if max_segment_sites < 1 or latency_runs < 1 or max_steps < 1 or latency_repeats < 3:
+            raise InputError("collapse: max_segment_sites, latency_runs and max_steps must be >= 1, "
                              "latency_repeats >= 3 (for a spread)")
         self.remove = remove
-        # With a budget the deviation is a bound only when asked for; otherwise it is the rule.
+        # The default bound holds under a budget too: a collapse without fine-tuning that meets
+        # its latency by changing the output beyond it is not what anyone asked for. An infinite
+        # bound is none (nothing to measure, and JSON has no infinity).
         self.max_deviation = (
-            DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None and target_latency is None
-            else max_deviation
+            DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None
+            else None if max_deviation == math.inf else max_deviation
         )
         self.calibration = list(calibration) if calibration is not None else None
         self.max_flops_growth = max_flops_growth
@@ -169,6 +177,7 @@ class CollapsePass(NormfoldPass):
         self.target_latency = target_latency
         self.measure_latency = measure_latency
         self.max_segment_sites = max_segment_sites
+        self.max_steps = max_steps
         self.latency_settings = {"runs": latency_runs, "repeats": latency_repeats}
         self.deviation: dict[str, Any] | None = None
         # With target_latency: what was measured and chosen (see _budget); the meter that timed it
@@ -304,16 +313,89 @@ class CollapsePass(NormfoldPass):
     def _budget(
         self, reference: ir.Model, sites: list[_Site], feeds: list[dict], expected: list[dict]
     ) -> tuple[list[_Site], dict[str, Any] | None]:
-        """The removals chosen jointly to meet ``target_latency`` (the segment DP; rules in the module doc)."""
-        nodes = [n for n in reference.graph if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx")]
-        position = {node.name: k for k, node in enumerate(nodes)}
-        found = sorted(sites, key=lambda s: position[s.node])
+        """The removals chosen jointly, step by step, to meet ``target_latency`` (rules in the module doc)."""
         if self.meter is None:
             self.meter = CostMeter(reference, feeds[0], measure=self.measure_latency, **self.latency_settings)
         meter = self.meter
-        unit_name = "ms" if meter.measure else "MACs"
+        unit = "ms" if meter.measure else "MACs"
         dense = dense_form(reference)
         dense_cost = meter.cost(dense)
+        target = self.target_latency * dense_cost
+        self.selection = selection = {
+            "by": "latency" if meter.measure else "macs", "unit": unit, "target_latency": self.target_latency,
+            "dense_cost": dense_cost, "target_cost": target,
+            "dense_latency": meter.timing(dense).to_dict() if meter.measure else None,
+            "max_segment_sites": self.max_segment_sites, "steps": [], "chosen": [], "options": [],
+            "predicted_cost": dense_cost, "measured_cost": dense_cost, "feasible": target >= dense_cost,
+        }
+        chosen: list[_Site] = []
+        # Candidates are costed against the graph with nothing linearized but folded and merged as
+        # their trials are (layers already adjacent merge there too), not against the dense form.
+        start = reference.clone()
+        self._collapse(start, [], PassRecord(self.name), growth=math.inf)
+        current, deviation = meter.cost(start), None
+        for step in range(1, self.max_steps + 1):
+            if current <= target:
+                break
+            picked, row = self._step(reference, sites, chosen, current, target, feeds, expected)
+            row["step"] = step
+            selection["steps"].append(row)
+            selection["options"] += [{**option, "step": step} for option in row.pop("options")]
+            if not picked:
+                break
+            applied = reference.clone()
+            self._collapse(applied, chosen + picked, PassRecord(self.name), growth=math.inf)
+            row["measured_cost"] = measured = meter.cost(applied)
+            if meter.measure:
+                row["measured_latency"] = meter.timing(applied).to_dict()
+            if measured >= current:
+                # The candidates' savings did not add up on the whole model: give the step back.
+                row["undone"] = (f"the whole model measured {_amount(measured, unit)}, no less than "
+                                 f"{_amount(current, unit)} before the step")
+                for option in selection["options"]:
+                    if option["step"] == step and option.get("chosen"):
+                        option["chosen"] = False
+                self.record.notes.append(f"collapse: step {step} undone: {row['undone']}")
+                break
+            chosen += picked
+            current, deviation = measured, row.pop("deviation", None)
+            selection["chosen"] += row["chosen"]
+            selection["predicted_cost"] = row["predicted_cost"]
+            selection["measured_cost"] = measured
+        selection["feasible"] = selection["measured_cost"] <= target
+        if not selection["feasible"]:
+            self.record.notes.append(
+                f"collapse: target_latency {self.target_latency:g} not reached: the whole model measured "
+                f"{_amount(selection['measured_cost'], unit)} against {_amount(dense_cost, unit)} dense")
+        # A site refused alone but removed in a chosen run is not refused: its row keeps the reason.
+        removed = {site.node for site in chosen}
+        self.record.keep_refusals_of({r["node"] for r in self.record.refused if r["node"] not in removed})
+        if not self.measure:
+            return chosen, None
+        if deviation is None and chosen:
+            applied = reference.clone()
+            self._collapse(applied, chosen, PassRecord(self.name), growth=math.inf)
+            deviation = _deviation(applied, feeds, expected)
+        return chosen, deviation
+
+    def _step(
+        self, reference: ir.Model, sites: list[_Site], fixed: list[_Site], current: float, target: float,
+        feeds: list[dict], expected: list[dict],
+    ) -> tuple[list[_Site], dict[str, Any]]:
+        """One joint choice on top of the ``fixed`` removals, whose model costs ``current``."""
+        meter = self.meter
+        assert meter is not None
+        unit_name = "ms" if meter.measure else "MACs"
+        # Positions over the activations that stay: with the removed ones gone, the layers on both
+        # sides of them are one segment, so the runs either side touch (one choice, or a run).
+        taken = {site.node for site in fixed}
+        nodes = [n for n in reference.graph
+                 if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx") and n.name not in taken]
+        position = {node.name: k for k, node in enumerate(nodes)}
+        found = sorted((s for s in sites if s.node not in taken), key=lambda s: position[s.node])
+        base = reference.clone()
+        self._collapse(base, fixed, PassRecord(self.name), growth=math.inf)
+        spread_now = meter.timing(base).iqr if meter.measure else 0.0
         bounded = self.max_deviation is not None
         rows: list[dict[str, Any]] = []
         runs: dict[str, list[_Site]] = {}
@@ -322,17 +404,17 @@ class CollapsePass(NormfoldPass):
                 run = found[k:k + length]
                 first = position[run[0].node]
                 if [position[s.node] for s in run] != list(range(first, first + length)):
-                    continue  # an activation that cannot be removed lies between them
+                    continue  # an activation that stays lies between them
                 label = "+".join(s.node for s in run)
                 trial = reference.clone()
                 record = PassRecord(self.name)
-                if not self._collapse(trial, run, record, growth=math.inf):
+                if not self._collapse(trial, fixed + run, record, growth=math.inf):
                     if length == 1:
                         reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
                         self.record.refuse(Refusal(reason), label)
                     continue
                 cost = meter.cost(trial)
-                row: dict[str, Any] = {"sites": [s.node for s in run], "cost": cost, "saving": dense_cost - cost,
+                row: dict[str, Any] = {"sites": [s.node for s in run], "cost": cost, "saving": current - cost,
                                        "score": sum(s.score for s in run)}
                 if meter.measure:
                     row["latency"] = meter.timing(trial).to_dict()
@@ -340,9 +422,13 @@ class CollapsePass(NormfoldPass):
                     row["deviation"] = _deviation(trial, feeds, expected)["max_rel_deviation"]
                 row["loss"] = row["deviation"] if self.calibration is not None else row["score"]
                 rows.append(row)
+                # A saving inside the spread of either timing is noise, not a measured gain.
+                spread = max(spread_now, row["latency"]["iqr_ms"]) if meter.measure else 0.0
+                change = f"the whole model {_amount(current, unit_name)} -> {_amount(cost, unit_name)}"
                 if row["saving"] <= 0:
-                    reason = (f"its final merged form {'runs no faster' if meter.measure else 'costs no fewer MACs'} "
-                              f"(the whole model {_amount(dense_cost, unit_name)} -> {_amount(cost, unit_name)})")
+                    reason = f"its final merged form {'runs no faster' if meter.measure else 'costs no fewer MACs'} ({change})"
+                elif row["saving"] <= spread:
+                    reason = f"its saving is within the timings' spread ({change}, IQR up to {spread:.4f} ms)"
                 elif bounded and row["deviation"] > self.max_deviation:
                     reason = (f"with it the output deviation would be {row['deviation']:.3g} "
                               f"> max_deviation {self.max_deviation:g}")
@@ -351,61 +437,45 @@ class CollapsePass(NormfoldPass):
                     continue
                 row["refused"] = reason
                 self.record.refuse(Refusal(reason), label)
-        need = dense_cost * (1.0 - self.target_latency)
-        selection: dict[str, Any] = {
-            "by": "latency" if meter.measure else "macs", "unit": unit_name,
-            "target_latency": self.target_latency, "dense_cost": dense_cost, "need": need,
-            "dense_latency": meter.timing(dense).to_dict() if meter.measure else None,
-            "options": rows, "max_segment_sites": self.max_segment_sites,
-        }
-        self.selection = selection
-        chosen: list[_Site] = []
-        labels: list[str] = []
-        deviation = None
-        if need > 0 and runs:
-            unit = need / _RESOLUTION
-            by_label = {"+".join(r["sites"]): r for r in rows}
-            options = [
-                Option(position[run[0].node], position[run[-1].node] + 1, q, by_label[label]["loss"], label)
-                for (label, run), q in zip(runs.items(), quantize([by_label[l]["saving"] for l in runs], unit))
-            ]
-            separate = [b for b in range(1, len(nodes)) if _separate(nodes[b - 1], nodes[b])]
-            while True:
-                picked = choose(options, len(nodes), math.ceil(need / unit), separate)
-                labels = [o.label for o in picked.options]
-                chosen = [site for label in labels for site in runs[label]]
-                selection["feasible"] = picked.feasible
-                if not bounded or not chosen:
-                    break
-                trial = reference.clone()
-                self._collapse(trial, chosen, PassRecord(self.name), growth=math.inf)
-                deviation = _deviation(trial, feeds, expected)
-                if deviation["max_rel_deviation"] <= self.max_deviation:
-                    break
-                # The joint deviation is over the bound: give up the choice's most lossy run.
-                worst = max(picked.options, key=lambda o: o.loss)
-                by_label[worst.label]["refused"] = reason = (
-                    f"with the other chosen removals the output deviation would be "
-                    f"{deviation['max_rel_deviation']:.3g} > max_deviation {self.max_deviation:g}"
-                )
-                self.record.refuse(Refusal(reason), worst.label)
-                options = [o for o in options if o.label != worst.label]
-                deviation = None
-            for label in labels:
-                by_label[label]["chosen"] = True
-            selection["predicted_cost"] = dense_cost - sum(by_label[label]["saving"] for label in labels)
-        else:
-            selection["feasible"] = need <= 0
-            selection["predicted_cost"] = dense_cost
-        selection["chosen"] = labels
-        # A site refused alone but removed in a chosen run is not refused: its row keeps the reason.
-        removed = {site.node for site in chosen}
-        self.record.keep_refusals_of({r["node"] for r in self.record.refused if r["node"] not in removed})
-        if not selection["feasible"]:
-            self.record.notes.append(
-                f"collapse: target_latency {self.target_latency:g} not reachable: the best choice is predicted at "
-                f"{_amount(selection['predicted_cost'], unit_name)} against {_amount(dense_cost, unit_name)} dense")
-        return chosen, deviation if self.measure else None
+        need = current - target
+        step: dict[str, Any] = {"base_cost": current, "need": need, "options": rows, "chosen": [],
+                                "predicted_cost": current, "feasible": need <= 0}
+        if meter.measure:
+            step["base_latency"] = meter.timing(base).to_dict()
+        if need <= 0 or not runs:
+            return [], step
+        unit = need / _RESOLUTION
+        by_label = {"+".join(r["sites"]): r for r in rows}
+        options = [
+            Option(position[run[0].node], position[run[-1].node] + 1, q, by_label[label]["loss"], label)
+            for (label, run), q in zip(runs.items(), quantize([by_label[l]["saving"] for l in runs], unit))
+        ]
+        separate = [b for b in range(1, len(nodes)) if _separate(nodes[b - 1], nodes[b])]
+        while True:
+            picked = choose(options, len(nodes), math.ceil(need / unit), separate)
+            labels = [o.label for o in picked.options]
+            chosen = [site for label in labels for site in runs[label]]
+            if not bounded or not chosen:
+                break
+            trial = reference.clone()
+            self._collapse(trial, fixed + chosen, PassRecord(self.name), growth=math.inf)
+            deviation = _deviation(trial, feeds, expected)
+            if deviation["max_rel_deviation"] <= self.max_deviation:
+                step["deviation"] = deviation
+                break
+            # The joint deviation is over the bound: give up the choice's most lossy run.
+            worst = max(picked.options, key=lambda o: o.loss)
+            by_label[worst.label]["refused"] = reason = (
+                f"with the other chosen removals the output deviation would be "
+                f"{deviation['max_rel_deviation']:.3g} > max_deviation {self.max_deviation:g}"
+            )
+            self.record.refuse(Refusal(reason), worst.label)
+            options = [o for o in options if o.label != worst.label]
+        for label in labels:
+            by_label[label]["chosen"] = True
+        step.update(chosen=labels, feasible=picked.feasible,
+                    predicted_cost=current - sum(by_label[label]["saving"] for label in labels))
+        return chosen, step
 
     # -- rewriting --------------------------------------------------------------------------
     def _collapse(self, model: ir.Model, sites: list[_Site], record: PassRecord, growth: float | None = None) -> int:
@@ -440,58 +510,8 @@ class CollapsePass(NormfoldPass):
 
 
 
-class CostMeter:
-    """The batch-1 cost of whole models like ``model``: onnxruntime latency, or MACs.
-
-    The input is ``feed`` cut to one sample along every input whose first dim is symbolic.
-
-    Latency is :func:`normfold.latency.measure` through a :class:`~normfold.latency.LatencyTable`
-    keyed by the model's structure (ops, attributes, wiring, weight shapes) and the input
-    shapes: a model of a structure already timed is not timed again. MACs count Conv,
-    ConvTranspose, Gemm and MatMul on the shapes inferred for ``feeds``.
-    """
-
-    def __init__(self, model: ir.Model, feed: Mapping[str, np.ndarray], *, measure: bool = True, runs: int = 50,
-                 repeats: int = 5) -> None:
-        self.feeds = _batch_one(model, feed)
-        self.measure = measure
-        self.table = LatencyTable(runs=runs, repeats=repeats)
-
-    def timing(self, model: ir.Model) -> Timing:
-        shapes = tuple((name, array.shape) for name, array in sorted(self.feeds.items()))
-        return self.table.get((_structure(model), shapes), lambda: (ir.to_proto(model), self.feeds))
-
-    def macs(self, model: ir.Model) -> int:
-        return _macs(model, self.feeds)
-
-    def cost(self, model: ir.Model) -> float:
-        """The measured median latency in ms, or the MACs when not measuring."""
-        return self.timing(model).median if self.measure else float(self.macs(model))
-
-
 def _amount(value: float, unit: str) -> str:
     return f"{value:.4f} ms" if unit == "ms" else f"{value:.0f} MACs"
-
-
-def _batch_one(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``feed`` cut to one sample along every input whose first dim is symbolic (batch 1)."""
-    result = {}
-    for value in model.graph.inputs:
-        if value.name not in feed:
-            continue
-        array = feed[value.name]
-        symbolic = value.shape is not None and len(value.shape) > 0 and not isinstance(value.shape[0], int)
-        result[value.name] = array[:1] if symbolic and array.ndim else array
-    return result
-
-
-def dense_form(model: ir.Model) -> ir.Model:
-    """The budget's reference: ``model`` with its BatchNorms and affines folded, nothing linearized."""
-    dense = model.clone()
-    FoldBatchNormPass()(dense)
-    FoldAffinePass()(dense)
-    common.RemoveUnusedNodesPass()(dense)
-    return dense
 
 
 def _separate(before: ir.Node, site: ir.Node) -> bool:
@@ -513,59 +533,6 @@ def _separate(before: ir.Node, site: ir.Node) -> bool:
             return True
         value = moving[0]
     return True
-
-
-def _structure(model: ir.Model) -> tuple:
-    """A hashable description of ``model`` without weight values: ops, attributes, wiring, shapes."""
-    token: dict[int, Any] = {id(v): ("input", k) for k, v in enumerate(model.graph.inputs)}
-    rows: list[Any] = [tuple((str(v.dtype), str(v.shape)) for v in model.graph.inputs)]
-    for n, node in enumerate(model.graph):
-        inputs = []
-        for value in node.inputs:
-            if value is not None and value.const_value is not None:
-                inputs.append(("weight", str(value.const_value.dtype), tuple(value.const_value.shape)))
-            else:
-                inputs.append(None if value is None else token.get(id(value)))
-        attrs = tuple(sorted(
-            (name, (str(a.type), str(a.value.dtype), tuple(a.value.shape)) if a.type == ir.AttributeType.TENSOR
-             else repr(a.value)) for name, a in node.attributes.items()
-        ))
-        rows.append((node.domain, node.op_type, attrs, tuple(inputs)))
-        for k, output in enumerate(node.outputs):
-            token[id(output)] = (n, k)
-    rows.append(tuple(token.get(id(v)) for v in model.graph.outputs))
-    return tuple(rows)
-
-
-def _macs(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> int:
-    """Multiply-accumulates of the layers for inputs shaped as ``feeds`` (Refusal: a shape unknown)."""
-    shaped = model.clone()
-    for value in shaped.graph.inputs:
-        if value.name in feeds:
-            value.shape = ir.Shape(feeds[value.name].shape)
-    for value in shaped.graph.outputs:
-        value.shape = None  # the declared output shapes stay symbolic otherwise: infer them anew
-    infer_shapes(shaped)
-    total = 0
-    for node in shaped.graph:
-        if node.op_type not in _LAYERS or node.domain not in ("", "ai.onnx"):
-            continue
-        weight, output = node.inputs[1], node.outputs[0]
-        shapes = [v.shape if v is not None else None for v in (node.inputs[0], weight, output)]
-        if any(shape is None or not all(isinstance(d, int) for d in shape) for shape in shapes):
-            raise InputError(f"collapse: the MACs of {node.op_type} {node.name!r} need static shapes; "
-                             "measure latency instead")
-        source, kernel, result = (tuple(shape) for shape in shapes)
-        if node.op_type == "Conv":
-            total += math.prod(result) * math.prod(kernel[1:])
-        elif node.op_type == "ConvTranspose":
-            total += math.prod(source) * math.prod(kernel[1:])
-        elif node.op_type == "Gemm":
-            inner = kernel[1] if attribute(node, "transB", 0) else kernel[0]
-            total += math.prod(result) * inner
-        else:
-            total += math.prod(result) * source[-1]
-    return total
 
 
 def _activation(node: ir.Node) -> tuple[str, Any, float]:

@@ -25,9 +25,13 @@ faster than GroupNormalization-21), and the Skip ops of step 4 when asked for. S
 Opset. Before rewriting, a survey run of the ``survey`` rules (steps 1-2) checks every site
 without changing anything and collects the opsets the fusions need; if that is more than the model has, the model is
 converted once (:func:`~normfold.opset.raise_opset`), unless ``max_opset`` forbids it:
-then those sites are refused with that reason. Shapes are inferred first (onnx shape
+then those sites are refused with that reason. The survey is skipped where it cannot lead to a
+raise: target ``onnxruntime``, a model already at the highest opset a survey rule needs, or
+``max_opset`` at or below the model's. Shapes are inferred first (onnx shape
 inference with data propagation), since TorchScript exports carry none for intermediates;
-a site whose shapes stay unknown is refused, not guessed.
+a site whose shapes stay unknown is refused, not guessed. A raise keeps every value's shape, so
+after it only the constants the converter added are shaped
+(:func:`~normfold.passes._shapes.shape_after_conversion`), not the whole model again.
 
 Record: ``sites`` (one per fused op in the output: the ``node`` it replaced, ``into`` the op,
 ``axes``, ``epsilon``, the ``spelling`` matched), ``by_op`` (fused ops by type), ``refused``
@@ -51,7 +55,7 @@ from normfold.passes import rules as registry
 from normfold.passes._fold_graph import FreshNames
 from normfold.passes._norm_rule import FusionState
 from normfold.passes._norm_spec import META_KEY, FusedNorm
-from normfold.passes._shapes import infer_shapes
+from normfold.passes._shapes import infer_shapes, shape_after_conversion
 from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 
 logger = logging.getLogger(__name__)
@@ -70,11 +74,14 @@ class FuseNormPass(NormfoldPass):
             self.options = dataclasses.replace(self.options, skip_ops=True)
 
     def apply(self, model: ir.Model) -> bool:
+        if not registry.may_apply(self.name, self.options, model):
+            # No rule's ops are in the model (a CNN): no shapes to infer, nothing to survey.
+            return False
         infer_shapes(model)
         raised, raise_error = self._survey_and_raise_opset(model)
         state = FusionState(FreshNames(model), raise_error=raise_error)
         count = 0
-        for sweep, rules in registry.sweeps(self.name, self.record, self.options, state):
+        for sweep, rules in registry.sweeps(self.name, self.record, self.options, state, model=model):
             done = apply_rules(model, rules)
             if done and sweep == "groupnorm":
                 # Shapes downstream of a fused GroupNorm may now be inferable (opset 13 has no
@@ -96,12 +103,18 @@ class FuseNormPass(NormfoldPass):
         if self.options.target == "onnxruntime":
             # Every op this target emits runs at any opset: no survey.
             return False, None
-        survey = FusionState(FreshNames(model), survey=True)
-        scratch = PassRecord(self.name)
-        for _, rules in registry.sweeps(self.name, scratch, self.options, survey, survey=True):
-            apply_rules(model, rules)
         current = model_opset(model)
         ceiling = self.options.max_opset
+        highest = max(
+            (line.opset for line in registry.RULES if line.pass_name == self.name and line.survey), default=current
+        )
+        if highest <= current or (ceiling is not None and ceiling <= current):
+            # No site can need (or be allowed) more than the model has: nothing to survey.
+            return False, None
+        survey = FusionState(FreshNames(model), survey=True)
+        scratch = PassRecord(self.name)
+        for _, rules in registry.sweeps(self.name, scratch, self.options, survey, survey=True, model=model):
+            apply_rules(model, rules)
         allowed = [v for v in survey.wants.values() if ceiling is None or v <= ceiling]
         needed = max(allowed, default=current)
         if needed <= current:
@@ -112,7 +125,7 @@ class FuseNormPass(NormfoldPass):
             logger.warning("fuse-norm: %s", first_line(error))
             return False, first_line(error)
         self.record.notes.append(f"opset raised from {current} to {needed} for the fused ops")
-        infer_shapes(model)
+        shape_after_conversion(model)
         return True, None
 
     def _record_sites(self, model: ir.Model) -> None:

@@ -110,6 +110,13 @@ def test_the_collapse_benchmark_runs_every_method_on_a_small_task(tmp_path: Path
     # DepthShrinker's fixed choice: the inner ReLU of each of the 8 BasicBlocks, merged
     (shrunk,) = result["depthshrinker"]["steps"]
     assert shrunk["removed"] == 8 and shrunk["layers_merged"] >= 8
+    assert shrunk["blocks"] == {"blocks": 8, "one_conv": 8, "none": 0}  # each block now one conv
+    assert shrunk["max_merge_error"] <= 1e-10
+    for method in bench.METHODS:
+        for step in result[method]["steps"]:  # the ONNX export matches the module (ORT, optimizations off)
+            assert step["onnx_check"]["max_rel"] <= 1e-4 and step["onnx_check"]["argmax_agreement"] == 1.0
+    (reference,) = result["reference"]["steps"] or [{"blocks": {"blocks": 8, "one_conv": 0, "none": 0}}]
+    assert reference["blocks"]["one_conv"] == 0  # identity replacement merges nothing
 
 
 def test_the_speed_benchmark_times_whole_commands_and_compares_with_the_peer(tmp_path: Path) -> None:
@@ -131,6 +138,30 @@ def test_the_speed_benchmark_times_whole_commands_and_compares_with_the_peer(tmp
     assert list(folder.iterdir()) == []  # each output is removed after its run
     table = speed.table(summary, 1)
     assert "normfold --no-verify" in table and "median of 1 runs" in table
+
+
+def test_the_scale_benchmark_moves_weights_out_and_reports_each_tool_its_own_peak(tmp_path: Path) -> None:
+    import argparse
+
+    import numpy as np
+
+    from benchmarks import scale
+    from normfold import io, runtime
+    from tests.conftest import conv_bn_relu_model
+
+    source = tmp_path / "conv_bn.onnx"
+    onnx.save(conv_bn_relu_model(), source)
+    args = argparse.Namespace(memory_limit_gb=4.0, timeout=120.0, repeat=1)
+    copy = scale.with_external_data(source, tmp_path, args)
+    assert io.external_data_files(io.load(copy)) == {(tmp_path / (copy.name + ".data")).resolve()}
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(runtime.run(copy, {"x": x})["y"], runtime.run(source, {"x": x})["y"])
+    # This process holds 400 MB more than a tool needs: a child's wait4 peak would show it.
+    ballast = np.ones(100_000_000, dtype=np.float32)
+    row = scale.time_tool("conv", "onnx-ir", copy, tmp_path / "out.onnx", args)
+    assert row.status == "ok", row.detail
+    assert 10 < row.peak_rss_mb < ballast.nbytes / 2**20
+    assert row.files == 2  # OUT and OUT.data
 
 
 def test_the_timm_benchmark_counts_multi_branch_sums() -> None:

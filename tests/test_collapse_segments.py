@@ -212,3 +212,35 @@ class _UpToAdd(nn.Module):
         b = self.block
         shortcut = x if b.downsample is None else b.downsample(x)
         return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))) + shortcut
+
+
+@pytest.mark.parametrize(("segment_factor", "target"), [(2.0, 0.8), (0.5, 0.9)],
+                         ids=["segments-overstate-widen", "segments-understate-trim"])
+def test_the_joint_choice_is_fitted_to_the_budget_on_the_whole_model(monkeypatch, segment_factor, target):
+    # "Latency" is MACs here, deterministic; a segment's costs segment_factor x what they are in
+    # the whole model, so the summed segment savings misstate the model's and the fit must widen
+    # the DP's choice (overstated) or trim it (understated).
+    from normfold.latency import Timing
+    from normfold.torch.layer_collapse import cost
+
+    def by_macs(self, module):
+        return Timing((cost.macs(driver.trace(module), self.single) / 1e3,) * 3)
+
+    def segment_by_macs(table, module, inputs):
+        return Timing((segment_factor * cost.macs(module, inputs) / 1e3,) * 3)
+
+    monkeypatch.setattr(driver._Run, "latency", by_macs)
+    monkeypatch.setattr(segments, "timing", segment_by_macs)
+    result = _run(_small_mbv2(), target_latency=target, prune=False, measure_latency=True, max_steps=1,
+                  latency_runs=3, latency_repeats=3)
+    (step,) = result.history
+    budget = target * result.report["dense"]["latency_ms_merged"]
+    first = step.fit[0]
+    assert step.latency_ms <= budget
+    if segment_factor > 1:  # the DP's choice, measured whole, misses the budget: the DP ran again for more
+        assert first["latency"]["median_ms"] > budget and len(step.candidates) > len(first["candidates"])
+    else:  # it overshoots: removals the budget does not need are dropped
+        assert first["latency"]["median_ms"] <= budget and len(step.candidates) < len(first["candidates"])
+    for label in step.candidates:  # every removal kept is needed: without it the budget is missed
+        without = [row for row in step.fit if set(row["candidates"]) == set(step.candidates) - {label}]
+        assert not step.candidates[1:] or (without and without[0]["latency"]["q3_ms"] > budget)

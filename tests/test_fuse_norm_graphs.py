@@ -223,7 +223,7 @@ def norm_specs(draw) -> Spec:
         axes=axes,
         eps=eps,
         dtype=dtype,
-        opset=draw(st.sampled_from([13, 14, 17, 18, 21])),
+        opset=draw(st.sampled_from([13, 14, 17, 18, 21, 23])),
         kind=draw(st.sampled_from(["layer", "rms"])),
         square=draw(st.sampled_from(["pow", "mul"])),
         inverse=draw(st.sampled_from(["div", "reciprocal", "one_div", "pow"])),
@@ -363,6 +363,40 @@ def test_opset_is_raised_for_the_fused_op() -> None:
     assert fused.opset_import[0].version == 17
     assert fuse_pass.record.notes == ["opset raised from 14 to 17 for the fused ops"]
     assert ops(fused) == Counter({"LayerNormalization": 1})
+
+
+def _surveys(monkeypatch) -> list[bool]:
+    """Record, for each request of fuse-norm's sweeps, whether it was the survey's."""
+    from normfold.passes import rules
+
+    asked: list[bool] = []
+    sweeps = rules.sweeps
+
+    def recording(*args, survey: bool = False, **kwargs):
+        asked.append(survey)
+        return sweeps(*args, survey=survey, **kwargs)
+
+    monkeypatch.setattr(rules, "sweeps", recording)
+    return asked
+
+
+@pytest.mark.parametrize(("spec", "options"), [
+    (Spec(kind="rms", opset=23), {}),  # already at the highest opset a fusion needs
+    (Spec(opset=17), {"max_opset": 17}),  # no raise allowed
+])
+def test_no_survey_when_no_raise_can_follow(spec: Spec, options: dict, monkeypatch) -> None:
+    asked = _surveys(monkeypatch)
+    fused, fuse_pass = fuse(build(spec), **options)
+    assert asked == [False]
+    assert fused.opset_import[0].version == spec.opset and not fuse_pass.record.notes
+    assert ops(fused) == Counter({"LayerNormalization" if spec.kind == "layer" else "RMSNormalization": 1})
+
+
+def test_survey_when_a_raise_may_follow(monkeypatch) -> None:
+    asked = _surveys(monkeypatch)
+    fused, _ = fuse(build(Spec(kind="rms", opset=18)))
+    assert asked == [True, False]
+    assert fused.opset_import[0].version == 23
 
 
 def test_constant_affine_over_a_non_normalized_axis_stays_apart() -> None:

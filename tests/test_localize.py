@@ -268,3 +268,160 @@ def test_percentiles_are_those_of_every_finite_position_of_every_sample() -> Non
     ])
     assert differences.size == 59
     np.testing.assert_allclose([got["p50"], got["p90"], got["p99"]], np.percentile(differences, [50, 90, 99]))
+
+
+# --- hostile graphs: subgraphs, sequences, integer and several outputs, renamed tensors ---------
+
+
+def _control_flow_model() -> onnx.ModelProto:
+    """Conv+BN, an If whose branches read weights of the outer graph, a Loop, a sequence
+    intermediate, and four outputs (one of them an ArgMax, int64)."""
+    rng = np.random.default_rng(1)
+
+    def weight(name: str, shape: tuple[int, ...], low: float | None = None) -> onnx.TensorProto:
+        array = rng.uniform(low, 2, shape) if low is not None else rng.normal(size=shape)
+        return numpy_helper.from_array(array.astype(np.float32), name)
+
+    image = ["n", 4, "h", "w"]
+    then_branch = helper.make_graph([helper.make_node("Mul", ["c0", "s1"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", TensorProto.FLOAT, image)])
+    else_branch = helper.make_graph([helper.make_node("Add", ["c0", "s2"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", TensorProto.FLOAT, image)])
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "s2"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Relu", ["v_out"], ["scan"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, image)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, image),
+         helper.make_tensor_value_info("scan", TensorProto.FLOAT, image)],
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c0", "gamma", "beta", "mean", "var"], ["bn0"], name="bn0"),
+        helper.make_node("If", ["flag"], ["if_out"], name="if", then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Loop", ["trips", "", "bn0"], ["loop_v", "loop_scan"], name="loop", body=body),
+        helper.make_node("Add", ["if_out", "loop_v"], ["sum"], name="sum"),
+        helper.make_node("Conv", ["sum", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c1"], ["pooled"], name="pool", axes=[2, 3], keepdims=0),
+        helper.make_node("ArgMax", ["pooled"], ["cls"], name="argmax", axis=1),
+        helper.make_node("SequenceConstruct", ["c1", "c1"], ["seq"], name="seq"),
+        helper.make_node("ConcatFromSequence", ["seq"], ["cat"], name="cat", axis=1),
+    ]
+    inits = [weight("w0", (4, 3, 3, 3)), weight("gamma", (4,), 0.5), weight("beta", (4,)), weight("mean", (4,)),
+             weight("var", (4,), 0.5), weight("s1", (4, 1, 1)), weight("s2", (4, 1, 1)), weight("w1", (5, 4, 3, 3)),
+             numpy_helper.from_array(np.array(2, np.int64), "trips")]
+    graph = helper.make_graph(
+        nodes, "control",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["n", 5]),
+         helper.make_tensor_value_info("cls", TensorProto.INT64, ["n", 1]),
+         helper.make_tensor_value_info("cat", TensorProto.FLOAT, ["n", 10, "h", "w"]),
+         helper.make_tensor_value_info("loop_scan", TensorProto.FLOAT, [2, "n", 4, "h", "w"])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _corrupt_weight(model: ir.Model, name: str) -> None:
+    value = model.graph.initializers[name]
+    value.const_value = ir.tensor(-3 * value.const_value.numpy() + 1, name=name)
+
+
+@pytest.mark.parametrize(("weight", "flag", "expected"), [
+    ("w0", True, "c0"),  # the Conv whose output the If reads stays unfolded: its own output is shared
+    ("s1", True, "if_out"),  # a weight read inside the taken branch: the If's output
+    ("s2", False, "if_out"),  # read in the other branch and in the Loop body: the If comes first
+    ("s2", True, "loop_v"),  # the branch taken does not read it; the Loop does
+    ("w1", True, "c1"),  # before the ArgMax, the sequence and the Concat
+])
+def test_control_flow_sequences_and_integer_outputs(tmp_path: Path, weight: str, flag: bool, expected: str) -> None:
+    source = tmp_path / "control.onnx"
+    onnx.save(_control_flow_model(), source)
+    folded = normfold.optimize(source, verify=False).model
+    _corrupt_weight(folded, weight)
+    inputs = {"x": np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype(np.float32), "flag": np.array(flag)}
+    report = normfold.verify(source, folded, localize=True, inputs=inputs)
+    assert not report.passed
+    assert report.first_divergence["tensor"] == expected, report.localize_note
+    assert report.first_divergence["max_abs_error"] > 0.1
+
+
+def test_a_corrupted_last_layer_names_the_output_and_says_so(chain: Path, capsys) -> None:
+    folded = normfold.optimize(chain, verify=False).model
+    last = [n for n in folded.graph if n.op_type == "Conv"][-1]
+    _corrupt(folded, last)
+    report = normfold.verify(chain, folded, localize=True)
+    # The last Conv writes b3, shared with the reference's last BatchNorm, before the output.
+    assert report.first_divergence["tensor"] == "b3"
+    # Renaming every intermediate leaves only the output to compare.
+    for node in folded.graph:
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.name = f"renamed/{value.name}"
+    report = normfold.verify(chain, folded, localize=True)
+    assert report.first_divergence["tensor"] == "y"
+    assert report.localize_note == "'y' is a graph output: the graphs share no tensor by name before it"
+    line = next(line for line in report.format_table().splitlines() if line.startswith("first divergence:"))
+    assert "'y' is a graph output" in line
+    assert report.to_dict()["localize_note"] == report.localize_note
+
+
+def test_nothing_to_localize_is_said_plainly(chain: Path) -> None:
+    folded = normfold.optimize(chain, verify=False).model
+    # An extra output fails the interface while every output of the reference agrees.
+    folded.graph.outputs.append(next(n for n in folded.graph if n.op_type == "Relu").outputs[0])
+    report = normfold.verify(chain, folded, localize=True)
+    assert not report.passed and report.first_divergence is None
+    assert report.localize_note == "not localized: every output agrees; the problems above are the failure"
+    assert "first divergence: none found: not localized: every output agrees" in report.format_table()
+    # A candidate that cannot be fed (an input of another dtype) never runs.
+    broken = normfold.optimize(chain, verify=False).model
+    broken.graph.inputs[0].dtype = ir.DataType.DOUBLE
+    report = normfold.verify(chain, broken, localize=True)
+    assert report.first_divergence is None and report.localize_note == "not localized: the candidate did not run"
+    # Without --localize, neither key.
+    assert "localize_note" not in normfold.verify(chain, broken).to_dict()
+
+
+def test_external_data_candidate_and_one_session_at_a_time(chain: Path, tmp_path: Path, monkeypatch) -> None:
+    import weakref
+
+    import normfold.localize
+
+    folded = normfold.optimize(chain, verify=False).model
+    _corrupt(folded, next(n for n in folded.graph if n.op_type == "Conv" and n.outputs[0].name == "b1"))
+    candidate = tmp_path / "cand.onnx"
+    ir.save(folded, candidate, external_data="cand.data", size_threshold_bytes=0)
+    live: list[weakref.ref] = []
+    built = normfold.localize.session
+
+    def counted(model, **kwargs):
+        assert all(ref() is None for ref in live), "a session of localize is still alive"
+        sess = built(model, **kwargs)
+        live.append(weakref.ref(sess))
+        return sess
+
+    monkeypatch.setattr(normfold.localize, "session", counted)
+    report = normfold.verify(chain, candidate, localize=True)
+    assert report.first_divergence["tensor"] == "b1" and len(live) == 2
+
+
+def test_float16_models_localize(tmp_path: Path) -> None:
+    model = _chain_model()
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    source = tmp_path / "half.onnx"
+    onnx.save(model, source)
+    folded = normfold.optimize(source, verify=False).model
+    assert normfold.verify(source, folded, localize=True).first_divergence is None
+    conv = next(n for n in folded.graph if n.op_type == "Conv" and n.outputs[0].name == "b2")
+    _corrupt(folded, conv)
+    report = normfold.verify(source, folded, localize=True)
+    assert report.reference == "float32" and not report.passed
+    assert report.first_divergence["tensor"] == "b2"

@@ -2,7 +2,7 @@
 
     normfold collapse IN.onnx -o OUT.onnx (--remove N | --max-deviation X | --target-latency R [--max-deviation X])
                       [--calibration X.npz] [--report R.json] [--max-flops-growth G] [--no-measure-latency]
-                      [--max-segment-sites N] [--latency-runs N] [--latency-repeats K]
+                      [--max-segment-sites N] [--max-steps N] [--latency-runs N] [--latency-repeats K]
     normfold collapse --example NAME -o OUT.onnx [--report R.json] [--plot P.png] [--epochs E]
                       [--target-latency R] [--distill A]
 
@@ -60,6 +60,9 @@ def add_command(commands: Any, groups: options.Groups) -> None:
     command.add_argument("--max-segment-sites", type=int, default=2, metavar="N",
                          help="with IN.onnx and --target-latency: longest run of consecutive activations one "
                               "candidate removes (default 2)")
+    command.add_argument("--max-steps", type=int, default=3, metavar="N",
+                         help="with IN.onnx and --target-latency: joint choices made while the measured model "
+                              "is over the budget (default 3)")
     command.add_argument("--latency-runs", type=int, default=50, metavar="N",
                          help="with IN.onnx: timed runs per round (default 50)")
     command.add_argument("--latency-repeats", type=int, default=5, metavar="K",
@@ -80,11 +83,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("collapse: give an input model (IN.onnx) or --example NAME")
     if args.target_latency is not None and args.remove is not None:
         raise InputError("collapse: give either --remove or --target-latency, not both")
-    if args.max_segment_sites < 1 or args.latency_runs < 1 or args.latency_repeats < 3:
-        raise InputError("collapse: --max-segment-sites and --latency-runs must be >= 1, --latency-repeats >= 3")
+    if min(args.max_segment_sites, args.latency_runs, args.max_steps) < 1 or args.latency_repeats < 3:
+        raise InputError("collapse: --max-segment-sites, --max-steps and --latency-runs must be >= 1, "
+                         "--latency-repeats >= 3")
     from normfold.jobs.collapse import collapse_onnx
     from normfold.jobs.common import check_paths
-    from normfold.report import format_passes_table, write_json
+    from normfold.report import write_json
 
     check_paths({"-o": args.output, "--report": args.report}, models=[args.input], inputs=[args.calibration])
 
@@ -93,33 +97,44 @@ def run(args: argparse.Namespace) -> int:
         max_flops_growth=args.max_flops_growth, target=args.target,
         max_opset=args.max_opset, show_progress=not args.quiet, target_latency=args.target_latency,
         measure_latency=args.measure_latency, max_segment_sites=args.max_segment_sites,
-        latency_runs=args.latency_runs, latency_repeats=args.latency_repeats,
+        latency_runs=args.latency_runs, latency_repeats=args.latency_repeats, max_steps=args.max_steps,
     )
+    text = _summary(job.report)  # composed before anything is written
     job.save(args.output)
     if args.report:
         write_json(args.report, job.report)
-    report = job.report
-    measured = report["verification"]
-    print(f"input   {report['input']}")
-    print(f"nodes   {report['nodes_before']} -> {report['nodes_after']}   "
-          f"activations removed {report['collapse']['removed']}")
-    print()
-    print(format_passes_table(report["passes"]))
-    print()
-    print(_cost_table(report["cost"]))
-    summary = report["collapse"]
-    if "chosen" in summary:
-        chosen = ", ".join(summary["chosen"]) or "none"
-        reached = "predicted to meet it" if summary["feasible"] else "not reachable; the most saving choice"
-        print(f"target {summary['target_latency']:g} x the dense model ({report['cost']['by']}): {reached}; "
-              f"removed jointly: {chosen}")
-    print()
-    for name, output in measured["outputs"].items():
-        print(f"deviation of {name}: max abs {output['max_abs_error']:.4g}, max rel {output['max_rel_error']:.4g}")
-    print(f"measured over {measured['samples']} sample(s), onnxruntime with optimizations off "
-          "(approximate by nature: collapse never claims exactness)")
+    print(text)
     print(f"wrote {args.output}")
     return options.EXIT_OK
+
+
+def _summary(report: dict[str, Any]) -> str:
+    """What ``normfold collapse IN.onnx`` prints: passes, cost, the budget's steps, the deviation."""
+    from normfold.report import format_passes_table
+
+    lines = [f"input   {report['input']}",
+             f"nodes   {report['nodes_before']} -> {report['nodes_after']}   "
+             f"activations removed {report['collapse']['removed']}", "",
+             format_passes_table(report["passes"]), "", _cost_table(report["cost"])]
+    summary = report["collapse"]
+    if "chosen" in summary:
+        unit = "ms" if report["cost"]["by"] == "latency" else "MACs"
+        lines.append(f"target {summary['target_latency']:g} x the dense model ({report['cost']['by']}): "
+                     + ("reached" if summary["feasible"] else "not reached"))
+        for step in summary["steps"]:
+            chosen = ", ".join(step["chosen"]) or "nothing (no candidate saves enough)"
+            measured = f", measured {step['measured_cost']:.5g} {unit}" if "measured_cost" in step else ""
+            undone = f" (undone: {step['undone']})" if "undone" in step else ""
+            lines.append(f"step {step['step']}: removed jointly {chosen}; predicted {step['predicted_cost']:.5g} "
+                         f"{unit}{measured}{undone}")
+    lines.append("")
+    verification = report["verification"]
+    for name, output in verification["outputs"].items():
+        lines.append(f"deviation of {name}: max abs {output['max_abs_error']:.4g}, "
+                     f"max rel {output['max_rel_error']:.4g}")
+    lines.append(f"measured over {verification['samples']} sample(s), onnxruntime with optimizations off "
+                 "(approximate by nature: collapse never claims exactness)")
+    return "\n".join(lines)
 
 
 def _cost_table(cost: dict[str, Any]) -> str:

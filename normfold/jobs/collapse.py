@@ -67,12 +67,13 @@ def collapse_onnx(
     max_segment_sites: int = 2,
     latency_runs: int = 50,
     latency_repeats: int = 5,
+    max_steps: int = 3,
 ) -> CollapseJob:
     """Collapse ``source`` (see the module docstring); ``calibration`` is an ``.npz`` of model inputs.
 
     ``target_latency=R`` chooses the removals jointly so that the batch-1 onnxruntime latency
     is predicted at R times the BN-folded dense model's (a MACs ratio when ``measure_latency``
-    is False); ``max_deviation`` is then a bound only when given."""
+    is False), in up to ``max_steps`` joint steps, within ``max_deviation`` (default 0.01) as without a budget."""
     options = PassOptions(target=target, max_opset=max_opset)
     bar = progress.Steps(["load", "collapse", "exact passes", "check", "measure"], enabled=show_progress)
     with bar.step("load"):
@@ -83,7 +84,8 @@ def collapse_onnx(
                       measure=measure_latency, runs=latency_runs, repeats=latency_repeats)
     collapse = CollapsePass(options, remove=remove, max_deviation=max_deviation, calibration=feeds,
                             max_flops_growth=max_flops_growth, samples=samples, target_latency=target_latency,
-                            measure_latency=measure_latency, max_segment_sites=max_segment_sites, meter=meter,
+                            measure_latency=measure_latency, max_segment_sites=max_segment_sites,
+                            max_steps=max_steps, meter=meter,
                             measure=False)  # the job measures the final model once, below
     exact = create_passes(list(DEFAULT_PASSES), options)
     report: dict[str, Any] = {"input": label, "output": None, "target": target, **common.summary(model, "before")}
@@ -116,7 +118,7 @@ def collapse_onnx(
     if collapse.selection is not None:
         selection = collapse.selection
         summary.update(target_latency=target_latency, feasible=selection["feasible"], chosen=selection["chosen"],
-                       options=selection["options"], max_segment_sites=max_segment_sites)
+                       steps=selection["steps"], options=selection["options"], max_segment_sites=max_segment_sites)
         cost["predicted"] = {"latency_ms" if measure_latency else "macs": selection["predicted_cost"]}
     if measure_latency:
         cost["settings"] = {**meter.table.settings, "models_timed": len(meter.table)}

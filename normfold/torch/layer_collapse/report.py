@@ -64,6 +64,8 @@ class CollapseStep:
     candidates: list[str] = dataclasses.field(default_factory=list)  # the removals chosen together
     latency: dict[str, float] | None = None  # median_ms, q1_ms, q3_ms, iqr_ms, rounds
     segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # The joint choice checked on the whole model before fine-tuning: one row per choice measured.
+    fit: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(dataclasses.replace(self, model=None))

@@ -75,10 +75,11 @@ class Merge:
     exact: bool = True
     max_error: float = 0.0
     macs: tuple[int, int] | None = None  # (unmerged, merged) for layer merges
+    relative_error: float = 0.0  # max_error over the largest |output| of the unmerged model
 
     def to_dict(self) -> dict[str, Any]:
         result = {"kind": self.kind, "removed": self.removed, "into": self.into,
-                  "exact": self.exact, "max_error": self.max_error}
+                  "exact": self.exact, "max_error": self.max_error, "relative_error": self.relative_error}
         if self.macs is not None:
             result["macs_unmerged"], result["macs_merged"] = self.macs
         return result
@@ -232,6 +233,7 @@ class _Engine:
             return
         error = max((float((a - b).abs().max()) for a, b in zip(outputs, self.reference) if a.numel()), default=0.0)
         outcome.max_error = error
+        outcome.relative_error = error / self.scale if self.scale else error
         if outcome.exact and error > 1e-9 * max(1.0, self.scale):
             raise RuntimeError(
                 f"normfold bug: the {outcome.kind} merge into {outcome.into} changed the outputs by {error:.3g}"
