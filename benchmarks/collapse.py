@@ -349,11 +349,11 @@ def block_counts(dense: nn.Module, final: nn.Module, merges: list[dict[str, Any]
     counts = {"blocks": 0, "one_conv": 0, "none": 0}
     for name, module in dense.named_modules():
         kind = type(module).__name__
-        if kind == "InvertedResidual" and len(module.conv) < 4:
-            continue  # expand ratio 1: no expansion conv, not one of the expansion blocks
         if kind not in ("BasicBlock", "InvertedResidual"):
             continue
         convs = {n.name for n in traced.graph.nodes if is_conv(traced, n) and n.target.startswith(name + ".")}
+        if kind == "InvertedResidual" and len(convs) < 3:
+            continue  # expand ratio 1 (depthwise, projection): not one of the expansion blocks
         holders = sum(1 for origin in finals if origin & convs)
         counts["blocks"] += 1
         counts["one_conv"] += holders == 1
