@@ -58,11 +58,12 @@ __all__ = [
     "verified_export",
 ]
 
+import ast
 import dataclasses
 import hashlib
 import importlib
 import importlib.metadata
-import inspect
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -217,19 +218,18 @@ def cached_export(
     if name not in NAMES:
         raise InputError(f"unknown zoo model {name!r}; choose one of: {', '.join(NAMES)}")
     _refuse_known_failure(name, chosen)
-    try:
-        import torch
-    except ImportError:
-        raise InputError(f"the model zoo ({name}) needs torch: {TORCH_HINT}") from None
+    # Found and its installed version read, not imported: a cache hit never imports torch (1-2 s).
+    if importlib.util.find_spec("torch") is None:
+        raise InputError(f"the model zoo ({name}) needs torch: {TORCH_HINT}")
+    torch_version = importlib.metadata.version("torch")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256()
     for module in _zoo_sources(name):
-        source = importlib.import_module(module).__file__
-        digest.update(Path(source).read_bytes() if source else module.encode())
+        digest.update(Path(_origin(module)).read_bytes())
     # The dynamo exporter translates through onnxscript; both exporters build onnx protos.
     versions = [importlib.metadata.version(package) for package in ("onnx", "onnxscript")]
     digest.update(repr((chosen, sorted(size.items()), versions)).encode())
-    path = folder / f"{name}-{chosen.name}-seed{seed}-torch{torch.__version__}-{digest.hexdigest()[:12]}.onnx"
+    path = folder / f"{name}-{chosen.name}-seed{seed}-torch{torch_version}-{digest.hexdigest()[:12]}.onnx"
     if path.is_file():
         return path
     try:
@@ -241,12 +241,35 @@ def cached_export(
 
 def _zoo_sources(name: str) -> list[str]:
     """The zoo modules that define model ``name`` and its export: its family module, the zoo
-    modules that one takes code from (Gemma's rotary embedding is LLaMA's), this module."""
-    family = importlib.import_module(family_module(name))
-    used = {getattr(value, "__module__", None) for value in vars(family).values()}
-    used |= {value.__name__ for value in vars(family).values() if inspect.ismodule(value)}
-    zoo = {m for m in used if isinstance(m, str) and m.startswith("normfold.models")}
-    return [family.__name__, *sorted(zoo - {family.__name__}), __name__]
+    modules it imports (Gemma's rotary embedding is LLaMA's), this module. Read from the family
+    module's source, not the module: importing it imports torch, which a cache hit never needs."""
+    family = family_module(name)
+    used: set[str] = set()
+    for node in ast.walk(ast.parse(Path(_origin(family)).read_bytes())):
+        if isinstance(node, ast.Import):
+            used.update(alias.name for alias in node.names if _in_zoo(alias.name))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _in_zoo(node.module):
+            used.add(node.module)
+            if _is_package(node.module):  # `from normfold.models import llama` names a module
+                used.update(f"{node.module}.{alias.name}" for alias in node.names
+                            if importlib.util.find_spec(f"{node.module}.{alias.name}") is not None)
+    return [family, *sorted(used - {family}), __name__]
+
+
+def _in_zoo(module: str) -> bool:
+    return module == "normfold.models" or module.startswith("normfold.models.")
+
+
+def _origin(module: str) -> str:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(module)
+    return spec.origin
+
+
+def _is_package(module: str) -> bool:
+    spec = importlib.util.find_spec(module)
+    return spec is not None and spec.submodule_search_locations is not None
 
 
 def _variant(variant: str | ExportVariant) -> ExportVariant:

@@ -32,6 +32,18 @@ try:
 except ImportError:  # Windows: no high-water mark; the sampled sizes still count
     resource = None  # type: ignore[assignment]
 
+
+
+class _Bar(tqdm):
+    """tqdm without what its first bar starts: its monitor thread (``_Monitor`` below redraws
+    our lines) and a multiprocessing lock (one process writes these lines). Both cost a job
+    ~10-30 ms of start-up, quiet or not: a disabled bar creates them too."""
+
+    monitor_interval = 0
+
+
+_Bar.set_lock(threading.RLock())
+
 # A step shorter than this prints nothing.
 DELAY = 1.0
 SAMPLE_SECONDS = 0.05
@@ -85,7 +97,7 @@ class Steps:
         label = label or name
         if name in self._names:
             label = f"[{self._names.index(name) + 1}/{len(self._names)}] {label}"
-        bar = tqdm(
+        bar = _Bar(
             total=total,
             desc=label,
             unit=unit,

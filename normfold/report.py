@@ -28,10 +28,11 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     return write_atomic(path, lambda file: file.write(text.encode()))
 
 
-def format_passes_table(passes: list[dict[str, Any]]) -> str:
+def format_passes_table(passes: list[dict[str, Any]], full: str = "--report") -> str:
     """One row per pass (applied, refused, kept, by op); then the sites kept by design, one line
     per reason with their count; then each refusal for a reason of the graph, at most
-    ``_REFUSALS_SHOWN`` per pass (the JSON keeps them all)."""
+    ``_REFUSALS_SHOWN`` per pass (the JSON keeps them all; ``full`` names the option that writes
+    it)."""
     rows = [("pass", "applied", "refused", "kept", "detail")]
     for record in passes:
         detail = ", ".join(f"{op} {n}" for op, n in record.get("by_op", {}).items())
@@ -49,7 +50,7 @@ def format_passes_table(passes: list[dict[str, Any]]) -> str:
         for refusal in refused[:_REFUSALS_SHOWN]:
             lines.append(f"  {record['name']}: left {refusal['node']}: {refusal['reason']}")
         if len(refused) > _REFUSALS_SHOWN:
-            lines.append(f"  {record['name']}: and {len(refused) - _REFUSALS_SHOWN} more refusals (see --report)")
+            lines.append(f"  {record['name']}: and {len(refused) - _REFUSALS_SHOWN} more refusals (see {full})")
         for note in record.get("notes", []):
             lines.append(f"  {record['name']}: note: {note}")
     return "\n".join(line.rstrip() for line in lines)
@@ -117,7 +118,7 @@ def format_inspect(report: dict[str, Any]) -> str:
         "",
         f"what `normfold optimize --target {report['target']}` would do "
         f"(nodes {report['nodes_before']} -> {report['nodes_after']}, opset -> {report['opset_after']}):",
-        format_passes_table(report["passes"]),
+        format_passes_table(report["passes"], full="--json"),
     ]
     for record in report["passes"]:
         for site in record["sites"][:_REFUSALS_SHOWN]:

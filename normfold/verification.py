@@ -186,8 +186,12 @@ class OutputComparison:
             "passed": self.passed,
             "problem": self.problem,
         }
-        if self.abs_error_percentiles is not None:
-            result["abs_error_percentiles"] = {k: _json_float(v) for k, v in self.abs_error_percentiles.items()}
+        # Always present: null when nothing was measured (missing output, other shape, no
+        # position finite in both).
+        percentiles = self.abs_error_percentiles
+        result["abs_error_percentiles"] = None if percentiles is None else {
+            k: _json_float(v) for k, v in percentiles.items()
+        }
         if self.baseline_abs_error is not None:
             result["baseline_abs_error"] = _json_float(self.baseline_abs_error)
             result["baseline_rel_error"] = _json_float(self.baseline_rel_error)

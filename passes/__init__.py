@@ -20,17 +20,23 @@ __all__ = [
     "create_passes",
 ]
 
+from typing import Any
+
 from normfold.catalog import DEFAULT_PASSES, check_exact_passes
 from normfold.errors import InputError
 from normfold.passes.base import NormfoldPass, PassOptions, PassRecord
 from normfold.passes.cleanup import CleanupPass
-from normfold.passes.collapse import CollapsePass
 from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
 from normfold.passes.fold_branches import FoldBranchesPass
 from normfold.passes.fuse_norm import FuseNormPass
 
-REGISTRY: dict[str, type[NormfoldPass]] = {
+# Every pass by name; the approximate ``collapse`` joins on first access of REGISTRY (the
+# module ``__getattr__`` below), so ``optimize`` never imports collapse's scoring, selection and
+# latency modules (~20 ms of every run's start-up). One dict either way: an entry added to
+# REGISTRY is one create_passes sees.
+REGISTRY: dict[str, type[NormfoldPass]]
+_REGISTRY: dict[str, type[NormfoldPass]] = {
     cls.name: cls
     for cls in (
         CleanupPass,
@@ -38,19 +44,29 @@ REGISTRY: dict[str, type[NormfoldPass]] = {
         FoldBranchesPass,
         FoldAffinePass,
         FuseNormPass,
-        CollapsePass,
     )
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REGISTRY":
+        from normfold.passes.collapse import CollapsePass
+
+        _REGISTRY.setdefault(CollapsePass.name, CollapsePass)
+        globals()["REGISTRY"] = _REGISTRY
+        return _REGISTRY
+    raise AttributeError(f"module 'normfold.passes' has no attribute {name!r}")
+
 
 def create_passes(names: list[str] | tuple[str, ...] | None, options: PassOptions) -> list[NormfoldPass]:
     """Instantiate the named passes (default: all exact ones), ``cleanup`` always first."""
     chosen = list(DEFAULT_PASSES if names is None else names)
-    check_exact_passes([name for name in chosen if name not in REGISTRY or not REGISTRY[name].exact])
-    unknown = [name for name in chosen if name not in REGISTRY]
+    check_exact_passes([name for name in chosen if name not in _REGISTRY or not _REGISTRY[name].exact])
+    unknown = [name for name in chosen if name not in _REGISTRY]
     if unknown:
         raise InputError(
-            f"unknown pass {unknown[0]!r}; known passes: {', '.join(REGISTRY)}"
+            f"unknown pass {unknown[0]!r}; known passes: {', '.join(_REGISTRY)}"
         )
     if "cleanup" in chosen:
         chosen.remove("cleanup")
-    return [REGISTRY[name](options) for name in ["cleanup", *chosen]]
+    return [_REGISTRY[name](options) for name in ["cleanup", *chosen]]

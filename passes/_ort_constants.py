@@ -33,7 +33,6 @@ import onnx_ir as ir
 from normfold import low_precision, runtime
 from normfold.errors import InputError
 from normfold.math import fold_precision
-from normfold.verification import float64_model
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +157,14 @@ def _evaluate(
         opset_imports=dict(model.opset_imports),
     )
     sub = ir.Model(graph, ir_version=model.ir_version)
+    # Imported here: a model with nothing to fold (most exports) never pays for onnxruntime,
+    # nor for the verification module that float64_model lives in.
+    import onnxruntime as ort
+
+    from normfold.verification import float64_model
+
     if widen:
         sub = float64_model(sub, ir.DataType.FLOAT)
-    # Imported here: a model with nothing to fold (most exports) never pays for onnxruntime.
-    import onnxruntime as ort
 
     sess = runtime.session(sub)  # InputError when onnxruntime cannot build it
     # A kernel that fails at run time is an expected outcome here, not a message for the user.

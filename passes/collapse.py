@@ -21,7 +21,8 @@ Rule (the torch side, :mod:`normfold.torch.layer_collapse`, adds fine-tuning; th
    ``target_latency=R`` (a budget) chooses the removals **jointly** instead:
 
    a. A candidate is a run of up to ``max_segment_sites`` activations consecutive in graph
-      order (activations that cannot be removed count too, so a run never jumps one) whose
+      order among those that stay (one that cannot be removed counts, so a run never jumps it;
+      one removed in an earlier step does not: the layers around it are one segment now) whose
       linearization lets layers merge — the two activations of an inverted residual make one
       candidate although each alone grows the work. Merges are then not limited by
       ``max_flops_growth``: a candidate is judged by its final merged form.
@@ -91,11 +92,11 @@ from normfold.passes._fold_graph import (
     rank_of,
     read_constant,
 )
+from normfold.passes._collapse_cost import CostMeter, dense_form
 from normfold.passes.fold_affine import FoldAffinePass
 from normfold.passes.fold_bn import FoldBatchNormPass
 
 from normfold import runtime
-from normfold.latency import LatencyTable, Timing
 from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.math.collapse_select import Option, choose, quantize
 from normfold.errors import InputError
@@ -104,7 +105,6 @@ from normfold.inputs import generate_inputs
 DEFAULT_MAX_DEVIATION = 0.01
 # The activations a collapse site can be (Clip as ReLU6).
 COLLAPSE_SITES = ("Relu", "LeakyRelu", "PRelu", "Clip")
-_LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # Savings are quantized for the dynamic program in this fraction of what the budget needs.
 _RESOLUTION = 200
 
@@ -163,10 +163,12 @@ class CollapsePass(NormfoldPass):
             raise InputError("collapse: max_segment_sites, latency_runs and max_steps must be >= 1, "
                              "latency_repeats >= 3 (for a spread)")
         self.remove = remove
-        # With a budget the deviation is a bound only when asked for; otherwise it is the rule.
+        # The default bound holds under a budget too: a collapse without fine-tuning that meets
+        # its latency by changing the output beyond it is not what anyone asked for. An infinite
+        # bound is none (nothing to measure, and JSON has no infinity).
         self.max_deviation = (
-            DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None and target_latency is None
-            else max_deviation
+            DEFAULT_MAX_DEVIATION if remove is None and max_deviation is None
+            else None if max_deviation == math.inf else max_deviation
         )
         self.calibration = list(calibration) if calibration is not None else None
         self.max_flops_growth = max_flops_growth
@@ -327,7 +329,11 @@ class CollapsePass(NormfoldPass):
             "predicted_cost": dense_cost, "measured_cost": dense_cost, "feasible": target >= dense_cost,
         }
         chosen: list[_Site] = []
-        current, deviation = dense_cost, None
+        # Candidates are costed against the graph with nothing linearized but folded and merged as
+        # their trials are (layers already adjacent merge there too), not against the dense form.
+        start = reference.clone()
+        self._collapse(start, [], PassRecord(self.name), growth=math.inf)
+        current, deviation = meter.cost(start), None
         for step in range(1, self.max_steps + 1):
             if current <= target:
                 break
@@ -380,9 +386,12 @@ class CollapsePass(NormfoldPass):
         meter = self.meter
         assert meter is not None
         unit_name = "ms" if meter.measure else "MACs"
-        nodes = [n for n in reference.graph if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx")]
-        position = {node.name: k for k, node in enumerate(nodes)}
+        # Positions over the activations that stay: with the removed ones gone, the layers on both
+        # sides of them are one segment, so the runs either side touch (one choice, or a run).
         taken = {site.node for site in fixed}
+        nodes = [n for n in reference.graph
+                 if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx") and n.name not in taken]
+        position = {node.name: k for k, node in enumerate(nodes)}
         found = sorted((s for s in sites if s.node not in taken), key=lambda s: position[s.node])
         base = reference.clone()
         self._collapse(base, fixed, PassRecord(self.name), growth=math.inf)
@@ -501,58 +510,8 @@ class CollapsePass(NormfoldPass):
 
 
 
-class CostMeter:
-    """The batch-1 cost of whole models like ``model``: onnxruntime latency, or MACs.
-
-    The input is ``feed`` cut to one sample along every input whose first dim is symbolic.
-
-    Latency is :func:`normfold.latency.measure` through a :class:`~normfold.latency.LatencyTable`
-    keyed by the model's structure (ops, attributes, wiring, weight shapes) and the input
-    shapes: a model of a structure already timed is not timed again. MACs count Conv,
-    ConvTranspose, Gemm and MatMul on the shapes inferred for ``feeds``.
-    """
-
-    def __init__(self, model: ir.Model, feed: Mapping[str, np.ndarray], *, measure: bool = True, runs: int = 50,
-                 repeats: int = 5) -> None:
-        self.feeds = _batch_one(model, feed)
-        self.measure = measure
-        self.table = LatencyTable(runs=runs, repeats=repeats)
-
-    def timing(self, model: ir.Model) -> Timing:
-        shapes = tuple((name, array.shape) for name, array in sorted(self.feeds.items()))
-        return self.table.get((_structure(model), shapes), lambda: (ir.to_proto(model), self.feeds))
-
-    def macs(self, model: ir.Model) -> int:
-        return _macs(model, self.feeds)
-
-    def cost(self, model: ir.Model) -> float:
-        """The measured median latency in ms, or the MACs when not measuring."""
-        return self.timing(model).median if self.measure else float(self.macs(model))
-
-
 def _amount(value: float, unit: str) -> str:
     return f"{value:.4f} ms" if unit == "ms" else f"{value:.0f} MACs"
-
-
-def _batch_one(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``feed`` cut to one sample along every input whose first dim is symbolic (batch 1)."""
-    result = {}
-    for value in model.graph.inputs:
-        if value.name not in feed:
-            continue
-        array = feed[value.name]
-        symbolic = value.shape is not None and len(value.shape) > 0 and not isinstance(value.shape[0], int)
-        result[value.name] = array[:1] if symbolic and array.ndim else array
-    return result
-
-
-def dense_form(model: ir.Model) -> ir.Model:
-    """The budget's reference: ``model`` with its BatchNorms and affines folded, nothing linearized."""
-    dense = model.clone()
-    FoldBatchNormPass()(dense)
-    FoldAffinePass()(dense)
-    common.RemoveUnusedNodesPass()(dense)
-    return dense
 
 
 def _separate(before: ir.Node, site: ir.Node) -> bool:
@@ -574,59 +533,6 @@ def _separate(before: ir.Node, site: ir.Node) -> bool:
             return True
         value = moving[0]
     return True
-
-
-def _structure(model: ir.Model) -> tuple:
-    """A hashable description of ``model`` without weight values: ops, attributes, wiring, shapes."""
-    token: dict[int, Any] = {id(v): ("input", k) for k, v in enumerate(model.graph.inputs)}
-    rows: list[Any] = [tuple((str(v.dtype), str(v.shape)) for v in model.graph.inputs)]
-    for n, node in enumerate(model.graph):
-        inputs = []
-        for value in node.inputs:
-            if value is not None and value.const_value is not None:
-                inputs.append(("weight", str(value.const_value.dtype), tuple(value.const_value.shape)))
-            else:
-                inputs.append(None if value is None else token.get(id(value)))
-        attrs = tuple(sorted(
-            (name, (str(a.type), str(a.value.dtype), tuple(a.value.shape)) if a.type == ir.AttributeType.TENSOR
-             else repr(a.value)) for name, a in node.attributes.items()
-        ))
-        rows.append((node.domain, node.op_type, attrs, tuple(inputs)))
-        for k, output in enumerate(node.outputs):
-            token[id(output)] = (n, k)
-    rows.append(tuple(token.get(id(v)) for v in model.graph.outputs))
-    return tuple(rows)
-
-
-def _macs(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> int:
-    """Multiply-accumulates of the layers for inputs shaped as ``feeds`` (Refusal: a shape unknown)."""
-    shaped = model.clone()
-    for value in shaped.graph.inputs:
-        if value.name in feeds:
-            value.shape = ir.Shape(feeds[value.name].shape)
-    for value in shaped.graph.outputs:
-        value.shape = None  # the declared output shapes stay symbolic otherwise: infer them anew
-    infer_shapes(shaped)
-    total = 0
-    for node in shaped.graph:
-        if node.op_type not in _LAYERS or node.domain not in ("", "ai.onnx"):
-            continue
-        weight, output = node.inputs[1], node.outputs[0]
-        shapes = [v.shape if v is not None else None for v in (node.inputs[0], weight, output)]
-        if any(shape is None or not all(isinstance(d, int) for d in shape) for shape in shapes):
-            raise InputError(f"collapse: the MACs of {node.op_type} {node.name!r} need static shapes; "
-                             "measure latency instead")
-        source, kernel, result = (tuple(shape) for shape in shapes)
-        if node.op_type == "Conv":
-            total += math.prod(result) * math.prod(kernel[1:])
-        elif node.op_type == "ConvTranspose":
-            total += math.prod(source) * math.prod(kernel[1:])
-        elif node.op_type == "Gemm":
-            inner = kernel[1] if attribute(node, "transB", 0) else kernel[0]
-            total += math.prod(result) * inner
-        else:
-            total += math.prod(result) * source[-1]
-    return total
 
 
 def _activation(node: ir.Node) -> tuple[str, Any, float]:

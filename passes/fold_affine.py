@@ -29,8 +29,7 @@ class FoldAffinePass(NormfoldPass):
     def apply(self, model: ir.Model) -> bool:
         common.NameFixPass()(model)
         fresh = FreshNames(model)
-        count = sum(
-            apply_rules(model, rules) for _, rules in registry.sweeps(self.name, self.record, self.options, fresh)
-        )
+        sweeps = registry.sweeps(self.name, self.record, self.options, fresh, model=model)
+        count = sum(apply_rules(model, rules) for _, rules in sweeps)
         self.record.keep_refusals_of({node.name for node in model.graph.all_nodes()})
         return count > 0

@@ -117,7 +117,7 @@ class FoldBatchNormPass(NormfoldPass):
         common.NameFixPass()(model)
         fresh = FreshNames(model)
         count = 0
-        for sweep, rules in registry.sweeps(self.name, self.record, self.options, fresh):
+        for sweep, rules in registry.sweeps(self.name, self.record, self.options, fresh, model=model):
             count += apply_rules(model, rules)
             if sweep == "fold":
                 # What the folds left is refused with its reason (and lowered next, if asked).

@@ -74,11 +74,14 @@ class FuseNormPass(NormfoldPass):
             self.options = dataclasses.replace(self.options, skip_ops=True)
 
     def apply(self, model: ir.Model) -> bool:
+        if not registry.may_apply(self.name, self.options, model):
+            # No rule's ops are in the model (a CNN): no shapes to infer, nothing to survey.
+            return False
         infer_shapes(model)
         raised, raise_error = self._survey_and_raise_opset(model)
         state = FusionState(FreshNames(model), raise_error=raise_error)
         count = 0
-        for sweep, rules in registry.sweeps(self.name, self.record, self.options, state):
+        for sweep, rules in registry.sweeps(self.name, self.record, self.options, state, model=model):
             done = apply_rules(model, rules)
             if done and sweep == "groupnorm":
                 # Shapes downstream of a fused GroupNorm may now be inferable (opset 13 has no
@@ -110,7 +113,7 @@ class FuseNormPass(NormfoldPass):
             return False, None
         survey = FusionState(FreshNames(model), survey=True)
         scratch = PassRecord(self.name)
-        for _, rules in registry.sweeps(self.name, scratch, self.options, survey, survey=True):
+        for _, rules in registry.sweeps(self.name, scratch, self.options, survey, survey=True, model=model):
             apply_rules(model, rules)
         allowed = [v for v in survey.wants.values() if ceiling is None or v <= ceiling]
         needed = max(allowed, default=current)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -41,7 +42,7 @@ def test_a_wrong_candidate_is_caught(tmp_path: Path) -> None:
     source, out = tmp_path / "trap.onnx", tmp_path / "out.onnx"
     onnx.save(model, source)
     eps = next(t for t in model.graph.initializer if t.name.startswith("eps"))
-    eps.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(eps) * 0, eps.name))
+    eps.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(eps)), eps.name))
     onnx.save(model, out)
     verdict = judge(source, out, feeds)
     assert verdict.status == "WRONG" and verdict.nan

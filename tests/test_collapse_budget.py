@@ -26,6 +26,8 @@ from tests.conftest import Cli
 from tests.test_collapse_pass import _feeds, _tlc_model
 
 FAST = {"latency_runs": 3, "latency_repeats": 3}
+# The DP's mechanics, without the default output bound (0.01) that would keep most removals out.
+UNBOUNDED = {"max_deviation": float("inf")}
 
 
 def _bn(name: str, source: str, beta: np.ndarray, gamma: np.ndarray) -> tuple[onnx.NodeProto, list]:
@@ -143,7 +145,7 @@ def _chosen_runs_are_apart(selection: dict) -> None:
 
 
 def test_the_two_activations_of_an_inverted_residual_go_together():
-    job = collapse_onnx(_inverted_residual(), target_latency=0.7, measure_latency=False)
+    job = collapse_onnx(_inverted_residual(), target_latency=0.7, measure_latency=False, **UNBOUNDED)
     summary, cost = job.report["collapse"], job.report["cost"]
     assert summary["chosen"] == ["clip1+clip2"] and summary["feasible"]
     options = {"+".join(o["sites"]): o for o in summary["options"]}
@@ -169,7 +171,8 @@ def test_macs_are_counted_from_the_shapes():
 def test_the_deviation_bound_refuses_what_the_budget_would_take(tmp_path: Path):
     calibration = tmp_path / "calibration.npz"
     np.savez(calibration, **_feeds(1)[0])
-    free = collapse_onnx(_tlc_model(), target_latency=0.4, measure_latency=False, calibration=calibration)
+    free = collapse_onnx(_tlc_model(), target_latency=0.4, measure_latency=False, calibration=calibration,
+                         **UNBOUNDED)
     assert free.report["collapse"]["feasible"]
     assert "relu_b" in free.report["collapse"]["sites"]  # the budget needs relu_b, far from linear
     bound = collapse_onnx(_tlc_model(), target_latency=0.4, measure_latency=False, calibration=calibration,
@@ -185,8 +188,19 @@ def test_the_deviation_bound_refuses_what_the_budget_would_take(tmp_path: Path):
     assert any("not reached" in note for p in bound.report["passes"] for note in p.get("notes", []))
 
 
+def test_a_budget_keeps_the_default_output_bound():
+    # Without --max-deviation the budget is met only within 0.01: relu_b, far from linear, stays.
+    job = collapse_onnx(_tlc_model(), target_latency=0.4, measure_latency=False)
+    summary = job.report["collapse"]
+    assert job.report["collapse"]["max_deviation"] == 0.01
+    assert "relu_b" not in summary["sites"] and not summary["feasible"]
+    assert any("relu_b" in option["sites"] and "deviation would be" in option.get("refused", "")
+               for option in summary["options"])
+    assert job.report["verification"]["max_rel_error"] <= 0.01
+
+
 def test_latency_budget_reports_median_and_spread_and_predicts_from_savings():
-    job = collapse_onnx(_tlc_model(), target_latency=0.8, **FAST)
+    job = collapse_onnx(_tlc_model(), target_latency=0.8, **FAST, **UNBOUNDED)
     cost, summary = job.report["cost"], job.report["collapse"]
     for key in ("input", "dense", "output"):
         timing = cost[key]["latency"]
@@ -230,7 +244,7 @@ def test_the_deviation_is_measured_once(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(collapse_pass, "_deviation", counting("selection", collapse_pass._deviation))
     monkeypatch.setattr(collapse_job, "verify", counting("verify", collapse_job.verify))
-    for settings_ in ({"remove": 2}, {"target_latency": 0.8, "measure_latency": False}):
+    for settings_ in ({"remove": 2}, {"target_latency": 0.8, "measure_latency": False, **UNBOUNDED}):
         calls.update(selection=0, verify=0)
         collapse_onnx(_tlc_model(), **settings_)
         assert calls == {"selection": 0, "verify": 1}, settings_
@@ -248,7 +262,7 @@ def test_joint_choices_meet_the_macs_budget_and_merge_exactly(seed, depth, targe
     kernels = data.draw(st.lists(st.sampled_from([1, 3]), min_size=depth, max_size=depth))
     shifts = data.draw(st.lists(st.sampled_from([-4.0, 0.0, 4.0]), min_size=depth, max_size=depth))
     source = _chain(seed, widths, kernels, shifts)
-    job = collapse_onnx(source, target_latency=target, measure_latency=False)
+    job = collapse_onnx(source, target_latency=target, measure_latency=False, **UNBOUNDED)
     cost, summary = job.report["cost"], job.report["collapse"]
     # Savings of runs apart from each other add up exactly in MACs: the prediction is the result.
     assert cost["output"]["macs"] == cost["predicted"]["macs"]
@@ -263,6 +277,16 @@ def test_joint_choices_meet_the_macs_budget_and_merge_exactly(seed, depth, targe
     want = runtime.run(linear, feed)["y"]
     got = runtime.run(job.model, feed)["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_activations_either_side_of_a_removed_run_are_one_segment_in_the_next_step():
+    # Step 1 removes relu1+relu2; then relu0 and relu3 bound one segment: removing both is one
+    # run whose saving is measured together, not two savings that would be added (found by hypothesis).
+    job = collapse_onnx(_chain(0, [2, 2, 3, 3, 4], [3, 1, 3, 3], [-4.0] * 4), target_latency=0.5,
+                        measure_latency=False, **UNBOUNDED)
+    steps = job.report["collapse"]["steps"]
+    assert steps[0]["chosen"] == ["relu1+relu2"] and steps[1]["chosen"] == ["relu0+relu3"]
+    assert job.report["cost"]["output"]["macs"] == job.report["cost"]["predicted"]["macs"]
 
 
 def test_cli_target_latency_writes_model_table_and_report(tmp_path: Path, cli: Cli):
@@ -297,3 +321,16 @@ def test_cli_bad_budget_exits_2_and_writes_nothing(tmp_path: Path, cli: Cli, arg
     assert done.returncode == 2 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"] and source.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_zoo_mobilenetv2_merges_whole_inverted_residuals_under_a_macs_budget():
+    from normfold.models.export import cached_export
+
+    job = collapse_onnx(cached_export("mobilenetv2"), target_latency=0.7, measure_latency=False, **UNBOUNDED)
+    summary, cost = job.report["collapse"], job.report["cost"]
+    assert summary["feasible"] and cost["output"]["macs"] <= 0.7 * cost["dense"]["macs"]
+    assert cost["output"]["macs"] == cost["predicted"]["macs"]
+    pairs = [label for label in summary["chosen"] if label.count("+") == 1
+             and label.split("+")[0].split("/conv/")[0] == label.split("+")[1].split("/conv/")[0]]
+    assert pairs, summary["chosen"]  # both activations of one block, which alone would grow the work

@@ -111,3 +111,34 @@ def test_bias_added_before_the_residual_is_another_sum_and_keeps_its_add() -> No
     assert ops(fused) == Counter({"Add": 1, "SkipLayerNormalization": 1})
     skip = next(n for n in fused.graph.node if n.op_type == "SkipLayerNormalization")
     assert len(skip.input) == 4
+
+
+@pytest.mark.parametrize("norm", ["RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_every_norm_and_float16_take_the_bias_input(norm: str, dtype: str) -> None:
+    """``Norm((a + b) + bias)`` for each norm the Skip ops cover, float32 and float16: the bias is
+    the op's last input, the residual sum read elsewhere is bit-exact, and verify passes (float16
+    judged against the float32 run of the reference)."""
+    import normfold
+
+    model = _residual_bias_ln(bias_first=False, sum_read=True, beta=norm == "LayerNormalization")
+    node = model.graph.node[2]
+    node.op_type = norm
+    if norm == "RMSNormalization":  # RMSNormalization is opset 23
+        model.opset_import[0].version, model.ir_version = 23, 10
+    if dtype == "float16":
+        for tensor in model.graph.initializer:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    fused, fuse_pass = fuse(model, target="onnxruntime", skip_ops=True)
+    skip_op = "SkipLayerNormalization" if norm == "LayerNormalization" else "SkipSimplifiedLayerNormalization"
+    assert ops(fused) == Counter({skip_op: 1, "Relu": 1}) and not fuse_pass.record.refused
+    skip = next(n for n in fused.graph.node if n.op_type == skip_op)
+    assert list(skip.input)[-1] == "bias" and list(skip.input)[:2] == ["a", "b"]
+    rng = np.random.default_rng(0)
+    feeds = {name: (rng.normal(size=(2, 3, 8)) * 4).astype(dtype) for name in ("a", "b")}
+    assert np.array_equal(runtime.run(fused, feeds)["r"], runtime.run(model, feeds)["r"])
+    report = normfold.verify(model, fused)
+    assert report.passed, report.format_table()
+    assert report.reference == ("float32" if dtype == "float16" else "model")

@@ -246,6 +246,30 @@ def test_saved_inputs_read_back_as_the_same_samples(tmp_path: Path, names: list[
             np.testing.assert_array_equal(first[name].view(np.uint8), second[name].view(np.uint8))
 
 
+def test_percentiles_are_null_when_nothing_was_measured(chain: Path) -> None:
+    folded = normfold.optimize(chain, verify=False).model
+    folded.graph.outputs[0].name = "renamed"  # the reference's output is missing from the candidate
+    data = normfold.verify(chain, folded).to_dict()
+    assert data["outputs"]["y"]["abs_error_percentiles"] is None
+
+
+def test_percentiles_are_those_of_every_finite_position_of_every_sample() -> None:
+    from normfold.verification import compare
+
+    rng = np.random.default_rng(3)
+    refs = [{"y": rng.normal(size=(4, 5)).astype(np.float32)} for _ in range(3)]
+    cands = [{"y": (r["y"] + rng.normal(size=(4, 5)) * 1e-3).astype(np.float32)} for r in refs]
+    cands[1]["y"][0, 0] = refs[1]["y"][0, 0] = np.inf  # not finite in both: left out
+    got = compare(refs, cands).to_dict()["outputs"]["y"]["abs_error_percentiles"]
+    finite = [np.isfinite(r["y"]) for r in refs]
+    differences = np.concatenate([
+        np.abs(c["y"][keep].astype(np.float64) - r["y"][keep].astype(np.float64))
+        for r, c, keep in zip(refs, cands, finite)
+    ])
+    assert differences.size == 59
+    np.testing.assert_allclose([got["p50"], got["p90"], got["p99"]], np.percentile(differences, [50, 90, 99]))
+
+
 # --- hostile graphs: subgraphs, sequences, integer and several outputs, renamed tensors ---------
 
 

@@ -73,3 +73,22 @@ def test_installed_dependencies_satisfy_the_declared_lower_bounds() -> None:
     for line in _project()["dependencies"]:
         requirement = Requirement(line)
         assert requirement.specifier.contains(version(requirement.name), prereleases=True), line
+
+
+def test_the_documented_bounds_are_the_metadata() -> None:
+    """docs/contributing.md's "Dependency bounds" table names every dependency with the lower
+    bound pyproject declares, and nothing else (the table records what was run)."""
+    import re
+
+    from packaging.requirements import Requirement
+
+    text = (ROOT / "docs" / "contributing.md").read_text()
+    section = text.split("## Dependency bounds", 1)[1].split("\n## ", 1)[0]
+    documented = dict(re.findall(r"^\| `([\w-]+)` \| ([\d.]+) \|", section, flags=re.MULTILINE))
+    declared = {}
+    for line in _project()["dependencies"]:
+        requirement = Requirement(line)
+        (spec,) = requirement.specifier  # one lower bound each
+        assert spec.operator == ">=", line
+        declared[requirement.name] = spec.version
+    assert documented == declared

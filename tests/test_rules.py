@@ -79,3 +79,40 @@ def test_a_refusal_without_a_node_is_reported_against_the_site() -> None:
         {"node": "site_a", "reason": "no exact rewrite"},
         {"node": "other", "reason": "said of another node"},
     ]
+
+
+def _pattern_ops(line: registry.Rule, target: str) -> set[str]:
+    rule = line.create(PassRecord(line.pass_name), PassOptions(target=target), None).as_rule()
+    # A node matching any of several ops (``any_op``) prints them as "Div|Mul".
+    return {op for node in rule._target_pattern for op in str(node.op_type).split("|")}
+
+
+def test_each_rule_needs_ops_its_pattern_is_written_with() -> None:
+    # A misspelled op in `needs` would switch the rule off for every model.
+    for line in registry.RULES:
+        ops = _pattern_ops(line, line.targets[0])
+        for wanted in line.needs:
+            assert wanted & ops or wanted == registry.FUSED_OPS, (line, wanted, ops)
+
+
+def test_a_model_without_the_ops_builds_no_rule_and_fuse_norm_does_nothing() -> None:
+    model = io.load(conv_bn_relu_model())  # Conv, BatchNormalization, Relu
+    options = PassOptions()
+    fuse = list(registry.sweeps("fuse-norm", PassRecord("fuse-norm"), options, None, model=model))
+    assert fuse == [] and not registry.may_apply("fuse-norm", options, model)
+    fold = list(registry.sweeps("fold-bn", PassRecord("fold-bn"), options, None, model=model))
+    assert [(sweep, len(rules)) for sweep, rules in fold] == [("fold", 3)]
+    assert list(registry.sweeps("fold-affine", PassRecord("fold-affine"), options, None, model=model)) == []
+    # Without a model every rule is built, as before.
+    assert _sweep_names("fuse-norm", options) == ["groupnorm", "norm", "affine"]
+
+
+def test_a_later_sweep_sees_the_ops_an_earlier_one_wrote() -> None:
+    model = io.load(conv_bn_relu_model())
+    sweeps = registry.sweeps("fold-bn", PassRecord("fold-bn"), PassOptions(lower_standalone_bn=True), None,
+                             model=model)
+    assert next(sweeps)[0] == "fold"
+    for node in list(model.graph):
+        if node.op_type == "BatchNormalization":
+            model.graph.remove(node, safe=False)
+    assert list(sweeps) == [], "the lower sweep is built when reached: no BatchNorm is left for it"

@@ -74,3 +74,48 @@ def test_example_without_a_value_lists_the_zoo(capsys) -> None:
 def test_example_takes_a_variant(tmp_path: Path, capsys) -> None:
     assert main(["optimize", "--example", "resnet:nosuch", "-o", str(tmp_path / "o.onnx")]) == 2
     assert "unknown export variant 'nosuch'" in capsys.readouterr().err
+
+
+def _many_refusals(path: Path, count: int = 11) -> None:
+    """``count`` LayerNorms, each after an Add of a [1, 1, 8] constant: no Skip op can take it."""
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "a"
+    for i in range(count):
+        inits += [numpy_helper.from_array(rng.normal(size=(1, 1, 8)).astype(np.float32), f"p{i}"),
+                  numpy_helper.from_array(np.ones(8, np.float32), f"g{i}"),
+                  numpy_helper.from_array(np.zeros(8, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Add", [current, f"p{i}"], [f"s{i}"], name=f"add{i}"),
+                  helper.make_node("LayerNormalization", [f"s{i}", f"g{i}", f"b{i}"], [f"n{i}"], name=f"ln{i}")]
+        current = f"n{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq", 8])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", "seq", 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_a_long_refusal_list_is_capped_in_the_table_and_whole_in_the_json(tmp_path: Path, capsys) -> None:
+    source, report = tmp_path / "many.onnx", tmp_path / "r.json"
+    _many_refusals(source)
+    flags = ["--target", "onnxruntime"]
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), *flags, "--report", str(report), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("  fuse-norm: left ln") for line in lines) == 8
+    assert "  fuse-norm: and 3 more refusals (see --report)" in lines
+    refused = json.loads(report.read_text())["passes"][-1]["refused"]
+    assert sorted(r["node"] for r in refused) == sorted(f"ln{i}" for i in range(11))
+    # inspect writes its JSON with --json, and says so.
+    assert main(["inspect", str(source), *flags]) == 0
+    text = capsys.readouterr().out
+    assert "fuse-norm: and 3 more refusals (see --json)" in text and "(see --report)" not in text
+    assert main(["inspect", str(source), *flags, "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["passes"][-1]["refused"]) == 11
+
+
+def test_example_names_a_variant_and_an_empty_one_is_refused(tmp_path: Path, capsys) -> None:
+    import pytest
+
+    pytest.importorskip("torch")
+    assert main(["optimize", "--example", "resnet:", "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "unknown export variant ''" in capsys.readouterr().err
+    out = tmp_path / "r.onnx"
+    assert main(["optimize", "--example", "resnet:ts13-keepbn", "-o", str(out), "--no-verify", "-q"]) == 0
+    assert "resnet-ts13-keepbn-" in capsys.readouterr().out.splitlines()[0] and out.exists()

@@ -347,6 +347,26 @@ def test_cache_reuses_files_and_keys_on_seed(tmp_path: Path) -> None:
     ), "no temporary files may be left behind"
 
 
+def test_a_cache_hit_imports_no_torch(tmp_path: Path) -> None:
+    # `optimize --example` on a cached model must not pay torch's import (1-2 s).
+    path = cached_export("vgg", "ts13", cache_dir=tmp_path)
+    script = (
+        "import sys; from normfold.models.export import cached_export; "
+        f"print(cached_export('vgg', 'ts13', cache_dir={str(tmp_path)!r}), 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(path), "False"]
+
+
+def test_the_cache_key_covers_the_zoo_modules_a_family_imports() -> None:
+    # Gemma takes LLaMA's rotary embedding: a change to llama.py must re-export Gemma.
+    assert zoo_export._zoo_sources("gemma") == [
+        "normfold.models.gemma", "normfold.models", "normfold.models._common", "normfold.models.llama",
+        "normfold.models.export",
+    ]
+
+
 def test_default_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("NORMFOLD_CACHE", str(tmp_path / "c"))
     assert zoo_export.default_cache_dir() == tmp_path / "c"

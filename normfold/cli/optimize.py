@@ -89,8 +89,9 @@ def _example_path(example: str) -> Path:
         from normfold.models.export import DEFAULT_VARIANT, cached_export
     except ImportError as error:
         raise InputError(f"--example needs torch: pip install 'normfold[torch]' torch==2.13.0 ({error})") from None
-    name, _, variant = example.partition(":")
-    return cached_export(name, variant or DEFAULT_VARIANT)
+    name, colon, variant = example.partition(":")
+    # ``resnet:`` names no variant: an error listing them, not the default in silence.
+    return cached_export(name, variant if colon else DEFAULT_VARIANT)
 
 
 def _zoo_list() -> str:

@@ -73,7 +73,7 @@ def collapse_onnx(
 
     ``target_latency=R`` chooses the removals jointly so that the batch-1 onnxruntime latency
     is predicted at R times the BN-folded dense model's (a MACs ratio when ``measure_latency``
-    is False), in up to ``max_steps`` joint steps; ``max_deviation`` is then a bound only when given."""
+    is False), in up to ``max_steps`` joint steps, within ``max_deviation`` (default 0.01) as without a budget."""
     options = PassOptions(target=target, max_opset=max_opset)
     bar = progress.Steps(["load", "collapse", "exact passes", "check", "measure"], enabled=show_progress)
     with bar.step("load"):

@@ -25,19 +25,19 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
 from normfold import io, progress
 from normfold.errors import InputError, VerificationError
-from normfold.inputs import resolve_dims
 from normfold.jobs import common
 from normfold.opset import model_opset
 from normfold.options import VerifyOptions, split
 from normfold.passes import PassOptions, create_passes
-from normfold.verification import VerificationReport
-from normfold.verification import verify as run_verification
+
+if TYPE_CHECKING:
+    from normfold.verification import VerificationReport
 
 
 @dataclasses.dataclass
@@ -102,6 +102,8 @@ def optimize(
         raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
     if checks.dims:
         # A --dims name the model lacks is bad input before any pass runs, verified or not.
+        from normfold.inputs import resolve_dims  # here: a run without --dims never imports it
+
         resolve_dims(model, checks.dims)
     # Verification reads the input's interface from this copy (it shares the weights) instead
     # of parsing the file again; onnxruntime still runs the file itself.
@@ -118,6 +120,9 @@ def optimize(
     report.update(common.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
     verification = None
     if verify:
+        # Imported here: --no-verify never imports verification (input generation, sessions).
+        from normfold.verification import verify as run_verification
+
         # Verification shows its own progress, one line per session (reference, candidate).
         with bar.step("verify", show=False):
             verification = run_verification(
