@@ -16,9 +16,10 @@ fine-tuning (``--finetune-epochs`` per step, logit distillation from the dense m
 
 Methods:
 
-- ``normfold``: :func:`normfold.torch.collapse` with ``target_latency`` (the task's budget,
-  ``--target-latency`` to override): segment candidates (whole inverted residuals, residual
-  blocks, branch pruning), measured segment latency, the segment DP, exact merges.
+- ``normfold``: :func:`normfold.torch.collapse` with ``target_latency`` and ``prune`` per task
+  (``SETTINGS``; ``--target-latency`` and ``--prune`` override): segment candidates (whole
+  inverted residuals, residual blocks, branch pruning), measured segment latency, the segment
+  DP fitted on the whole model, exact merges.
 - ``depthshrinker``: DepthShrinker's fixed choice (Fu et al., ICML 2022): every in-block
   activation of every block (both of each inverted residual; a BasicBlock's inner ReLU)
   becomes the identity at once, the blocks merge exactly, one fine-tune of the same total length.
@@ -28,9 +29,11 @@ Methods:
   order or EASIER's order (Quétu et al. 2024: lowest mean binary entropy of the channels' on/off
   state first); ``--max-steps`` bounds these step-wise methods.
 
-Per step: test accuracy, activations removed, layers merged, MACs per sample, and batch-1
+Per step: test accuracy, activations removed, layers merged, MACs per sample, batch-1
 onnxruntime CPU latency (``ORT_ENABLE_ALL``, one thread) as the median of ``--repeats`` rounds
-with their inter-quartile range. The summary gives, per task and method, the onnxruntime
+with their inter-quartile range, the blocks reduced to one conv or none (:func:`block_counts`),
+the ONNX export checked against the module (:func:`onnx_check`) and the merges' largest
+relative float64 error. The summary gives, per task and method, the onnxruntime
 speed-up over the BN-folded dense model at the fastest step whose test accuracy is at most
 ``--max-drop-points`` (default 1) below the dense model's, over the seeds: median and range.
 Everything runs on one thread; on a shared machine the latencies are noisy (the IQR says how much).
@@ -70,12 +73,14 @@ METHODS = ("normfold", "depthshrinker", "reference", "random", "entropy")
 # whether residual branches may be pruned. Issue 12 asks for ResNet-18 at <= 0.80x with >= 3 of 8
 # BasicBlocks reduced to one conv or none (pruning counts), and for MobileNetV2 at <= 0.85x with
 # >= 8 of its 16 expansion blocks merged into one conv (pruning does not count: merges only).
-# The budgets sit below those ceilings so that the timing noise of a whole model (up to 6%
-# between two sessions on a shared machine) does not decide; block counts are not targeted,
-# they follow from the budget.
+# The budgets sit below those ceilings: the timing noise of a whole model (up to 6% between two
+# sessions on a shared machine) must not decide, and the block counts follow from the budget,
+# so it must need more blocks than the issue's minimum even when the blocks that save the most
+# are chosen (measured on seed 0: ResNet-18's two largest removals save 29% of its latency, so
+# 0.70 could be met with two blocks; MobileNetV2's eight cheapest merges save 47%).
 SETTINGS: dict[str, dict[str, Any]] = {
-    "digits32/resnet18": {"target_latency": 0.70, "prune": True},
-    "digits32/mobilenet_v2": {"target_latency": 0.55, "prune": False},
+    "digits32/resnet18": {"target_latency": 0.60, "prune": True},
+    "digits32/mobilenet_v2": {"target_latency": 0.50, "prune": False},
 }
 
 
@@ -376,7 +381,15 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
     torch.manual_seed(seed)
     model = build()
     start = time.perf_counter()
-    digits.train(model, data, epochs=args.epochs, lr=args.lr, seed=seed)
+    cached = Path(args.cache) / f"{name.replace('/', '-')}-seed{seed}-e{args.epochs}-lr{args.lr:g}.pt" if args.cache else None
+    if cached is not None and cached.exists():  # a dense model trained by an earlier run, same settings
+        model.load_state_dict(torch.load(cached, weights_only=True))
+    else:
+        digits.train(model, data, epochs=args.epochs, lr=args.lr, seed=seed)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), cached)
+    model.eval()
     result: dict[str, Any] = {"train_seconds": time.perf_counter() - start}
     dense = measure(model, data, args.repeats)
     dense["val_accuracy"] = digits.accuracy(model, data.val_x, data.val_y)
@@ -474,7 +487,7 @@ def format_summary(results: dict[str, dict[int, dict[str, Any]]], points: float)
                 continue
             speedups, drops, macs, removed, seconds, one_conv, none, onnx = [], [], [], [], [], [], [], []
             for result in ran:
-                dense = result["dense_folded"]
+                dense = result[method].get("dense_folded", result["dense_folded"])
                 best = best_within(result, method, points) or {**dense, "removed": 0}
                 speedups.append(dense["ort"]["median_ms"] / best["ort"]["median_ms"])
                 drops.append(100 * (result["dense"]["test_accuracy"] - best["test_accuracy"]))
@@ -561,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=6, help="bound on the step-wise methods' steps")
     parser.add_argument("--probe-samples", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="latency rounds per model (median, IQR)")
+    parser.add_argument("--cache", help="keep the trained dense models here and reuse them (same task, seed, epochs, lr)")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--plot", help="write the accuracy/latency plot here (PNG)")
     parser.add_argument("--summarize", metavar="R.json,...",
@@ -595,7 +609,11 @@ def _merged(paths: list[Path]) -> dict[str, dict[int, dict[str, Any]]]:
     for path in paths:
         for task, by_seed in json.loads(path.read_text()).items():
             for seed, result in by_seed.items():
-                results.setdefault(task, {})[int(seed)] = result
+                # Methods of one seed run separately: each keeps the dense timing of its own run.
+                for method in METHODS:
+                    if method in result:
+                        result[method].setdefault("dense_folded", result["dense_folded"])
+                results.setdefault(task, {}).setdefault(int(seed), {}).update(result)
     return results
 
 

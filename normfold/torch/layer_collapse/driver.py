@@ -32,8 +32,11 @@ Each step:
    dense model's latency; MACs when ``measure_latency`` is off), the removals are chosen
    *jointly*: the dynamic program of :mod:`normfold.math.collapse_select` (Kim et al., ICML 2023)
    picks the non-touching runs that save what the budget still needs with the least summed probe
-   loss; a step applies all of them, or the ``removals_per_step`` with the least loss. When a
-   joint step falls below the accuracy floor it is undone and its less lossy half is tried.
+   loss. Measuring latency, that choice is then fitted on the whole model (:meth:`_Run.fit`:
+   widened when it misses the budget, trimmed by decreasing loss while it still meets it), since
+   segment savings add up to the model's only roughly. A step applies the choice, or the
+   ``removals_per_step`` with the least loss. When a joint step falls below the accuracy floor
+   it is undone and its less lossy half is tried.
 4. The chosen model is fine-tuned through ``finetune(model, step)`` (training mode; torch's
    global generator is seeded with ``seed`` and the step first, so runs repeat); a callback with
    a ``teacher`` parameter also receives the dense model (eval mode) to distil from. It is then
