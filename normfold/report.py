@@ -116,8 +116,9 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-def format_inspect(report: dict[str, Any]) -> str:
-    """What ``normfold inspect`` prints: the model's ops, then what each pass would do."""
+def format_inspect(report: dict[str, Any], flags: str = "") -> str:
+    """What ``normfold inspect`` prints: the model's ops, then what each pass would do (``flags``:
+    the optimize flags besides ``--target`` it previews, as typed)."""
     histogram = report["ops_before"]
     ops = ", ".join(f"{op} {count}" for op, count in histogram.items())
     lines = [
@@ -125,7 +126,7 @@ def format_inspect(report: dict[str, Any]) -> str:
         f"opset   {report['opset_before']}   nodes {report['nodes_before']}",
         f"ops     {ops}",
         "",
-        f"what `normfold optimize --target {report['target']}` would do "
+        f"what `normfold optimize --target {report['target']}{' ' + flags if flags else ''}` would do "
         f"(nodes {report['nodes_before']} -> {report['nodes_after']}, opset -> {report['opset_after']}):",
         format_passes_table(report["passes"], full="--json"),
     ]
