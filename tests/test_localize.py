@@ -385,6 +385,15 @@ def test_nothing_to_localize_is_said_plainly(chain: Path) -> None:
     assert report.first_divergence is None and report.localize_note == "not localized: the candidate did not run"
     # Without --localize, neither key.
     assert "localize_note" not in normfold.verify(chain, broken).to_dict()
+    # Every tensor renamed, the output too: nothing is shared.
+    renamed = normfold.optimize(chain, verify=False).model
+    for node in renamed.graph:
+        for value in node.outputs:
+            value.name = f"renamed/{value.name}"
+    report = normfold.verify(chain, renamed, localize=True)
+    assert report.first_divergence is None
+    assert report.localize_note == "the graphs share no tensor by name: nothing to compare"
+    assert "first divergence: the graphs share no tensor by name" in report.format_table()
 
 
 def _count_sessions(monkeypatch) -> list:
