@@ -218,11 +218,10 @@ def cached_export(
     if name not in NAMES:
         raise InputError(f"unknown zoo model {name!r}; choose one of: {', '.join(NAMES)}")
     _refuse_known_failure(name, chosen)
-    try:
-        # Its installed version, not `torch.__version__`: a cache hit does not import torch (1-2 s).
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        raise InputError(f"the model zoo ({name}) needs torch: {TORCH_HINT}") from None
+    # Found and its installed version read, not imported: a cache hit never imports torch (1-2 s).
+    if importlib.util.find_spec("torch") is None:
+        raise InputError(f"the model zoo ({name}) needs torch: {TORCH_HINT}")
+    torch_version = importlib.metadata.version("torch")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     digest = hashlib.sha256()
     for module in _zoo_sources(name):

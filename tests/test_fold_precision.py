@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import normfold
@@ -285,3 +287,26 @@ def test_probe_products_agree_with_exact_sums_through_both_routes(channels: int)
     x, rows = rng.standard_normal((8, 4608)), rng.standard_normal((channels, 4608))
     exact = np.array([[float(np.sum(xi * r, dtype=np.longdouble)) for r in rows] for xi in x])
     np.testing.assert_allclose(fp._probe_product(x, rows), exact, rtol=0, atol=1e-10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.floats(min_value=-1e-7, max_value=1e-7),
+            st.floats(min_value=6e4, max_value=7e4),
+            st.just(0.0),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+    dtype=st.sampled_from([np.float16, np.float32]),
+)
+def test_cast_problem_says_none_exactly_when_no_value_overflows_or_flushes(values: list[float], dtype: type) -> None:
+    # The one-cast fast path and the elementwise path must agree with the rule itself.
+    folded = np.array(values, np.float64)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        cast = folded.astype(dtype).astype(np.float64)
+    lost = (np.isfinite(folded) & ~np.isfinite(cast)) | ((folded != 0) & (cast == 0))
+    assert (fp.cast_problem(folded, dtype, "weight") is None) == (not lost.any())
