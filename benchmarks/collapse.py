@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs of the dense model")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per step")
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs per step")
     parser.add_argument("--distill", type=float, default=0.5, help="logit-distillation weight in fine-tuning")
     parser.add_argument("--target-latency", type=float, help="normfold's budget (default: per task, SETTINGS)")
     parser.add_argument("--prune", choices=("task", "on", "off"), default="task",

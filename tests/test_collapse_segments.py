@@ -226,21 +226,26 @@ def test_the_joint_choice_is_fitted_to_the_budget_on_the_whole_model(monkeypatch
     def by_macs(self, module):
         return Timing((cost.macs(driver.trace(module), self.single) / 1e3,) * 3)
 
+    def against_dense(self, module):
+        timing, dense = by_macs(self, module), by_macs(self, self.dense_merged)
+        return timing, Timing(tuple(t / d for t, d in zip(timing.rounds, dense.rounds)))
+
     def segment_by_macs(table, module, inputs):
         return Timing((segment_factor * cost.macs(module, inputs) / 1e3,) * 3)
 
     monkeypatch.setattr(driver._Run, "latency", by_macs)
+    monkeypatch.setattr(driver._Run, "against_dense", against_dense)
     monkeypatch.setattr(segments, "timing", segment_by_macs)
     result = _run(_small_mbv2(), target_latency=target, prune=False, measure_latency=True, max_steps=1,
                   latency_runs=3, latency_repeats=3)
     (step,) = result.history
-    budget = target * result.report["dense"]["latency_ms_merged"]
     first = step.fit[0]
-    assert step.latency_ms <= budget
+    assert step.latency_ratio["median"] <= target
+    assert step.latency_ms == pytest.approx(step.latency_ratio["median"] * result.report["dense"]["latency_ms_merged"])
     if segment_factor > 1:  # the DP's choice, measured whole, misses the budget: the DP ran again for more
-        assert first["latency"]["median_ms"] > budget and len(step.candidates) > len(first["candidates"])
+        assert first["ratio"]["median"] > target and len(step.candidates) > len(first["candidates"])
     else:  # it overshoots: removals the budget does not need are dropped
-        assert first["latency"]["median_ms"] <= budget and len(step.candidates) < len(first["candidates"])
+        assert first["ratio"]["median"] <= target and len(step.candidates) < len(first["candidates"])
     for label in step.candidates:  # every removal kept is needed: without it the budget is missed
         without = [row for row in step.fit if set(row["candidates"]) == set(step.candidates) - {label}]
-        assert not step.candidates[1:] or (without and without[0]["latency"]["q3_ms"] > budget)
+        assert not step.candidates[1:] or (without and without[0]["ratio"]["q3"] > target)

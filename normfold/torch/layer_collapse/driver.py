@@ -175,6 +175,7 @@ class _Run:
                 self.references = [self.dense(*b.inputs) for b in self.probe]
         self.table = LatencyTable(runs=settings["latency_runs"], repeats=settings["latency_repeats"])
         self.free: set[str] = set()  # nodes of accepted segments: their merges are judged as a whole
+        self.dense_merged: nn.Module = self.dense  # the BN-folded dense model, set by collapse()
 
     def merge(self, gm: fx.GraphModule, *, verify: bool = True, free: Iterable[str] = ()) -> MergeResult:
         return merge_layers(gm, self.inputs, max_flops_growth=self.s["max_flops_growth"],
@@ -186,6 +187,19 @@ class _Run:
             return None
         return cost.ort_latency(module, self.single, runs=self.s["latency_runs"],
                                 repeats=self.s["latency_repeats"])
+
+    def against_dense(self, module: nn.Module) -> tuple[Timing, Timing] | None:
+        """A whole model's latency, and its ratio to the BN-folded dense model's per round.
+
+        The two are timed round for round in turn, so both see the same load: on a shared
+        machine two timings of one model minutes apart differed by 10%, more than a budget's
+        margin, so the budget is judged on this ratio, never against a dense timing taken earlier.
+        """
+        if not self.s["measure_latency"]:
+            return None
+        timing, dense = cost.ort_latencies([module, self.dense_merged], self.single, runs=self.s["latency_runs"],
+                                           repeats=self.s["latency_repeats"])
+        return timing, Timing(tuple(t / d for t, d in zip(timing.rounds, dense.rounds)))
 
     # -- candidates ---------------------------------------------------------------------------
     def candidates(self, working: fx.GraphModule) -> tuple[list[_Candidate], list[dict[str, str]]]:
@@ -366,13 +380,15 @@ class _Run:
 
     def fit(
         self, working: fx.GraphModule, found: list[_Candidate], chosen: list[_Candidate], need: float,
-        current_ms: float, target_ms: float,
+        current: float, target: float, dense_ms: float,
     ) -> tuple[list[_Candidate], list[dict[str, Any]]]:
         """The DP's choice checked on the whole model (merged, before fine-tuning), and fitted to the budget.
 
         Segment timings add up to the model's saving only roughly (measured on MobileNetV2: six
         removals predicted to just meet a 0.85 budget made the model 0.71x). So the choice is
-        applied and the whole model timed. When it misses ``target_ms``, the DP runs again
+        applied and the whole model timed in turn with the dense model (:meth:`against_dense`;
+        ``current`` and ``target`` are ratios to it, ``need`` and ``dense_ms`` milliseconds).
+        When it misses ``target``, the DP runs again
         with ``need`` scaled by predicted/measured saving (at most twice) and the choice
         saving the most is kept. When it meets it, the removals are dropped in order of
         decreasing probe loss while the whole model still meets it (the third quartile of
@@ -388,19 +404,19 @@ class _Run:
                 return timings[key]
             gm = _edited(working, [e for c in choice for e in c.edits], self.like)
             free = {name for c in choice for name in c.segment.nodes}
-            timing = self.latency(self.merge(gm, verify=False, free=free).module)
+            timing, ratio = self.against_dense(self.merge(gm, verify=False, free=free).module)
             trials.append({"candidates": [c.label for c in choice],
                            "predicted_saving_ms": sum(c.segment.saving_ms for c in choice),
-                           "latency": timing.to_dict()})
-            timings[key] = timing
-            return timing
+                           "latency": timing.to_dict(), "ratio": _ratio(ratio)})
+            timings[key] = ratio
+            return ratio
 
         timing = measured(chosen)
         for _ in range(2):
-            if timing.quartiles[1] <= target_ms:
+            if timing.quartiles[1] <= target:
                 break
             predicted = sum(c.segment.saving_ms for c in chosen)
-            saved = current_ms - timing.median
+            saved = (current - timing.median) * dense_ms
             if saved <= 0 or predicted <= 0:
                 break
             wider = self.select(working, found, need * predicted / saved)
@@ -410,12 +426,12 @@ class _Run:
             if wider_timing.median >= timing.median:
                 break
             chosen, timing = wider, wider_timing
-        if timing.quartiles[1] <= target_ms:
+        if timing.quartiles[1] <= target:
             for candidate in sorted(chosen, key=lambda c: float(c.losses.mean()), reverse=True):
                 if len(chosen) == 1:
                     break
                 trial = [c for c in chosen if c is not candidate]
-                if measured(trial).quartiles[1] <= target_ms:
+                if measured(trial).quartiles[1] <= target:
                     chosen = trial
         return chosen, trials
 
@@ -573,6 +589,7 @@ def collapse(
     checkpoint = Path(checkpoint_dir) / _CHECKPOINT if checkpoint_dir is not None else None
 
     dense_merged = run.merge(run.dense)
+    run.dense_merged = dense_merged.module
     if checkpoint is not None and checkpoint.exists():
         working, edits, history, dense_row = _resume(run, checkpoint)
     else:
@@ -602,8 +619,11 @@ def collapse(
             break
         need = None
         if target_latency is not None:
-            dense_cost = dense_row["latency_ms_merged"] if settings["by_latency"] else dense_row["macs_merged"]
-            need = current_cost - target_latency * dense_cost
+            # current_cost: a ratio to the dense model measuring latency (need in ms), else MACs.
+            if settings["by_latency"]:
+                need = (current_cost - target_latency) * dense_row["latency_ms_merged"]
+            else:
+                need = current_cost - target_latency * dense_row["macs_merged"]
             if need <= 0:
                 stopped = "target latency reached"
                 break
@@ -626,8 +646,8 @@ def collapse(
                 chosen = run.select(working, found, need)
                 if settings["by_latency"] and chosen:
                     bar.set_description_str(f"collapse step {number}: fit {len(chosen)} to the budget")
-                    chosen, fit = run.fit(working, found, chosen, need, current_cost,
-                                          target_latency * dense_row["latency_ms_merged"])
+                    chosen, fit = run.fit(working, found, chosen, need, current_cost, target_latency,
+                                          dense_row["latency_ms_merged"])
             if not chosen:
                 stopped = "no removal saves " + ("latency" if settings["by_latency"] else "MACs")
                 break
@@ -643,7 +663,7 @@ def collapse(
         merged = run.merge(model_step, free=free)
         accuracy = float(evaluate(merged.module))
         accepted = accuracy >= floor
-        timing = run.latency(merged.module)
+        timing, ratio = run.against_dense(merged.module) or (None, None)
         step_sites = [s for c in chosen for s in c.sites]
         plans = [p for c in chosen for p in c.plans]
         step = CollapseStep(
@@ -663,6 +683,7 @@ def collapse(
             sites=step_sites, candidates=[c.label for c in chosen],
             latency=None if timing is None else timing.to_dict(),
             segments=[{"label": c.label, **c.segment.to_dict()} for c in chosen], fit=fit,
+            latency_ratio=None if ratio is None else _ratio(ratio),
         )
         history.append(step)
         if not accepted and len(chosen) > 1:
@@ -696,11 +717,21 @@ def collapse(
 
 
 def _cost(history: list[CollapseStep], dense: dict[str, Any], settings: dict[str, Any]) -> float:
-    """The current model's measured latency (or MACs) for the budget."""
+    """The current model's cost for the budget: its latency ratio to the dense model's, or MACs."""
     accepted = [h for h in history if h.accepted]
     if settings["by_latency"]:
-        return accepted[-1].latency_ms if accepted else dense["latency_ms_merged"]
+        if not accepted:
+            return 1.0
+        if accepted[-1].latency_ratio is not None:
+            return accepted[-1].latency_ratio["median"]
+        return accepted[-1].latency_ms / dense["latency_ms_merged"]  # a checkpoint of an older run
     return accepted[-1].macs if accepted else dense["macs_merged"]
+
+
+def _ratio(ratio: Timing) -> dict[str, float]:
+    """A per-round latency ratio's median and quartiles (a Timing of ratios, not milliseconds)."""
+    q1, q3 = ratio.quartiles
+    return {"median": ratio.median, "q1": q1, "q3": q3, "rounds": len(ratio.rounds)}
 
 
 def _channels(plans: list[ChannelPlan]) -> dict[str, int]:

@@ -66,6 +66,8 @@ class CollapseStep:
     segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # The joint choice checked on the whole model before fine-tuning: one row per choice measured.
     fit: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # The latency over the BN-folded dense model's, timed round for round in turn (same load).
+    latency_ratio: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(dataclasses.replace(self, model=None))
