@@ -281,7 +281,7 @@ class VerificationReport:
                 f"max rel {_number(_float(d['max_rel_error']))}{note}"
             )
         elif self.localized and not self.passed:
-            lines.append(f"first divergence: none found: {self.localize_note}")
+            lines.append(f"first divergence: {self.localize_note}")
         if self.float32_ops:
             lines.append(
                 "float64 reference ran these ops in float32 (onnxruntime's CPU provider cannot run "

@@ -220,3 +220,17 @@ def test_real_timm_models_are_reparameterized_like_timm_does(tmp_path: Path) -> 
         assert row.failures == [], (row.model, row.variant, row.failures)
         assert row.bn[1] == 0, (row.model, row.variant, row.refused)
         assert row.convs == row.timm_convs, (row.model, row.variant)
+
+
+@pytest.mark.parametrize(("pick", "expected"), [("_4_conv_2+_4_conv_5", (1, 0)), ("prune add", (0, 1))],
+                         ids=["merged", "pruned"])
+def test_block_counts_tell_a_block_merged_into_one_conv_from_a_pruned_one(pick, expected):
+    from benchmarks import collapse as bench
+    from tests.test_collapse_segments import _run, _small_mbv2
+
+    model = _small_mbv2()  # three inverted residuals with expansion, one with a residual (block 3)
+    result = _run(model, max_steps=1, rank=lambda gm, labels: next(label for label in labels if pick in label))
+    (step,) = result.history
+    counts = bench.block_counts(model, step.model, step.merges)
+    assert (counts["blocks"], counts["one_conv"], counts["none"]) == (3, *expected)
+    assert bench.block_counts(model, model, []) == {"blocks": 3, "one_conv": 0, "none": 0}

@@ -377,7 +377,7 @@ def test_nothing_to_localize_is_said_plainly(chain: Path) -> None:
     report = normfold.verify(chain, folded, localize=True)
     assert not report.passed and report.first_divergence is None
     assert report.localize_note == "not localized: every output agrees; the problems above are the failure"
-    assert "first divergence: none found: not localized: every output agrees" in report.format_table()
+    assert "first divergence: not localized: every output agrees" in report.format_table()
     # A candidate that cannot be fed (an input of another dtype) never runs.
     broken = normfold.optimize(chain, verify=False).model
     broken.graph.inputs[0].dtype = ir.DataType.DOUBLE
@@ -385,6 +385,15 @@ def test_nothing_to_localize_is_said_plainly(chain: Path) -> None:
     assert report.first_divergence is None and report.localize_note == "not localized: the candidate did not run"
     # Without --localize, neither key.
     assert "localize_note" not in normfold.verify(chain, broken).to_dict()
+    # Every tensor renamed, the output too: nothing is shared.
+    renamed = normfold.optimize(chain, verify=False).model
+    for node in renamed.graph:
+        for value in node.outputs:
+            value.name = f"renamed/{value.name}"
+    report = normfold.verify(chain, renamed, localize=True)
+    assert report.first_divergence is None
+    assert report.localize_note == "the graphs share no tensor by name: nothing to compare"
+    assert "first divergence: the graphs share no tensor by name" in report.format_table()
 
 
 def _count_sessions(monkeypatch) -> list:
