@@ -17,7 +17,8 @@ Three parts, one run:
    150 M LLaMA (TorchScript, opset 17), handed to the tools with its weights moved to one
    external data file (an onnx_ir load + save, not timed). Each tool of
    :mod:`benchmarks.tools` runs in its own process ``--repeat`` times, one process at a time,
-   after ``os.sync()`` so no run pays for the previous one's writes: the table shows the min
+   round-robin (every tool once per round), after ``os.sync()`` so no run pays for the
+   previous one's writes: the table shows the min
    and median of the time the tool reports (imports included, interpreter start excluded),
    the peak RSS of the process (its own ``VmHWM``), both as ratios to ``onnx_ir`` load + save of the
    same model, and what the tool did to the graph. A run that goes over ``--memory-limit-gb``
@@ -232,30 +233,30 @@ def _remove_outputs(out: Path) -> None:
         file.unlink()
 
 
-def time_tool(model: str, tool: str, source: Path, out: Path, args: argparse.Namespace) -> ToolRow:
-    row = ToolRow(model, tool)
-    for _ in range(args.repeat):
-        _remove_outputs(out)
-        os.sync()  # the previous run's dirty pages are written back before this one starts
-        stdout, peak, killed = run_limited(
-            [sys.executable, "-m", "benchmarks.tools", tool, str(source), str(out)],
-            memory_limit_mb=args.memory_limit_gb * 1024, timeout=args.timeout,
-        )
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
-        result = json.loads(lines[-1]) if lines else {"error": killed or "no result"}
-        # The tool's own high-water mark: wait4's starts from this process's (fork and exec
-        # keep it), so it would show this harness's memory for every tool below it.
-        row.peak_rss_mb = max(row.peak_rss_mb, round(result.get("peak_rss_mb") or peak, 1))
-        if killed or "error" in result:
-            row.status, row.detail = "failed", killed or result["error"]
-            return row
-        row.seconds.append(result["seconds"])
-    if out.exists():
-        row.nodes_after, row.fused_norms = _graph_summary(out)
-        row.files = len(list(out.parent.glob(out.name + "*"))) + len(list(out.parent.glob(out.stem + ".data")))
-    else:
+def run_tool(row: ToolRow, source: Path, out: Path, args: argparse.Namespace) -> bool:
+    """Run ``row.tool`` once on ``source`` after ``os.sync()``; add its time and peak to
+    ``row``, or mark it failed. Returns whether it succeeded (its output is left in place)."""
+    _remove_outputs(out)
+    os.sync()  # the previous run's dirty pages are written back before this one starts
+    stdout, peak, killed = run_limited(
+        [sys.executable, "-m", "benchmarks.tools", row.tool, str(source), str(out)],
+        memory_limit_mb=args.memory_limit_gb * 1024, timeout=args.timeout,
+    )
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"error": killed or "no result"}
+    # The tool's own high-water mark: wait4's starts from this process's (fork and exec
+    # keep it), so it would show this harness's memory for every tool below it.
+    row.peak_rss_mb = max(row.peak_rss_mb, round(result.get("peak_rss_mb") or peak, 1))
+    if killed or "error" in result:
+        row.status, row.detail = "failed", killed or result["error"]
+        return False
+    if not out.exists():
         row.status, row.detail = "failed", "no output written"
-    return row
+        return False
+    row.seconds.append(result["seconds"])
+    row.nodes_after, row.fused_norms = _graph_summary(out)
+    row.files = len(list(out.parent.glob(out.name + "*"))) + len(list(out.parent.glob(out.stem + ".data")))
+    return True
 
 
 # --- part 2: latency ------------------------------------------------------------------------
@@ -316,12 +317,12 @@ def bench_model(model: str, source: Path, tools: list[str], folder: Path, args: 
     import normfold.io
     from normfold.inputs import generate_inputs
 
-    seq = LARGE_MODELS[model].seq
     feeds = folder / "feeds.npz"
-    np.savez(feeds, **generate_inputs(normfold.io.load(source, check=False), dims={"batch": 1, "seq": seq}, seed=0))
     rows: list[ToolRow] = []
     reference = None
     if not args.no_latency:
+        dims = {"batch": 1, "seq": LARGE_MODELS[model].seq}
+        np.savez(feeds, **generate_inputs(normfold.io.load(source, check=False), dims=dims, seed=0))
         print(f"{model:<10} input: latency", file=sys.stderr)
         timing, outputs, problem = time_latency(source, feeds, folder, args)
         nodes, norms = _graph_summary(source)
@@ -329,18 +330,24 @@ def bench_model(model: str, source: Path, tools: list[str], folder: Path, args: 
                             latency_off_ms=timing and timing["off"], latency_on_ms=timing and timing["on"],
                             latency_detail=problem))
         reference = dict(np.load(outputs)) if timing else None
-    for tool in tools:
-        out = folder / f"{model}-{tool}.onnx"
-        print(f"{model:<10} {tool}", file=sys.stderr)
-        row = time_tool(model, tool, source, out, args)
-        if row.status == "ok" and not args.no_latency:
-            timing, outputs, row.latency_detail = time_latency(out, feeds, folder, args)
-            if timing:
-                row.latency_off_ms, row.latency_on_ms = timing["off"], timing["on"]
-                if reference is not None:
-                    row.max_rel_error = _max_rel(reference, dict(np.load(outputs)))
-        _remove_outputs(out)
-        rows.append(row)
+    timed = [ToolRow(model, tool) for tool in tools]
+    # Round-robin: every tool once per round, so load that comes and goes on a shared machine
+    # falls on all of them alike. One output on disk at a time; the last round's is timed for
+    # latency before it goes.
+    for round_ in range(args.repeat):
+        for row in timed:
+            if row.status != "ok":
+                continue
+            out = folder / f"{model}-{row.tool}.onnx"
+            print(f"{model:<10} {row.tool} (run {round_ + 1} of {args.repeat})", file=sys.stderr)
+            if run_tool(row, source, out, args) and round_ == args.repeat - 1 and not args.no_latency:
+                timing, outputs, row.latency_detail = time_latency(out, feeds, folder, args)
+                if timing:
+                    row.latency_off_ms, row.latency_on_ms = timing["off"], timing["on"]
+                    if reference is not None:
+                        row.max_rel_error = _max_rel(reference, dict(np.load(outputs)))
+            _remove_outputs(out)
+    rows += timed
     return rows
 
 

@@ -13,12 +13,12 @@ so identical segments, such as repeated blocks, are measured once per run.
 
 from __future__ import annotations
 
-__all__ = ["LatencyTable", "Timing", "measure"]
+__all__ = ["LatencyTable", "Timing", "measure", "measure_interleaved"]
 
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 import onnx
@@ -64,20 +64,40 @@ def measure(
     threads: int = 1,
 ) -> Timing:
     """The latency of ``model`` on ``feeds`` in onnxruntime with its default optimizations."""
+    (timing,) = measure_interleaved([(model, feeds)], runs=runs, repeats=repeats, warmup=warmup, threads=threads)
+    return timing
+
+
+def measure_interleaved(
+    models: Sequence[tuple[onnx.ModelProto, dict[str, np.ndarray]]],
+    *,
+    runs: int = 50,
+    repeats: int = 5,
+    warmup: int = 10,
+    threads: int = 1,
+) -> list[Timing]:
+    """The latency of each ``(model, feeds)``, their rounds taken in turn.
+
+    On a shared machine the load drifts between two measurements made one after the other (two
+    sessions of one model differed by 6%, more than either's spread); rounds taken in turn see
+    the same load, so the ratio of two models' medians is what to compare.
+    """
     if repeats < 1 or runs < 1:
         raise ValueError("measure needs at least one round of one run")
-    session = runtime.session(model, optimize=True, threads=threads)
-    for _ in range(warmup):
-        session.run(None, feeds)
-    rounds = []
-    for _ in range(repeats):
-        timings = []
-        for _ in range(runs):
-            start = time.perf_counter()
+    sessions = [(runtime.session(model, optimize=True, threads=threads), feeds) for model, feeds in models]
+    for session, feeds in sessions:
+        for _ in range(warmup):
             session.run(None, feeds)
-            timings.append(time.perf_counter() - start)
-        rounds.append(statistics.median(timings) * 1e3)
-    return Timing(tuple(rounds))
+    rounds: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for index, (session, feeds) in enumerate(sessions):
+            timings = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run(None, feeds)
+                timings.append(time.perf_counter() - start)
+            rounds[index].append(statistics.median(timings) * 1e3)
+    return [Timing(tuple(r)) for r in rounds]
 
 
 class LatencyTable:

@@ -18,9 +18,11 @@ replaced) carry the same value in both. :func:`first_divergence`:
    produce it in each graph and its errors.
 
 The sample is the one on which the outputs differed most (relative to their tolerance), so the
-walk looks where the failure is largest. float16/bfloat16 tensors are compared with the 16-bit
-reference within ``FACTOR + 1`` times their tolerance (the rule ``verify`` applies when no
-float32 reference can be built).
+walk looks where the failure is largest. float16/bfloat16 tensors are judged as ``verify``
+judges such outputs (:mod:`normfold.low_precision`): against a run of the reference widened to
+float32 (``widened``, a third session, after the other two), with the 16-bit reference's own
+error as allowance; when that model cannot run, against the 16-bit reference within
+``FACTOR + 1`` times the tolerance.
 
 :class:`Localization` says what was found, and when nothing was, why (``note``): the graphs
 share no tensor, none of the compared ones differs, or onnxruntime cannot run a model with its
@@ -39,13 +41,15 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from normfold import low_precision
 from normfold.errors import InputError, first_line
 from normfold.runtime import ort_reason, session
 
 Outputs = dict[str, np.ndarray]
-# Compares two lists of samples tensor by tensor, as verify compares outputs: name -> result with
-# ``passed``, ``max_abs_error`` and ``max_rel_error``.
-Compare = Callable[[list[Outputs], list[Outputs]], Mapping[str, Any]]
+# Compares two lists of samples tensor by tensor, as verify compares outputs, the third (or None)
+# being the widened reference's run: name -> result with ``passed``, ``max_abs_error`` and
+# ``max_rel_error``.
+Compare = Callable[[list[Outputs], list[Outputs], "list[Outputs] | None"], Mapping[str, Any]]
 
 
 @dataclasses.dataclass
@@ -70,11 +74,14 @@ def first_divergence(
     compare: Compare,
     *,
     candidate_sample: Mapping[str, np.ndarray] | None = None,
+    widened: Callable[[], ir.Model] | None = None,
 ) -> Localization:
     """The first tensor shared by name that differs beyond tolerance (see the module doc).
 
     ``sample`` feeds the reference (``candidate_sample`` the candidate, when its inputs are a
-    subset).
+    subset). ``widened`` builds the reference with every float16/bfloat16 tensor in float32
+    (:func:`normfold.verification.float64_model`); it is called only when a shared tensor is
+    float16/bfloat16.
     """
     shared = _shared_tensors(reference, candidate)
     if not shared:
@@ -87,13 +94,15 @@ def first_divergence(
         gc.collect()
     except _CannotExpose as error:
         return Localization(None, 0, f"could not localize: {error}")
+    truth, fallback = _widened_run(widened, expected, sample)
     outputs = {value.name for value in candidate.graph.outputs}
     compared = 0
     for name, ref_node, cand_node in shared:  # in the candidate's order
         if name not in expected or name not in got:
             continue
         compared += 1
-        result = compare([{name: expected[name]}], [{name: got[name]}])[name]
+        wide = [{name: truth[name]}] if name in truth else None
+        result = compare([{name: expected[name]}], [{name: got[name]}], wide)[name]
         if not result.passed:
             divergence = {
                 "tensor": name,
@@ -107,17 +116,48 @@ def first_divergence(
                 before = (f"none of the {compared - 1} tensor(s) the graphs share by name before it differs"
                           if compared > 1 else "the graphs share no tensor by name before it")
                 note = f"{name!r} is a graph output: {before}"
-            return Localization(divergence, compared, note)
-    return Localization(None, compared, f"none of the {compared} tensor(s) the graphs share by name differs "
-                                        "on the sample where the outputs differ most")
+            return Localization(divergence, compared, _joined(note, fallback))
+    note = f"none of the {compared} tensor(s) the graphs share by name differs on the sample where the outputs differ most"
+    return Localization(None, compared, _joined(note, fallback))
 
 
-def worst_sample(ref_outputs: Sequence[Outputs], cand_outputs: Sequence[Outputs], compare: Compare) -> int:
+def _widened_run(
+    widened: Callable[[], ir.Model] | None, expected: Outputs, sample: Mapping[str, np.ndarray]
+) -> tuple[Outputs, str | None]:
+    """The float32 run of the reference's float16/bfloat16 shared tensors (none when there are
+    none), and a note when that run could not be made."""
+    low = [name for name, array in expected.items() if low_precision.is_low_precision(array.dtype)]
+    if widened is None or not low:
+        return {}, None
+    wide_sample = {
+        name: array.astype(np.float32) if low_precision.is_low_precision(array.dtype) else array
+        for name, array in sample.items()
+    }
+    try:
+        truth = _run_exposing(widened(), [(name, "", "") for name in low], wide_sample, "the float32 reference")
+    except (_CannotExpose, InputError) as error:
+        return {}, f"float16/bfloat16 tensors judged against the 16-bit reference ({error})"
+    finally:
+        gc.collect()
+    return truth, None
+
+
+def _joined(note: str | None, fallback: str | None) -> str | None:
+    return "; ".join(part for part in (note, fallback) if part) or None
+
+
+def worst_sample(
+    ref_outputs: Sequence[Outputs],
+    cand_outputs: Sequence[Outputs],
+    compare: Compare,
+    truth_outputs: Sequence[Outputs] | None = None,
+) -> int:
     """The sample on which an output differs most (largest relative error; not measured counts
-    as infinite)."""
+    as infinite), judged as verify judged it (``truth_outputs``: its widened reference's run)."""
 
     def badness(k: int) -> float:
-        results = compare([ref_outputs[k]], [cand_outputs[k]]).values()
+        truth = None if truth_outputs is None else [truth_outputs[k]]
+        results = compare([ref_outputs[k]], [cand_outputs[k]], truth).values()
         return max((_worst(r.max_rel_error) for r in results if not r.passed), default=0.0)
 
     return max(range(len(ref_outputs)), key=badness)

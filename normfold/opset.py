@@ -9,8 +9,12 @@ Rule. ``raise_opset(model, version)`` converts every node of the default domain 
   its meaning and only its version number moves;
 - below 18, with onnx's C++ converter (``onnx.version_converter``), which rewrites what
   changed up to 18 (ReduceMean/ReduceSum axes from attribute to input, Split, Squeeze/
-  Unsqueeze axes inputs at 13, ...). It works on a protobuf, so initializers over 1 KB are
-  lifted out of the model for the call and put back after it (models over 2 GB convert).
+  Unsqueeze axes inputs at 13, ...). It works on a protobuf: it is handed
+  :func:`~normfold.io.weightless_proto` (large weights declared as inputs, never read, so
+  models over 2 GB convert), and the weights are put back on the converted graph by name. A
+  model with subgraphs or model-local functions goes through onnxscript's fallback to the same
+  converter instead (it inlines the functions first), which lifts the weights itself in a scan
+  quadratic in their number.
 
 Both were checked on every zoo model exported with TorchScript at opsets 13, 14 and 17 and with
 dynamo at 18, raised to 17, 21 and 23: onnxruntime (optimizations off) gives bit-identical
@@ -75,29 +79,56 @@ def _converter_warnings() -> Iterator[_Collect]:
 def raise_opset(model: ir.Model, version: int) -> bool:
     """Convert ``model`` in place to default-domain opset ``version``; return whether it changed.
 
-    The conversion runs on a clone (which shares the weights), so a failure leaves ``model``
+    The conversion runs on a copy (which shares the weights), so a failure leaves ``model``
     as it was.
     """
     current = model_opset(model)
     if version <= current:
         return False
-    converted = model.clone()
     problem = f"cannot convert opset {current} to {version}"
-    with _converter_warnings() as log:
-        try:
-            version_converter.convert_version(converted, target_version=version, fallback=True)
-        except Exception as error:  # converters raise many untyped errors
-            raise NormfoldError(f"{problem}: {first_line(error)}") from None
-    if log.messages:
-        raise NormfoldError(f"{problem}: {log.messages[0]}")
+    if current < 18 and not model.functions and len(list(model.graphs())) == 1:
+        converted, checkable = _convert_weightless(model, version, problem)
+    else:
+        converted = model.clone()
+        with _converter_warnings() as log:
+            try:
+                version_converter.convert_version(converted, target_version=version, fallback=True)
+            except Exception as error:  # converters raise many untyped errors
+                raise NormfoldError(f"{problem}: {first_line(error)}") from None
+        if log.messages:
+            raise NormfoldError(f"{problem}: {log.messages[0]}")
+        # Weights stay unread: external data cannot be resolved from memory, nor protos over 2 GB.
+        checkable = weightless_proto(converted)
     if model_opset(converted) != version:
         raise NormfoldError(f"{problem}: the converter left opset {model_opset(converted)}")
     try:
-        # Weights stay unread: external data cannot be resolved from memory, nor protos over 2 GB.
-        onnx.checker.check_model(weightless_proto(converted), full_check=True)
+        onnx.checker.check_model(checkable, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
         raise NormfoldError(f"{problem}: the result fails onnx.checker: {first_line(error)}") from None
     model.graph = converted.graph
     model.functions.clear()
     model.functions.update(converted.functions)
     return True
+
+
+def _convert_weightless(model: ir.Model, version: int, problem: str) -> tuple[ir.Model, onnx.ModelProto]:
+    """``model`` (one graph, no functions) converted by onnx's C++ converter on its weightless
+    proto, as a new model holding the same weight tensors; and the converted proto to check."""
+    try:
+        proto = onnx.version_converter.convert_version(weightless_proto(model), version)
+        converted = ir.serde.deserialize_model(proto)
+    except Exception as error:  # the converter raises many untyped errors
+        raise NormfoldError(f"{problem}: {first_line(error)}") from None
+    graph = converted.graph
+    lifted = {name: value.const_value for name, value in model.graph.initializers.items() if name not in graph.initializers}
+    by_name = {value.name: value for value in graph.inputs}
+    missing = [name for name in (*lifted, *(v.name for v in model.graph.inputs)) if name not in by_name]
+    if missing:
+        raise NormfoldError(f"{problem}: the converter dropped graph input {missing[0]!r}")
+    for name, tensor in lifted.items():
+        by_name[name].const_value = tensor
+        graph.register_initializer(by_name[name])
+    # The weights were declared as inputs for the call; the interface is the model's own.
+    graph.inputs.clear()
+    graph.inputs.extend(by_name[value.name] for value in model.graph.inputs)
+    return converted, proto

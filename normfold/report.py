@@ -19,6 +19,8 @@ from normfold.files import write_atomic
 
 # How many refusals a table shows per pass before it says "and N more (see --report)".
 _REFUSALS_SHOWN = 8
+# How many inputs (outputs) the summary's signature lines name before "and N more".
+_SIGNATURE_SHOWN = 6
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
@@ -80,16 +82,23 @@ def format_optimize(report: dict[str, Any], verification_table: str | None) -> s
 
 
 def _signature_lines(report: dict[str, Any]) -> list[str]:
-    """``in``/``out`` lines: each graph input and output as ``name: dtype[dims]``; a changed
-    interface (``--freeze-initializer-inputs`` drops inputs) shows before -> after."""
+    """``in``/``out`` lines: each graph input and output as ``name: dtype[dims]``, at most
+    ``_SIGNATURE_SHOWN`` of them (a decoder with its KV cache has dozens; the JSON keeps all); a
+    changed interface (``--freeze-initializer-inputs`` drops inputs) shows before -> after."""
     before, after = report["signature_before"], report["signature_after"]
     lines = []
     for key, label in (("inputs", "in      "), ("outputs", "out     ")):
-        text = ", ".join(f"{name}: {kind}" for name, kind in after[key].items())
+        text = _signature(after[key])
         if before[key] != after[key]:
-            text = ", ".join(f"{name}: {kind}" for name, kind in before[key].items()) + "  ->  " + text
+            text = _signature(before[key]) + "  ->  " + text
         lines.append(label + text)
     return lines
+
+
+def _signature(values: dict[str, str]) -> str:
+    shown = [f"{name}: {kind}" for name, kind in list(values.items())[:_SIGNATURE_SHOWN]]
+    more = len(values) - _SIGNATURE_SHOWN
+    return ", ".join(shown + ([f"and {more} more"] if more > 0 else []))
 
 
 def _op_changes(before: dict[str, int], after: dict[str, int]) -> str:
@@ -107,8 +116,9 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-def format_inspect(report: dict[str, Any]) -> str:
-    """What ``normfold inspect`` prints: the model's ops, then what each pass would do."""
+def format_inspect(report: dict[str, Any], flags: str = "") -> str:
+    """What ``normfold inspect`` prints: the model's ops, then what each pass would do (``flags``:
+    the optimize flags besides ``--target`` it previews, as typed)."""
     histogram = report["ops_before"]
     ops = ", ".join(f"{op} {count}" for op, count in histogram.items())
     lines = [
@@ -116,7 +126,7 @@ def format_inspect(report: dict[str, Any]) -> str:
         f"opset   {report['opset_before']}   nodes {report['nodes_before']}",
         f"ops     {ops}",
         "",
-        f"what `normfold optimize --target {report['target']}` would do "
+        f"what `normfold optimize --target {report['target']}{' ' + flags if flags else ''}` would do "
         f"(nodes {report['nodes_before']} -> {report['nodes_after']}, opset -> {report['opset_after']}):",
         format_passes_table(report["passes"], full="--json"),
     ]

@@ -281,7 +281,7 @@ class VerificationReport:
                 f"max rel {_number(_float(d['max_rel_error']))}{note}"
             )
         elif self.localized and not self.passed:
-            lines.append(f"first divergence: none found: {self.localize_note}")
+            lines.append(f"first divergence: {self.localize_note}")
         if self.float32_ops:
             lines.append(
                 "float64 reference ran these ops in float32 (onnxruntime's CPU provider cannot run "
@@ -394,7 +394,7 @@ def verify(
         note = None if not problems else "not localized: every output agrees; the problems above are the failure"
     elif localize:
         started = time.perf_counter()
-        found = _localize(ref_model, cand_model, feeds, cand_feeds, ref_outputs, cand_outputs, rtol, atol)
+        found = _localize(ref_model, cand_model, feeds, cand_feeds, ref_outputs, cand_outputs, f64_outputs, rtol, atol)
         divergence, note = found.divergence, found.note
         steps.seconds["localize"] = time.perf_counter() - started
     return _report(
@@ -486,17 +486,23 @@ def _localize(
     cand_feeds: list[dict[str, np.ndarray]],
     ref_outputs: list[Outputs],
     cand_outputs: list[Outputs],
+    truth_outputs: list[Outputs] | None,
     rtol: float | None,
     atol: float | None,
 ) -> Localization:
-    """The first shared tensor beyond tolerance, on the sample where the outputs differ most."""
+    """The first shared tensor beyond tolerance, on the sample where the outputs differ most;
+    16-bit tensors judged against a float32 run of the reference when verify had one."""
     from normfold.localize import first_divergence, worst_sample
 
-    def compare(refs: list[Outputs], cands: list[Outputs]) -> dict[str, OutputComparison]:
-        return _compare_all(refs, None, cands, None, rtol, atol)
+    def compare(refs: list[Outputs], cands: list[Outputs], truths: list[Outputs] | None) -> dict[str, OutputComparison]:
+        return _compare_all(refs, truths, cands, None, rtol, atol)
 
-    k = worst_sample(ref_outputs, cand_outputs, compare)
-    return first_divergence(ref_model, cand_model, feeds[k], compare, candidate_sample=cand_feeds[k])
+    def widened() -> ir.Model:
+        return float64_model(ref_model, ir.DataType.FLOAT)
+
+    k = worst_sample(ref_outputs, cand_outputs, compare, truth_outputs)
+    return first_divergence(ref_model, cand_model, feeds[k], compare, candidate_sample=cand_feeds[k],
+                            widened=widened if truth_outputs is not None else None)
 
 
 # --- inputs and runs -----------------------------------------------------------------------

@@ -151,17 +151,35 @@ def test_the_scale_benchmark_moves_weights_out_and_reports_each_tool_its_own_pea
 
     source = tmp_path / "conv_bn.onnx"
     onnx.save(conv_bn_relu_model(), source)
-    args = argparse.Namespace(memory_limit_gb=4.0, timeout=120.0, repeat=1)
+    args = argparse.Namespace(memory_limit_gb=4.0, timeout=120.0)
     copy = scale.with_external_data(source, tmp_path, args)
     assert io.external_data_files(io.load(copy)) == {(tmp_path / (copy.name + ".data")).resolve()}
     x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(runtime.run(copy, {"x": x})["y"], runtime.run(source, {"x": x})["y"])
     # This process holds 400 MB more than a tool needs: a child's wait4 peak would show it.
     ballast = np.ones(100_000_000, dtype=np.float32)
-    row = scale.time_tool("conv", "onnx-ir", copy, tmp_path / "out.onnx", args)
-    assert row.status == "ok", row.detail
+    row = scale.ToolRow("conv", "onnx-ir")
+    assert scale.run_tool(row, copy, tmp_path / "out.onnx", args), row.detail
+    assert len(row.seconds) == 1
     assert 10 < row.peak_rss_mb < ballast.nbytes / 2**20
     assert row.files == 2  # OUT and OUT.data
+
+
+def test_the_scale_benchmark_runs_the_tools_round_robin(tmp_path: Path, monkeypatch, capsys) -> None:
+    import argparse
+
+    from benchmarks import scale
+    from tests.conftest import conv_bn_relu_model
+
+    source = tmp_path / "conv_bn.onnx"
+    onnx.save(conv_bn_relu_model(), source)
+    monkeypatch.setitem(scale.LARGE_MODELS, "conv", scale.LargeModel("conv", {}, 1))
+    args = argparse.Namespace(memory_limit_gb=4.0, timeout=120.0, repeat=2, no_latency=True)
+    rows = scale.bench_model("conv", source, ["onnx-ir", "normfold"], tmp_path, args)
+    assert [(r.tool, r.status, len(r.seconds)) for r in rows] == [("onnx-ir", "ok", 2), ("normfold", "ok", 2)]
+    order = [line.split()[1] for line in capsys.readouterr().err.splitlines() if line.startswith("conv")]
+    assert order == ["onnx-ir", "normfold", "onnx-ir", "normfold"]
+    assert not list(tmp_path.glob("conv-*"))  # each output removed after its run
 
 
 def test_the_timm_benchmark_counts_multi_branch_sums() -> None:
@@ -202,3 +220,17 @@ def test_real_timm_models_are_reparameterized_like_timm_does(tmp_path: Path) -> 
         assert row.failures == [], (row.model, row.variant, row.failures)
         assert row.bn[1] == 0, (row.model, row.variant, row.refused)
         assert row.convs == row.timm_convs, (row.model, row.variant)
+
+
+@pytest.mark.parametrize(("pick", "expected"), [("_4_conv_2+_4_conv_5", (1, 0)), ("prune add", (0, 1))],
+                         ids=["merged", "pruned"])
+def test_block_counts_tell_a_block_merged_into_one_conv_from_a_pruned_one(pick, expected):
+    from benchmarks import collapse as bench
+    from tests.test_collapse_segments import _run, _small_mbv2
+
+    model = _small_mbv2()  # three inverted residuals with expansion, one with a residual (block 3)
+    result = _run(model, max_steps=1, rank=lambda gm, labels: next(label for label in labels if pick in label))
+    (step,) = result.history
+    counts = bench.block_counts(model, step.model, step.merges)
+    assert (counts["blocks"], counts["one_conv"], counts["none"]) == (3, *expected)
+    assert bench.block_counts(model, model, []) == {"blocks": 3, "one_conv": 0, "none": 0}

@@ -377,7 +377,7 @@ def test_nothing_to_localize_is_said_plainly(chain: Path) -> None:
     report = normfold.verify(chain, folded, localize=True)
     assert not report.passed and report.first_divergence is None
     assert report.localize_note == "not localized: every output agrees; the problems above are the failure"
-    assert "first divergence: none found: not localized: every output agrees" in report.format_table()
+    assert "first divergence: not localized: every output agrees" in report.format_table()
     # A candidate that cannot be fed (an input of another dtype) never runs.
     broken = normfold.optimize(chain, verify=False).model
     broken.graph.inputs[0].dtype = ir.DataType.DOUBLE
@@ -385,17 +385,23 @@ def test_nothing_to_localize_is_said_plainly(chain: Path) -> None:
     assert report.first_divergence is None and report.localize_note == "not localized: the candidate did not run"
     # Without --localize, neither key.
     assert "localize_note" not in normfold.verify(chain, broken).to_dict()
+    # Every tensor renamed, the output too: nothing is shared.
+    renamed = normfold.optimize(chain, verify=False).model
+    for node in renamed.graph:
+        for value in node.outputs:
+            value.name = f"renamed/{value.name}"
+    report = normfold.verify(chain, renamed, localize=True)
+    assert report.first_divergence is None
+    assert report.localize_note == "the graphs share no tensor by name: nothing to compare"
+    assert "first divergence: the graphs share no tensor by name" in report.format_table()
 
 
-def test_external_data_candidate_and_one_session_at_a_time(chain: Path, tmp_path: Path, monkeypatch) -> None:
+def _count_sessions(monkeypatch) -> list:
+    """Weak references to the sessions localize builds; building one while another is alive fails."""
     import weakref
 
     import normfold.localize
 
-    folded = normfold.optimize(chain, verify=False).model
-    _corrupt(folded, next(n for n in folded.graph if n.op_type == "Conv" and n.outputs[0].name == "b1"))
-    candidate = tmp_path / "cand.onnx"
-    ir.save(folded, candidate, external_data="cand.data", size_threshold_bytes=0)
     live: list[weakref.ref] = []
     built = normfold.localize.session
 
@@ -406,11 +412,20 @@ def test_external_data_candidate_and_one_session_at_a_time(chain: Path, tmp_path
         return sess
 
     monkeypatch.setattr(normfold.localize, "session", counted)
+    return live
+
+
+def test_external_data_candidate_and_one_session_at_a_time(chain: Path, tmp_path: Path, monkeypatch) -> None:
+    folded = normfold.optimize(chain, verify=False).model
+    _corrupt(folded, next(n for n in folded.graph if n.op_type == "Conv" and n.outputs[0].name == "b1"))
+    candidate = tmp_path / "cand.onnx"
+    ir.save(folded, candidate, external_data="cand.data", size_threshold_bytes=0)
+    live = _count_sessions(monkeypatch)
     report = normfold.verify(chain, candidate, localize=True)
     assert report.first_divergence["tensor"] == "b1" and len(live) == 2
 
 
-def test_float16_models_localize(tmp_path: Path) -> None:
+def test_float16_models_localize(tmp_path: Path, monkeypatch) -> None:
     model = _chain_model()
     for tensor in model.graph.initializer:
         tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
@@ -425,3 +440,13 @@ def test_float16_models_localize(tmp_path: Path) -> None:
     report = normfold.verify(source, folded, localize=True)
     assert report.reference == "float32" and not report.passed
     assert report.first_divergence["tensor"] == "b2"
+    # A weight 0.3% off: verify fails it against the float32 run of the reference, and so must
+    # localize (against the float16 reference within 5x the tolerance, nothing differed).
+    folded = normfold.optimize(source, verify=False).model
+    weight = next(n for n in folded.graph if n.op_type == "Conv" and n.outputs[0].name == "b1").inputs[1]
+    array = weight.const_value.numpy()
+    weight.const_value = ir.tensor((array.astype(np.float64) * 1.003).astype(np.float16), name=weight.name)
+    live = _count_sessions(monkeypatch)
+    report = normfold.verify(source, folded, localize=True)
+    assert not report.passed and report.first_divergence["tensor"] == "b1", report.localize_note
+    assert len(live) == 3  # reference, candidate, float32 reference: one at a time

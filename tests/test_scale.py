@@ -215,3 +215,25 @@ def test_steps_add_up_and_keep_the_larger_peak() -> None:
     steps.close()
     assert list(steps.seconds) == ["save"] and steps.seconds["save"] > first
     assert steps.peak_rss_mb["save"] >= inside - 1
+
+
+def test_raising_the_opset_below_18_reads_no_weight(tmp_path: Path, reads: list[str]) -> None:
+    # onnx's converter runs on the weightless proto; the weights go back on the converted graph.
+    from normfold.opset import model_opset, raise_opset
+
+    proto = _decoder_block()
+    mean = next(node for node in proto.graph.node if node.op_type == "ReduceMean")
+    mean.CopyFrom(helper.make_node("ReduceMean", ["sq"], ["var"], name="mean", axes=[-1], keepdims=1))
+    proto.graph.initializer.remove(next(t for t in proto.graph.initializer if t.name == "axes"))
+    proto.opset_import[0].version = 13
+    path = tmp_path / "block13.onnx"
+    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location="block13.data",
+              size_threshold=1024)
+    model = io.load(path)
+    assert raise_opset(model, 23) and model_opset(model) == 23
+    assert reads == []
+    for name in WEIGHTS:
+        assert isinstance(model.graph.initializers[name].const_value, ir.ExternalTensor)
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    x = {"x": np.random.default_rng(3).normal(size=(2, 3, HIDDEN)).astype(np.float32)}
+    np.testing.assert_array_equal(runtime.run(model, x)["y"], runtime.run(path, x)["y"])

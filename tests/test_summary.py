@@ -119,3 +119,34 @@ def test_example_names_a_variant_and_an_empty_one_is_refused(tmp_path: Path, cap
     out = tmp_path / "r.onnx"
     assert main(["optimize", "--example", "resnet:ts13-keepbn", "-o", str(out), "--no-verify", "-q"]) == 0
     assert "resnet-ts13-keepbn-" in capsys.readouterr().out.splitlines()[0] and out.exists()
+
+
+def test_a_long_signature_is_capped_and_the_json_keeps_it(tmp_path: Path, capsys) -> None:
+    """Ten inputs (a decoder with its KV cache has dozens): six named, then the count."""
+    names = [f"past_{k}" for k in range(10)]
+    graph = helper.make_graph(
+        [helper.make_node("Sum", names, ["y"], name="sum")], "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4]) for name in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    source, report = tmp_path / "in.onnx", tmp_path / "r.json"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    assert main(["optimize", str(source), "-o", str(tmp_path / "o.onnx"), "--report", str(report), "-q"]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line == "in      " + ", ".join(f"past_{k}: float[batch,4]" for k in range(6)) + ", and 4 more"
+    assert list(json.loads(report.read_text())["signature_after"]["inputs"]) == names
+
+
+def test_inspect_previews_the_rewrite_flags_of_optimize(tmp_path: Path, capsys) -> None:
+    """A site kept by design becomes a rewrite under --skip-ops, and the heading says so."""
+    source = tmp_path / "in.onnx"
+    onnx.save(_residual_bias_ln(bias_first=False, sum_read=False), source)
+    assert main(["inspect", str(source), "--target", "onnxruntime"]) == 0
+    plain = capsys.readouterr().out
+    assert "fuse-norm: kept 1 site by design" in plain
+    assert main(["inspect", str(source), "--target", "onnxruntime", "--skip-ops", "--max-opset", "17"]) == 0
+    text = capsys.readouterr().out
+    assert "what `normfold optimize --target onnxruntime --skip-ops --max-opset 17` would do (nodes 3 -> 1" in text
+    assert "fuse-norm: would rewrite ln into SkipLayerNormalization" in text
+    assert main(["inspect", str(source), "--skip-ops"]) == 2
+    assert "needs --target onnxruntime" in capsys.readouterr().err

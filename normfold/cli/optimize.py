@@ -15,7 +15,7 @@ from normfold.errors import InputError
 
 
 def add_command(commands: Any, groups: options.Groups) -> None:
-    opt = commands.add_parser("optimize", parents=[groups.common, groups.compare, groups.targets],
+    opt = commands.add_parser("optimize", parents=[groups.common, groups.compare, groups.targets, groups.rewrites],
                               help="run the exact passes, verify, write OUT")
     opt.add_argument("input", nargs="?", help="input ONNX model")
     opt.add_argument("-o", "--output", help="output ONNX model (written atomically; required)")
@@ -29,13 +29,6 @@ def add_command(commands: Any, groups: options.Groups) -> None:
                      help="write weights to a data file next to OUT named after NAME with a fresh token per "
                           "save (w.data -> w.nf-1a2b3c4d.data; default: OUT's stem + .data for models over "
                           "1.8 GB; smaller models stay one file)")
-    opt.add_argument("--freeze-initializer-inputs", action="store_true",
-                     help="treat initializers listed as graph inputs as constants (removes those inputs)")
-    opt.add_argument("--lower-standalone-bn", action="store_true",
-                     help="turn BatchNorms with nothing to fold into into one Mul and one Add")
-    opt.add_argument("--skip-ops", action="store_true",
-                     help="with --target onnxruntime: fuse residual Add + norm into Skip*Normalization "
-                          "even though onnxruntime 1.32's CPU provider measured them slower")
     opt.set_defaults(run=run)
 
 

@@ -33,6 +33,8 @@ class Groups:
     common: argparse.ArgumentParser
     compare: argparse.ArgumentParser
     targets: argparse.ArgumentParser
+    # What the exact passes may do beyond the target: optimize's, and inspect's to preview it.
+    rewrites: argparse.ArgumentParser
 
     @classmethod
     def create(cls) -> Groups:
@@ -51,7 +53,15 @@ class Groups:
         targets.add_argument("--target", choices=["onnx", "onnxruntime"], default="onnx",
                              help="op set of the output: standard ONNX (default) or onnxruntime contrib ops")
         targets.add_argument("--max-opset", type=int, help="never raise the model's opset above N")
-        return cls(common, compare, targets)
+        rewrites = argparse.ArgumentParser(add_help=False)
+        rewrites.add_argument("--freeze-initializer-inputs", action="store_true",
+                              help="treat initializers listed as graph inputs as constants (removes those inputs)")
+        rewrites.add_argument("--lower-standalone-bn", action="store_true",
+                              help="turn BatchNorms with nothing to fold into into one Mul and one Add")
+        rewrites.add_argument("--skip-ops", action="store_true",
+                              help="with --target onnxruntime: fuse residual Add + norm into Skip*Normalization "
+                                   "even though onnxruntime 1.32's CPU provider measured them slower")
+        return cls(common, compare, targets, rewrites)
 
 
 def pass_options(args: argparse.Namespace) -> PassOptions:

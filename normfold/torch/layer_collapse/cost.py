@@ -9,7 +9,7 @@ model costs, as a median with its spread (eager torch timings of these small mod
 
 from __future__ import annotations
 
-__all__ = ["macs", "onnx_of", "ort_latency", "parameters"]
+__all__ = ["macs", "onnx_of", "ort_latencies", "ort_latency", "parameters"]
 
 import copy
 import io
@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import fx, nn
 
-from normfold.latency import Timing, measure
+from normfold.latency import Timing, measure_interleaved
 
 from normfold.torch.layer_collapse.graph import is_conv, is_linear, module_of
 from normfold.torch.layer_collapse.rewrite import record_shapes, shape_of
@@ -59,8 +59,18 @@ def onnx_of(module: nn.Module, inputs: Sequence[torch.Tensor]) -> onnx.ModelProt
 
 def ort_latency(module: nn.Module, inputs: Sequence[torch.Tensor], *, runs: int = 50, repeats: int = 5) -> Timing:
     """Batch-1 onnxruntime CPU latency (one thread) of ``module`` on the first sample of ``inputs``."""
+    (timing,) = ort_latencies([module], inputs, runs=runs, repeats=repeats)
+    return timing
+
+
+def ort_latencies(
+    modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], *, runs: int = 50, repeats: int = 5
+) -> list[Timing]:
+    """:func:`ort_latency` of each module, their rounds taken in turn (the same load for all)."""
     single = tuple((x[:1].float() if x.is_floating_point() else x[:1]) for x in inputs)
-    model = onnx_of(copy.deepcopy(module).float(), single)
-    names = [i.name for i in model.graph.input]
-    return measure(model, {name: x.detach().cpu().numpy() for name, x in zip(names, single)},
-                   runs=runs, repeats=repeats)
+    models = []
+    for module in modules:
+        model = onnx_of(copy.deepcopy(module).float(), single)
+        names = [i.name for i in model.graph.input]
+        models.append((model, {name: x.detach().cpu().numpy() for name, x in zip(names, single)}))
+    return measure_interleaved(models, runs=runs, repeats=repeats)
