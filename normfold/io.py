@@ -349,6 +349,13 @@ def _replaced_data(target: Path, protect: set[Path] | frozenset[Path]) -> set[st
     folder, not an input's): they go once the new model is in place. An OUT that is no ONNX
     model, or reads none, has none."""
     try:
+        if not any(files.is_fresh_data_name(entry.name) for entry in os.scandir(target.parent)):
+            # No data file normfold wrote is there to remove: OUT need not be parsed (a large
+            # single-file OUT takes a tenth of a second and more).
+            return set()
+    except OSError:
+        pass  # the folder cannot be listed: read OUT itself
+    try:
         proto = onnx.load(str(target), load_external_data=False)
     except Exception:  # noqa: BLE001 - whatever OUT holds now, it is being replaced
         return set()

@@ -263,6 +263,16 @@ def test_saving_again_replaces_the_pair_and_removes_the_old_data(tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir()] == ["o.onnx"]
 
 
+def test_saving_over_a_single_file_out_removes_nothing_else(tmp_path: Path) -> None:
+    # With no data file normfold wrote in the folder, OUT is replaced without being read.
+    out = tmp_path / "o.onnx"
+    (tmp_path / "notes.data").write_bytes(b"a user's file")
+    for scale in (1.0, 2.0):
+        io.save(io.load(_model(scale)), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.data", "o.onnx"]
+    np.testing.assert_allclose(_outputs(out), _outputs_of(_model(2.0)), rtol=1e-6)
+
+
 def test_a_live_writers_staging_is_left_alone(tmp_path: Path) -> None:
     mine = tmp_path / f".normfold-{os.getppid()}-00ff"  # a live process (our parent)
     mine.mkdir()
