@@ -138,13 +138,26 @@ def test_save_is_single_file_and_round_trips(tmp_path: Path, conv_bn_path: Path)
     np.testing.assert_array_equal(runtime.run(out, feeds)["y"], runtime.run(conv_bn_path, feeds)["y"])
 
 
-def test_save_materializes_external_tensors_of_the_input(tmp_path: Path) -> None:
-    model = io.load(_external_copy(tmp_path))
+def test_an_input_with_external_data_keeps_that_layout(tmp_path: Path) -> None:
+    # Weights still mapped from the input's data file are copied file to file into OUT's own
+    # data file: one file would hold them all in memory as a protobuf. A model whose every
+    # weight was rewritten in memory is one file again.
+    source = _external_copy(tmp_path)
+    model = io.load(source)
     out_folder = tmp_path / "elsewhere"
     out_folder.mkdir()
-    out = io.save(model, out_folder / "standalone.onnx")
-    assert [p.name for p in out_folder.iterdir()] == ["standalone.onnx"]
-    assert onnx.load(out).graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
+    out = io.save(model, out_folder / "kept.onnx")
+    data = [p.name for p in out_folder.iterdir() if p.name != "kept.onnx"]
+    assert len(data) == 1 and data[0].startswith("kept.nf-") and data[0].endswith(".data")
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(runtime.run(out, feeds)["y"], runtime.run(source, feeds)["y"])
+    for value in model.graph.initializers.values():
+        value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    (tmp_path / "alone").mkdir()
+    alone = io.save(model, tmp_path / "alone" / "one.onnx")
+    assert [p.name for p in (tmp_path / "alone").iterdir()] == ["one.onnx"]
+    assert onnx.load(alone).graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
 
 
 def test_large_models_are_written_with_external_data(tmp_path: Path, conv_bn_path: Path, monkeypatch) -> None:

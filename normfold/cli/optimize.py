@@ -28,7 +28,7 @@ def add_command(commands: Any, groups: options.Groups) -> None:
     opt.add_argument("--external-data", metavar="NAME",
                      help="write weights to a data file next to OUT named after NAME with a fresh token per "
                           "save (w.data -> w.nf-1a2b3c4d.data; default: OUT's stem + .data for models over "
-                          "1.8 GB; smaller models stay one file)")
+                          "1.8 GB or inputs with external data; other models stay one file)")
     opt.set_defaults(run=run)
 
 
