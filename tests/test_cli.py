@@ -107,6 +107,9 @@ def test_unknown_pass_and_bad_dims_are_usage_errors(conv_bn_path: Path, cli: Cli
     out = str(folder / "out.onnx")
     result = cli("optimize", str(conv_bn_path), "-o", out, "--passes", "fold-everything")
     _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="unknown pass 'fold-everything'")
+    for nothing in ("", " , "):  # a list naming no pass is a slip, not a request to run none
+        result = cli("optimize", str(conv_bn_path), "-o", out, "--passes", nothing)
+        _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="--passes names no pass")
     result = cli("optimize", str(conv_bn_path), "-o", out, "--dims", "batch:2")
     _assert_clean_failure(result, folder, {conv_bn_path.name}, code=2, names="--dims")
 

@@ -24,6 +24,7 @@ COMMANDS = [
     (["optimize", "in.onnx"], 2),
     (["optimize", "in.onnx", "-o", "out.onnx", "--passes", "fold-everything"], 2),
     (["optimize", "in.onnx", "-o", "out.onnx", "--passes", "collapse"], 2),
+    (["optimize", "in.onnx", "-o", "out.onnx", "--passes", ""], 2),
     (["optimize", "in.onnx", "-o", "out.onnx", "--dims", "batch"], 2),
     (["optimize", "-o", "out.onnx"], 2),
     (["optimize", "in.onnx", "-o", "out.onnx", "--target", "tpu"], 2),

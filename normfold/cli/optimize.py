@@ -35,6 +35,8 @@ def add_command(commands: Any, groups: options.Groups) -> None:
 def run(args: argparse.Namespace) -> int:
     # Usage errors first: they answer before the passes and onnxruntime are imported.
     passes = options.names(args.passes)
+    if passes == []:
+        raise InputError(f"optimize: --passes names no pass; known passes: {', '.join(BY_NAME)}")
     if passes is not None:
         check_exact_passes([name for name in passes if name not in BY_NAME or not BY_NAME[name].exact])
     pass_options, verify_options = options.pass_options(args), options.verify_options(args)
