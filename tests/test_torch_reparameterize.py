@@ -37,6 +37,14 @@ def _counts(module: nn.Module) -> tuple[int, int]:
     return convs, bns
 
 
+def _same_in_float64(rewritten: nn.Module, module: nn.Module, x: torch.Tensor) -> None:
+    """``rewritten`` computes what ``module`` does, both run in float64 on ``x``."""
+    with torch.no_grad():
+        expected = copy.deepcopy(module).double()(x)
+        torch.testing.assert_close(copy.deepcopy(rewritten).double()(x), expected, rtol=1e-6,
+                                   atol=1e-6 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize(("name", "block"), [("repvgg", "RepVggBlock"), ("mobileone", "MobileOneBlock")])
 def test_zoo_blocks_become_one_conv_each(name: str, block: str) -> None:
     zoo = build(name)
@@ -93,12 +101,8 @@ def test_acnet_and_dbb_branches_merge() -> None:
     merged, report = reparameterize_with_report(module)
     assert len(report.merged) == 1 and len(report.merged[0].branches) == 5
     assert _counts(merged) == (1, 0)
-    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
-    with torch.no_grad():
-        expected = module.double()(x)
-        # The merged weights are float32 (the module's dtype), rounded once.
-        torch.testing.assert_close(copy.deepcopy(merged).double()(x), expected, rtol=1e-6,
-                                   atol=1e-6 * float(expected.abs().max()))
+    # The merged weights are float32 (the module's dtype), rounded once.
+    _same_in_float64(merged, module, torch.randn(2, 4, 7, 7, dtype=torch.float64))
 
 
 class ShiftedBlock(nn.Module):
@@ -228,11 +232,7 @@ def test_timm_spelling_functional_batchnorm_and_asserts() -> None:
     # The shape asserts now read the merged Conv's output: nothing keeps the branches alive.
     calls = [n for n in merged.graph.nodes if n.op == "call_module"]
     assert [type(merged.get_submodule(n.target)).__name__ for n in calls].count("Conv2d") == 1
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
-        expected = copy.deepcopy(module).double()(x)
-        torch.testing.assert_close(copy.deepcopy(merged).double()(x), expected, rtol=1e-6,
-                                   atol=1e-6 * float(expected.abs().max()))
+    _same_in_float64(merged, module, torch.randn(2, 4, 6, 6, dtype=torch.float64))
 
 
 class RepGhostLike(nn.Module):
@@ -257,11 +257,7 @@ def test_repghost_identity_bn_through_identity_merges() -> None:
     assert report.merged[0].branches == ("cheap.0", "identity fusion_bn")
     # Only the primary Conv's BN is left, for fold_batchnorm.
     assert _counts(merged) == (2, 1)
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
-        expected = copy.deepcopy(module).double()(x)
-        torch.testing.assert_close(copy.deepcopy(merged).double()(x), expected, rtol=1e-6,
-                                   atol=1e-6 * float(expected.abs().max()))
+    _same_in_float64(merged, module, torch.randn(2, 3, 6, 6, dtype=torch.float64))
 
 
 class Leftovers(nn.Module):
@@ -300,11 +296,7 @@ def test_report_names_every_batchnorm_left() -> None:
     assert "none of the 2 branches of `mixer_reparam`" in refused["bn_a"]
     assert "no Conv branch of `relu`" in refused["lone"]
     assert left <= {site.bn for site in fold_report.refused}
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    with torch.no_grad():
-        expected = copy.deepcopy(module).double()(x)
-        torch.testing.assert_close(copy.deepcopy(folded).double()(x), expected, rtol=1e-6,
-                                   atol=1e-6 * float(expected.abs().max()))
+    _same_in_float64(folded, module, torch.randn(2, 4, 6, 6, dtype=torch.float64))
 
 
 class SubtractedInput(nn.Module):
