@@ -33,7 +33,7 @@ from normfold.jobs import common
 from normfold.inputs import generate_inputs, load_inputs
 from normfold.passes import DEFAULT_PASSES, PassOptions, create_passes
 from normfold.options import Target
-from normfold.passes.collapse import CollapsePass, CostMeter, dense_form
+from normfold.passes.collapse import COLLAPSE_SITES, CollapsePass, CostMeter, dense_form
 from normfold.verification import verify
 
 
@@ -107,9 +107,7 @@ def collapse_onnx(
         cost["output"] = _cost(meter, model)
     bar.close()
     summary: dict[str, Any] = {
-        "removed": collapse.record.by_op.get("Relu", 0) + sum(
-            n for op, n in collapse.record.by_op.items() if op in ("LeakyRelu", "PRelu", "Clip")
-        ),
+        "removed": sum(n for op, n in collapse.record.by_op.items() if op in COLLAPSE_SITES),
         "sites": [s["node"] for s in collapse.record.sites if s.get("how") == "linearized"],
         "refused": collapse.record.refused,
         "mode": "remove" if remove is not None else "target_latency" if target_latency is not None else "max_deviation",
