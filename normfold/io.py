@@ -296,13 +296,6 @@ def external_data_files(model: ir.Model) -> set[Path]:
     return files
 
 
-def _has_external_tensors(model: ir.Model) -> bool:
-    return any(
-        isinstance(value.const_value, ir.ExternalTensor)
-        for graph in model.graphs() for value in graph.initializers.values()
-    )
-
-
 def save(
     model: ir.Model,
     path: str | os.PathLike,
@@ -325,7 +318,7 @@ def save(
     ``progress`` is called with the bytes of each tensor written.
     """
     target = check_target(path)
-    if external_data is None and (tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD or _has_external_tensors(model)):
+    if external_data is None and (tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD or external_data_files(model)):
         # An input kept with external data keeps that layout: one file would have to hold every
         # weight in memory as a protobuf (a 0.6 GB LLaMA: 2.5 GB peak, 2 s) for no gain.
         external_data = target.stem + ".data"
