@@ -197,19 +197,17 @@ class CollapsePass(NormfoldPass):
         else:
             candidates = []
             for site in sorted(sites, key=lambda s: s.score):
-                trial = reference.clone()
-                record = PassRecord(self.name)
-                if self._collapse(trial, [site], record):
+                _, reason = self._trial(reference, [site])
+                if reason is None:
                     candidates.append(site)
                 else:
-                    reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
                     self.record.refuse(Refusal(reason), site.node)
             chosen, deviation = self._choose(reference, candidates, feeds, expected)
         if not chosen:
             self.record.notes.append("collapse: no activation removed")
             self.deviation = {"max_rel_deviation": 0.0, "max_abs_deviation": 0.0}
             return False
-        self._collapse(model, chosen, self.record, growth=self._growth)
+        self._collapse(model, chosen, self.record)
         for site in chosen:
             self.record.site(site.node, op=site.op, how="linearized", mode=site.mode, score=site.score,
                              **{k: v for k, v in site.plan.to_dict().items() if k != "score"})
@@ -293,14 +291,10 @@ class CollapsePass(NormfoldPass):
                 self.record.notes.append(f"collapse: asked to remove {self.remove}, only {len(chosen)} can merge")
             if not self.measure:
                 return chosen, None
-            trial = reference.clone()
-            self._collapse(trial, chosen, PassRecord(self.name))
-            return chosen, _deviation(trial, feeds, expected)
+            return chosen, _deviation(self._trial(reference, chosen)[0], feeds, expected)
         chosen, deviation = [], {"max_rel_deviation": 0.0, "max_abs_deviation": 0.0}
         for site in candidates:
-            trial = reference.clone()
-            self._collapse(trial, chosen + [site], PassRecord(self.name))
-            measured = _deviation(trial, feeds, expected)
+            measured = _deviation(self._trial(reference, chosen + [site])[0], feeds, expected)
             if measured["max_rel_deviation"] > self.max_deviation:
                 self.record.refuse(Refusal(
                     f"with it the output deviation would be {measured['max_rel_deviation']:.3g} "
@@ -331,9 +325,7 @@ class CollapsePass(NormfoldPass):
         chosen: list[_Site] = []
         # Candidates are costed against the graph with nothing linearized but folded and merged as
         # their trials are (layers already adjacent merge there too), not against the dense form.
-        start = reference.clone()
-        self._collapse(start, [], PassRecord(self.name), growth=math.inf)
-        current, deviation = meter.cost(start), None
+        current, deviation = meter.cost(self._trial(reference, [])[0]), None
         for step in range(1, self.max_steps + 1):
             if current <= target:
                 break
@@ -343,8 +335,7 @@ class CollapsePass(NormfoldPass):
             selection["options"] += [{**option, "step": step} for option in row.pop("options")]
             if not picked:
                 break
-            applied = reference.clone()
-            self._collapse(applied, chosen + picked, PassRecord(self.name), growth=math.inf)
+            applied, _ = self._trial(reference, chosen + picked)
             row["measured_cost"] = measured = meter.cost(applied)
             if meter.measure:
                 row["measured_latency"] = meter.timing(applied).to_dict()
@@ -373,9 +364,7 @@ class CollapsePass(NormfoldPass):
         if not self.measure:
             return chosen, None
         if deviation is None and chosen:
-            applied = reference.clone()
-            self._collapse(applied, chosen, PassRecord(self.name), growth=math.inf)
-            deviation = _deviation(applied, feeds, expected)
+            deviation = _deviation(self._trial(reference, chosen)[0], feeds, expected)
         return chosen, deviation
 
     def _step(
@@ -393,8 +382,7 @@ class CollapsePass(NormfoldPass):
                  if n.op_type in COLLAPSE_SITES and n.domain in ("", "ai.onnx") and n.name not in taken]
         position = {node.name: k for k, node in enumerate(nodes)}
         found = sorted((s for s in sites if s.node not in taken), key=lambda s: position[s.node])
-        base = reference.clone()
-        self._collapse(base, fixed, PassRecord(self.name), growth=math.inf)
+        base, _ = self._trial(reference, fixed)
         spread_now = meter.timing(base).iqr if meter.measure else 0.0
         bounded = self.max_deviation is not None
         rows: list[dict[str, Any]] = []
@@ -406,11 +394,9 @@ class CollapsePass(NormfoldPass):
                 if [position[s.node] for s in run] != list(range(first, first + length)):
                     continue  # an activation that stays lies between them
                 label = "+".join(s.node for s in run)
-                trial = reference.clone()
-                record = PassRecord(self.name)
-                if not self._collapse(trial, fixed + run, record, growth=math.inf):
+                trial, reason = self._trial(reference, fixed + run)
+                if reason is not None:
                     if length == 1:
-                        reason = record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
                         self.record.refuse(Refusal(reason), label)
                     continue
                 cost = meter.cost(trial)
@@ -457,9 +443,7 @@ class CollapsePass(NormfoldPass):
             chosen = [site for label in labels for site in runs[label]]
             if not bounded or not chosen:
                 break
-            trial = reference.clone()
-            self._collapse(trial, fixed + chosen, PassRecord(self.name), growth=math.inf)
-            deviation = _deviation(trial, feeds, expected)
+            deviation = _deviation(self._trial(reference, fixed + chosen)[0], feeds, expected)
             if deviation["max_rel_deviation"] <= self.max_deviation:
                 step["deviation"] = deviation
                 break
@@ -478,11 +462,18 @@ class CollapsePass(NormfoldPass):
         return chosen, step
 
     # -- rewriting --------------------------------------------------------------------------
-    def _collapse(self, model: ir.Model, sites: list[_Site], record: PassRecord, growth: float | None = None) -> int:
-        """Linearize ``sites`` in ``model``, fold, merge; returns the number of merges.
+    def _trial(self, reference: ir.Model, sites: list[_Site]) -> tuple[ir.Model, str | None]:
+        """A clone of ``reference`` with ``sites`` linearized and merged (:meth:`_collapse`), and
+        the reason no layers merged there, or None when some did."""
+        model, record = reference.clone(), PassRecord(self.name)
+        if self._collapse(model, sites, record):
+            return model, None
+        return model, record.refused[0]["reason"] if record.refused else "linearizing it lets no layers merge"
 
-        ``growth`` is the MACs growth a merge may have (default ``max_flops_growth``)."""
-        growth = self.max_flops_growth if growth is None else growth
+    def _collapse(self, model: ir.Model, sites: list[_Site], record: PassRecord) -> int:
+        """Linearize ``sites`` in ``model``, fold, merge; returns the number of merges (each
+        merge's MACs growth bounded by :attr:`_growth`)."""
+        growth = self._growth
         nodes = {n.name: n for n in model.graph}
         fresh = FreshNames(model)
         for site in sites:
