@@ -249,3 +249,52 @@ def test_the_joint_choice_is_fitted_to_the_budget_on_the_whole_model(monkeypatch
     for label in step.candidates:  # every removal kept is needed: without it the budget is missed
         without = [row for row in step.fit if set(row["candidates"]) == set(step.candidates) - {label}]
         assert not step.candidates[1:] or (without and without[0]["ratio"]["q3"] > target)
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):  # mostly-on channels, as a trained network has
+                module.running_mean.uniform_(-1, 1)
+                module.bias.data.uniform_(0.0, 1.0)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+@pytest.mark.parametrize(("spread", "withdrawn"), [(1.5, True), (0.5, False)], ids=["noisy", "quiet"])
+def test_a_pruned_branch_is_offered_only_where_it_saves_more_than_merging_its_block(monkeypatch, spread, withdrawn):
+    # "Latency" is the layer count here, with a spread: merging the first BasicBlock's two convs
+    # into one saves one layer, pruning its branch two; one layer more is noise under a spread of
+    # 1.5 (the pruning is withdrawn for the merge) and a measurable gain under 0.5. The last
+    # block merges with the classifier too (two layers saved): its pruning saves no more, always.
+    from normfold.latency import Timing
+
+    def rounds(value: float) -> Timing:
+        return Timing((value - spread, value, value + spread))
+
+    def by_layers(self, module):
+        return rounds(float(layer_count(driver.trace(module)) + 1))
+
+    def against_dense(self, module):
+        timing, dense = by_layers(self, module), by_layers(self, self.dense_merged)
+        return timing, Timing(tuple(t / dense.median for t in timing.rounds))
+
+    monkeypatch.setattr(driver._Run, "latency", by_layers)
+    monkeypatch.setattr(driver._Run, "against_dense", against_dense)
+    monkeypatch.setattr(segments, "timing", lambda table, module, inputs: rounds(float(layer_count(module) + 1)))
+    result = _run(_TinyResNet(), target_latency=0.6, measure_latency=True, max_steps=1, latency_runs=3,
+                  latency_repeats=3)
+    (step,) = result.history
+    reasons = {r["node"]: r["reason"] for r in step.refused}
+    gave_way = [label for label, reason in reasons.items() if reason.startswith("withdrawn: the exact merge")]
+    assert sorted(gave_way) == (["prune add", "prune add_1"] if withdrawn else ["prune add_1"])
+    assert "blocks_1_relu+blocks_1_relu_1" in reasons["prune add_1"]
+    if withdrawn:
+        assert not any(label.startswith("prune") for label in step.candidates)

@@ -1,14 +1,16 @@
-"""The segment DP of latency-driven collapse against brute force on small random instances."""
+"""The segment DP of latency-driven collapse against brute force on small random instances, and the
+rule that withdraws a pruning where an exact merge of the same sites saves as much within noise."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from normfold.math.collapse_select import Option, choose, quantize
+from normfold.math.collapse_select import Option, choose, prefer_exact, quantize
 
 
 def _allowed(subset, separate):
@@ -89,3 +91,46 @@ def test_quantize_never_overstates_a_saving():
     assert quantize([0.99, 1.0, 2.5, -0.5], 0.5) == [1, 2, 5, -1]
     with pytest.raises(ValueError):
         quantize([1.0], 0.0)
+
+
+@st.composite
+def _mixed_options(draw):
+    options = []
+    for index in range(draw(st.integers(0, 8))):
+        start = draw(st.integers(0, 5))
+        options.append(Option(start, draw(st.integers(start + 1, start + 3)), draw(st.integers(-2, 12)),
+                              float(draw(st.integers(0, 20))), f"o{index}", exact=draw(st.booleans()),
+                              spread=draw(st.integers(0, 4))))
+    return options
+
+
+@settings(max_examples=300, deadline=None)
+@given(_mixed_options())
+def test_an_inexact_option_stays_only_where_it_saves_measurably_more_than_every_exact_one_over_its_sites(options):
+    kept, withdrawn = prefer_exact(options)
+    assert kept == [o for o in options if o.label not in withdrawn]  # order kept, exact options never withdrawn
+    for option in options:
+        overlapping = [e for e in options if e.exact and e.saving > 0 and e.start < option.stop and option.start < e.stop]
+        outweighing = [e for e in overlapping if option.saving - e.saving <= max(option.spread, e.spread)]
+        if option.exact or not outweighing:
+            assert option in kept
+        else:
+            rival = withdrawn[option.label]
+            assert rival in outweighing and rival.saving == max(e.saving for e in outweighing)
+
+
+def test_a_pruned_block_gives_way_to_its_merge_unless_it_saves_more_than_the_noise():
+    # Sites 0..3; site 1 is one block's inner activation: merged (exact) it saves 10, pruned 12;
+    # the pruning's probe loss is lower, so without the rule the DP would prune.
+    merge = Option(1, 2, 10, 0.5, "merge", spread=3)
+    prune = Option(1, 2, 12, 0.1, "prune", exact=False, spread=1)
+    other = Option(3, 4, 5, 0.2, "other", exact=False, spread=1)  # no merge of its sites: stays
+    assert choose([merge, prune, other], 4, 10).options == (prune,)
+    kept, withdrawn = prefer_exact([merge, prune, other])
+    assert kept == [merge, other] and withdrawn == {"prune": merge}
+    assert choose(kept, 4, 10).options == (merge,)
+    # Saving 4 more than the merge, beyond the larger spread (3): the pruning is offered.
+    louder = dataclasses.replace(prune, saving=14)
+    assert prefer_exact([merge, louder])[0] == [merge, louder]
+    # A merge that saves nothing is no rival.
+    assert prefer_exact([dataclasses.replace(merge, saving=0), prune])[0] == [dataclasses.replace(merge, saving=0), prune]

@@ -18,6 +18,15 @@ CNN Depth Compression via Two-Stage Dynamic Programming" (ICML 2023), options ar
 
 An option whose saving is not positive is never chosen.
 
+Exact against inexact removals (:func:`prefer_exact`): an option is *exact* when its removal
+keeps every weight in a merged layer (a merge), *inexact* when it drops weights (a pruned
+residual branch, LayerMerge). The loss of either is predicted before fine-tuning, when a merged
+block still has all its weights to recover with and a pruned one has none; and savings are
+timings, which carry noise (``spread``: the larger inter-quartile range of the two timings a
+saving is the difference of). So an inexact option is offered only where it measurably saves
+more than every exact option over the same sites: it is withdrawn when an exact option whose
+run overlaps its run saves at least its saving less the larger spread of the two.
+
 :func:`choose` solves it exactly for integer savings (callers quantize latencies, see
 :func:`quantize`) in ``O(n · options · need)``: ``best[i][s]`` is the least loss of a choice among
 the first ``i`` sites whose saving, capped at ``need``, is ``s``; a run ``[a, b)`` extends the
@@ -28,7 +37,7 @@ saving the most is returned with ``feasible`` False.
 
 from __future__ import annotations
 
-__all__ = ["Option", "Selection", "choose", "quantize"]
+__all__ = ["Option", "Selection", "choose", "prefer_exact", "quantize"]
 
 import dataclasses
 import math
@@ -37,17 +46,25 @@ from collections.abc import Collection, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """Remove sites ``start … stop−1`` together: saves ``saving`` (integer units), adds ``loss``."""
+    """Remove sites ``start … stop−1`` together: saves ``saving`` (integer units), adds ``loss``.
+
+    ``exact``: whether the removal keeps every weight (a merge) rather than dropping some (a
+    pruning); ``spread``: the noise of ``saving`` in the same units (0 for counted MACs).
+    """
 
     start: int
     stop: int
     saving: int
     loss: float
     label: str = ""
+    exact: bool = True
+    spread: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.stop:
             raise ValueError(f"an option removes a non-empty run of sites, not [{self.start}, {self.stop})")
+        if self.spread < 0:
+            raise ValueError(f"a saving's spread is not negative, not {self.spread}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +82,28 @@ def quantize(values: Sequence[float], unit: float) -> list[int]:
     if unit <= 0:
         raise ValueError(f"the unit must be positive, not {unit}")
     return [math.floor(v / unit) for v in values]
+
+
+def prefer_exact(options: Sequence[Option]) -> tuple[list[Option], dict[str, Option]]:
+    """``options`` less the inexact ones an overlapping exact option saves as much as (rule above).
+
+    Returns the options kept (in their order) and, for each withdrawn option's label, the exact
+    option that outweighs it (the one saving the most among those that do).
+    """
+    exact = [o for o in options if o.exact and o.saving > 0]
+    kept: list[Option] = []
+    withdrawn: dict[str, Option] = {}
+    for option in options:
+        rivals = [] if option.exact else [
+            e for e in exact
+            if e.start < option.stop and option.start < e.stop
+            and option.saving - e.saving <= max(option.spread, e.spread)
+        ]
+        if rivals:
+            withdrawn[option.label] = max(rivals, key=lambda e: (e.saving, -e.loss))
+        else:
+            kept.append(option)
+    return kept, withdrawn
 
 
 def choose(options: Sequence[Option], sites: int, need: int, separate: Collection[int] = ()) -> Selection:

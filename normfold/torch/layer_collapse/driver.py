@@ -32,7 +32,12 @@ Each step:
    dense model's latency; MACs when ``measure_latency`` is off), the removals are chosen
    *jointly*: the dynamic program of :mod:`normfold.math.collapse_select` (Kim et al., ICML 2023)
    picks the non-touching runs that save what the budget still needs with the least summed probe
-   loss. Measuring latency, that choice is then fitted on the whole model (:meth:`_Run.fit`:
+   loss. A pruned branch is offered to it only where it saves measurably more than every exact
+   merge of the same block (more than the larger timing IQR of the two savings,
+   :func:`normfold.math.collapse_select.prefer_exact`): the probe judges both before fine-tuning,
+   when the merged block still has all its weights to recover with and the pruned one none, so
+   a near-tie in time goes to the exact merge (withdrawn prunings are listed with the step's
+   refusals). Measuring latency, that choice is then fitted on the whole model (:meth:`_Run.fit`:
    widened when it misses the budget, trimmed by decreasing loss while it still meets it), since
    segment savings add up to the model's only roughly. A step applies the choice, or the
    ``removals_per_step`` with the least loss. When a joint step falls below the accuracy floor
@@ -77,7 +82,7 @@ from tqdm import tqdm
 from normfold.errors import InputError, first_line
 from normfold.latency import LatencyTable, Timing
 from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
-from normfold.math.collapse_select import Option, choose, quantize
+from normfold.math.collapse_select import Option, choose, prefer_exact, quantize
 from normfold.math.padding import torch_conv_pads
 from normfold.torch.layer_collapse import calibrate, cost, segments
 from normfold.torch.layer_collapse.graph import (
@@ -174,6 +179,7 @@ class _Run:
             with torch.no_grad():
                 self.references = [self.dense(*b.inputs) for b in self.probe]
         self.table = LatencyTable(runs=settings["latency_runs"], repeats=settings["latency_repeats"])
+        self.withdrawn: list[dict[str, str]] = []  # prunings the last selection withdrew for merges
         self.free: set[str] = set()  # nodes of accepted segments: their merges are judged as a whole
         self.dense_merged: nn.Module = self.dense  # the BN-folded dense model, set by collapse()
 
@@ -368,15 +374,31 @@ class _Run:
                    for c in found]
         unit = need / _RESOLUTION
         options = [
-            Option(order[c.sites[0]], order[c.sites[-1]] + 1, saving, float(c.losses.mean()), c.label)
+            Option(order[c.sites[0]], order[c.sites[-1]] + 1, saving, float(c.losses.mean()), c.label,
+                   exact=not c.pruned, spread=math.ceil(_spread_ms(c.segment) / unit))
             for c, saving in zip(found, quantize(savings, unit))
             if [order[s] for s in c.sites] == list(range(order[c.sites[0]], order[c.sites[-1]] + 1))
         ]
+        # A pruned branch is offered only where it measurably saves more than merging the block.
+        options, withdrawn = prefer_exact(options)
+        by_label = {c.label: c for c in found}
+        self.withdrawn = [
+            {"node": label, "reason": f"withdrawn: the exact merge {rival.label} of the same block saves as "
+                                      f"much, within noise ({self._saving(by_label[label])} against "
+                                      f"{self._saving(by_label[rival.label])})"}
+            for label, rival in withdrawn.items()
+        ]
         separate = [b for b in range(1, len(remaining)) if _separate(working, remaining[b - 1], remaining[b])]
         selection = choose(options, len(order), math.ceil(need / unit), separate)
-        by_label = {c.label: c for c in found}
         chosen = sorted((by_label[o.label] for o in selection.options), key=lambda c: float(c.losses.mean()))
         return chosen[: self.s["removals_per_step"]] if self.s["removals_per_step"] else chosen
+
+    def _saving(self, candidate: _Candidate) -> str:
+        """A candidate's segment saving as the report words it (ms with spread, or MACs)."""
+        segment = candidate.segment
+        if self.s["by_latency"]:
+            return f"{segment.saving_ms:.4f} ms saved, spread {_spread_ms(segment):.4f} ms"
+        return f"{segment.before.macs - segment.after.macs} MACs saved"
 
     def fit(
         self, working: fx.GraphModule, found: list[_Candidate], chosen: list[_Candidate], need: float,
@@ -476,6 +498,13 @@ def _exclusive(branch: fx.Node, add: fx.Node) -> set[fx.Node]:
         inside.add(node)
         stack.extend(node.all_input_nodes)
     return inside
+
+
+def _spread_ms(segment: segments.Segment) -> float:
+    """The noise of a segment's measured saving: the larger IQR of its two timings (0 counting MACs)."""
+    if segment.before.latency is None or segment.after.latency is None:
+        return 0.0
+    return max(segment.before.latency.iqr, segment.after.latency.iqr)
 
 
 def _within_noise(difference: np.ndarray) -> bool:
@@ -644,6 +673,7 @@ def collapse(
                 chosen = [run.choose(working, found)]
             else:
                 chosen = run.select(working, found, need)
+                refused = refused + run.withdrawn
                 if settings["by_latency"] and chosen:
                     bar.set_description_str(f"collapse step {number}: fit {len(chosen)} to the budget")
                     chosen, fit = run.fit(working, found, chosen, need, current_cost, target_latency,
