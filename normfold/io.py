@@ -315,7 +315,7 @@ def _weightless_copy(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     return light
 
 
-def _copy_fields(source: onnx.ModelProto | onnx.GraphProto, target: onnx.ModelProto | onnx.GraphProto, *, skip: str) -> None:
+def _copy_fields(source: Message, target: Message, *, skip: str) -> None:
     """Copy every field ``source`` has set into ``target``, but ``skip``."""
     for field, value in source.ListFields():
         if field.name == skip:
