@@ -79,30 +79,41 @@ class Completion:
     """Step 2 (onnxruntime's symbolic inference) of :func:`infer_shapes`, deferred until asked.
 
     ``pending`` until :meth:`run` (or with nothing to complete: never). A raise of the model's
-    opset while it is pending is told by :func:`shape_after_conversion`.
+    opset while it is pending is told by :func:`shape_after_conversion`. :meth:`inferred_proto`
+    hands out the proto onnx's inference returned while the model's shapes are what it says.
     """
 
-    def __init__(self, model: ir.Model, proto: onnx.ModelProto | None = None) -> None:
+    def __init__(self, model: ir.Model, inferred: onnx.ModelProto | None = None, *, pending: bool = False) -> None:
         self._model = model
-        self._proto = proto
+        self._inferred = inferred
+        self._pending = pending and inferred is not None
+        # Whether the model is still what ``inferred`` describes (only shapes merged from it).
+        self._current = inferred is not None
         self._converted = False
 
     @property
     def pending(self) -> bool:
-        return self._proto is not None
+        return self._pending
+
+    def inferred_proto(self) -> onnx.ModelProto | None:
+        """The model's weightless proto with onnx's inferred shapes, as :func:`infer_shapes` made
+        it — the model serialized as it is, if nothing changed it since but passes that rewrite
+        nothing (a survey); None once a completion or a conversion changed it."""
+        return self._inferred if self._current else None
 
     def converted(self) -> None:
-        """The model's opset was raised while this was pending: after its merge, what is
-        still unknown is inferred again (as it would have been right after the raise)."""
+        """The model's opset was raised: if this is pending, after its merge what is still
+        unknown is inferred again (as it would have been right after the raise)."""
         self._converted = True
+        self._current = False
 
     def run(self) -> None:
         """Complete the shapes now (once): merge onnxruntime's inference of the proto onnx's
         inference returned; after an opset raise since, infer again if something is unknown."""
-        proto, self._proto = self._proto, None
-        if proto is None:
+        if not self._pending:
             return
-        _complete_with_onnxruntime(self._model, proto)
+        self._pending, self._current = False, False
+        _complete_with_onnxruntime(self._model, self._inferred)
         if self._converted and not _all_known(self._model):
             infer_shapes(self._model)
 
@@ -121,9 +132,9 @@ def infer_shapes(model: ir.Model, *, defer: bool = False) -> Completion:
     else:
         _merge(model, proto, replace=True)
         if _complete(proto):
-            return Completion(model)
-        if defer and _typed(proto):
             return Completion(model, proto)
+        if defer and _typed(proto):
+            return Completion(model, proto, pending=True)
     _complete_with_onnxruntime(model, proto)
     return Completion(model)
 
@@ -150,9 +161,10 @@ def shape_after_conversion(model: ir.Model, completion: Completion | None = None
             if value is not None and value.type == ir.AttributeType.TENSOR:
                 node.outputs[0].shape = ir.Shape(value.as_tensor().shape)
                 node.outputs[0].dtype = value.as_tensor().dtype
-    if completion is not None and completion.pending:
+    if completion is not None:
         completion.converted()
-        return
+        if completion.pending:
+            return
     if not _all_known(model):
         infer_shapes(model)
 

@@ -129,7 +129,9 @@ class FuseNormPass(NormfoldPass):
         if needed <= current:
             return False, None
         try:
-            raise_opset(model, needed)
+            # The proto shape inference serialized describes the model still, unless a survey
+            # check completed its shapes since.
+            raise_opset(model, needed, proto=shapes.inferred_proto())
         except NormfoldError as error:
             logger.warning("fuse-norm: %s", first_line(error))
             return False, first_line(error)

@@ -164,3 +164,28 @@ def test_an_onnx_complete_model_has_nothing_to_defer(caplog: pytest.LogCaptureFi
         completion = infer_shapes(model, defer=True)
     assert not completion.pending
     assert not any(record.getMessage().startswith(_SYMBOLIC) for record in caplog.records)
+
+
+@pytest.mark.parametrize(("name", "variant"), [("llama", "ts17"), ("bert", "ts14"), ("unet", "ts14")])
+def test_a_raise_from_the_inferred_proto_equals_one_from_the_model(name: str, variant: str) -> None:
+    # fuse-norm hands onnx's converter the proto shape inference serialized instead of
+    # serializing the model again: it must describe the model exactly.
+    handed, serialized = _cleaned(name, variant), _cleaned(name, variant)
+    completion = infer_shapes(handed, defer=True)
+    infer_shapes(serialized, defer=True)
+    proto = completion.inferred_proto()
+    assert proto is not None
+    raise_opset(handed, 23, proto=proto)
+    raise_opset(serialized, 23)
+    assert io.weightless_proto(handed) == io.weightless_proto(serialized)
+    shape_after_conversion(handed, completion)
+    assert completion.inferred_proto() is None  # the model changed: the proto no longer describes it
+
+
+def test_a_completed_model_has_no_inferred_proto_to_hand_out() -> None:
+    model = _cleaned("llama", "ts17")
+    completion = infer_shapes(model, defer=True)
+    assert completion.inferred_proto() is not None
+    completion.run()
+    assert completion.inferred_proto() is None
+    assert infer_shapes(_cleaned("bert", "ts13")).inferred_proto() is None  # completed at once
