@@ -63,19 +63,22 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def _script(module: str, name: str) -> list[str]:
-    """What the tool's console script runs (``from MODULE import main``), with this interpreter."""
-    return [sys.executable, "-c", f"import sys; from {module} import main; sys.argv[0] = {name!r}; sys.exit(main())"]
+def _script(entry_point: str, name: str) -> list[str]:
+    """What the tool's console script ``MODULE:FUNCTION`` (as its pyproject names it) runs, with
+    this interpreter."""
+    module, function = entry_point.split(":")
+    return [sys.executable, "-c",
+            f"import sys; from {module} import {function}; sys.argv[0] = {name!r}; sys.exit({function}())"]
 
 
 # Each tool: the command for (IN, OUT). normfold's rows name the peer they are compared with.
 TOOLS: dict[str, tuple[Any, str | None]] = {
-    "onnxslim": (lambda i, o: [*_script("onnxslim.cli", "onnxslim"), i, o], None),
-    "onnxsim": (lambda i, o: [*_script("onnxsim", "onnxsim"), i, o], None),
+    "onnxslim": (lambda i, o: [*_script("onnxslim.cli:main", "onnxslim"), i, o], None),
+    "onnxsim": (lambda i, o: [*_script("onnxsim:main", "onnxsim"), i, o], None),
     "normfold --no-verify": (
-        lambda i, o: [*_script("normfold.cli", "normfold"), "optimize", i, "-o", o, "--no-verify", "-q"], "onnxslim"
+        lambda i, o: [*_script("normfold.cli:run", "normfold"), "optimize", i, "-o", o, "--no-verify", "-q"], "onnxslim"
     ),
-    "normfold": (lambda i, o: [*_script("normfold.cli", "normfold"), "optimize", i, "-o", o, "-q"], "onnxsim"),
+    "normfold": (lambda i, o: [*_script("normfold.cli:run", "normfold"), "optimize", i, "-o", o, "-q"], "onnxsim"),
 }
 
 

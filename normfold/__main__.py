@@ -2,6 +2,6 @@
 
 import sys
 
-from normfold.cli import main
+from normfold.cli import run
 
-sys.exit(main())
+sys.exit(run())

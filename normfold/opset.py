@@ -76,18 +76,20 @@ def _converter_warnings() -> Iterator[_Collect]:
         logger.propagate = propagate
 
 
-def raise_opset(model: ir.Model, version: int) -> bool:
+def raise_opset(model: ir.Model, version: int, *, proto: onnx.ModelProto | None = None) -> bool:
     """Convert ``model`` in place to default-domain opset ``version``; return whether it changed.
 
     The conversion runs on a copy (which shares the weights), so a failure leaves ``model``
-    as it was.
+    as it was. ``proto`` is the model's :func:`~normfold.io.weightless_proto` when the caller
+    holds one that describes it as it is (onnx's converter is then handed that one instead of
+    serializing the model again).
     """
     current = model_opset(model)
     if version <= current:
         return False
     problem = f"cannot convert opset {current} to {version}"
     if current < 18 and not model.functions and len(list(model.graphs())) == 1:
-        converted, checkable = _convert_weightless(model, version, problem)
+        converted, checkable = _convert_weightless(model, version, problem, proto)
     else:
         converted = model.clone()
         with _converter_warnings() as log:
@@ -111,11 +113,14 @@ def raise_opset(model: ir.Model, version: int) -> bool:
     return True
 
 
-def _convert_weightless(model: ir.Model, version: int, problem: str) -> tuple[ir.Model, onnx.ModelProto]:
+def _convert_weightless(
+    model: ir.Model, version: int, problem: str, proto: onnx.ModelProto | None
+) -> tuple[ir.Model, onnx.ModelProto]:
     """``model`` (one graph, no functions) converted by onnx's C++ converter on its weightless
-    proto, as a new model holding the same weight tensors; and the converted proto to check."""
+    proto (``proto``, else serialized here), as a new model holding the same weight tensors; and
+    the converted proto to check."""
     try:
-        proto = onnx.version_converter.convert_version(weightless_proto(model), version)
+        proto = onnx.version_converter.convert_version(proto or weightless_proto(model), version)
         converted = ir.serde.deserialize_model(proto)
     except Exception as error:  # the converter raises many untyped errors
         raise NormfoldError(f"{problem}: {first_line(error)}") from None

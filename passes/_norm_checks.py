@@ -10,6 +10,10 @@ for the caller to raise, where "no" is an answer and not yet a refusal):
 - :func:`scalar` / :func:`constant`: constants read exactly, never with a tolerance;
 - :func:`same_dim` / :func:`static_dims`: shapes compared dimension by dimension, symbolic dims
   by name; an unknown dim is never assumed to match;
+- :func:`dims` is how a check reads a shape; inside :func:`watch_unknown_shapes` it notes
+  reading one that is not fully known (no shape, an unnamed dim, or a dim onnx's inference had
+  to invent, ``unk__N``), so that a check it decided against can be run again once the shapes
+  are completed (:class:`~normfold.passes._norm_rule.NormRule`);
 - :func:`outside_reader`: an intermediate value of the site read by a node outside it;
 - :func:`affine_operand`: whether a constant multiplied into (or added to) a normalized tensor
   varies only along the axes a fused op's scale/bias covers, and its values in that layout.
@@ -20,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "FLOAT_TYPES",
     "affine_operand",
+    "ShapeReads",
     "constant",
     "dims",
     "float32_exact",
@@ -30,9 +35,13 @@ __all__ = [
     "scalar",
     "static_dims",
     "strip_noop_cast",
+    "watch_unknown_shapes",
 ]
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Union
 
 import numpy as np
@@ -40,6 +49,7 @@ import onnx_ir as ir
 
 from normfold.errors import Refusal
 from normfold.passes._fold_graph import fixed_tensor
+from normfold.passes._shapes import INVENTED_DIM
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
@@ -104,16 +114,42 @@ def float32_exact(number: float) -> bool:
     return float(np.float32(number)) == number
 
 
+@dataclasses.dataclass
+class ShapeReads:
+    """Whether :func:`dims` returned a shape that is not fully known inside the watch."""
+
+    unknown: bool = False
+
+
+_WATCH: contextvars.ContextVar[ShapeReads | None] = contextvars.ContextVar("normfold_shape_reads", default=None)
+
+
+@contextlib.contextmanager
+def watch_unknown_shapes() -> Iterator[ShapeReads]:
+    """Note, for the block, whether any shape read through :func:`dims` was not fully known."""
+    reads = ShapeReads()
+    token = _WATCH.set(reads)
+    try:
+        yield reads
+    finally:
+        _WATCH.reset(token)
+
+
 def dims(value: ir.Value) -> list[Dim] | None:
     """Static dims as ints, symbolic ones by name, unknown ones as None."""
-    if value.shape is None:
-        return None
-    result: list[Dim] = []
-    for dim in value.shape:
-        if isinstance(dim, int):
-            result.append(dim)
-        else:
-            result.append(dim.value if isinstance(dim, ir.SymbolicDim) else None)
+    result: list[Dim] | None = None
+    if value.shape is not None:
+        result = []
+        for dim in value.shape:
+            if isinstance(dim, int):
+                result.append(dim)
+            else:
+                result.append(dim.value if isinstance(dim, ir.SymbolicDim) else None)
+    reads = _WATCH.get()
+    if reads is not None and not reads.unknown:
+        reads.unknown = result is None or any(
+            d is None or (isinstance(d, str) and d.startswith(INVENTED_DIM)) for d in result
+        )
     return result
 
 

@@ -22,6 +22,20 @@ name after the graph's inputs (onnx calls those ``unk__N``, a fresh name per val
 knows every shape, onnxruntime's inference has nothing to add. That is most CNN exports, and
 it saves its run and its import.
 
+Step 2 can also wait until something needs it (``infer_shapes(model, defer=True)``, what
+``fuse-norm`` does): the returned :class:`Completion` holds onnx's inferred proto, and its
+:meth:`~Completion.run` runs onnxruntime's inference on that proto — the model as it was then
+— and merges the result into the model as it is now, by value name, exactly as an eager run
+would have (values rewritten since have new names; an opset raise keeps names and shapes). A
+``fuse-norm`` check that decided against a site after reading a shape onnx left incomplete
+asks for it and is checked again (:class:`~normfold.passes._norm_rule.NormRule`); when no check
+does — a TorchScript LLaMA whose only unknown dim is the sequence length, which no norm site
+reads — onnxruntime's inference never runs (0.1 s and sympy's lazy imports on the 150 M
+LLaMA). Only a proto where onnx gave every node output its element type and rank is deferred
+(the rules read dtypes directly; what is left unknown is dims, which they read through
+:func:`~normfold.passes._norm_checks.dims`); otherwise step 2 runs at once. Each run logs
+``onnxruntime symbolic shape inference`` at DEBUG on this module's logger.
+
 Either step failing leaves the shapes as the steps before it left them: a pass then refuses
 the sites whose shapes stay unknown, it never guesses.
 
@@ -29,7 +43,10 @@ After an opset conversion (:func:`shape_after_conversion`) every value keeps its
 and shape (onnxscript's converter works on the values themselves; onnx's hands back the
 ``value_info`` it was given); only the ``Constant`` nodes it adds (a ReduceMean's axes moved to
 an input) come without one. Those are shaped from their own value, and inference runs again only
-when some other value is still unknown, so a raise does not pay for inference twice.
+when some other value is still unknown, so a raise does not pay for inference twice. With a
+:class:`Completion` still pending, what is unknown was unknown before the raise: inference
+waits for the completion, which runs it after its own merge if something is still unknown then
+(the order an eager completion before the raise would have had).
 
 The inferred shapes are read from the inferred proto's ``value_info`` by name when the model has
 no subgraph (deserializing the whole proto again costs as much as the inference itself).
@@ -37,7 +54,7 @@ no subgraph (deserializing the whole proto again costs as much as the inference 
 
 from __future__ import annotations
 
-__all__ = ["infer_shapes", "shape_after_conversion"]
+__all__ = ["INVENTED_DIM", "Completion", "infer_shapes", "shape_after_conversion"]
 
 import functools
 import importlib.util
@@ -54,9 +71,59 @@ from normfold.errors import first_line
 
 logger = logging.getLogger(__name__)
 
+# How onnx's shape inference names a dim it cannot name after the graph's inputs.
+INVENTED_DIM = "unk__"
 
-def infer_shapes(model: ir.Model) -> None:
-    """Set the shapes and dtypes onnx (then onnxruntime) infer on ``model``'s values, in place."""
+
+class Completion:
+    """Step 2 (onnxruntime's symbolic inference) of :func:`infer_shapes`, deferred until asked.
+
+    ``pending`` until :meth:`run` (or with nothing to complete: never). A raise of the model's
+    opset while it is pending is told by :func:`shape_after_conversion`. :meth:`inferred_proto`
+    hands out the proto onnx's inference returned while the model's shapes are what it says.
+    """
+
+    def __init__(self, model: ir.Model, inferred: onnx.ModelProto | None = None, *, pending: bool = False) -> None:
+        self._model = model
+        self._inferred = inferred
+        self._pending = pending and inferred is not None
+        # Whether the model is still what ``inferred`` describes (only shapes merged from it).
+        self._current = inferred is not None
+        self._converted = False
+
+    @property
+    def pending(self) -> bool:
+        return self._pending
+
+    def inferred_proto(self) -> onnx.ModelProto | None:
+        """The model's weightless proto with onnx's inferred shapes, as :func:`infer_shapes` made
+        it — the model serialized as it is, if nothing changed it since but passes that rewrite
+        nothing (a survey); None once a completion or a conversion changed it."""
+        return self._inferred if self._current else None
+
+    def converted(self) -> None:
+        """The model's opset was raised: if this is pending, after its merge what is still
+        unknown is inferred again (as it would have been right after the raise)."""
+        self._converted = True
+        self._current = False
+
+    def run(self) -> None:
+        """Complete the shapes now (once): merge onnxruntime's inference of the proto onnx's
+        inference returned; after an opset raise since, infer again if something is unknown."""
+        if not self._pending:
+            return
+        self._pending, self._current = False, False
+        _complete_with_onnxruntime(self._model, self._inferred)
+        if self._converted and not _all_known(self._model):
+            infer_shapes(self._model)
+
+
+def infer_shapes(model: ir.Model, *, defer: bool = False) -> Completion:
+    """Set the shapes and dtypes onnx (then onnxruntime) infer on ``model``'s values, in place.
+
+    With ``defer``, onnxruntime's step is left to the returned :class:`Completion` when onnx's
+    inference gave every node output its element type; otherwise it has run when this returns.
+    """
     proto = io.weightless_proto(model)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
@@ -65,7 +132,16 @@ def infer_shapes(model: ir.Model) -> None:
     else:
         _merge(model, proto, replace=True)
         if _complete(proto):
-            return
+            return Completion(model, proto)
+        if defer and _typed(proto):
+            return Completion(model, proto, pending=True)
+    _complete_with_onnxruntime(model, proto)
+    return Completion(model)
+
+
+def _complete_with_onnxruntime(model: ir.Model, proto: onnx.ModelProto) -> None:
+    """Step 2: merge onnxruntime's symbolic inference of ``proto`` into ``model``."""
+    logger.debug("onnxruntime symbolic shape inference: %d nodes", len(proto.graph.node))
     try:
         completed = _symbolic_shape_inference().infer_shapes(proto, auto_merge=True, guess_output_rank=False)
     except Exception as error:  # noqa: BLE001  (its failures on ops it does not know have no common type)
@@ -75,15 +151,20 @@ def infer_shapes(model: ir.Model) -> None:
         _merge(model, completed, replace=False)
 
 
-def shape_after_conversion(model: ir.Model) -> None:
+def shape_after_conversion(model: ir.Model, completion: Completion | None = None) -> None:
     """Shape what an opset conversion left unshaped: its new ``Constant`` nodes from their
-    values; anything else by :func:`infer_shapes` (only then)."""
+    values; anything else by :func:`infer_shapes` (only then; after ``completion`` when that is
+    still pending)."""
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.outputs[0].shape is None:
             value = node.attributes.get("value")
             if value is not None and value.type == ir.AttributeType.TENSOR:
                 node.outputs[0].shape = ir.Shape(value.as_tensor().shape)
                 node.outputs[0].dtype = value.as_tensor().dtype
+    if completion is not None:
+        completion.converted()
+        if completion.pending:
+            return
     if not _all_known(model):
         infer_shapes(model)
 
@@ -98,7 +179,7 @@ def _all_known(model: ir.Model) -> bool:
             if value.shape is None:
                 return False
             for dim in value.shape:
-                if not isinstance(dim, int) and (dim.value is None or dim.value.startswith("unk__")):
+                if not isinstance(dim, int) and (dim.value is None or dim.value.startswith(INVENTED_DIM)):
                     return False
     return True
 
@@ -118,8 +199,27 @@ def _complete(proto: onnx.ModelProto) -> bool:
             if type_ is None or not type_.HasField("tensor_type") or not type_.tensor_type.HasField("shape"):
                 return False
             for dim in type_.tensor_type.shape.dim:
-                if not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith("unk__")):
+                if not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith(INVENTED_DIM)):
                     return False
+    return True
+
+
+def _typed(proto: onnx.ModelProto) -> bool:
+    """Whether onnx's inference gave every node output of the main graph a tensor type with
+    its element type and a shape (a rank): what it left unknown are dims only. (The rules read
+    dtypes without asking for a completion, and a dtype is merged only with a shape.)"""
+    graph = proto.graph
+    known = {info.name: info.type for info in (*graph.value_info, *graph.output, *graph.input)}
+    for node in graph.node:
+        for name in node.output:
+            type_ = known.get(name) if name else None
+            if name and (
+                type_ is None
+                or not type_.HasField("tensor_type")
+                or not type_.tensor_type.elem_type
+                or not type_.tensor_type.HasField("shape")
+            ):
+                return False
     return True
 
 

@@ -161,8 +161,12 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
         try:
             return self.check(context, **bindings)
         except Refusal as refusal:
-            self.record.refuse(refusal, self.refused_node(context, **bindings))
-            return MatchResult().fail(refusal.reason)
+            return self._refused(refusal, context, bindings)
+
+    def _refused(self, refusal: Refusal, context, bindings: dict[str, Any]) -> MatchResult:
+        """Record ``refusal`` against its site; the failed match the rewriter gets instead."""
+        self.record.refuse(refusal, self.refused_node(context, **bindings))
+        return MatchResult().fail(refusal.reason)
 
     def refused_node(self, context, **bindings: Any) -> ir.Node:
         """The site a refusal that names no node is reported against: the match's root. A rule

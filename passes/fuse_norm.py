@@ -27,11 +27,15 @@ without changing anything and collects the opsets the fusions need; if that is m
 converted once (:func:`~normfold.opset.raise_opset`), unless ``max_opset`` forbids it:
 then those sites are refused with that reason. The survey is skipped where it cannot lead to a
 raise: target ``onnxruntime``, a model already at the highest opset a survey rule needs, or
-``max_opset`` at or below the model's. Shapes are inferred first (onnx shape
-inference with data propagation), since TorchScript exports carry none for intermediates;
-a site whose shapes stay unknown is refused, not guessed. A raise keeps every value's shape, so
-after it only the constants the converter added are shaped
-(:func:`~normfold.passes._shapes.shape_after_conversion`), not the whole model again.
+``max_opset`` at or below the model's. The survey sweeps run highest opset first and stop at
+the first site that wants the highest opset they can lead to (no other site can change the
+raise). Shapes are inferred first (onnx shape inference with data propagation), since
+TorchScript exports carry none for intermediates; onnxruntime's symbolic inference, which
+completes what onnx leaves unknown, runs only when a check needs it
+(:class:`~normfold.passes._norm_rule.NormRule`); a site whose shapes stay unknown is refused,
+not guessed. A raise keeps every value's shape, so after it only the constants the converter
+added are shaped (:func:`~normfold.passes._shapes.shape_after_conversion`), not the whole model
+again.
 
 Record: ``sites`` (one per fused op in the output: the ``node`` it replaced, ``into`` the op,
 ``axes``, ``epsilon``, the ``spelling`` matched), ``by_op`` (fused ops by type), ``refused``
@@ -53,9 +57,9 @@ from normfold.errors import NormfoldError, first_line
 from normfold.opset import model_opset, raise_opset
 from normfold.passes import rules as registry
 from normfold.passes._fold_graph import FreshNames
-from normfold.passes._norm_rule import FusionState
+from normfold.passes._norm_rule import FusionState, SurveyComplete
 from normfold.passes._norm_spec import META_KEY, FusedNorm
-from normfold.passes._shapes import infer_shapes, shape_after_conversion
+from normfold.passes._shapes import Completion, infer_shapes, shape_after_conversion
 from normfold.passes.base import NormfoldPass, PassOptions, PassRecord, apply_rules
 
 logger = logging.getLogger(__name__)
@@ -77,16 +81,16 @@ class FuseNormPass(NormfoldPass):
         if not registry.may_apply(self.name, self.options, model):
             # No rule's ops are in the model (a CNN): no shapes to infer, nothing to survey.
             return False
-        infer_shapes(model)
-        raised, raise_error = self._survey_and_raise_opset(model)
-        state = FusionState(FreshNames(model), raise_error=raise_error)
+        shapes = infer_shapes(model, defer=True)
+        raised, raise_error = self._survey_and_raise_opset(model, shapes)
+        state = FusionState(FreshNames(model), raise_error=raise_error, shapes=shapes)
         count = 0
         for sweep, rules in registry.sweeps(self.name, self.record, self.options, state, model=model):
             done = apply_rules(model, rules)
             if done and sweep == "groupnorm":
                 # Shapes downstream of a fused GroupNorm may now be inferable (opset 13 has no
                 # data propagation through Shape).
-                infer_shapes(model)
+                state.shapes = infer_shapes(model, defer=True)
             count += done
         if count:
             # A Skip op hands the residual sum to readers that may come before it; and the new
@@ -95,7 +99,7 @@ class FuseNormPass(NormfoldPass):
         self._record_sites(model)
         return bool(count) or raised
 
-    def _survey_and_raise_opset(self, model: ir.Model) -> tuple[bool, str | None]:
+    def _survey_and_raise_opset(self, model: ir.Model, shapes: Completion) -> tuple[bool, str | None]:
         """Survey the sites; raise the opset once to what they need (as far as allowed).
 
         Returns whether the opset was raised, and why raising failed (None if it did not).
@@ -105,27 +109,34 @@ class FuseNormPass(NormfoldPass):
             return False, None
         current = model_opset(model)
         ceiling = self.options.max_opset
-        highest = max(
-            (line.opset for line in registry.RULES if line.pass_name == self.name and line.survey), default=current
-        )
+        opsets = [line.opset for line in registry.RULES if line.pass_name == self.name and line.survey]
+        highest = max(opsets, default=current)
         if highest <= current or (ceiling is not None and ceiling <= current):
             # No site can need (or be allowed) more than the model has: nothing to survey.
             return False, None
-        survey = FusionState(FreshNames(model), survey=True)
+        enough = max((v for v in opsets if ceiling is None or v <= ceiling), default=None)
+        survey = FusionState(FreshNames(model), survey=True, enough=enough, shapes=shapes)
         scratch = PassRecord(self.name)
-        for _, rules in registry.sweeps(self.name, scratch, self.options, survey, survey=True, model=model):
-            apply_rules(model, rules)
+        # Highest opset first: once a site wants `enough`, the other sweeps cannot change the raise.
+        sweeps = registry.sweeps(self.name, scratch, self.options, survey, survey=True, model=model)
+        for _, rules in sorted(sweeps, key=lambda sweep: -max(rule.opset for rule in sweep[1])):
+            try:
+                apply_rules(model, rules)
+            except SurveyComplete:
+                break
         allowed = [v for v in survey.wants.values() if ceiling is None or v <= ceiling]
         needed = max(allowed, default=current)
         if needed <= current:
             return False, None
         try:
-            raise_opset(model, needed)
+            # The proto shape inference serialized describes the model still, unless a survey
+            # check completed its shapes since.
+            raise_opset(model, needed, proto=shapes.inferred_proto())
         except NormfoldError as error:
             logger.warning("fuse-norm: %s", first_line(error))
             return False, first_line(error)
         self.record.notes.append(f"opset raised from {current} to {needed} for the fused ops")
-        shape_after_conversion(model)
+        shape_after_conversion(model, shapes)
         return True, None
 
     def _record_sites(self, model: ir.Model) -> None:

@@ -37,7 +37,6 @@ from normfold.errors import Refusal
 from normfold.passes import _norm_checks as checks
 from normfold.passes import _norm_patterns as patterns
 from normfold.passes.base import PassOptions, PassRecord
-from normfold.passes._fold_graph import rank_of
 from normfold.passes._norm_rule import FusionState
 from normfold.passes.fuse_layer_norm import FORMS, LayerNormFusion
 
@@ -98,11 +97,11 @@ def _centred_over(value: ir.Value, axes: tuple[int, ...]) -> bool:
     source = node.inputs[0]
     if mean is None or mean.op_type != "ReduceMean" or mean.inputs[0] is not source or source is None:
         return False
-    rank = rank_of(source)
-    if rank is None:
+    shape = checks.dims(source)
+    if shape is None:
         return False
     try:
-        return checks.reduce_axes(mean, rank) == axes
+        return checks.reduce_axes(mean, len(shape)) == axes
     except Refusal:  # axes that cannot be read are not these axes
         return False
 

@@ -115,8 +115,10 @@ RULES: tuple[Rule, ...] = (
     Rule("fold-affine", "fold", _add_sub(first=False), needs=(frozenset({"Add", "Sub"}), _LINEAR)),
     Rule("fold-affine", "fold", _add_sub(first=True), needs=(frozenset({"Add", "Sub"}), _LINEAR)),
     # fuse-norm: GroupNorm first (a hand-written GroupNorm holds a LayerNorm-shaped core) ...
+    # (its normalization is an InstanceNormalization or a centred one, x - mean: a Sub)
     Rule("fuse-norm", "groupnorm", GroupNormFusion, opset=21, survey=True,
-         needs=(frozenset({"Reshape"}), _REDUCTIONS | {"InstanceNormalization"})),
+         needs=(frozenset({"Reshape"}), _REDUCTIONS | {"InstanceNormalization"},
+                frozenset({"Sub", "InstanceNormalization"}))),
     Rule("fuse-norm", "groupnorm", GroupNormToInstanceForm, targets=_ORT, needs=(frozenset({"GroupNormalization"}),)),
     # ... then LayerNorm and RMSNorm in their three root forms, and the look-alikes refused ...
     *(Rule("fuse-norm", "norm", partial(LayerNormFusion, form=form), opset=17, survey=True,

@@ -87,6 +87,44 @@ def test_checker_failure_is_input_error(tmp_path: Path) -> None:
         io.load(path)
 
 
+def _declared(proto: onnx.ModelProto) -> tuple[list, list[str]]:
+    """The graph inputs (name, type) and the initializers' names the checker is handed."""
+    graph = proto.graph
+    return [(v.name, v.type.SerializeToString()) for v in graph.input], [t.name for t in graph.initializer]
+
+
+def test_the_load_checks_the_file_with_its_weights_declared_as_weightless_proto_does(tmp_path: Path) -> None:
+    # Every tensor in a data file, and one inline tensor over the inline limit: each is declared
+    # as an input of its type and shape, in the proto the load checks without serializing the
+    # model back, as in weightless_proto; the parsed proto is left as it was.
+    model = conv_bn_relu_model(channels=4100)  # gamma..var: 16400 bytes each, w: 442800
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+              size_threshold=20000)
+    proto = io.read_proto(path)
+    before = proto.SerializeToString()
+    light = io._weightless_copy(proto)
+    assert proto.SerializeToString() == before
+    assert light is not None
+    assert _declared(light) == _declared(io.weightless_proto(io.load(path)))
+    assert [t.name for t in light.graph.initializer] == ["b", "gamma", "beta", "mean", "var"]
+    onnx.checker.check_model(light, full_check=True)
+
+
+def test_a_graph_with_subgraphs_is_checked_through_the_model() -> None:
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then)], "g",
+        [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert io._weightless_copy(proto) is None
+    io.load(proto)  # still checked, the way weightless_proto declares subgraph weights
+
+
 def test_unknown_domain_is_input_error(tmp_path: Path) -> None:
     model = conv_bn_relu_model()
     model.graph.node[2].domain = "com.example.custom"

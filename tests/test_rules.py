@@ -6,6 +6,7 @@ from typing import Any
 
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper
 from onnxscript.rewriter._basics import MatchResult
 
 from normfold import io
@@ -105,6 +106,29 @@ def test_a_model_without_the_ops_builds_no_rule_and_fuse_norm_does_nothing() -> 
     assert list(registry.sweeps("fold-affine", PassRecord("fold-affine"), options, None, model=model)) == []
     # Without a model every rule is built, as before.
     assert _sweep_names("fuse-norm", options) == ["groupnorm", "norm", "affine"]
+
+
+def test_a_model_without_sub_or_instance_norm_builds_no_group_norm_rule() -> None:
+    # An RMSNorm then a Reshape (a LLaMA's ops): a GroupNorm normalizes with InstanceNormalization
+    # or centres with a Sub, so its sweep is not built; the RMSNorm's is.
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1]),
+        helper.make_node("Div", ["x", "ms"], ["y"]),
+        helper.make_node("Reshape", ["y", "shape"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "rms_reshape", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [16])],
+        [helper.make_tensor("shape", TensorProto.INT64, [1], [16])],
+    )
+    model = io.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    options = PassOptions()
+    sweeps = registry.sweeps("fuse-norm", PassRecord("fuse-norm"), options, None, model=model)
+    assert [sweep for sweep, _ in sweeps] == ["norm"]
+    model.graph.node(0).op_type = "Sub"
+    sweeps = registry.sweeps("fuse-norm", PassRecord("fuse-norm"), options, None, model=model)
+    assert [sweep for sweep, _ in sweeps] == ["groupnorm", "norm"]
 
 
 def test_a_later_sweep_sees_the_ops_an_earlier_one_wrote() -> None:

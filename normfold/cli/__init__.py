@@ -13,18 +13,27 @@ argument groups of :mod:`.options`, and the function the subcommand runs.
 
 from __future__ import annotations
 
-__all__ = ["main", "parser"]
+__all__ = ["main", "parser", "run"]
 
 import argparse
 import sys
 from collections.abc import Sequence
 
-from normfold import __version__
+from normfold import __version__, deferred_imports
 from normfold.cli import collapse, inspect, optimize, options, passes, verify
 from normfold.errors import NormfoldError, first_line
 from normfold.quiet import quiet_command
 
 EXIT_INTERNAL = 3
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The ``normfold`` process (its console script and ``python -m normfold``): :func:`main`, with
+    the start-up imports a run may never use deferred to their first use
+    (:mod:`normfold.deferred_imports`). A program calling normfold in-process uses :func:`main`,
+    which leaves its imports alone."""
+    deferred_imports.defer(deferred_imports.PROCESS_DEFERRED)
+    return main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
