@@ -470,6 +470,8 @@ def _check_tensors(proto: onnx.ModelProto, path: Path | None) -> set[Path]:
     label = str(path) if path is not None else "<ModelProto>"
     folder = path.parent.resolve() if path is not None else None
     files: set[Path] = set()
+    # Each data file is looked at once (its place, its size), however many tensors it holds.
+    checked: dict[str, tuple[Path, int]] = {}
     for tensor in _all_tensors(proto):
         where = f"{label}: tensor {tensor.name!r}"
         if any(dim < 0 for dim in tensor.dims):
@@ -479,7 +481,7 @@ def _check_tensors(proto: onnx.ModelProto, path: Path | None) -> set[Path]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             if folder is None:
                 raise InputError(f"{where}: external data in a model given without its path")
-            files.add(_check_location(tensor, folder, where))
+            files.add(_check_location(tensor, folder, where, checked))
         else:
             _check_data_size(tensor, where)
     return files
@@ -505,10 +507,31 @@ def _check_data_size(tensor: onnx.TensorProto, where: str) -> None:
         raise InputError(f"{where}: shape {list(tensor.dims)} of {kind} needs {wanted} {unit} but the tensor holds {held}")
 
 
-def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
+def _check_location(
+    tensor: onnx.TensorProto, folder: Path, where: str, checked: dict[str, tuple[Path, int]]
+) -> Path:
+    """The data file of ``tensor`` (resolved), checked; ``checked`` holds the files already
+    checked (by location: resolved path and size)."""
     entries = {e.key: e.value for e in tensor.external_data}
     location = entries.get("location", "")
     where = f"{where} external data {location!r}"
+    if location not in checked:
+        checked[location] = _check_data_file(location, folder, where)
+    resolved, size = checked[location]
+    numbers = {}
+    for key in ("offset", "length"):
+        text = entries.get(key, "0")
+        if not text.isascii() or not text.isdigit():
+            raise InputError(f"{where}: {key} {text!r} is not a non-negative integer")
+        numbers[key] = int(text)
+    end = numbers["offset"] + numbers["length"]
+    if end > size:
+        raise InputError(f"{where}: needs {end} bytes but the file holds {size}")
+    return resolved
+
+
+def _check_data_file(location: str, folder: Path, where: str) -> tuple[Path, int]:
+    """An external data location: a regular file inside ``folder``; its resolved path and size."""
     if not location:
         raise InputError(f"{where}: no location given")
     if "\0" in location:
@@ -520,16 +543,7 @@ def _check_location(tensor: onnx.TensorProto, folder: Path, where: str) -> Path:
         raise InputError(f"{where}: is a link or leaves the model's folder (refused, not read)")
     if not data.is_file():
         raise InputError(f"{where}: missing external data file {data}")
-    numbers = {}
-    for key in ("offset", "length"):
-        text = entries.get(key, "0")
-        if not text.isascii() or not text.isdigit():
-            raise InputError(f"{where}: {key} {text!r} is not a non-negative integer")
-        numbers[key] = int(text)
-    end, size = numbers["offset"] + numbers["length"], data.stat().st_size
-    if end > size:
-        raise InputError(f"{where}: needs {end} bytes but the file holds {size}")
-    return data.resolve()
+    return data.resolve(), data.stat().st_size
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

@@ -150,6 +150,20 @@ def test_short_external_data(tmp_path: Path) -> None:
         io.load(path)
 
 
+def test_every_tensor_is_checked_against_its_data_file(tmp_path: Path) -> None:
+    # The file is looked at once for all its tensors; each tensor's range is still checked:
+    # cutting off the last tensor's bytes names that tensor.
+    path = _external_copy(tmp_path)
+    proto = onnx.load(path, load_external_data=False)
+    ends = {t.name: sum(int(e.value) for e in t.external_data if e.key in ("offset", "length"))
+            for t in proto.graph.initializer}
+    last = max(ends, key=ends.get)
+    data = tmp_path / "ext.data"
+    data.write_bytes(data.read_bytes()[: ends[last] - 1])
+    with pytest.raises(InputError, match=f"tensor '{last}'.*needs {ends[last]} bytes"):
+        io.load(path)
+
+
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
 def test_external_data_outside_the_folder_is_refused(tmp_path: Path, kind: str) -> None:
     folder = tmp_path / "model"

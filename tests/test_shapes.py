@@ -92,6 +92,8 @@ def test_inferred_types_read_from_value_info_match_the_deserialized_proto(name: 
     graph = ir.serde.deserialize_model(proto).graph
     slow = {n: (v.shape, v.dtype) for n, v in ir.convenience.create_value_mapping(graph).items() if v.shape is not None}
     assert {n: t for n, t in fast.items() if t[0] is not None} == slow
+    shapes = [shape for shape, _ in fast.values() if shape is not None]
+    assert len({id(shape) for shape in shapes}) == len(shapes), "values must not share a Shape object"
 
 
 # What passes._shapes logs (DEBUG) each time it runs onnxruntime's symbolic inference.
