@@ -428,7 +428,7 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
             elif method == "entropy":
                 settings["rank"] = entropy_order(probe)
             outcome = collapse(
-                model, calibration, evaluate=lambda m: digits.accuracy(m, data.val_x, data.val_y),
+                model, calibration, evaluate=lambda m: digits.correct(m, data.val_x, data.val_y),
                 finetune=finetune, example_inputs=data.val_x[:8], max_accuracy_drop=args.max_drop,
                 seed=seed, probe_samples=args.probe_samples, latency_runs=20, latency_repeats=3,
                 measure_latency=method == "normfold", progress=False, **settings,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ def _collapse(data, model, **settings):
         return collapse(
             model,
             digits.batches(data.train_x[:256], data.train_y[:256], 64),
-            evaluate=lambda m: digits.accuracy(m, data.val_x, data.val_y),
+            evaluate=settings.pop("evaluate", lambda m: digits.accuracy(m, data.val_x, data.val_y)),
             example_inputs=data.val_x[:4],
             progress=False,
             **settings,
@@ -138,3 +139,28 @@ def test_example_budget_and_distillation_flags_are_checked_first(tmp_path, capsy
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and flag in error
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("per_sample", "accepted"), [(False, True), (True, False)], ids=["mean", "paired"])
+def test_per_sample_scores_make_a_step_clear_the_floor_by_its_paired_standard_error(trained, per_sample, accepted):
+    data, model = trained
+    dense_scores = np.ones(100)
+    step_scores = np.r_[np.zeros(3), np.ones(97)]  # 0.97: 3 of 100 lost; paired standard error 0.017
+    answers = iter([dense_scores, step_scores])
+
+    def evaluate(module):
+        scores = next(answers)
+        return scores if per_sample else float(scores.mean())
+
+    result = _collapse(data, model, max_steps=1, max_accuracy_drop=0.04, evaluate=evaluate)  # floor 0.96
+    (step,) = result.history
+    assert step.accuracy == pytest.approx(0.97)
+    assert step.accepted is accepted
+    if not accepted:
+        assert "less its standard error 0.0171" in result.report["stopped"]
+
+
+def test_evaluate_must_answer_a_number_or_per_sample_scores(trained):
+    data, model = trained
+    with pytest.raises(InputError, match="1-D array of per-sample scores"):
+        _collapse(data, model, max_steps=1, evaluate=lambda module: np.ones((2, 2)))

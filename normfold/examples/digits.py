@@ -19,7 +19,7 @@ Needs ``pip install 'normfold[examples]'`` (torch, scikit-learn).
 
 from __future__ import annotations
 
-__all__ = ["MODELS", "Digits", "accuracy", "batches", "build", "finetuner", "load", "train"]
+__all__ = ["MODELS", "Digits", "accuracy", "batches", "build", "correct", "finetuner", "load", "train"]
 
 import dataclasses
 import importlib.util
@@ -207,13 +207,18 @@ def train(
     return model.eval()
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per sample, 1.0 where ``model`` predicts the label, else 0.0 (``collapse``'s paired stop)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        correct = (model(x).argmax(dim=1) == y).float().mean()
+        hits = (model(x).argmax(dim=1) == y).double().numpy()
     model.train(was_training)
-    return float(correct)
+    return hits
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(correct(model, x, y).mean())
 
 
 def finetuner(

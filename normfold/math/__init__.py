@@ -6,6 +6,7 @@ per-channel affine maps into linear ops; :mod:`.padding` is the one rule for a C
 padding (ONNX ``auto_pad``/``pads``, torch ``padding``); :mod:`.conv_merge` composes linear
 layers (conv∘conv, shortcuts) exactly; :mod:`.branches` turns parallel branches into one kernel;
 :mod:`.collapse_scores` scores how far an activation is from linear (TLC layer collapse);
+:mod:`.paired_accuracy` is the sampling error of an accuracy difference on one evaluation set;
 :mod:`.fold_precision` decides whether a fold's weights survive the cast to float16/bfloat16
 (overflow, underflow, precision against the unfolded site). New math goes here. Callers cast
 the results once to the model's dtype.

@@ -48,7 +48,10 @@ Each step:
    merged (every merge checked in float64 against the unmerged model) and evaluated through
    ``evaluate(merged) -> float`` (higher is better).
 5. Stop when accuracy falls more than ``max_accuracy_drop`` below the dense model's (that step
-   is undone and reported as such), when ``target_depth`` activation sites remain, when the
+   is undone and reported as such; when ``evaluate`` returns per-sample scores, the accuracy is
+   their mean and a step must clear the floor by one standard error of its paired difference to
+   the dense model's scores, :mod:`normfold.math.paired_accuracy`, since on a small evaluation
+   set that error is as large as the drop allowed), when ``target_depth`` activation sites remain, when the
    merged model reaches ``target_latency`` or ``target_latency_ms``, after ``max_steps``, or
    when no candidate is left.
 
@@ -84,6 +87,7 @@ from normfold.latency import LatencyTable, Timing
 from normfold.math.collapse_scores import ChannelPlan, channel_plan, layer_score
 from normfold.math.collapse_select import Option, choose, prefer_exact, quantize
 from normfold.math.padding import torch_conv_pads
+from normfold.math.paired_accuracy import paired_standard_error
 from normfold.torch.layer_collapse import calibrate, cost, segments
 from normfold.torch.layer_collapse.graph import (
     activation_of,
@@ -561,7 +565,7 @@ def collapse(
     model: nn.Module,
     calibration: Iterable[Any],
     *,
-    evaluate: Callable[[nn.Module], float],
+    evaluate: Callable[[nn.Module], float | np.ndarray],
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
     finetune: Callable[..., None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -589,7 +593,8 @@ def collapse(
     """Collapse ``model`` (not modified) step by step; see the module docstring for the loop.
 
     ``calibration``: input batches or ``(input, target)`` pairs. ``evaluate(model) -> float``,
-    higher is better. ``finetune(model, step)`` (or ``finetune(model, step, teacher=dense)``):
+    higher is better, or a 1-D array of per-sample scores (e.g. 1/0 for correct/wrong) whose
+    mean is the accuracy: a step is then kept only one paired standard error above the floor. ``finetune(model, step)`` (or ``finetune(model, step, teacher=dense)``):
     train the linearized model in place (optional). ``example_inputs``: a batch the merges are
     verified on (its first sample is timed). ``target_depth``: stop when this many activation
     sites remain. ``target_latency``: the batch-1 onnxruntime latency to reach, as a ratio to the
@@ -619,13 +624,14 @@ def collapse(
 
     dense_merged = run.merge(run.dense)
     run.dense_merged = dense_merged.module
+    dense_accuracy, dense_scores = _evaluated(evaluate(run.dense))
     if checkpoint is not None and checkpoint.exists():
         working, edits, history, dense_row = _resume(run, checkpoint)
     else:
         working, edits, history = copy.deepcopy(run.dense), [], []
         dense_timing = run.latency(dense_merged.module)
         dense_row = {
-            "accuracy": float(evaluate(run.dense)),
+            "accuracy": dense_accuracy,
             "params": cost.parameters(run.dense),
             "macs": cost.macs(run.dense, inputs),
             "macs_merged": cost.macs(dense_merged.module, inputs),
@@ -691,8 +697,10 @@ def collapse(
             model_step.eval()
         free = {name for c in chosen for name in c.segment.nodes}
         merged = run.merge(model_step, free=free)
-        accuracy = float(evaluate(merged.module))
-        accepted = accuracy >= floor
+        accuracy, scores = _evaluated(evaluate(merged.module))
+        # Per-sample scores: the step must clear the floor by its difference's sampling error.
+        margin = 0.0 if scores is None or dense_scores is None else paired_standard_error(scores, dense_scores)
+        accepted = accuracy - margin >= floor
         timing, ratio = run.against_dense(merged.module) or (None, None)
         step_sites = [s for c in chosen for s in c.sites]
         plans = [p for c in chosen for p in c.plans]
@@ -720,8 +728,8 @@ def collapse(
             pending = chosen[: len(chosen) // 2]  # chosen is ordered by predicted loss
             continue
         if not accepted:
-            stopped = (f"accuracy {accuracy:.4f} fell below {floor:.4f} "
-                       f"(max_accuracy_drop {max_accuracy_drop:g}); step undone")
+            stopped = (f"accuracy {accuracy:.4f}" + (f" less its standard error {margin:.4f}" if margin else "")
+                       + f" fell below {floor:.4f} (max_accuracy_drop {max_accuracy_drop:g}); step undone")
             break
         working, current = model_step, merged
         run.free |= free
@@ -744,6 +752,16 @@ def collapse(
                      for k, v in settings.items() if k != "example_inputs"},
     }
     return CollapseResult(model=Collapsed(current.module).eval(), report=report, history=history)
+
+
+def _evaluated(value: float | np.ndarray) -> tuple[float, np.ndarray | None]:
+    """``evaluate``'s answer as (accuracy, per-sample scores or None for a plain number)."""
+    scores = np.asarray(value, dtype=np.float64)
+    if scores.ndim == 0:
+        return float(scores), None
+    if scores.ndim != 1 or scores.size == 0:
+        raise InputError(f"evaluate must return a number or a 1-D array of per-sample scores, not shape {scores.shape}")
+    return float(scores.mean()), scores
 
 
 def _cost(history: list[CollapseStep], dense: dict[str, Any], settings: dict[str, Any]) -> float:
