@@ -94,8 +94,10 @@ def _export(cases: list[str]) -> dict[str, Path]:
     return {name: Path(path) for name, path in json.loads(process.stdout.splitlines()[-1]).items()}
 
 
-def _byte_compile() -> None:
-    """Write the bytecode of normfold's packages (the folders its import resolves to)."""
+def byte_compile_normfold() -> None:
+    """Write the bytecode of normfold's packages (the folders its import resolves to), as ``pip
+    install`` does: a checkout run with ``PYTHONDONTWRITEBYTECODE`` would otherwise compile them
+    from source in every timed process."""
     for package in ("normfold", "normfold.passes", "normfold.models"):
         spec = importlib.util.find_spec(package)
         for folder in (spec.submodule_search_locations or []) if spec else []:
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case or tool {unknown[0]!r}")
     paths = _export(cases)
-    _byte_compile()
+    byte_compile_normfold()
     with tempfile.TemporaryDirectory(prefix="normfold-speed-") as folder:
         results = measure(paths, args.runs, tools, Path(folder))
     summary = summarize(results)

@@ -297,8 +297,9 @@ def weightless_proto(model: ir.Model) -> onnx.ModelProto:
 
 def _weightless_copy(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy of ``proto`` in which every initializer :func:`weightless_proto` would declare as a
-    graph input (data in a file, or over ``_INLINE_BYTES``) is declared so instead, with its
-    type and shape; no weight's data is copied. None when the graph has subgraphs."""
+    graph input (data in a file, or over ``_INLINE_BYTES``, here by its serialized size, which
+    reads no data) is declared so instead, with its type and shape; no such weight's data is
+    copied. None when the graph has subgraphs."""
     graph = proto.graph
     subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
     if any(attribute.type in subgraph for node in graph.node for attribute in node.attribute):

@@ -193,18 +193,22 @@ class FreshNames:
     """Names for new initializers that no value of the model uses yet.
 
     Derived from a readable stem; characters other than letters, digits, ``_`` and ``.`` become
-    ``_`` (TorchScript's node names are paths like ``/layer.0/LayerNorm/Div``).
+    ``_`` (TorchScript's node names are paths like ``/layer.0/LayerNorm/Div``). The model's names
+    are read at the first name asked for (a pass that makes none never walks the model for them).
     """
 
     def __init__(self, model: ir.Model) -> None:
-        self._taken: set[str] = set()
-        for graph in model.graphs():
-            self._taken.update(graph.initializers)
-            self._taken.update(v.name for v in graph.inputs if v.name)
-            for node in graph:
-                self._taken.update(v.name for v in node.outputs if v.name)
+        self._model = model
+        self._taken: set[str] | None = None
 
     def __call__(self, base: str) -> str:
+        if self._taken is None:
+            self._taken = set()
+            for graph in self._model.graphs():
+                self._taken.update(graph.initializers)
+                self._taken.update(v.name for v in graph.inputs if v.name)
+                for node in graph:
+                    self._taken.update(v.name for v in node.outputs if v.name)
         stem = re.sub(r"[^A-Za-z0-9_.]+", "_", base).strip("_") or "const"
         name, counter = stem, 1
         while name in self._taken:

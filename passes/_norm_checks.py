@@ -23,8 +23,8 @@ from __future__ import annotations
 
 __all__ = [
     "FLOAT_TYPES",
-    "affine_operand",
     "ShapeReads",
+    "affine_operand",
     "constant",
     "dims",
     "float32_exact",

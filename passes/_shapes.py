@@ -122,7 +122,8 @@ def infer_shapes(model: ir.Model, *, defer: bool = False) -> Completion:
     """Set the shapes and dtypes onnx (then onnxruntime) infer on ``model``'s values, in place.
 
     With ``defer``, onnxruntime's step is left to the returned :class:`Completion` when onnx's
-    inference gave every node output its element type; otherwise it has run when this returns.
+    inference gave every node output its element type and rank; otherwise it has run when this
+    returns.
     """
     proto = io.weightless_proto(model)
     try:

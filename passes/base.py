@@ -146,7 +146,7 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
         self.options = options
 
     def as_rule(self) -> _pattern.RewriteRule:
-        return _pattern.RewriteRule(
+        return _RootFirstRule(
             self.pattern,
             self.rewrite,
             self._recording_check,
@@ -179,6 +179,28 @@ class RecordingRule(_pattern.RewriteRuleClassBase):
 
     def after_sweep(self, model: ir.Model) -> None:
         """Called once the sweep that ran this rule is over (tidy-ups a rewrite defers)."""
+
+
+class _RootFirstRule(_pattern.RewriteRule):
+    """onnxscript's rewrite rule, matched only at nodes its pattern's root op can be.
+
+    A rule set tries every rule at every node. The matcher's first test at a node is the op
+    type of the pattern's root (its one output node), and a node that fails it still costs a
+    failed match built with its reason, ~4 us: 0.05 s of the 150 M LLaMA's ~12,000 tries, nearly
+    all of them that. The same test (the root pattern's own op matcher) runs here first; a node
+    it rejects is no match, as the matcher would have said. Patterns with several output nodes,
+    and runs with a tracer, go to the matcher as they are.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        pattern = self._target_pattern
+        self._root_op = pattern.output_nodes[0].op if pattern.has_single_output_node else None
+
+    def try_rewrite(self, model, graph_or_function, node, *, verbose=None, tracer=None):
+        if self._root_op is not None and tracer is None and not self._root_op.matches(node.op_type):
+            return None
+        return super().try_rewrite(model, graph_or_function, node, verbose=verbose, tracer=tracer)
 
 
 def apply_rules(model: ir.Model, rules: list[RecordingRule]) -> int:

@@ -13,9 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from normfold import io
 from normfold.passes import PassOptions
+from normfold.passes._fold_graph import FreshNames
 from normfold.passes.fold_affine import FoldAffinePass
 from tests._fold_helpers import array, feeds_for, make, op_types, run_pass
+from tests.conftest import conv_bn_relu_model
 
 
 def fold(
@@ -269,3 +272,15 @@ def test_property_affine_chains_fold_within_float32(proto: onnx.ModelProto) -> N
         assert op_types(model) == [linear]
     else:  # after a bare MatMul an Add/Sub is its bias: the chain folds up to it
         assert op_types(model)[1:2] in ([], ["Add"], ["Sub"])
+
+
+def test_fresh_names_are_fresh_when_asked_for() -> None:
+    # The model's names are read at the first name asked for: a value added after the namer
+    # was made (a rewrite that named its own output) is never handed out again.
+    model = io.load(conv_bn_relu_model())
+    fresh = FreshNames(model)
+    node = model.graph.node(0)
+    node.outputs[0].name = "bias_scaled"
+    assert fresh("bias scaled") == "bias_scaled_2"
+    assert fresh("bias scaled") == "bias_scaled_3"
+    assert fresh("w") == "w_2"  # an initializer

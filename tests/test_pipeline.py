@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -169,6 +170,36 @@ def test_cli_exit_1_when_verification_fails(tmp_path: Path, conv_bn_path: Path) 
     assert result.returncode == 1, result.stderr
     assert "FAILED" in result.stdout and "not written" in result.stderr
     assert not out.exists()
+
+
+class _GcProbe(NormfoldPass):
+    """Records, while it runs, whether Python's cyclic garbage collector is on."""
+
+    name = "gc-probe"
+    summary = "test only"
+    seen: list[bool] = []
+
+    def apply(self, model: ir.Model) -> bool:
+        _GcProbe.seen.append(gc.isenabled())
+        return False
+
+
+def test_optimize_holds_the_cyclic_gc_off_and_gives_it_back(conv_bn_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(REGISTRY, "gc-probe", _GcProbe)
+    monkeypatch.setattr(_GcProbe, "seen", [])
+    assert gc.isenabled()
+    normfold.optimize(conv_bn_path, passes=["gc-probe"], verify=False)
+    assert _GcProbe.seen == [False] and gc.isenabled()
+    with pytest.raises(InputError):
+        normfold.optimize(conv_bn_path, passes=["gc-probe"], verify=False, max_opset=5)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        normfold.optimize(conv_bn_path, passes=["gc-probe"], verify=False)
+        assert not gc.isenabled()  # a caller's choice stands
+    finally:
+        gc.enable()
+    assert _GcProbe.seen == [False, False]
 
 
 def test_max_opset_below_the_model_is_an_input_error(conv_bn_path: Path) -> None:

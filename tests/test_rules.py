@@ -108,6 +108,25 @@ def test_a_model_without_the_ops_builds_no_rule_and_fuse_norm_does_nothing() -> 
     assert _sweep_names("fuse-norm", options) == ["groupnorm", "norm", "affine"]
 
 
+def test_a_rule_reaches_the_matcher_only_at_nodes_of_its_root_op() -> None:
+    # apply_rules's rules test the pattern root's op type before matching (the matcher's own
+    # first test): a node of another op type is one the matcher fails anyway.
+    ops = sorted({op for line in registry.RULES for target in line.targets for op in _pattern_ops(line, target)})
+    x = ir.Value(name="x")
+    nodes = [ir.Node("", op, [x, x], num_outputs=1, name=op) for op in [*ops, "Relu"]]
+    graph = ir.Graph([x], [node.outputs[0] for node in nodes], nodes=nodes, opset_imports={"": 23})
+    model = ir.Model(graph, ir_version=10)
+    for line in registry.RULES:
+        for target in line.targets:
+            rule = line.create(PassRecord(line.pass_name), PassOptions(target=target), None).as_rule()
+            roots = set(str(rule._target_pattern.output_nodes[0].op_type).split("|"))
+            assert rule._root_op is not None, line
+            for node in graph:
+                if node.op_type not in roots:
+                    assert rule.try_rewrite(model, graph, node) is None
+                    assert not rule.match(model, graph, node), (line, node.op_type)
+
+
 def test_a_model_without_sub_or_instance_norm_builds_no_group_norm_rule() -> None:
     # An RMSNorm then a Reshape (a LLaMA's ops): a GroupNorm normalizes with InstanceNormalization
     # or centres with a Sub, so its sweep is not built; the RMSNorm's is.

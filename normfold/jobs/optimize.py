@@ -95,29 +95,31 @@ def optimize(
     steps = ["load", *(p.name for p in pass_list), "check"] + (["verify"] if verify else []) + ["save"]
     bar = progress.Steps(steps, enabled=show_progress)
 
-    with bar.step("load"):
-        model, reference = common.working_copy(source)
-    label = common.source_label(source)
-    if max_opset is not None and model_opset(model) > max_opset:
-        raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
-    if checks.dims:
-        # A --dims name the model lacks is bad input before any pass runs, verified or not.
-        from normfold.inputs import resolve_dims  # here: a run without --dims never imports it
+    # The cyclic collector is held off from the load to the output's check (see cyclic_gc_held).
+    with common.cyclic_gc_held():
+        with bar.step("load"):
+            model, reference = common.working_copy(source)
+        label = common.source_label(source)
+        if max_opset is not None and model_opset(model) > max_opset:
+            raise InputError(f"{label}: the model is at opset {model_opset(model)}, above --max-opset {max_opset}")
+        if checks.dims:
+            # A --dims name the model lacks is bad input before any pass runs, verified or not.
+            from normfold.inputs import resolve_dims  # here: a run without --dims never imports it
 
-        resolve_dims(model, checks.dims)
-    # Verification reads the input's interface from this copy (it shares the weights) instead
-    # of parsing the file again; onnxruntime still runs the file itself.
-    unchanged = model.clone() if verify and isinstance(reference, (str, os.PathLike)) else None
-    report: dict[str, Any] = {"input": label, "output": None, "target": target, **common.summary(model, "before")}
-    for normfold_pass in pass_list:
-        with bar.step(normfold_pass.name):
-            ir.passes.PassManager([normfold_pass])(model)
-    remaining = {node.name for node in model.graph.all_nodes()}
-    for normfold_pass in pass_list:
-        normfold_pass.record.keep_refusals_of(remaining)
-    with bar.step("check"):
-        common.check_output(model, label)
-    report.update(common.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
+            resolve_dims(model, checks.dims)
+        # Verification reads the input's interface from this copy (it shares the weights) instead
+        # of parsing the file again; onnxruntime still runs the file itself.
+        unchanged = model.clone() if verify and isinstance(reference, (str, os.PathLike)) else None
+        report: dict[str, Any] = {"input": label, "output": None, "target": target, **common.summary(model, "before")}
+        for normfold_pass in pass_list:
+            with bar.step(normfold_pass.name):
+                ir.passes.PassManager([normfold_pass])(model)
+        remaining = {node.name for node in model.graph.all_nodes()}
+        for normfold_pass in pass_list:
+            normfold_pass.record.keep_refusals_of(remaining)
+        with bar.step("check"):
+            common.check_output(model, label)
+        report.update(common.summary(model, "after"), passes=[p.record.to_dict() for p in pass_list])
     verification = None
     if verify:
         # Imported here: --no-verify never imports verification (input generation, sessions).
