@@ -409,6 +409,7 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
     floor = dense["val_accuracy"] - args.max_drop
     for method in methods:
         start = time.perf_counter()
+        stop: dict[str, Any] = {}  # why a collapse run ended, and the steps it undid
         if method == "reference":
             rows = reference_collapse(model, data, finetune=finetune, floor=floor, batches=probe,
                                       max_steps=args.max_steps)
@@ -437,6 +438,9 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
                      "val_accuracy": s.accuracy, "model": s.model, "candidates": s.candidates,
                      "merges": s.merges, "fit": s.fit}
                     for s in outcome.history if s.accepted]
+            stop = {"stopped": outcome.report["stopped"],
+                    "undone": [{"candidates": s.candidates, "val_accuracy": s.accuracy}
+                               for s in outcome.history if not s.accepted]}
         seconds = time.perf_counter() - start
         for row in rows:
             model_row = row.pop("model")
@@ -444,8 +448,9 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
             row["blocks"] = block_counts(model, model_row, row.get("merges", []))
             row["onnx_check"] = onnx_check(model_row, data)
             row["max_merge_error"] = max((m.get("relative_error", 0.0) for m in row.get("merges", [])), default=0.0)
-        result[method] = {"seconds": seconds, "steps": rows}
-        print(f"  {name} seed {seed} {method}: {len(rows)} step(s), {seconds:.0f} s", flush=True)
+        result[method] = {"seconds": seconds, "steps": rows, **stop}
+        ended = f" ({stop['stopped']}; {len(stop['undone'])} undone)" if stop else ""
+        print(f"  {name} seed {seed} {method}: {len(rows)} step(s), {seconds:.0f} s{ended}", flush=True)
     return result
 
 

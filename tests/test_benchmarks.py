@@ -117,6 +117,8 @@ def test_the_collapse_benchmark_runs_every_method_on_a_small_task(tmp_path: Path
             assert step["onnx_check"]["max_rel"] <= 1e-4 and step["onnx_check"]["argmax_agreement"] == 1.0
     (reference,) = result["reference"]["steps"] or [{"blocks": {"blocks": 8, "one_conv": 0, "none": 0}}]
     assert reference["blocks"]["one_conv"] == 0  # identity replacement merges nothing
+    for method in ("normfold", "random", "entropy"):  # why each collapse run ended, its undone steps listed
+        assert result[method]["stopped"] and isinstance(result[method]["undone"], list)
 
 
 def test_the_speed_benchmark_times_whole_commands_and_compares_with_the_peer(tmp_path: Path) -> None:
