@@ -432,7 +432,8 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
                 model, calibration, evaluate=lambda m: digits.correct(m, data.val_x, data.val_y),
                 finetune=finetune, example_inputs=data.val_x[:8], max_accuracy_drop=args.max_drop,
                 seed=seed, probe_samples=args.probe_samples, latency_runs=20, latency_repeats=3,
-                measure_latency=method == "normfold", progress=False, **settings,
+                measure_latency=method == "normfold", recovery_rounds=args.recovery_rounds, progress=False,
+                **settings,
             )
             rows = [{"removed": s.activations_removed, "layers_merged": s.layers_merged,
                      "val_accuracy": s.accuracy, "model": s.model, "candidates": s.candidates,
@@ -582,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs per step")
     parser.add_argument("--distill", type=float, default=0.5, help="logit-distillation weight in fine-tuning")
+    parser.add_argument("--recovery-rounds", type=int, default=2,
+                        help="more fine-tunes of a step below the floor before it is undone (normfold, random, entropy)")
     parser.add_argument("--target-latency", type=float, help="normfold's budget (default: per task, SETTINGS)")
     parser.add_argument("--prune", choices=("task", "on", "off"), default="task",
                         help="normfold's branch pruning (default: per task, SETTINGS)")

@@ -164,3 +164,34 @@ def test_evaluate_must_answer_a_number_or_per_sample_scores(trained):
     data, model = trained
     with pytest.raises(InputError, match="1-D array of per-sample scores"):
         _collapse(data, model, max_steps=1, evaluate=lambda module: np.ones((2, 2)))
+
+
+@pytest.mark.parametrize(("after_each_round", "recovery_rounds", "rounds", "accepted"), [
+    ([0.5, 0.8, 0.97], 2, 3, True),  # recovered in the second extra round
+    ([0.5, 0.8, 0.97], 1, 2, False),  # out of rounds below the floor
+    ([0.5, 0.4, 0.99], 5, 2, False),  # a round that did not help ends the recovery
+    ([0.97], 0, 1, True),  # above the floor at once: no extra round
+], ids=["recovered", "out-of-rounds", "no-gain", "not-needed"])
+def test_a_step_below_the_floor_is_fine_tuned_again_before_it_is_undone(
+    trained, after_each_round, recovery_rounds, rounds, accepted
+):
+    data, model = trained
+    answers = iter([1.0, *after_each_round])  # the dense model's accuracy, then one per fine-tune
+    calls = []
+
+    def finetune(module, step):
+        calls.append(step)
+        digits.finetuner(data, epochs=1)(module, step)
+
+    result = _collapse(data, model, max_steps=1, max_accuracy_drop=0.04, rank="score",  # floor 0.96
+                       evaluate=lambda module: next(answers), finetune=finetune, recovery_rounds=recovery_rounds)
+    (step,) = result.history
+    assert calls == [1] * rounds and step.finetune_rounds == rounds
+    assert step.accepted is accepted
+    assert step.accuracy == after_each_round[rounds - 1]
+
+
+def test_recovery_rounds_are_a_count(trained):
+    data, model = trained
+    with pytest.raises(InputError, match="recovery_rounds"):
+        _collapse(data, model, max_steps=1, recovery_rounds=-1)

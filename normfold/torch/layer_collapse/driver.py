@@ -46,7 +46,10 @@ Each step:
    global generator is seeded with ``seed`` and the step first, so runs repeat); a callback with
    a ``teacher`` parameter also receives the dense model (eval mode) to distil from. It is then
    merged (every merge checked in float64 against the unmerged model) and evaluated through
-   ``evaluate(merged) -> float`` (higher is better).
+   ``evaluate(merged) -> float`` (higher is better). A step below the accuracy floor is
+   fine-tuned again, up to ``recovery_rounds`` more times while each round raises its accuracy,
+   before it counts as fallen: a large joint step is far from its recovered accuracy after one
+   short fine-tune.
 5. Stop when accuracy falls more than ``max_accuracy_drop`` below the dense model's (that step
    is undone and reported as such; when ``evaluate`` returns per-sample scores, the accuracy is
    their mean and a step must clear the floor by one standard error of its paired difference to
@@ -589,6 +592,7 @@ def collapse(
     prune: bool = True,
     latency_runs: int = 50,
     latency_repeats: int = 5,
+    recovery_rounds: int = 0,
 ) -> CollapseResult:
     """Collapse ``model`` (not modified) step by step; see the module docstring for the loop.
 
@@ -600,7 +604,10 @@ def collapse(
     sites remain. ``target_latency``: the batch-1 onnxruntime latency to reach, as a ratio to the
     BN-folded dense model's (MACs when ``measure_latency`` is off); removals are then chosen
     jointly by the segment DP. ``max_segment_sites``: the longest run of sites one candidate
-    removes. ``prune``: also offer dropping whole residual branches.
+    removes. ``prune``: also offer dropping whole residual branches. ``recovery_rounds``: how many
+    more times a fine-tuned step that falls below the floor is fine-tuned before it is undone
+    (each round one more ``finetune`` call; the rounds end at the first that clears the floor or
+    does not raise the accuracy).
     """
     if score not in ("bn", "empirical"):
         raise InputError(f"score must be 'bn' or 'empirical', not {score!r}")
@@ -608,6 +615,8 @@ def collapse(
         raise InputError(f"rank must be 'probe', 'score' or a callable, not {rank!r}")
     if target_latency is not None and not 0 < target_latency <= 1:
         raise InputError(f"target_latency is a ratio to the dense model's latency in (0, 1], not {target_latency}")
+    if recovery_rounds < 0:
+        raise InputError(f"recovery_rounds is a count of extra fine-tunes, not {recovery_rounds}")
     if max_segment_sites < 1 or latency_runs < 1 or latency_repeats < 3:
         raise InputError("max_segment_sites and latency_runs must be >= 1, latency_repeats >= 3 (for a spread)")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -616,7 +625,7 @@ def collapse(
         max_flops_growth=max_flops_growth, pad_first=pad_first, probe_samples=probe_samples,
         measure_latency=measure_latency, seed=seed, target_latency=target_latency,
         max_segment_sites=max_segment_sites, removals_per_step=removals_per_step, prune=prune,
-        latency_runs=latency_runs, latency_repeats=latency_repeats,
+        latency_runs=latency_runs, latency_repeats=latency_repeats, recovery_rounds=recovery_rounds,
         by_latency=target_latency is not None and measure_latency,
     )
     run = _Run(model, calibration, settings, loss_fn)
@@ -689,18 +698,25 @@ def collapse(
                 break
         step_edits = [e for c in chosen for e in c.edits]
         model_step = chosen[0].model if len(chosen) == 1 else _edited(working, step_edits, run.like)
-        if finetune is not None:
-            bar.set_description_str(f"collapse step {number}: fine-tune")
-            _seed(seed, number)
-            model_step.train()
-            _call_finetune(finetune, model_step, number, run.dense)
-            model_step.eval()
         free = {name for c in chosen for name in c.segment.nodes}
-        merged = run.merge(model_step, free=free)
-        accuracy, scores = _evaluated(evaluate(merged.module))
-        # Per-sample scores: the step must clear the floor by its difference's sampling error.
-        margin = 0.0 if scores is None or dense_scores is None else paired_standard_error(scores, dense_scores)
-        accepted = accuracy - margin >= floor
+        rounds, previous = 0, None
+        while True:
+            if finetune is not None:
+                bar.set_description_str(f"collapse step {number}: fine-tune" + (f", round {rounds + 1}" if rounds else ""))
+                _seed(seed, number + 1_000 * rounds)  # a recovery round sees its own data order
+                model_step.train()
+                _call_finetune(finetune, model_step, number, run.dense)
+                model_step.eval()
+            merged = run.merge(model_step, free=free)
+            accuracy, scores = _evaluated(evaluate(merged.module))
+            # Per-sample scores: the step must clear the floor by its difference's sampling error.
+            margin = 0.0 if scores is None or dense_scores is None else paired_standard_error(scores, dense_scores)
+            accepted = accuracy - margin >= floor
+            # Below the floor, a large joint step may still be recovering: fine-tune it again
+            # while rounds are left and the last one helped.
+            if accepted or finetune is None or rounds == recovery_rounds or (previous is not None and accuracy <= previous):
+                break
+            previous, rounds = accuracy, rounds + 1
         timing, ratio = run.against_dense(merged.module) or (None, None)
         step_sites = [s for c in chosen for s in c.sites]
         plans = [p for c in chosen for p in c.plans]
@@ -721,7 +737,7 @@ def collapse(
             sites=step_sites, candidates=[c.label for c in chosen],
             latency=None if timing is None else timing.to_dict(),
             segments=[{"label": c.label, **c.segment.to_dict()} for c in chosen], fit=fit,
-            latency_ratio=None if ratio is None else _ratio(ratio),
+            latency_ratio=None if ratio is None else _ratio(ratio), finetune_rounds=(finetune is not None) + rounds,
         )
         history.append(step)
         if not accepted and len(chosen) > 1:

@@ -68,6 +68,8 @@ class CollapseStep:
     fit: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # The latency over the BN-folded dense model's, timed round for round in turn (same load).
     latency_ratio: dict[str, float] | None = None
+    # ``finetune`` calls the step got: 1, more with recovery rounds, 0 without a callback.
+    finetune_rounds: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(dataclasses.replace(self, model=None))
