@@ -27,7 +27,7 @@ Methods:
   activation per step, it becomes ``nn.Identity``, nothing is merged.
 - ``random`` / ``entropy``: normfold's candidates and merges, one removal per step, in a random
   order or EASIER's order (Quétu et al. 2024: lowest mean binary entropy of the channels' on/off
-  state first); ``--max-steps`` bounds these step-wise methods.
+  state first); ``--max-steps`` bounds these step-wise methods and normfold's joint steps.
 
 Per step: test accuracy, activations removed, layers merged, MACs per sample, batch-1
 onnxruntime CPU latency (``ORT_ENABLE_ALL``, one thread) as the median of ``--repeats`` rounds
@@ -419,7 +419,7 @@ def run_seed(name: str, seed: int, methods: list[str], args: argparse.Namespace)
         else:
             settings: dict[str, Any] = dict(rank="probe", max_steps=args.max_steps)
             if method == "normfold":
-                settings = {"target_latency": 0.8, "prune": True, **SETTINGS.get(name, {}), "max_steps": 3}
+                settings = {"target_latency": 0.8, "prune": True, **SETTINGS.get(name, {}), "max_steps": args.max_steps}
                 if args.target_latency:
                     settings["target_latency"] = args.target_latency
                 if args.prune != "task":
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="normfold's branch pruning (default: per task, SETTINGS)")
     parser.add_argument("--max-drop", type=float, default=0.01, help="validation accuracy drop that stops a run")
     parser.add_argument("--max-drop-points", type=float, default=1.0, help="test accuracy drop for the summary")
-    parser.add_argument("--max-steps", type=int, default=6, help="bound on the step-wise methods' steps")
+    parser.add_argument("--max-steps", type=int, default=5, help="bound on the accepted steps of normfold and the step-wise methods")
     parser.add_argument("--probe-samples", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="latency rounds per model (median, IQR)")
     parser.add_argument("--cache", help="keep the trained dense models here and reuse them (same task, seed, epochs, lr)")
