@@ -13,7 +13,8 @@ for the caller to raise, where "no" is an answer and not yet a refusal):
 - :func:`dims` is how a check reads a shape; inside :func:`watch_unknown_shapes` it notes
   reading one that is not fully known (no shape, an unnamed dim, or a dim onnx's inference had
   to invent, ``unk__N``), so that a check it decided against can be run again once the shapes
-  are completed (:class:`~normfold.passes._norm_rule.NormRule`);
+  are completed (:class:`~normfold.passes._norm_rule.NormRule`); :func:`rank` reads only the
+  rank, which completing the shapes never changes, and notes only a missing shape;
 - :func:`outside_reader`: an intermediate value of the site read by a node outside it;
 - :func:`affine_operand`: whether a constant multiplied into (or added to) a normalized tensor
   varies only along the axes a fused op's scale/bias covers, and its values in that layout.
@@ -30,6 +31,7 @@ __all__ = [
     "float32_exact",
     "keepdims",
     "outside_reader",
+    "rank",
     "reduce_axes",
     "same_dim",
     "scalar",
@@ -145,12 +147,22 @@ def dims(value: ir.Value) -> list[Dim] | None:
                 result.append(dim)
             else:
                 result.append(dim.value if isinstance(dim, ir.SymbolicDim) else None)
-    reads = _WATCH.get()
-    if reads is not None and not reads.unknown:
-        reads.unknown = result is None or any(
-            d is None or (isinstance(d, str) and d.startswith(INVENTED_DIM)) for d in result
-        )
+    _note(result is None or any(d is None or (isinstance(d, str) and d.startswith(INVENTED_DIM)) for d in result))
     return result
+
+
+def rank(value: ir.Value) -> int | None:
+    """The rank of ``value``, None when it has no shape. A check that needs only the rank reads
+    it here: completing the shapes keeps every rank onnx inferred (``_shapes`` merges only
+    shapes of the same rank), so a decision on it is final even where dims are unknown."""
+    _note(value.shape is None)
+    return None if value.shape is None else len(value.shape)
+
+
+def _note(unknown: bool) -> None:
+    reads = _WATCH.get()
+    if reads is not None and unknown:
+        reads.unknown = True
 
 
 def same_dim(a: Dim, b: Dim) -> bool:

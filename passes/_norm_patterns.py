@@ -142,6 +142,14 @@ class Site:
 _REDUCE_TAGS = ("mn", "mv", "var")
 
 
+def _dims_of_ranked(x: ir.Value) -> list[checks.Dim]:
+    """The dims of ``x``, whose rank is known. Read only where a dim is used, so that a site
+    decided on its rank alone does not wait for the shapes to be completed."""
+    x_dims = checks.dims(x)
+    assert x_dims is not None, "read after checks.rank(x)"
+    return x_dims
+
+
 def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | None:
     """Check a match of :func:`normalized` over ``x`` and describe it; :class:`Refusal` with the
     reason when it is refused, None when the match is no normalization at all.
@@ -154,10 +162,9 @@ def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | Non
     """
     if x.dtype not in checks.FLOAT_TYPES:
         raise Refusal(f"input {x.name!r} is not a float tensor (dtype {x.dtype})")
-    x_dims = checks.dims(x)
-    if x_dims is None:
+    rank = checks.rank(x)
+    if rank is None:
         raise Refusal(f"the rank of input {x.name!r} is unknown")
-    rank = len(x_dims)
     if bindings.get("unbiased") is not None:
         n, d = checks.scalar(bindings.get("unbiased_n")), checks.scalar(bindings.get("unbiased_d"))
         raise Refusal(
@@ -200,7 +207,7 @@ def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | Non
         raise Refusal("a ReduceMean with keepdims=0 is broadcast back against the input without its axis")
     for value in restores:
         got = checks.dims(value)
-        wanted = [1 if i in axes else d for i, d in enumerate(x_dims)]
+        wanted = [1 if i in axes else d for i, d in enumerate(_dims_of_ranked(x))]
         if got is None or len(got) != rank or not all(
             (w == 1 and g == 1) or checks.same_dim(g, w) for g, w in zip(got, wanted)
         ):
@@ -230,7 +237,7 @@ def read_site(bindings: Mapping[str, Any], x: ir.Value, kind: str) -> Site | Non
         array = checks.constant(pre)
         if array is None:
             raise Refusal("the numerator is scaled by a value computed at run time before the division")
-        laid_out = checks.affine_operand(array, x_dims, axes, "the scale applied before the division")
+        laid_out = checks.affine_operand(array, _dims_of_ranked(x), axes, "the scale applied before the division")
         pre_scale = laid_out.astype(np.float64)
     parts = []
     if bindings.get("var_rs") is not None or bindings.get("mn_rs") is not None:

@@ -97,11 +97,11 @@ def _centred_over(value: ir.Value, axes: tuple[int, ...]) -> bool:
     source = node.inputs[0]
     if mean is None or mean.op_type != "ReduceMean" or mean.inputs[0] is not source or source is None:
         return False
-    shape = checks.dims(source)
-    if shape is None:
+    rank = checks.rank(source)
+    if rank is None:
         return False
     try:
-        return checks.reduce_axes(mean, len(shape)) == axes
+        return checks.reduce_axes(mean, rank) == axes
     except Refusal:  # axes that cannot be read are not these axes
         return False
 

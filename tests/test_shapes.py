@@ -18,6 +18,7 @@ from normfold.models import build  # noqa: E402
 from normfold.opset import raise_opset  # noqa: E402
 from normfold.passes import PassOptions  # noqa: E402
 from normfold.passes._shapes import INVENTED_DIM, _inferred_types, infer_shapes, shape_after_conversion  # noqa: E402
+from normfold.passes import _norm_checks as checks  # noqa: E402
 from normfold.passes.cleanup import CleanupPass  # noqa: E402
 from normfold.passes.fuse_norm import FuseNormPass  # noqa: E402
 
@@ -136,6 +137,30 @@ def test_fuse_norm_does_not_complete_shapes_no_site_needs(caplog: pytest.LogCapt
     assert _invented(model), "onnx's inference named every dim: this model no longer tests the deferral"
     assert fuse.record.by_op == {"RMSNormalization": _modules("llama", "RMSNorm")}
     assert fuse.record.refused == []
+
+
+def test_a_decision_on_the_rank_alone_does_not_complete_shapes(caplog: pytest.LogCaptureFixture) -> None:
+    # A TorchScript BERT at opset 14 spells LayerNorm out; its embeddings' sum has dims onnx
+    # had to invent (unk__N). The RMSNorm rule sees each site too and declines it as
+    # mean-centred, a decision on the rank alone, which completing the shapes cannot change:
+    # onnxruntime's inference is not run, and every LayerNorm is fused.
+    model = _cleaned("bert", "ts14")
+    fuse, runs = _fuse(model, caplog, target="onnx")
+    assert _invented(model), "onnx's inference named every dim: this model no longer tests the rank reads"
+    assert runs == 0
+    assert fuse.record.by_op == {"LayerNormalization": _modules("bert", "LayerNorm")}
+    assert fuse.record.refused == []
+
+
+def test_a_rank_read_notes_only_a_missing_shape() -> None:
+    invented = ir.Value(name="x", shape=ir.Shape([f"{INVENTED_DIM}1", 4]))
+    shapeless = ir.Value(name="y")
+    for read, value, unknown in (
+        (checks.rank, invented, False), (checks.dims, invented, True), (checks.rank, shapeless, True),
+    ):
+        with checks.watch_unknown_shapes() as reads:
+            read(value)
+        assert reads.unknown is unknown, (read.__name__, value.name)
 
 
 def test_fuse_norm_completes_shapes_when_a_site_needs_them(caplog: pytest.LogCaptureFixture) -> None:
