@@ -72,17 +72,18 @@ def _pre_scale(xm: ir.Value, xs: ir.Value) -> np.ndarray | None:
     return None
 
 
-def _per_channel_affine(root: ir.Value, x_dims: list, axes: tuple[int, ...]) -> list[int] | None:
-    """The axes a constant multiplier of ``root`` varies along, when none of them is normalized."""
+def _per_channel_affine(root: ir.Value, rank: int, axes: tuple[int, ...]) -> list[int] | None:
+    """The axes a constant multiplier of ``root`` (a normalized tensor of rank ``rank``) varies
+    along, when none of them is normalized."""
     consumers = root.consumers()
     if len(consumers) != 1 or consumers[0].op_type != "Mul":
         return None
     for operand in consumers[0].inputs:
         array = checks.constant(operand)
-        if array is None or array.ndim > len(x_dims):
+        if array is None or array.ndim > rank:
             continue
-        full = array.reshape((1,) * (len(x_dims) - array.ndim) + array.shape)
-        varying = [a for a in range(len(x_dims)) if full.shape[a] != 1]
+        full = array.reshape((1,) * (rank - array.ndim) + array.shape)
+        varying = [a for a in range(rank) if full.shape[a] != 1]
         if varying and not set(varying) & set(axes):
             return varying
     return None
@@ -132,7 +133,8 @@ class RMSNormFusion(LayerNormFusion):
         if pre is not None:
             laid_out = checks.affine_operand(pre, checks.dims(x) or [], site.axes, "the scale applied before the division")
             site = patterns.Site(site.axes, site.epsilon, laid_out.astype(np.float64), site.spelling)
-        varying = _per_channel_affine(context.root.outputs[0], checks.dims(x) or [], site.axes)
+        # read_site refused an x of unknown rank.
+        varying = _per_channel_affine(context.root.outputs[0], checks.rank(x) or 0, site.axes)
         if varying is not None:
             raise Refusal(
                 f"normalizes over axes {list(site.axes)} and then applies a constant affine that varies "

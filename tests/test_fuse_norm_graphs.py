@@ -420,6 +420,18 @@ def test_affine_that_would_enlarge_the_result_stays_apart() -> None:
     np.testing.assert_allclose(runtime.run(fused, feeds)["y"], reference(spec, feeds["x"]), rtol=1e-5, atol=1e-5)
 
 
+def test_rms_norm_with_an_affine_only_along_other_axes_is_refused() -> None:
+    """Normalized over the last axis, scaled per row (axis 1 only): Filter Response Norm-like,
+    which no standard op computes; the graph stays as it is and computes what it did."""
+    spec = Spec(kind="rms", opset=23, scale=np.linspace(0.5, 2, 3).reshape(3, 1))
+    model = build(spec)
+    fused, fuse_pass = fuse(model)
+    assert ops(fused) == ops(model)
+    assert any("varies along axes [1] only" in r["reason"] for r in fuse_pass.record.refused)
+    feeds = feed(spec)
+    np.testing.assert_allclose(runtime.run(fused, feeds)["y"], reference(spec, feeds["x"]), rtol=1e-5, atol=1e-5)
+
+
 def test_bias_after_rms_norm_stays_an_add() -> None:
     spec = Spec(kind="rms", opset=23, bias=np.linspace(0, 1, 8))
     fused, fuse_pass = fuse(build(spec))
